@@ -1,0 +1,79 @@
+"""Command templates with every substituted value shell-quoted.
+
+A template such as ``python3 sim.py --alpha {alpha} --out {output}`` comes from the
+operator's configuration; the values come from messages. Each value is passed
+through :func:`shlex.quote` before it is substituted, so no value can end a word,
+start a new command or expand a variable. The finished command is wrapped as
+``/bin/sh -c '<command>'`` because Azure Batch runs a task's command line without
+a shell; the local executor runs it the same way (``shlex.split``, no shell).
+"""
+
+from __future__ import annotations
+
+import shlex
+import string
+from collections.abc import Iterable, Mapping
+
+from handlers.errors import InvalidParams
+
+_FORMATTER = string.Formatter()
+
+
+class CommandTemplate:
+    """A parsed command template; :meth:`render` substitutes already-quoted values."""
+
+    __slots__ = ("fields", "source", "_format")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        fields: list[str] = []
+        for _literal, name, spec, conversion in _FORMATTER.parse(source):
+            if name is None:
+                continue
+            if not name.isidentifier() or spec or conversion:
+                raise ValueError(
+                    f"template field {{{name}}} in {source!r} must be a plain name "
+                    "(no attribute, index, format spec or conversion)"
+                )
+            fields.append(name)
+        self.fields: tuple[str, ...] = tuple(dict.fromkeys(fields))
+        self._format = source.format_map
+
+    def missing(self, available: Iterable[str]) -> list[str]:
+        """Fields of the template that ``available`` does not supply."""
+        have = set(available)
+        return [name for name in self.fields if name not in have]
+
+    def render_quoted(self, quoted: Mapping[str, str]) -> str:
+        """Substitute values that the caller has already passed through ``quote``."""
+        return self._format(quoted)
+
+    def render(self, values: Mapping[str, object]) -> str:
+        """Quote each value and substitute it; raise ``InvalidParams`` if one is missing."""
+        lacking = self.missing(values)
+        if lacking:
+            raise InvalidParams(
+                f"the command template needs {', '.join(lacking)} but no value was given"
+            )
+        return self._format({name: quote(values[name]) for name in self.fields})
+
+
+def quote(value: object) -> str:
+    """Render ``value`` as text (JSON-ish for bools and None) and shell-quote it."""
+    return shlex.quote(as_text(value))
+
+
+def as_text(value: object) -> str:
+    """The text form a parameter takes in a command line and in the environment."""
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if value is None:
+        return ""
+    return str(value)
+
+
+def sh(command: str) -> str:
+    """Wrap a shell command so it runs the same on Batch and on the local executor."""
+    return "/bin/sh -c " + shlex.quote(command)

@@ -1,0 +1,350 @@
+"""The parametric sweep handler: one task per point of a parameter grid.
+
+Params (validated once, at the message boundary)::
+
+    {
+      "program": "simulate",                      # a program from config
+      "parameters": {"alpha": [0.1, 0.5],         # a list of values...
+                     "beta": {"start": 0, "stop": 10, "step": 2}},  # ...or a range
+      "mode": "product",                          # product | zip | combinations | random
+      "repeat": 1,                                # run each point N times
+      "aggregate": {"program": "reduce"},         # optional final task after all others
+      "task": {"max_task_retries": 1, "max_wall_clock": "PT1H"}
+    }
+
+Ranges are half-open (``stop`` excluded) with a positive ``step``; integers stay
+integers, floats are computed in decimal so ``0.1 + 2 * 0.1`` reads ``0.3``.
+``random`` draws ``samples`` distinct points of the product grid with ``seed``;
+``combinations`` takes every ``length``-subset of one list parameter (fields
+``{name_1}``..``{name_N}``), as Batch Shipyard's task factory does.
+
+Each task's command is the program's template with every value shell-quoted, and
+each task sees its values in the environment as ``FANOUT_PARAM_<NAME>`` with
+``FANOUT_TASK_INDEX`` and ``FANOUT_REPEAT_INDEX``. Task ids are the task's index
+(``"0"``, ``"1"``...), so the aggregate task depends on one id range, never a list.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from handlers.base import BuildContext, BuildRequest, JobSpec, Program, TaskSpec
+from handlers.commands import CommandTemplate, as_text, quote, sh
+from handlers.errors import BudgetExceeded, InvalidParams
+
+Scalar = int | float | str | bool
+#: Template fields every sweep task offers besides its parameters.
+BUILTIN_FIELDS = ("task_index", "repeat_index")
+AGGREGATE_ID = "aggregate"
+
+
+class Range(BaseModel):
+    """A half-open numeric range: ``start``, ``start + step``, ... below ``stop``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    start: int | float
+    stop: int | float
+    step: int | float = 1
+
+
+class TaskOptions(BaseModel):
+    """Per-task settings a message may choose for every task of the sweep."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_task_retries: Annotated[int, Field(ge=-1, le=100)] | None = None
+    max_wall_clock: timedelta | None = None
+    retention: timedelta | None = None
+
+
+class Aggregate(BaseModel):
+    """The optional final task; it runs once every sweep task has succeeded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    program: str | None = None
+    command: str | None = None
+
+
+class SweepParams(BaseModel):
+    """The sweep handler's params, as a message carries them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    program: str | None = None
+    command: str | None = None
+    parameters: dict[str, list[Scalar] | Range] = Field(default_factory=dict)
+    mode: Literal["product", "zip", "combinations", "random"] = "product"
+    repeat: Annotated[int, Field(ge=1)] = 1
+    samples: Annotated[int, Field(ge=1)] | None = None
+    seed: int | None = None
+    length: Annotated[int, Field(ge=1)] | None = None
+    replacement: bool = False
+    aggregate: Aggregate | None = None
+    task: TaskOptions = Field(default_factory=TaskOptions)
+
+    @field_validator("parameters")
+    @classmethod
+    def _names_are_identifiers(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not name.isidentifier() or name in BUILTIN_FIELDS or not name.isascii():
+                raise ValueError(f"parameter name {name!r} must be an ASCII identifier "
+                                 f"other than {', '.join(BUILTIN_FIELDS)}")
+        return value
+
+
+class SweepHandler:
+    """Expands a parameter grid into one task per point (see module docstring)."""
+
+    def build(self, request: BuildRequest, ctx: BuildContext) -> JobSpec:
+        params = parse_params(request.params)
+        axes = {name: expand_axis(name, spec, ctx.max_tasks)
+                for name, spec in params.parameters.items()}
+        points = Grid(params, axes)
+        total = points.count * params.repeat
+        extra = 1 if params.aggregate else 0
+        if total + extra > ctx.max_tasks:
+            raise BudgetExceeded(
+                f"the sweep makes {total + extra} tasks; this worker allows at most "
+                f"{ctx.max_tasks} per message (limits.max_tasks_per_message)"
+            )
+        if total == 0:
+            raise InvalidParams("the sweep has no points: every parameter needs a value")
+        program = resolve_program(ctx, params.program, params.command, "sweep")
+        template = CommandTemplate(program.command)
+        lacking = template.missing([*points.fields, *BUILTIN_FIELDS])
+        if lacking:
+            raise InvalidParams(
+                f"program {program.name!r} needs {', '.join(lacking)}, "
+                "which the sweep's parameters do not give"
+            )
+        tasks = _tasks(params, points, program, template)
+        if params.aggregate:
+            agg = params.aggregate
+            agg_program = resolve_program(ctx, agg.program, agg.command, "aggregate")
+            tasks = itertools.chain(tasks, [_aggregate_task(agg_program, total)])
+        return JobSpec(
+            tasks=tasks,
+            task_count=total + extra,
+            uses_task_dependencies=bool(params.aggregate),
+            metadata={"fanout-program": program.name},
+        )
+
+
+def parse_params(raw: Any) -> SweepParams:
+    """Validate raw params, turning pydantic's errors into one readable line."""
+    try:
+        return SweepParams.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidParams(describe_validation(exc)) from None
+
+
+def describe_validation(exc: ValidationError) -> str:
+    """One line per problem: ``params.parameters.beta.step: ...``."""
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False)[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "params"
+        parts.append(f"{where}: {err['msg']}")
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def resolve_program(ctx: BuildContext, name: str | None, command: str | None,
+                    what: str) -> Program:
+    """The configured program ``name`` or, with the operator's opt-in, ``command``."""
+    if name and command:
+        raise InvalidParams(f"{what}: give either a program or a command, not both")
+    if name:
+        return ctx.program(name)
+    if command:
+        if not ctx.allow_message_commands:
+            raise InvalidParams(
+                f"{what}: this worker runs only configured programs; a command line in "
+                "a message needs the operator's opt-in (allow_message_commands)"
+            )
+        try:
+            CommandTemplate(command)
+        except ValueError as exc:
+            raise InvalidParams(f"{what}: {exc}") from None
+        return Program(name="(message)", command=command)
+    raise InvalidParams(f"{what}: name a program from the worker's configuration")
+
+
+def expand_axis(name: str, spec: list[Scalar] | Range, budget: int) -> list[str]:
+    """The text values of one parameter, checked against ``budget`` before expanding."""
+    if isinstance(spec, list):
+        if not spec:
+            raise InvalidParams(f"parameters.{name}: the list of values is empty")
+        if len(spec) > budget:
+            raise BudgetExceeded(f"parameters.{name} has {len(spec)} values; the limit "
+                                 f"is {budget} tasks per message")
+        return [as_text(v) for v in spec]
+    return _expand_range(name, spec, budget)
+
+
+def _expand_range(name: str, spec: Range, budget: int) -> list[str]:
+    if any(isinstance(v, bool) for v in (spec.start, spec.stop, spec.step)):
+        raise InvalidParams(f"parameters.{name}: a range takes numbers, not booleans")
+    if not all(math.isfinite(v) for v in (spec.start, spec.stop, spec.step)):
+        raise InvalidParams(f"parameters.{name}: start, stop and step must be finite")
+    if spec.step <= 0:
+        raise InvalidParams(f"parameters.{name}: step must be positive, got {spec.step}")
+    if spec.stop <= spec.start:
+        raise InvalidParams(f"parameters.{name}: the range is empty "
+                            f"(stop {spec.stop} is not above start {spec.start})")
+    if all(isinstance(v, int) for v in (spec.start, spec.stop, spec.step)):
+        count = len(range(int(spec.start), int(spec.stop), int(spec.step)))
+        _check_axis_budget(name, count, budget)
+        return [str(v) for v in range(int(spec.start), int(spec.stop), int(spec.step))]
+    try:
+        start, stop, step = (Decimal(repr(v)) for v in (spec.start, spec.stop, spec.step))
+    except InvalidOperation:
+        raise InvalidParams(f"parameters.{name}: not a number") from None
+    count = math.ceil((stop - start) / step)
+    _check_axis_budget(name, count, budget)
+    return [_decimal_text(start + i * step) for i in range(count)]
+
+
+def _check_axis_budget(name: str, count: int, budget: int) -> None:
+    if count > budget:
+        raise BudgetExceeded(f"parameters.{name} expands to {count} values; the limit "
+                             f"is {budget} tasks per message")
+
+
+def _decimal_text(value: Decimal) -> str:
+    text = format(value.normalize(), "f")
+    return text if "." in text or "e" in text.lower() else text + ".0"
+
+
+class Grid:
+    """The sweep's points as rows of pre-quoted and raw values, streamed in order."""
+
+    def __init__(self, params: SweepParams, axes: dict[str, list[str]]) -> None:
+        self.params = params
+        self.axes = axes
+        self.fields: list[str] = list(axes)
+        mode = params.mode
+        if mode != "random" and params.samples is not None:
+            raise InvalidParams("samples is only for mode 'random'")
+        if mode != "combinations" and params.length is not None:
+            raise InvalidParams("length is only for mode 'combinations'")
+        if mode == "zip":
+            lengths = {len(v) for v in axes.values()}
+            if len(lengths) > 1:
+                sizes = ", ".join(f"{k}={len(v)}" for k, v in axes.items())
+                raise InvalidParams(f"mode 'zip' needs parameters of equal length ({sizes})")
+            self.count = lengths.pop() if lengths else 0
+        elif mode == "combinations":
+            self._setup_combinations()
+        else:
+            self.count = math.prod(len(v) for v in axes.values()) if axes else 0
+            if mode == "random":
+                self._setup_random()
+
+    def _setup_combinations(self) -> None:
+        if len(self.axes) != 1 or self.params.length is None:
+            raise InvalidParams("mode 'combinations' takes exactly one parameter and a length")
+        (name, values), = self.axes.items()
+        k = self.params.length
+        n = len(values)
+        self.count = math.comb(n + k - 1, k) if self.params.replacement else math.comb(n, k)
+        self.fields = [f"{name}_{i + 1}" for i in range(k)]
+
+    def _setup_random(self) -> None:
+        if self.params.samples is None:
+            raise InvalidParams("mode 'random' needs samples (and a seed to repeat it)")
+        if self.params.samples > self.count:
+            raise InvalidParams(f"samples {self.params.samples} exceeds the "
+                                f"{self.count} points of the grid")
+        self.population = self.count
+        self.count = self.params.samples
+
+    def rows(self) -> Iterator[Sequence[str]]:
+        """Each point's raw text values, in ``self.fields`` order."""
+        values = list(self.axes.values())
+        mode = self.params.mode
+        if mode == "zip":
+            return zip(*values, strict=True)
+        if mode == "combinations":
+            pick = (itertools.combinations_with_replacement if self.params.replacement
+                    else itertools.combinations)
+            return pick(values[0], self.params.length or 1)
+        if mode == "random":
+            rng = random.Random(self.params.seed)
+            chosen = rng.sample(range(self.population), self.count)
+            return (_unrank(i, values) for i in chosen)
+        return itertools.product(*values)
+
+
+def _unrank(index: int, axes: list[list[str]]) -> tuple[str, ...]:
+    """The ``index``-th point of ``itertools.product(*axes)`` without walking to it."""
+    out: list[str] = []
+    for axis in reversed(axes):
+        index, digit = divmod(index, len(axis))
+        out.append(axis[digit])
+    return tuple(reversed(out))
+
+
+def _tasks(params: SweepParams, grid: Grid, program: Program,
+           template: CommandTemplate) -> Iterator[TaskSpec]:
+    """Stream the sweep's tasks; values are quoted once per distinct value, not per task."""
+    fields = grid.fields
+    env_keys = [f"FANOUT_PARAM_{name.upper()}" for name in fields]
+    quoted_cache: dict[str, str] = {}
+    base_env = dict(program.environment)
+    opts = params.task
+    index = 0
+    for row in grid.rows():
+        quoted = {}
+        for name, value in zip(fields, row, strict=True):
+            q = quoted_cache.get(value)
+            if q is None:
+                q = quoted_cache[value] = quote(value)
+            quoted[name] = q
+        env = dict(base_env)
+        env.update(zip(env_keys, row, strict=True))
+        for rep in range(params.repeat):
+            quoted["task_index"] = str(index)
+            quoted["repeat_index"] = str(rep)
+            task_env = dict(env)
+            task_env["FANOUT_TASK_INDEX"] = str(index)
+            task_env["FANOUT_REPEAT_INDEX"] = str(rep)
+            yield TaskSpec(
+                id=str(index),
+                command_line=sh(template.render_quoted(quoted)),
+                environment=task_env,
+                max_task_retries=opts.max_task_retries,
+                max_wall_clock=opts.max_wall_clock,
+                retention=opts.retention,
+                required_slots=program.required_slots,
+                container_image=program.container_image,
+            )
+            index += 1
+
+
+def _aggregate_task(program: Program, total: int) -> TaskSpec:
+    template = CommandTemplate(program.command)
+    values = {"task_count": total}
+    lacking = template.missing(values)
+    if lacking:
+        raise InvalidParams(f"aggregate program {program.name!r} may use only "
+                            f"{{task_count}}, not {', '.join(lacking)}")
+    env = dict(program.environment)
+    env["FANOUT_TASK_COUNT"] = str(total)
+    return TaskSpec(
+        id=AGGREGATE_ID,
+        command_line=sh(template.render(values)),
+        environment=env,
+        depends_on_ranges=((0, total - 1),),
+        required_slots=program.required_slots,
+        container_image=program.container_image,
+    )

@@ -1,0 +1,344 @@
+"""One typed Settings model: ``fanout.toml`` plus ``FANOUT_*`` environment variables.
+
+Read once at start-up by :func:`load_settings`; nothing else reads the environment.
+Environment variables win over the file; nested keys use a double underscore:
+``FANOUT_CONSUMER__CONCURRENCY=8`` sets ``[consumer] concurrency``. Errors name the
+key and the bad value. Secrets are ``SecretStr`` so they never print.
+
+With no Azure settings each family falls back to its embedded default (``kind =
+"auto"``): the SQLite queue, the local executor and a local blob directory. With no
+programs configured at all, a demo program (a Monte Carlo estimate of pi) is defined
+so a new user can send a sweep right away.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from handlers.base import Program
+from handlers.commands import CommandTemplate
+from worker.errors import SettingsError
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProgramConfig(_Section):
+    """``[programs.<name>]``: a command template tasks may run."""
+
+    command: str
+    environment: dict[str, str] = Field(default_factory=dict)
+    container_image: str | None = None
+    required_slots: PositiveInt = 1
+
+    @field_validator("command")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        CommandTemplate(value)  # raises ValueError with the offending field
+        return value
+
+
+class QueueConfig(_Section):
+    """``[queue]``: which queue to read and how messages are locked."""
+
+    kind: Literal["auto", "local", "servicebus"] = "auto"
+    name: str = "fanout"
+    lock_duration: PositiveFloat = 60.0
+    max_delivery_count: PositiveInt = 10
+    max_message_bytes: PositiveInt = 256 * 1024
+    poll_interval: PositiveFloat = 15.0
+
+
+class ServiceBusConfig(_Section):
+    """``[servicebus]``: Azure Service Bus; Entra ID unless a connection string is set."""
+
+    namespace: str | None = None
+    connection_string: SecretStr | None = None
+    queue: str | None = None
+    topic: str | None = None
+    subscription: str | None = None
+    prefetch: Annotated[int, Field(ge=0)] = 0
+    batch_size: PositiveInt = 1
+    managed_identity_client_id: str | None = None
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.namespace or self.connection_string)
+
+
+class ConsumerConfig(_Section):
+    """``[consumer]``: concurrency, waits and the shutdown drain."""
+
+    concurrency: PositiveInt = 4
+    receive_wait: PositiveFloat = 5.0
+    drain_grace: PositiveFloat = 25.0
+    heartbeat_timeout: PositiveFloat = 60.0
+    unready_backoff: PositiveFloat = 30.0
+
+
+class SubmitConfig(_Section):
+    """``[submit]``: chunking, request concurrency and retry backoff."""
+
+    chunk_size: Annotated[int, Field(ge=1, le=100)] = 100
+    concurrency: PositiveInt = 8
+    max_retries: Annotated[int, Field(ge=0)] = 8
+    backoff_base: PositiveFloat = 0.5
+    backoff_max: PositiveFloat = 30.0
+
+
+class BackendConfig(_Section):
+    """``[backend]``: which batch engine runs the tasks."""
+
+    kind: Literal["auto", "local", "azure"] = "auto"
+    default_pool: str | None = None
+
+
+class LocalExecutorConfig(_Section):
+    """``[local]``: the local executor (embedded default)."""
+
+    slots: Annotated[int, Field(ge=0)] = 0  # 0 means the machine's CPU count
+    pool: str = "local"
+    poll_interval: PositiveFloat = 0.2
+
+    @property
+    def slot_count(self) -> int:
+        return self.slots or os.cpu_count() or 1
+
+
+class BatchConfig(_Section):
+    """``[batch]``: Azure Batch; Entra ID unless ``account_key`` is set."""
+
+    account_url: str | None = None
+    account_name: str | None = None
+    account_key: SecretStr | None = None
+    pool: str | None = None
+    poll_interval: PositiveFloat = 30.0
+    managed_identity_client_id: str | None = None
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.account_url)
+
+
+class StorageConfig(_Section):
+    """``[storage]``: where blob references point."""
+
+    kind: Literal["auto", "local", "azure"] = "auto"
+
+
+class BlobConfig(_Section):
+    """``[blob]``: Azure Blob storage accounts; user delegation SAS unless a key is set."""
+
+    account_url: str | None = None
+    account_key: SecretStr | None = None
+    connection_string: SecretStr | None = None
+    sas_ttl: PositiveFloat = 4 * 3600.0
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.account_url or self.connection_string)
+
+
+class LimitsConfig(_Section):
+    """``[limits]``: what one message may ask for."""
+
+    max_tasks_per_message: PositiveInt = 100_000
+    max_priority: Annotated[int, Field(ge=-1000, le=1000)] = 1000
+    min_priority: Annotated[int, Field(ge=-1000, le=1000)] = -1000
+    max_task_retries: Annotated[int, Field(ge=-1)] = 10
+    max_wall_clock: timedelta = timedelta(days=7)
+    allowed_pools: list[str] = Field(default_factory=list)
+
+
+class MetricsConfig(_Section):
+    """``[metrics]``: the one HTTP port for /metrics, /healthz and /readyz."""
+
+    bind: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 9464
+
+
+class LogConfig(_Section):
+    """``[log]``: format (``auto`` is JSON unless stderr is a terminal) and level."""
+
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Settings(BaseSettings):
+    """Everything fanout reads from its configuration, parsed once."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FANOUT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    home: Path = Path(".fanout")
+    allow_message_commands: bool = False
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    servicebus: ServiceBusConfig = Field(default_factory=ServiceBusConfig)
+    consumer: ConsumerConfig = Field(default_factory=ConsumerConfig)
+    submit: SubmitConfig = Field(default_factory=SubmitConfig)
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+    local: LocalExecutorConfig = Field(default_factory=LocalExecutorConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    blob: BlobConfig = Field(default_factory=BlobConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    programs: dict[str, ProgramConfig] = Field(default_factory=dict)
+    handlers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: Where the settings came from, for ``fanout run`` to log (not a setting).
+    source: str = Field(default="defaults", exclude=True)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Settings:
+        if self.limits.min_priority > self.limits.max_priority:
+            raise ValueError("limits.min_priority is above limits.max_priority")
+        if not self.programs:
+            self.programs = demo_programs()
+        return self
+
+    @property
+    def queue_kind(self) -> str:
+        if self.queue.kind == "auto":
+            return "servicebus" if self.servicebus.configured else "local"
+        return self.queue.kind
+
+    @property
+    def backend_kind(self) -> str:
+        if self.backend.kind == "auto":
+            return "azure" if self.batch.configured else "local"
+        return self.backend.kind
+
+    @property
+    def storage_kind(self) -> str:
+        if self.storage.kind == "auto":
+            return "azure" if self.blob.configured else "local"
+        return self.storage.kind
+
+    @property
+    def default_pool(self) -> str:
+        if self.backend.default_pool:
+            return self.backend.default_pool
+        if self.backend_kind == "azure":
+            return self.batch.pool or "fanout"
+        return self.local.pool
+
+    def program_specs(self) -> dict[str, Program]:
+        """The configured programs as the handlers' ``Program`` objects."""
+        return {
+            name: Program(name=name, command=p.command, environment=dict(p.environment),
+                          container_image=p.container_image, required_slots=p.required_slots)
+            for name, p in self.programs.items()
+        }
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first (it wins), then what load_settings read from the file.
+        return (env_settings, init_settings)
+
+
+def demo_programs() -> dict[str, ProgramConfig]:
+    """The built-in demo: a Monte Carlo estimate of pi, and a task that sums the runs."""
+    python = sys.executable or "python3"
+    return {
+        "pi": ProgramConfig(
+            command=f"{python} -m worker.demo pi --samples {{samples}} --seed {{seed}}"
+        ),
+        "pi-summary": ProgramConfig(command=f"{python} -m worker.demo summary"),
+    }
+
+
+def find_config(explicit: str | os.PathLike[str] | None,
+                environ: dict[str, str] | None = None) -> Path | None:
+    """``--config``, else ``$FANOUT_CONFIG``, else ``./fanout.toml`` if it exists."""
+    env = os.environ if environ is None else environ
+    if explicit:
+        return Path(explicit)
+    if env.get("FANOUT_CONFIG"):
+        return Path(env["FANOUT_CONFIG"])
+    default = Path("fanout.toml")
+    return default if default.is_file() else None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, *,
+                  overrides: dict[str, Any] | None = None) -> Settings:
+    """Read the config file (if any) and the environment into one ``Settings``.
+
+    Raises ``SettingsError`` naming each bad key and value.
+    """
+    config_path = find_config(path)
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if config_path is not None:
+        try:
+            data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SettingsError(f"config file {config_path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {config_path} is not valid TOML: {exc}") from None
+        source = str(config_path)
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise SettingsError(describe_settings_error(exc, source)) from None
+    settings.source = source
+    return settings
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def describe_settings_error(exc: ValidationError, source: str) -> str:
+    """``invalid configuration (fanout.toml): consumer.concurrency = 'x': ...``.
+
+    Values of secret keys are never echoed.
+    """
+    lines = []
+    for err in exc.errors(include_url=False):
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        secret = any(word in key.lower() for word in ("key", "secret", "connection", "password"))
+        shown = "" if secret or "input" not in err else f" = {err['input']!r}"
+        if isinstance(err.get("input"), dict):
+            shown = ""
+        lines.append(f"  {key}{shown}: {err['msg']}")
+    return f"invalid configuration ({source}; FANOUT_* environment):\n" + "\n".join(lines)

@@ -1,0 +1,36 @@
+"""The Storage protocol: where task inputs come from and outputs go.
+
+Implementations: ``local.py`` (a directory laid out as ``<root>/<container>/<blob>``,
+the embedded default) and ``azure.py`` (Azure Blob storage with SAS URLs).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from handlers.base import BlobRef
+
+
+class Storage(Protocol):
+    """Resolves blob references into URLs a task can read or write."""
+
+    def parse_url(self, url: str) -> BlobRef:
+        """Turn a blob URL into a reference; raise ``ForeignStorage`` when the URL
+        belongs to no configured account, and ``InvalidParams`` for a bad name."""
+        ...
+
+    def input_url(self, ref: BlobRef) -> str:
+        """A task-readable URL for one blob (short-lived, read-only)."""
+        ...
+
+    def output_container_url(self, container: str, prefix: str) -> str:
+        """A task-writable destination for blobs under ``prefix`` in ``container``."""
+        ...
+
+    def upload(self, ref: BlobRef, data: bytes) -> None:
+        """Write a blob (for ``fanout`` tooling and tests)."""
+        ...
+
+    def download(self, ref: BlobRef) -> bytes:
+        """Read a blob (for ``fanout`` tooling and tests)."""
+        ...
