@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from handlers.base import JobSpec, TaskSpec
+
+JobState = Literal["created", "exists", "sealed"]
 
 #: Task states, as Azure Batch names them.
 TASK_STATES = ("active", "preparing", "running", "completed")
@@ -51,6 +53,24 @@ class JobStatus:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class BackendStats:
+    """What the metrics poller reads from a backend each interval.
+
+    - ``pool_nodes``: nodes (local executor: slots) keyed by (pool, state), where
+      state is Batch's node state, prefixed ``lowpriority_`` for spot nodes;
+    - ``pool_size``: keyed by (pool, which) with which in ``current_dedicated``,
+      ``target_dedicated``, ``current_low_priority``, ``target_low_priority``;
+    - ``active_jobs``: jobs not yet completed (accounts have a quota of them);
+    - ``job_tasks``: task counts by state summed over active jobs.
+    """
+
+    pool_nodes: dict[tuple[str, str], int] = field(default_factory=dict)
+    pool_size: dict[tuple[str, str], int] = field(default_factory=dict)
+    active_jobs: int = 0
+    job_tasks: dict[str, int] = field(default_factory=dict)
+
+
 class Backend(Protocol):
     """A batch engine. Methods raise ``SystemFault`` for transient failures,
     ``ConfigFault`` for configuration ones and ``BatchRejected`` for invalid input."""
@@ -60,9 +80,17 @@ class Backend(Protocol):
         """The largest chunk ``add_tasks`` takes (100 on Azure Batch)."""
         ...
 
-    def create_job(self, job: JobSpec) -> bool:
-        """Create the job, tasks not yet finished (on-all-tasks-complete: no action).
-        Return False if it already existed (which is not an error)."""
+    def probe(self) -> None:
+        """A cheap call that raises ``ConfigFault`` while auth, pool or quota are
+        wrong; the consumer calls it to decide when it is ready again."""
+        ...
+
+    def create_job(self, job: JobSpec) -> JobState:
+        """Create the job with on-all-tasks-complete = no action.
+
+        Return ``"created"``, ``"exists"`` (an earlier delivery created it: add the
+        tasks again, duplicates count as existing) or ``"sealed"`` (an earlier
+        delivery added every task and sealed it: nothing left to do)."""
         ...
 
     def add_tasks(self, job_id: str, tasks: Sequence[TaskSpec]) -> AddResult:
@@ -81,8 +109,8 @@ class Backend(Protocol):
         """Recent jobs with their task counts, newest first."""
         ...
 
-    def pool_nodes(self) -> dict[tuple[str, str], int]:
-        """Node (or slot) counts keyed by (pool, state)."""
+    def stats(self) -> BackendStats:
+        """Pool nodes, pool sizes, active jobs and task counts, for metrics."""
         ...
 
     def close(self) -> None:
