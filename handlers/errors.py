@@ -7,6 +7,8 @@ third-party handlers can raise them without importing the worker.
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class MessageFault(Exception):
     """Raised when a message itself is at fault; carries a dead-letter reason code."""
@@ -69,3 +71,13 @@ class NoRoute(MessageFault):
     """Raised when a blob event matches no route rule."""
 
     reason = "NoRoute"
+
+
+def describe_validation(exc: ValidationError) -> str:
+    """One line per problem: ``params.parameters.beta.step: ...``."""
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False)[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "params"
+        parts.append(f"{where}: {err['msg']}")
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from handlers.base import BuildContext, BuildRequest, JobSpec, Program, TaskSpec
 from handlers.commands import CommandTemplate, as_text, quote, sh
-from handlers.errors import BudgetExceeded, InvalidParams
+from handlers.errors import BudgetExceeded, InvalidParams, describe_validation
 
 Scalar = int | float | str | bool
 #: Template fields every sweep task offers besides its parameters.
@@ -146,16 +146,6 @@ def parse_params(raw: Any) -> SweepParams:
         return SweepParams.model_validate(raw)
     except ValidationError as exc:
         raise InvalidParams(describe_validation(exc)) from None
-
-
-def describe_validation(exc: ValidationError) -> str:
-    """One line per problem: ``params.parameters.beta.step: ...``."""
-    parts = []
-    for err in exc.errors(include_url=False, include_input=False)[:5]:
-        where = ".".join(str(p) for p in err["loc"]) or "params"
-        parts.append(f"{where}: {err['msg']}")
-    more = exc.error_count() - len(parts)
-    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
 def resolve_program(ctx: BuildContext, name: str | None, command: str | None,

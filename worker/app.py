@@ -1,0 +1,202 @@
+"""Wiring: build the source, backend, storage, router and consumer from Settings,
+and run the daemon with signal handling and the metrics port.
+
+The Azure adapters are imported only when configured, so the embedded default
+starts without touching the Azure SDKs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry
+
+from worker.backends.base import Backend
+from worker.config import Settings
+from worker.consumer import Consumer
+from worker.metrics import Health, Metrics, MetricsServer
+from worker.plan import Planner
+from worker.routing import HandlerRegistry, Router
+from worker.sources.base import Source
+from worker.storage.base import Storage
+from worker.submit import Submitter
+
+log = structlog.get_logger(__name__)
+
+
+def make_storage(settings: Settings) -> Storage:
+    """The configured blob store (a local directory by default)."""
+    if settings.storage_kind == "azure":
+        from worker.storage.azure import AzureBlobStorage
+
+        return AzureBlobStorage.from_config(settings.blob)
+    from worker.storage.local import LocalStorage
+
+    return LocalStorage(root=settings.home / "blobs")
+
+
+def make_source(settings: Settings) -> Source:
+    """The configured queue (the embedded SQLite queue by default)."""
+    if settings.queue_kind == "servicebus":
+        from worker.sources.servicebus import ServiceBusSource
+
+        return ServiceBusSource.from_config(settings.servicebus, settings.queue)
+    from worker.sources.local import LocalQueue
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    return LocalQueue(path=settings.home / "queue.db", name=settings.queue.name,
+                      lock_duration=settings.queue.lock_duration,
+                      max_delivery_count=settings.queue.max_delivery_count)
+
+
+def make_backend(settings: Settings, storage: Storage) -> Backend:
+    """The configured batch engine (the local executor by default)."""
+    if settings.backend_kind == "azure":
+        from worker.backends.azure import AzureBatchBackend
+
+        return AzureBatchBackend.from_config(settings.batch, settings.submit)
+    from worker.backends.local import LocalBackend
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    return LocalBackend(home=settings.home, slots=settings.local.slot_count,
+                        pool=settings.local.pool, poll_interval=settings.local.poll_interval,
+                        storage=storage)
+
+
+@dataclass
+class App:
+    """Every long-lived part of a running worker."""
+
+    settings: Settings
+    registry: CollectorRegistry
+    metrics: Metrics
+    health: Health
+    storage: Storage
+    source: Source
+    backend: Backend
+    router: Router
+    planner: Planner
+    submitter: Submitter
+    consumer: Consumer
+
+    @classmethod
+    def build(cls, settings: Settings, *, handlers: HandlerRegistry | None = None,
+              source: Source | None = None, backend: Backend | None = None,
+              storage: Storage | None = None) -> App:
+        """Build the parts; tests pass their own source, backend or storage."""
+        registry = CollectorRegistry()
+        metrics = Metrics(registry=registry)
+        health = Health(heartbeat_timeout=settings.consumer.heartbeat_timeout, metrics=metrics)
+        storage = storage or make_storage(settings)
+        source = source or make_source(settings)
+        backend = backend or make_backend(settings, storage)
+        router = Router(registry=handlers or HandlerRegistry.from_entry_points(),
+                        routes=settings.routes, storage=storage,
+                        drop_unrouted=settings.events.unrouted == "drop")
+        submitter = Submitter(backend=backend, config=settings.submit, metrics=metrics)
+        planner = Planner(router=router, settings=settings, storage=storage)
+        consumer = Consumer(source=source, planner=planner, submitter=submitter,
+                            backend=backend, settings=settings, metrics=metrics, health=health)
+        return cls(settings=settings, registry=registry, metrics=metrics, health=health,
+                   storage=storage, source=source, backend=backend, router=router,
+                   planner=planner,
+                   submitter=submitter, consumer=consumer)
+
+    async def run(self, *, install_signals: bool = True,
+                  started: Callable[[App], Awaitable[None] | None] | None = None) -> None:
+        """Serve until stopped: metrics port, executor, pollers, consumer, drain."""
+        server = MetricsServer(registry=self.registry, health=self.health,
+                               bind=self.settings.metrics.bind, port=self.settings.metrics.port)
+        server.start()
+        self.metrics_port = server.port
+        start = getattr(self.backend, "start", None)
+        if callable(start):
+            start()
+        if install_signals:
+            self._install_signals()
+        pollers = [asyncio.create_task(self._poll_queue()),
+                   asyncio.create_task(self._poll_backend())]
+        log.info("fanout.started", queue=self.source.name, queue_kind=self.settings.queue_kind,
+                 backend=self.settings.backend_kind, storage=self.settings.storage_kind,
+                 metrics=f"http://{self.settings.metrics.bind}:{server.port}/metrics",
+                 config=self.settings.source, home=str(self.settings.home))
+        try:
+            if started is not None:
+                maybe = started(self)
+                if maybe is not None:
+                    await maybe
+            await self.consumer.run()
+        finally:
+            for task in pollers:
+                task.cancel()
+            await asyncio.gather(*pollers, return_exceptions=True)
+            await self.source.close()
+            self.submitter.close()
+            self.backend.close()
+            server.stop()
+            log.info("fanout.stopped")
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        seen: list[int] = []
+
+        def on_signal(signum: int) -> None:
+            seen.append(signum)
+            if len(seen) > 1:
+                log.warning("fanout.exit_now", signal=signal.Signals(signum).name)
+                os._exit(128 + signum)  # a second signal: exit at once, locks lapse
+            log.info("fanout.signal", signal=signal.Signals(signum).name,
+                     note="draining; send again to exit at once")
+            self.consumer.stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+
+    async def _poll_queue(self) -> None:
+        seen: set[tuple[str, ...]] = set()
+        name = self.source.name
+
+        async def once() -> None:
+            depth = await self.source.depth()
+            self.metrics.set_labelled(self.metrics.queue_messages,
+                                      {(name, state): n for state, n in depth.items()}, seen)
+
+        await _poll_forever("queue", self.settings.queue.poll_interval, once, self.metrics)
+
+    async def _poll_backend(self) -> None:
+        seen_nodes: set[tuple[str, ...]] = set()
+        seen_sizes: set[tuple[str, ...]] = set()
+        seen_tasks: set[tuple[str, ...]] = set()
+        interval = (self.settings.batch.poll_interval if self.settings.backend_kind == "azure"
+                    else max(1.0, self.settings.local.poll_interval * 10))
+
+        async def once() -> None:
+            stats = await asyncio.to_thread(self.backend.stats)
+            m = self.metrics
+            m.set_labelled(m.pool_nodes, dict(stats.pool_nodes), seen_nodes)
+            m.set_labelled(m.pool_size, dict(stats.pool_size), seen_sizes)
+            m.set_labelled(m.job_tasks, {(k,): v for k, v in stats.job_tasks.items()},
+                           seen_tasks)
+            m.active_jobs.set(stats.active_jobs)
+
+        await _poll_forever("backend", interval, once, self.metrics)
+
+
+async def _poll_forever(name: str, interval: float, once: Callable[[], Awaitable[Any]],
+                        metrics: Metrics) -> None:
+    """Run ``once`` every ``interval`` seconds; a failure is logged and counted."""
+    while True:
+        try:
+            await once()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            metrics.poll_errors.labels(name).inc()
+            log.warning("poll.failed", poller=name, error=f"{type(exc).__name__}: {exc}")
+        await asyncio.sleep(interval)

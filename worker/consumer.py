@@ -1,0 +1,319 @@
+"""The receive loop: bounded concurrency, lock renewal, settlement, shutdown drain.
+
+``concurrency`` receive loops each take one message at a time. A message is
+parsed, routed, built and submitted in a worker thread, so the event loop stays
+free to renew locks and answer health checks while a handler streams 100,000
+tasks. Its lock is renewed until it is settled:
+
+- success: complete;
+- a message fault: dead-letter at once with the reason code and description;
+- a system fault: abandon (delivered again), or dead-letter with
+  ``MaxDeliveryExceeded`` once the queue's max delivery count is reached;
+- a configuration fault: the worker marks itself unready, keeps the message
+  locked, and probes the backend with backoff until it works again. The queue is
+  not drained into the dead-letter queue.
+
+Shutdown: the first ``stop()`` stops receiving and drains in-flight messages
+within ``drain_grace``; what is unfinished by then is interrupted and abandoned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from worker.backends.base import Backend
+from worker.config import Settings
+from worker.errors import ConfigFault, LockLost, MaxDeliveryExceeded, MessageFault, SystemFault
+from worker.logs import redact
+from worker.metrics import Health, Metrics
+from worker.plan import Planner
+from worker.sources.base import Received, Source
+from worker.submit import Cancelled, SubmitResult, Submitter
+
+log = structlog.get_logger(__name__)
+
+#: Pause after a receive fails, so a broken connection is not hammered.
+RECEIVE_ERROR_BACKOFF = 2.0
+#: Shortest pause between two lock renewals.
+MIN_RENEW_INTERVAL = 0.5
+#: After the drain grace, how long interrupted work gets to abandon its message.
+ABANDON_GRACE = 5.0
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What processing decided for one message."""
+
+    action: str  # complete | dead_letter | abandon
+    handler: str = "none"
+    reason: str = ""
+    description: str = ""
+    results: list[SubmitResult] = field(default_factory=list)
+
+
+class Consumer:
+    """Receives messages from a ``Source`` and turns each into submitted jobs."""
+
+    def __init__(self, *, source: Source, planner: Planner, submitter: Submitter,
+                 backend: Backend, settings: Settings,
+                 metrics: Metrics, health: Health,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.source = source
+        self.planner = planner
+        self.submitter = submitter
+        self.backend = backend
+        self.settings = settings
+        self.metrics = metrics
+        self.health = health
+        self._clock = clock
+        self._stopping = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._cancel = threading.Event()  # tells submitter threads to give up
+        self._handled = 0
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    @property
+    def handled(self) -> int:
+        """Messages settled (or given up) since start."""
+        return self._handled
+
+    def stop(self) -> None:
+        """Stop receiving; in-flight messages drain within the grace period."""
+        if not self._stopping.is_set():
+            log.info("consumer.stopping", grace=self.settings.consumer.drain_grace)
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Run the receive loops until ``stop()``; then drain and return."""
+        self._set_ready(True)
+        loops = [asyncio.create_task(self._receive_loop(i), name=f"fanout-receive-{i}")
+                 for i in range(self.settings.consumer.concurrency)]
+        await self._stopping.wait()
+        _, pending = await asyncio.wait(loops, timeout=self.settings.consumer.drain_grace)
+        if pending:
+            log.warning("consumer.drain_timeout", unfinished=len(pending))
+            self._cancel.set()
+            _, pending = await asyncio.wait(pending, timeout=ABANDON_GRACE)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        self._set_ready(False, "stopped")
+        log.info("consumer.stopped", handled=self._handled)
+
+    async def _receive_loop(self, index: int) -> None:
+        """One of ``concurrency`` loops: receive one message, handle it, repeat."""
+        while not self.stopping:
+            if not self._ready.is_set():
+                await self._wait_ready()
+                continue
+            messages = await self._receive()
+            self.health.beat()
+            for msg in messages:
+                if self.stopping:
+                    await self._settle(msg, Outcome("abandon", description="shutting down"))
+                    continue
+                await self._handle_one(msg)
+
+    async def _receive(self) -> list[Received]:
+        """Receive up to one message, giving up at once when ``stop()`` is called."""
+        receiving = asyncio.ensure_future(
+            self.source.receive(1, self.settings.consumer.receive_wait))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not receiving.done():
+            receiving.cancel()
+        try:
+            return await receiving
+        except asyncio.CancelledError:
+            if self.stopping:
+                return []
+            raise
+        except ConfigFault as fault:
+            self._set_ready(False, f"{fault.code}: {fault.description}")
+        except (SystemFault, OSError) as exc:
+            log.warning("receive.failed", error=str(exc), retry_in=RECEIVE_ERROR_BACKOFF)
+            await self._sleep(RECEIVE_ERROR_BACKOFF)
+        return []
+
+    async def _handle_one(self, msg: Received) -> None:
+        """Process one message to its settlement; never raises."""
+        started = self._clock()
+        structlog.contextvars.bind_contextvars(message_id=msg.message_id,
+                                               delivery_count=msg.delivery_count)
+        self.metrics.inflight.inc()
+        renewer = asyncio.create_task(self._keep_locked(msg))
+        try:
+            outcome = await self._process_until_settled(msg)
+            await self._settle(msg, outcome)
+            self.metrics.messages.labels(outcome.handler, _OUTCOME_LABEL[outcome.action]).inc()
+            self.metrics.message_duration.labels(outcome.handler).observe(
+                self._clock() - started)
+        except Exception:
+            log.exception("message.unexpected_error")  # a bug: keep serving
+        finally:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+            self.metrics.inflight.dec()
+            self._handled += 1
+            structlog.contextvars.clear_contextvars()
+
+    async def _process_until_settled(self, msg: Received) -> Outcome:
+        """Process; on a configuration fault, hold the message until the worker heals."""
+        while True:
+            try:
+                return await asyncio.to_thread(self.process, msg)
+            except ConfigFault as fault:
+                self._set_ready(False, f"{fault.code}: {fault.description}")
+                log.error("message.config_fault", code=fault.code, error=fault.description)
+                if not await self._wait_ready():
+                    return Outcome("abandon", description="shutting down while unready")
+
+    def process(self, msg: Received) -> Outcome:
+        """Plan and submit one message's jobs (runs in a worker thread)."""
+        handler = "none"
+        try:
+            plan = self.planner.plan(msg.body, msg.properties, message_id=msg.message_id)
+            results = []
+            for planned in plan.jobs:
+                handler = planned.handler
+                results.append(self.submitter.submit(planned.job, handler=planned.handler,
+                                                     cancel=self._cancel))
+            for why in plan.ignored:
+                self.metrics.events_ignored.labels(why).inc()
+                log.info("event.ignored", why=why)
+            return Outcome("complete", handler=handler, results=results)
+        except MessageFault as fault:
+            return Outcome("dead_letter", handler=handler, reason=fault.reason,
+                           description=fault.description)
+        except ConfigFault:
+            raise
+        except Cancelled:
+            return Outcome("abandon", handler=handler, description="interrupted by shutdown")
+        except Exception as exc:  # a system fault, or a bug in a handler
+            description = _describe(exc)
+            level = log.warning if isinstance(exc, SystemFault) else log.exception
+            level("message.failed", error=description)
+            if msg.delivery_count + 1 >= self.source.max_delivery_count:
+                fault = MaxDeliveryExceeded(
+                    f"failed {msg.delivery_count + 1} deliveries; last error: {description}")
+                return Outcome("dead_letter", handler=handler, reason=fault.reason,
+                               description=fault.description)
+            return Outcome("abandon", handler=handler, description=description)
+
+    async def _settle(self, msg: Received, outcome: Outcome) -> None:
+        """Apply the outcome to the queue; a lost lock is logged and counted, not raised."""
+        try:
+            if outcome.action == "complete":
+                await self.source.complete(msg)
+                log.info("message.completed", handler=outcome.handler,
+                         jobs=[r.job_id for r in outcome.results])
+            elif outcome.action == "dead_letter":
+                await self.source.dead_letter(msg, outcome.reason,
+                                              redact(outcome.description)[:4000])
+                self.metrics.dead_letters.labels(outcome.reason).inc()
+                log.warning("message.dead_lettered", reason=outcome.reason,
+                            description=outcome.description)
+            else:
+                await self.source.abandon(msg)
+                log.warning("message.abandoned", error=outcome.description)
+        except LockLost as exc:
+            self.metrics.lock_lost.inc()
+            log.warning("message.lock_lost", action=outcome.action, error=str(exc),
+                        note="it will be delivered again; submission is idempotent")
+        except (SystemFault, OSError) as exc:
+            log.warning("message.settle_failed", action=outcome.action, error=str(exc),
+                        note="the lock will lapse and the message be delivered again")
+
+    async def _keep_locked(self, msg: Received) -> None:
+        """Renew the message's lock until cancelled; beat the heartbeat meanwhile."""
+        lock = self.settings.queue.lock_duration
+        locked_until = msg.locked_until
+        while True:
+            if locked_until is not None:
+                left = (locked_until - datetime.now(UTC)).total_seconds()
+                pause = max(MIN_RENEW_INTERVAL, left / 2)
+            else:
+                pause = lock / 3
+            pause = min(pause, self.health.heartbeat_timeout / 3)
+            await asyncio.sleep(pause)
+            self.health.beat()
+            if locked_until is not None and \
+                    (locked_until - datetime.now(UTC)).total_seconds() > 2 * pause + 1:
+                continue  # plenty of lock left: only the heartbeat was due
+            try:
+                locked_until = await self.source.renew_lock(msg)
+                msg.locked_until = locked_until
+            except LockLost as exc:
+                self.metrics.lock_lost.inc()
+                log.warning("message.lock_lost", during="renewal", error=str(exc))
+                return
+            except (SystemFault, OSError) as exc:
+                log.warning("message.renew_failed", error=str(exc))
+                locked_until = None
+
+    async def _wait_ready(self) -> bool:
+        """Back off and probe until the backend works; False if stopped meanwhile."""
+        backoff = self.settings.consumer.unready_backoff
+        while not self.stopping:
+            if self._ready.is_set():
+                return True
+            self.health.beat()
+            if await self._sleep(backoff):
+                break
+            try:
+                await asyncio.to_thread(self.backend.probe)
+            except ConfigFault as fault:
+                self._set_ready(False, f"{fault.code}: {fault.description}")
+                log.warning("worker.still_unready", code=fault.code, retry_in=backoff)
+                continue
+            except Exception as exc:
+                log.warning("worker.probe_failed", error=_describe(exc))
+                continue
+            self._set_ready(True)
+            log.info("worker.ready_again")
+            return True
+        return False
+
+    def _set_ready(self, ready: bool, reason: str = "") -> None:
+        self.health.set_ready(ready, reason)
+        if ready:
+            self._ready.set()
+        else:
+            self._ready.clear()
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep, waking early on ``stop()``; True if stopping."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        except TimeoutError:
+            return False
+        return True
+
+
+_OUTCOME_LABEL = {"complete": "completed", "dead_letter": "dead_lettered",
+                  "abandon": "abandoned"}
+
+
+def _describe(exc: BaseException) -> str:
+    text = getattr(exc, "description", None) or str(exc) or type(exc).__name__
+    return redact(f"{type(exc).__name__}: {text}")[:1000]
+
+
+def describe_outcome(outcome: Outcome) -> dict[str, Any]:
+    """A JSON-friendly summary (for ``fanout plan`` and tests)."""
+    return {"action": outcome.action, "handler": outcome.handler, "reason": outcome.reason,
+            "description": outcome.description}

@@ -1,0 +1,116 @@
+"""The worker's side of the handler contract: ``BuildContext``, job ids and limits.
+
+``job_id_for`` derives the job id from the idempotency key, so the same message
+delivered twice (or re-run after a crash) builds the same job, and the backend's
+"already exists" makes the second submission harmless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from handlers.base import BlobRef, JobSpec, Program
+from handlers.errors import BudgetExceeded, InvalidParams, UnknownProgram
+from worker.config import LimitsConfig
+from worker.envelope import JobOptions
+from worker.storage.base import Storage
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def job_id_for(handler: str, key: str) -> str:
+    """A Batch job id (64 characters at most) unique to ``handler`` and ``key``.
+
+    Readable where the key is, and always carrying a digest of the exact key, since
+    Batch ids are case-insensitive and limited to letters, digits, ``-`` and ``_``.
+    """
+    digest = hashlib.sha256(f"{handler}\0{key}".encode()).hexdigest()[:16]
+    slug = _UNSAFE.sub("-", key).strip("-")[:40].rstrip("-")
+    head = _UNSAFE.sub("-", handler)[:6].strip("-") or "job"
+    return f"{head}-{slug}-{digest}" if slug else f"{head}-{digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerContext:
+    """Implements ``handlers.base.BuildContext`` for one message."""
+
+    job_id: str
+    max_tasks: int
+    allow_message_commands: bool
+    programs: Mapping[str, Program]
+    handler_options: Mapping[str, Mapping[str, Any]]
+    storage: Storage
+
+    def program(self, name: str) -> Program:
+        try:
+            return self.programs[name]
+        except KeyError:
+            known = ", ".join(sorted(self.programs)) or "none"
+            raise UnknownProgram(f"no program named {name[:64]!r} is configured "
+                                 f"(configured: {known})") from None
+
+    def options(self, handler: str) -> Mapping[str, Any]:
+        return self.handler_options.get(handler, {})
+
+    def blob_ref(self, value: object) -> BlobRef:
+        if isinstance(value, str):
+            return self.storage.parse_url(value)
+        if isinstance(value, Mapping) and set(value) == {"container", "blob"}:
+            container, blob = value["container"], value["blob"]
+            if isinstance(container, str) and isinstance(blob, str):
+                return make_ref(container, blob)
+        raise InvalidParams('a blob reference is {"container": "...", "blob": "..."} '
+                            "or a blob URL of the configured storage")
+
+    def input_url(self, ref: BlobRef) -> str:
+        return self.storage.input_url(ref)
+
+    def output_container_url(self, container: str, prefix: str) -> str:
+        return self.storage.output_container_url(container, prefix)
+
+
+def make_ref(container: str, blob: str) -> BlobRef:
+    """A checked reference (placeholder until worker.storage.refs lands)."""
+    segments = blob.split("/")
+    if not container or not blob or any(s in ("", ".", "..") for s in segments):
+        raise InvalidParams(f"blob name {blob[:200]!r} has an empty, '.' or '..' segment")
+    return BlobRef(container=container, blob=blob)
+
+
+def apply_job_options(job: JobSpec, options: JobOptions, *, job_id: str,
+                      default_pool: str, limits: LimitsConfig, handler: str) -> JobSpec:
+    """Fill the job's id, pool, priority and constraints; enforce the operator's limits."""
+    if job.task_count > limits.max_tasks_per_message:
+        raise BudgetExceeded(f"the job has {job.task_count} tasks; this worker allows at "
+                             f"most {limits.max_tasks_per_message} per message "
+                             "(limits.max_tasks_per_message)")
+    pool = options.pool or job.pool or default_pool
+    if limits.allowed_pools and pool not in limits.allowed_pools:
+        raise BudgetExceeded(f"pool {pool!r} is not one this worker may use "
+                             f"(limits.allowed_pools: {', '.join(limits.allowed_pools)})")
+    priority = options.priority if options.priority is not None else job.priority
+    if not limits.min_priority <= priority <= limits.max_priority:
+        raise BudgetExceeded(f"priority {priority} is outside this worker's limits "
+                             f"{limits.min_priority}..{limits.max_priority}")
+    retries = (options.max_task_retries if options.max_task_retries is not None
+               else job.max_task_retries)
+    if retries is not None and (retries == -1 or retries > limits.max_task_retries) \
+            and limits.max_task_retries != -1:
+        raise BudgetExceeded(f"max_task_retries {retries} is over this worker's limit "
+                             f"of {limits.max_task_retries}")
+    wall = options.max_wall_clock or job.max_wall_clock
+    if wall is not None and (wall > limits.max_wall_clock or wall.total_seconds() <= 0):
+        raise BudgetExceeded(f"max_wall_clock {wall} is outside this worker's limit "
+                             f"of {limits.max_wall_clock}")
+    job.id = job_id
+    job.pool = pool
+    job.priority = priority
+    job.max_task_retries = retries
+    job.max_wall_clock = wall
+    job.display_name = options.display_name or job.display_name
+    job.metadata = {**job.metadata, "fanout-handler": handler}
+    return job

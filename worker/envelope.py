@@ -1,0 +1,200 @@
+"""Raw message body -> an :class:`Envelope`, or the blob-created events it carries.
+
+Two shapes of body arrive on the queue:
+
+- an envelope, ``{"handler": "sweep", "id": "...", "job": {...}, "params": {...}}``
+  (the handler may instead come from the application property ``handler``);
+- Storage events that Event Grid delivers: one ``Microsoft.Storage.BlobCreated``
+  event per body in the Event Grid schema or the CloudEvents 1.0 schema, or a JSON
+  array of them (some producers batch).
+
+Every failure is a ``MessageFault`` with a specific reason code and description.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from handlers.errors import (
+    BudgetExceeded,
+    InvalidEnvelope,
+    InvalidJson,
+    NoRoute,
+    describe_validation,
+)
+
+BLOB_CREATED = "Microsoft.Storage.BlobCreated"
+#: Data Lake Gen2 APIs; of these only FlushWithClose means a file is complete.
+GEN2_APIS = frozenset({"CreateFile", "FlushWithClose", "RenameFile", "CreateDirectory"})
+
+
+class JobOptions(BaseModel):
+    """Job options a message may set; the worker checks them against its limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pool: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
+    priority: Annotated[int, Field(ge=-1000, le=1000, strict=True)] | None = None
+    max_task_retries: Annotated[int, Field(ge=-1, strict=True)] | None = None
+    max_wall_clock: timedelta | None = None
+    display_name: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
+
+
+class _EnvelopeModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    handler: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    job: JobOptions = Field(default_factory=JobOptions)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A validated work request for one handler."""
+
+    handler: str
+    id: str | None
+    job: JobOptions
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class BlobEvent:
+    """One Microsoft.Storage.BlobCreated event, whichever schema carried it."""
+
+    id: str
+    type: str
+    url: str
+    api: str
+    subject: str = ""
+    content_type: str | None = None
+    content_length: int | None = None
+    source: str = ""
+    time: str | None = None
+    schema: str = "eventgrid"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_gen2(self) -> bool:
+        """True for Data Lake Gen2 events (dfs endpoint, or a Gen2 API)."""
+        host = urlsplit(self.url).hostname or ""
+        return ".dfs." in host or self.api in GEN2_APIS
+
+    @property
+    def complete(self) -> bool:
+        """False for Gen2 events other than FlushWithClose: the file is not yet written."""
+        return not self.is_gen2 or self.api == "FlushWithClose"
+
+
+Parsed = Envelope | list[BlobEvent]
+
+
+def parse_body(body: bytes, properties: Mapping[str, str] | None = None, *,
+               max_bytes: int = 256 * 1024) -> Parsed:
+    """Parse one message body; raise a ``MessageFault`` with a reason code."""
+    props = properties or {}
+    if len(body) > max_bytes:
+        raise BudgetExceeded(f"the message body is {len(body)} bytes; this worker takes at "
+                             f"most {max_bytes} (queue.max_message_bytes)")
+    data = decode_json(body)
+    if isinstance(data, list) or _looks_like_event(data):
+        return parse_events(data)
+    if not isinstance(data, dict):
+        raise InvalidEnvelope(f"the body is a JSON {_json_type(data)}; expected an object "
+                              'such as {"handler": "sweep", "params": {...}}')
+    if "handler" not in data and props.get("handler"):
+        data = {**data, "handler": props["handler"]}
+    if "handler" not in data:
+        raise InvalidEnvelope("no handler: set \"handler\" in the body or the message's "
+                              "application property 'handler'")
+    try:
+        model = _EnvelopeModel.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidEnvelope(describe_validation(exc)) from None
+    return Envelope(handler=model.handler, id=model.id, job=model.job, params=model.params)
+
+
+def decode_json(body: bytes) -> Any:
+    """UTF-8 JSON text to a value; NaN and Infinity are refused (not JSON)."""
+    if not body.strip():
+        raise InvalidJson("the message body is empty")
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidJson(f"the body is not UTF-8 text (byte {exc.start} is invalid)") from None
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidJson(f"the body is not JSON: {_short(str(exc))}") from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _looks_like_event(data: Any) -> bool:
+    return isinstance(data, dict) and ("eventType" in data or "specversion" in data)
+
+
+def parse_events(data: Any) -> list[BlobEvent]:
+    """One event object, or an array of them, into ``BlobEvent`` (BlobCreated only)."""
+    items = data if isinstance(data, list) else [data]
+    if not items:
+        raise InvalidEnvelope("the body is an empty JSON array: expected one or more events")
+    if len(items) > 100:
+        raise BudgetExceeded(f"the body holds {len(items)} events; at most 100 per message")
+    return [_parse_event(item, i) for i, item in enumerate(items)]
+
+
+def _parse_event(item: Any, index: int) -> BlobEvent:
+    where = f"event {index}" if index else "the event"
+    if not isinstance(item, dict):
+        raise InvalidEnvelope(f"{where} is a JSON {_json_type(item)}, not an object")
+    if "specversion" in item:
+        schema, etype, source = "cloudevents", item.get("type"), item.get("source", "")
+        etime = item.get("time")
+    elif "eventType" in item:
+        schema, etype, source = "eventgrid", item.get("eventType"), item.get("topic", "")
+        etime = item.get("eventTime")
+    else:
+        raise InvalidEnvelope(f"{where} is neither an Event Grid nor a CloudEvents event")
+    event_id = item.get("id")
+    if not isinstance(event_id, str) or not event_id or len(event_id) > 256:
+        raise InvalidEnvelope(f"{where} has no usable id")
+    if not isinstance(etype, str):
+        raise InvalidEnvelope(f"{where} has no event type")
+    if etype != BLOB_CREATED:
+        raise NoRoute(f"{where} is of type {_short(etype)}; fanout routes only {BLOB_CREATED}")
+    data = item.get("data")
+    if not isinstance(data, dict):
+        raise InvalidEnvelope(f"{where} has no data object")
+    url, api = data.get("url"), data.get("api", "")
+    if not isinstance(url, str) or not url:
+        raise InvalidEnvelope(f"{where} has no data.url")
+    length = data.get("contentLength")
+    return BlobEvent(
+        id=event_id, type=etype, url=url, api=api if isinstance(api, str) else "",
+        subject=str(item.get("subject", "")),
+        content_type=data.get("contentType") if isinstance(data.get("contentType"), str)
+        else None,
+        content_length=length if isinstance(length, int) and not isinstance(length, bool)
+        else None,
+        source=str(source), time=etime if isinstance(etime, str) else None, schema=schema,
+    )
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean",
+            type(None): "null"}.get(type(value), "number")
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."

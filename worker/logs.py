@@ -1,0 +1,104 @@
+"""structlog set-up: JSON when stderr is not a terminal, console on a TTY, and
+redaction of secrets in every event, including the Azure SDKs' stdlib logging.
+
+Redaction works on text, so a secret is scrubbed wherever it hides: a SAS
+signature in a URL, an ``AccountKey=`` or ``SharedAccessKey=`` in a connection
+string, a ``SharedKey`` or ``Bearer`` authorization header.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+_SECRET_PATTERNS = [
+    # SAS query parameters: the signature and the user-delegation key fields.
+    (re.compile(r"(?i)([?&](?:sig|skoid|sktid|skv|sks|skt|ske)=)[^&\s\"']+"), r"\1REDACTED"),
+    # Connection-string style secrets.
+    (re.compile(r"(?i)((?:AccountKey|SharedAccessKey|SharedAccessSignature|"
+                r"SharedAccessKeyName)=)[^;\s\"']+"), r"\1REDACTED"),
+    # Authorization headers.
+    (re.compile(r"(?i)(SharedKey(?:Lite)?\s+[^:\s]+:)[A-Za-z0-9+/=]+"), r"\1REDACTED"),
+    (re.compile(r"(?i)(Bearer\s+)[A-Za-z0-9\-_.~+/=]+"), r"\1REDACTED"),
+    (re.compile(r"(?i)(\"?(?:account_key|password|client_secret)\"?\s*[:=]\s*\"?)"
+                r"[^\"',\s]+"), r"\1REDACTED"),
+]
+
+
+def redact(text: str) -> str:
+    """Replace every secret-looking fragment of ``text`` with ``REDACTED``."""
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, Mapping):
+        return {k: _redact_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redact_value(v) for v in value]
+    if isinstance(value, BaseException):
+        return redact(f"{type(value).__name__}: {value}")
+    return value
+
+
+def redact_event(_logger: Any, _name: str,
+                 event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: scrub secrets from every value of the event."""
+    for key, value in list(event.items()):
+        event[key] = _redact_value(value)
+    return event
+
+
+class _RedactingRenderer:
+    """Wraps the final renderer so formatted tracebacks are scrubbed too."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
+        return redact(str(self._inner(logger, name, event)))
+
+
+def configure(*, fmt: str = "auto", level: str = "info",
+              stream: TextIO | None = None) -> None:
+    """Configure structlog and the stdlib root logger (the Azure SDKs log there)."""
+    out = stream if stream is not None else sys.stderr
+    use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
+    renderer: Any = (structlog.processors.JSONRenderer() if use_json
+                     else structlog.dev.ConsoleRenderer(colors=out.isatty()))
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.processors.format_exc_info if use_json
+                    else structlog.dev.set_exc_info,
+                    redact_event, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelName(level.upper())),
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    redact_event, _RedactingRenderer(renderer)],
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # The Azure SDKs log every HTTP request at INFO: keep them to warnings.
+    for noisy in ("azure", "azure.core.pipeline.policies.http_logging_policy", "uamqp",
+                  "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,188 @@
+"""Prometheus collectors, health state and the one HTTP port that serves them.
+
+The registry is passed in (never the global one) so tests build their own and read
+samples with ``registry.get_sample_value``. One port serves ``/metrics``,
+``/healthz`` (200 while the receive loop has beaten within the heartbeat timeout,
+503 when it is stuck) and ``/readyz`` (200 only while the worker can take work).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+#: Message outcomes, the ``outcome`` label of ``fanout_messages_total``.
+OUTCOMES = ("completed", "dead_lettered", "abandoned")
+_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class Metrics:
+    """fanout's own collectors, registered on the registry given."""
+
+    def __init__(self, *, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.messages = Counter(
+            "fanout_messages", "Messages settled, by handler and outcome.",
+            ["handler", "outcome"], registry=registry)
+        self.dead_letters = Counter(
+            "fanout_dead_letters", "Messages dead-lettered, by reason code.",
+            ["reason"], registry=registry)
+        self.message_duration = Histogram(
+            "fanout_message_duration_seconds",
+            "Time from receiving a message to settling it, by handler.",
+            ["handler"], buckets=_DURATION_BUCKETS, registry=registry)
+        self.tasks_submitted = Counter(
+            "fanout_tasks_submitted", "Tasks newly added to the batch backend, by handler.",
+            ["handler"], registry=registry)
+        self.tasks_existing = Counter(
+            "fanout_tasks_existing",
+            "Tasks found already added (a redelivered message), by handler.",
+            ["handler"], registry=registry)
+        self.submit_requests = Counter(
+            "fanout_submit_requests", "Add-task requests to the backend, by outcome.",
+            ["outcome"], registry=registry)
+        self.submit_retries = Counter(
+            "fanout_submit_retries", "Add-task requests retried after a transient fault.",
+            registry=registry)
+        self.submit_seconds = Histogram(
+            "fanout_submit_duration_seconds",
+            "Time to submit one job's tasks, by handler.",
+            ["handler"], buckets=_DURATION_BUCKETS, registry=registry)
+        self.inflight = Gauge(
+            "fanout_inflight_messages", "Messages being processed now.", registry=registry)
+        self.lock_lost = Counter(
+            "fanout_lock_lost", "Messages whose lock was lost before settlement.",
+            registry=registry)
+        self.queue_messages = Gauge(
+            "fanout_queue_messages", "Messages in the queue, by state.",
+            ["queue", "state"], registry=registry)
+        self.pool_nodes = Gauge(
+            "fanout_pool_nodes", "Pool nodes (local executor: slots), by state.",
+            ["pool", "state"], registry=registry)
+        self.pool_size = Gauge(
+            "fanout_pool_size", "Pool current and target sizes.",
+            ["pool", "which"], registry=registry)
+        self.active_jobs = Gauge(
+            "fanout_active_jobs", "Jobs not yet completed (accounts have a quota).",
+            registry=registry)
+        self.job_tasks = Gauge(
+            "fanout_job_tasks", "Tasks of active jobs, by state.", ["state"],
+            registry=registry)
+        self.ready = Gauge(
+            "fanout_ready", "1 while the worker can take work, 0 while it backs off.",
+            registry=registry)
+        self.heartbeat = Gauge(
+            "fanout_heartbeat_timestamp_seconds",
+            "Unix time of the receive loop's last beat.", registry=registry)
+        self.events_ignored = Counter(
+            "fanout_events_ignored", "Blob events completed without a job, by why "
+            "(gen2-<api>: not a finished Data Lake write; unrouted: dropped by config).",
+            ["why"], registry=registry)
+        self.poll_errors = Counter(
+            "fanout_poll_errors", "Metric polls that failed, by poller.", ["poller"],
+            registry=registry)
+
+    def set_labelled(self, gauge: Gauge, values: Mapping[tuple[str, ...], float],
+                     seen: set[tuple[str, ...]]) -> None:
+        """Set a labelled gauge to ``values``, zeroing label sets seen before but gone now."""
+        for labels in seen - set(values):
+            gauge.labels(*labels).set(0)
+        for labels, value in values.items():
+            gauge.labels(*labels).set(value)
+        seen.update(values)
+
+
+class Health:
+    """The receive loop's heartbeat and the worker's readiness, read by the HTTP port."""
+
+    def __init__(self, *, heartbeat_timeout: float, metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.heartbeat_timeout = heartbeat_timeout
+        self._metrics = metrics
+        self._clock = clock
+        self._last_beat = clock()
+        self._ready = False
+        self.reason = "starting"
+
+    def beat(self) -> None:
+        """Record that the receive loop is alive."""
+        self._last_beat = self._clock()
+        if self._metrics is not None:
+            self._metrics.heartbeat.set(time.time())
+
+    def set_ready(self, ready: bool, reason: str = "") -> None:
+        """Mark the worker ready (or not, with a reason /readyz shows)."""
+        self._ready = ready
+        self.reason = "ok" if ready else reason
+        if self._metrics is not None:
+            self._metrics.ready.set(1 if ready else 0)
+
+    @property
+    def alive(self) -> bool:
+        return self._clock() - self._last_beat <= self.heartbeat_timeout
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and self.alive
+
+    def since_beat(self) -> float:
+        return self._clock() - self._last_beat
+
+
+class MetricsServer:
+    """Serves /metrics, /healthz and /readyz on one port, in a daemon thread."""
+
+    def __init__(self, *, registry: CollectorRegistry, health: Health,
+                 bind: str, port: int) -> None:
+        handler = _make_handler(registry, health)
+        self._server = ThreadingHTTPServer((bind, port), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        name="fanout-metrics", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _make_handler(registry: CollectorRegistry,
+                  health: Health) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                ok = health.alive
+                text = f"{'ok' if ok else 'stuck'}: last beat {health.since_beat():.1f}s ago\n"
+                self._send(200 if ok else 503, text.encode())
+            elif path == "/readyz":
+                text = ("ready\n" if health.ready else f"not ready: {health.reason}\n")
+                self._send(200 if health.ready else 503, text.encode())
+            else:
+                self._send(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+        def _send(self, status: int, body: bytes,
+                  content_type: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            return  # scrapes every few seconds would drown the logs
+
+    return Handler

@@ -1,0 +1,184 @@
+"""Handler registry and router: a parsed message -> the work items it asks for.
+
+Handlers register through the ``fanout.handlers`` entry-point group, so a
+third-party package adds one by being installed. The registry is built once at
+start-up; a name registered twice is a start-up error, and the set never changes
+while the worker runs.
+
+An envelope names its handler. A blob-created event is matched against the
+``[[routes]]`` rules of the configuration, first match wins, and the blob
+reference is put into the route's default params.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import structlog
+from pydantic import ValidationError
+
+from handlers.base import BlobRef, Handler
+from handlers.errors import InvalidEnvelope, NoRoute, UnknownHandler, describe_validation
+from worker.config import RouteConfig
+from worker.envelope import BlobEvent, Envelope, JobOptions, Parsed
+from worker.errors import SettingsError
+from worker.storage.base import Storage
+
+ENTRY_POINT_GROUP = "fanout.handlers"
+log = structlog.get_logger(__name__)
+
+
+class HandlerRegistry:
+    """A frozen name -> handler map."""
+
+    def __init__(self, handlers: Mapping[str, Handler]) -> None:
+        self._handlers = dict(handlers)
+
+    @classmethod
+    def from_entry_points(cls, group: str = ENTRY_POINT_GROUP) -> HandlerRegistry:
+        """Load every handler installed under ``group``; refuse duplicate names."""
+        origins: dict[str, str] = {}
+        handlers: dict[str, Handler] = {}
+        for ep in entry_points(group=group):
+            dist = ep.dist.name if ep.dist is not None else "?"
+            origin = f"{ep.value} (from {dist})"
+            if ep.name in origins:
+                if origins[ep.name].split(" ")[0] == ep.value:
+                    continue  # the same entry point seen twice (editable installs)
+                raise SettingsError(f"handler {ep.name!r} is registered twice: by "
+                                    f"{origins[ep.name]} and by {origin}")
+            origins[ep.name] = origin
+            try:
+                factory = ep.load()
+                handlers[ep.name] = factory()
+            except Exception as exc:
+                raise SettingsError(f"handler {ep.name!r} ({origin}) failed to load: "
+                                    f"{type(exc).__name__}: {exc}") from exc
+        return cls(handlers)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._handlers)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._handlers
+
+    def get(self, name: str) -> Handler:
+        """The handler called ``name``; ``UnknownHandler`` otherwise."""
+        try:
+            return self._handlers[name]
+        except KeyError:
+            known = ", ".join(self.names) or "none"
+            raise UnknownHandler(f"no handler named {name[:64]!r} (this worker has: "
+                                 f"{known})") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """One job to build: a handler, its params and the idempotency key."""
+
+    handler_name: str
+    handler: Handler
+    params: Mapping[str, Any]
+    key: str
+    job: JobOptions
+
+
+@dataclass(slots=True)
+class Routed:
+    """What one message asks for; ``ignored`` lists events left alone, with why."""
+
+    works: list[Work] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+class Router:
+    """Maps envelopes and blob events to work items."""
+
+    def __init__(self, *, registry: HandlerRegistry, routes: Iterable[RouteConfig],
+                 storage: Storage, drop_unrouted: bool = False) -> None:
+        self.registry = registry
+        self.routes = list(routes)
+        self.storage = storage
+        self.drop_unrouted = drop_unrouted
+        for rule in self.routes:
+            if rule.handler not in registry:
+                raise SettingsError(f"routes: handler {rule.handler!r} is not installed "
+                                    f"(installed: {', '.join(registry.names)})")
+
+    def route(self, parsed: Parsed, *, message_id: str | None) -> Routed:
+        """The work a parsed message asks for; raises a ``MessageFault``."""
+        if isinstance(parsed, Envelope):
+            key = parsed.id or message_id
+            if not key:
+                raise InvalidEnvelope("no idempotency key: give \"id\" in the body "
+                                      "(the queue supplied no message id)")
+            handler = self.registry.get(parsed.handler)
+            return Routed(works=[Work(parsed.handler, handler, parsed.params, key, parsed.job)])
+        routed = Routed()
+        for event in parsed:
+            self._route_event(event, routed)
+        return routed
+
+    def _route_event(self, event: BlobEvent, routed: Routed) -> None:
+        if not event.complete:
+            routed.ignored.append(f"gen2-{event.api or 'unknown'}")
+            return
+        ref = self.storage.parse_url(event.url)
+        account = account_of(event.url)
+        rule = self.match(event, ref, account)
+        if rule is None:
+            if self.drop_unrouted:
+                routed.ignored.append("unrouted")
+                return
+            raise NoRoute(f"no route takes blob {ref.container}/{ref.blob[:200]} of account "
+                          f"{account} (content type {event.content_type or 'unknown'})")
+        try:
+            job = JobOptions.model_validate(rule.job)
+        except ValidationError as exc:  # the operator's config, checked at start-up too
+            raise SettingsError(f"routes: job options: {describe_validation(exc)}") from None
+        params = {**rule.params,
+                  rule.blob_param: {"container": ref.container, "blob": ref.blob}}
+        handler = self.registry.get(rule.handler)
+        routed.works.append(Work(rule.handler, handler, params, event.id, job))
+
+    def match(self, event: BlobEvent, ref: BlobRef, account: str) -> RouteConfig | None:
+        """The first rule whose every condition holds for this blob."""
+        name = ref.blob.lower()
+        for rule in self.routes:
+            if rule.account and rule.account.lower() != account.lower():
+                continue
+            if rule.container and rule.container != ref.container:
+                continue
+            if rule.prefix and not ref.blob.startswith(rule.prefix):
+                continue
+            if rule.suffixes and not name.endswith(rule.suffixes):
+                continue
+            if rule.content_type and not _type_matches(rule.content_type, event.content_type):
+                continue
+            return rule
+        return None
+
+
+def _type_matches(wanted: str, actual: str | None) -> bool:
+    if actual is None:
+        return False
+    actual = actual.split(";", 1)[0].strip().lower()
+    wanted = wanted.lower()
+    return actual.startswith(wanted) if wanted.endswith("/") else actual == wanted
+
+
+def account_of(url: str) -> str:
+    """The storage account a blob URL belongs to (``local`` for the local store)."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme == "file":
+        return "local"
+    if host.endswith(".core.windows.net"):
+        return host.split(".", 1)[0]
+    segment = unquote(parts.path.lstrip("/").split("/", 1)[0])
+    return segment or host  # path-style (Azurite): /<account>/<container>/<blob>

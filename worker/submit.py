@@ -1,0 +1,198 @@
+"""JobSpec -> backend: job lifecycle, chunking, bounded concurrency, retries.
+
+The submitter streams a job's lazy task iterator in chunks (never all tasks in
+memory), keeps a bounded number of add-task requests in flight on a thread pool,
+and retries transient faults with exponential backoff and full jitter, up to a
+bound. Submission is idempotent: the job id and task ids are derived, and
+"already exists" counts as success, so a message delivered twice or a worker
+killed mid-submit ends with one job and one copy of each task.
+
+Lifecycle (ARCHITECTURE.md): create the job with on-all-tasks-complete = no
+action, add every task, then seal it (terminate when all tasks complete). A job an
+earlier delivery already sealed has every task: nothing is added again.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import TypeVar
+
+import structlog
+
+from handlers.base import JobSpec, TaskSpec
+from worker.backends.base import AddResult, Backend
+from worker.config import SubmitConfig
+from worker.errors import BatchRejected, SystemFault
+from worker.metrics import Metrics
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+
+class Cancelled(SystemFault):
+    """Raised when a shutdown interrupts a submission; the message is abandoned."""
+
+
+@dataclass(slots=True)
+class SubmitResult:
+    """What one job's submission did."""
+
+    job_id: str
+    added: int = 0
+    existed: int = 0
+    requests: int = 0
+    retries: int = 0
+    already_sealed: bool = False
+    seconds: float = 0.0
+
+
+class Submitter:
+    """Submits jobs to one backend; safe to use from several threads at once."""
+
+    def __init__(self, *, backend: Backend, config: SubmitConfig, metrics: Metrics,
+                 rng: Callable[[], float] = random.random) -> None:
+        self.backend = backend
+        self.config = config
+        self.metrics = metrics
+        self._rng = rng
+        self._pool = ThreadPoolExecutor(max_workers=config.concurrency,
+                                        thread_name_prefix="fanout-submit")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, job: JobSpec, *, handler: str,
+               cancel: threading.Event | None = None) -> SubmitResult:
+        """Create, fill and seal ``job``; raise a fault that says what to do with the
+        message (``SystemFault``: abandon, ``BatchRejected``: dead-letter, ...)."""
+        stop = cancel or threading.Event()
+        started = time.monotonic()
+        result = SubmitResult(job_id=job.id)
+        state = self._retrying(lambda: self.backend.create_job(job), stop, result)
+        if state == "sealed":
+            result.already_sealed = True
+            result.existed = job.task_count
+            log.info("job.already_sealed", job_id=job.id, tasks=job.task_count)
+            return result
+        self._add_all(job, handler, stop, result)
+        self._retrying(lambda: self.backend.seal_job(job.id), stop, result)
+        result.seconds = time.monotonic() - started
+        self.metrics.submit_seconds.labels(handler).observe(result.seconds)
+        log.info("job.submitted", job_id=job.id, added=result.added, existed=result.existed,
+                 requests=result.requests, retries=result.retries,
+                 seconds=round(result.seconds, 3))
+        return result
+
+    def _add_all(self, job: JobSpec, handler: str, stop: threading.Event,
+                 result: SubmitResult) -> None:
+        size = min(self.config.chunk_size, self.backend.max_tasks_per_request)
+        in_flight: set[Future[AddResult]] = set()
+        limit = self.config.concurrency
+        count = 0
+        try:
+            for chunk in _chunks(job.tasks, size):
+                if stop.is_set():
+                    raise Cancelled("shutdown interrupted the submission")
+                count += len(chunk)
+                if count > job.task_count:
+                    raise RuntimeError(f"the handler yielded more than the {job.task_count} "
+                                       "tasks it declared")
+                if len(in_flight) >= limit:
+                    in_flight = self._collect(in_flight, handler, result, FIRST_COMPLETED)
+                ctx = contextvars.copy_context()
+                in_flight.add(self._pool.submit(ctx.run, self._add_chunk, job.id, chunk,
+                                                stop, result))
+            self._collect(in_flight, handler, result, None)
+        except BaseException:
+            stop_others = [f for f in in_flight if not f.done()]
+            for fut in stop_others:
+                fut.cancel()
+            wait(stop_others)
+            raise
+        if count != job.task_count:
+            raise RuntimeError(f"the handler declared {job.task_count} tasks but yielded "
+                               f"{count}")
+
+    def _collect(self, futures: set[Future[AddResult]], handler: str,
+                 result: SubmitResult, until: str | None) -> set[Future[AddResult]]:
+        done, pending = wait(futures, return_when=until or "ALL_COMPLETED")
+        for fut in done:
+            added = fut.result()  # re-raises the chunk's fault
+            result.added += added.added
+            result.existed += added.existed
+            self.metrics.tasks_submitted.labels(handler).inc(added.added)
+            self.metrics.tasks_existing.labels(handler).inc(added.existed)
+        return set(pending)
+
+    def _add_chunk(self, job_id: str, chunk: Sequence[TaskSpec], stop: threading.Event,
+                   result: SubmitResult) -> AddResult:
+        """Add one chunk, retrying what failed transiently; raise on anything else."""
+        total = AddResult()
+        pending = chunk
+        for attempt in range(self.config.max_retries + 1):
+            if attempt:
+                result.retries += 1
+                self.metrics.submit_retries.inc()
+            try:
+                result.requests += 1
+                added = self.backend.add_tasks(job_id, pending)
+            except SystemFault as fault:
+                self.metrics.submit_requests.labels("transient_error").inc()
+                if attempt == self.config.max_retries:
+                    raise
+                self._backoff(attempt, fault.retry_after, stop)
+                continue
+            except BatchRejected:
+                self.metrics.submit_requests.labels("rejected").inc()
+                raise
+            total.added += added.added
+            total.existed += added.existed
+            fatal = [e for e in added.errors if not e.transient]
+            if fatal:
+                self.metrics.submit_requests.labels("rejected").inc()
+                first = fatal[0]
+                raise BatchRejected(f"task {first.task_id}: {first.code}: {first.message}"
+                                    + (f" (and {len(fatal) - 1} more)" if len(fatal) > 1
+                                       else ""))
+            retry_ids = {e.task_id for e in added.errors}
+            self.metrics.submit_requests.labels("ok" if not retry_ids else "partial").inc()
+            if not retry_ids:
+                return total
+            pending = [t for t in pending if t.id in retry_ids]
+            if attempt < self.config.max_retries:
+                self._backoff(attempt, None, stop)
+        raise SystemFault(f"{len(pending)} tasks still failing after "
+                          f"{self.config.max_retries} retries")
+
+    def _retrying(self, call: Callable[[], T], stop: threading.Event,
+                  result: SubmitResult) -> T:
+        for attempt in range(self.config.max_retries + 1):
+            try:
+                return call()
+            except SystemFault as fault:
+                if attempt == self.config.max_retries:
+                    raise
+                result.retries += 1
+                self.metrics.submit_retries.inc()
+                self._backoff(attempt, fault.retry_after, stop)
+        raise AssertionError("unreachable")
+
+    def _backoff(self, attempt: int, retry_after: float | None, stop: threading.Event) -> None:
+        """Sleep with full jitter, at least ``retry_after``; wake early on shutdown."""
+        cap = min(self.config.backoff_max, self.config.backoff_base * 2 ** attempt)
+        delay = max(cap * self._rng(), retry_after or 0.0)
+        if stop.wait(min(delay, self.config.backoff_max)):
+            raise Cancelled("shutdown interrupted the submission")
+
+
+def _chunks(tasks: Iterable[TaskSpec], size: int) -> Iterator[list[TaskSpec]]:
+    it = iter(tasks)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
