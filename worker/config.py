@@ -153,6 +153,14 @@ class BlobConfig(_Section):
     account_key: SecretStr | None = None
     connection_string: SecretStr | None = None
     sas_ttl: PositiveFloat = 4 * 3600.0
+    #: Needed only when the account URL does not show it (a custom domain).
+    account_name: str | None = None
+    #: Other URLs of the same account that messages and events may name (private
+    #: endpoints, custom domains); the ``.dfs.`` twin of a ``.blob.`` URL is implied.
+    alias_urls: list[str] = Field(default_factory=list)
+    managed_identity_client_id: str | None = None
+    #: Data Lake Gen2 account: output SAS are scoped to the prefix's directory.
+    hierarchical_namespace: bool = False
 
     @property
     def configured(self) -> bool:
@@ -184,6 +192,39 @@ class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class RouteConfig(_Section):
+    """``[[routes]]``: which handler takes a blob-created event; first match wins.
+
+    Every condition given must hold: ``account`` (storage account name),
+    ``container``, ``prefix`` (of the blob name), ``suffix`` (one or a list, case
+    insensitive) and ``content_type`` (exact, or a prefix ending in ``/``). The
+    blob reference goes into the handler's params under ``blob_param``.
+    """
+
+    handler: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    job: dict[str, Any] = Field(default_factory=dict)
+    account: str | None = None
+    container: str | None = None
+    prefix: str | None = None
+    suffix: str | list[str] | None = None
+    content_type: str | None = None
+    blob_param: str = "input"
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        if self.suffix is None:
+            return ()
+        items = [self.suffix] if isinstance(self.suffix, str) else self.suffix
+        return tuple(s.lower() for s in items)
+
+
+class EventsConfig(_Section):
+    """``[events]``: what happens to blob events no route takes."""
+
+    unrouted: Literal["dead_letter", "drop"] = "dead_letter"
+
+
 class Settings(BaseSettings):
     """Everything fanout reads from its configuration, parsed once."""
 
@@ -210,6 +251,8 @@ class Settings(BaseSettings):
     log: LogConfig = Field(default_factory=LogConfig)
     programs: dict[str, ProgramConfig] = Field(default_factory=dict)
     handlers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    routes: list[RouteConfig] = Field(default_factory=list)
+    events: EventsConfig = Field(default_factory=EventsConfig)
     #: Where the settings came from, for ``fanout run`` to log (not a setting).
     source: str = Field(default="defaults", exclude=True)
 
