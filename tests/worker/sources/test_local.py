@@ -1,0 +1,465 @@
+"""Tests of the embedded SQLite peek-lock queue (worker/sources/local.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from worker.errors import LockLost, SystemFault
+from worker.sources.base import Received
+from worker.sources.local import MAX_DESCRIPTION, LocalQueue
+
+LOCK = 30.0
+START = 1_700_000_000.0
+
+
+class FakeClock:
+    """A settable clock standing in for time.time."""
+
+    def __init__(self) -> None:
+        self.now = START
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+MakeQueue = Callable[..., LocalQueue]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A fake clock for lock expiry and scheduling."""
+    return FakeClock()
+
+
+@pytest.fixture
+def make_queue(tmp_path: Path, clock: FakeClock) -> Iterator[MakeQueue]:
+    """A factory of queues on one file (fake clock unless given); closes them all after."""
+    made: list[LocalQueue] = []
+
+    def make(**kwargs: Any) -> LocalQueue:
+        kwargs.setdefault("path", tmp_path / "queue.db")
+        kwargs.setdefault("lock_duration", LOCK)
+        kwargs.setdefault("clock", clock)
+        queue = LocalQueue(**kwargs)
+        made.append(queue)
+        return queue
+
+    yield make
+    for queue in made:
+        asyncio.run(queue.close())
+
+
+def run(coro: Any) -> Any:
+    """Run one coroutine to completion in a fresh event loop."""
+    return asyncio.run(coro)
+
+
+def receive_one(queue: LocalQueue) -> Received:
+    """Receive exactly one message (the queue must have one available)."""
+    got = run(queue.receive(1, 0))
+    assert len(got) == 1
+    message: Received = got[0]
+    return message
+
+
+def test_send_receive_complete(make_queue: MakeQueue) -> None:
+    """A sent message is received once with its metadata, and complete removes it."""
+    queue = make_queue()
+    sent_id = run(queue.send(b"payload", message_id="m-1", properties={"k": "v"}))
+    msg = receive_one(queue)
+    assert sent_id == "m-1"
+    assert (msg.body, msg.message_id, msg.properties) == (b"payload", "m-1", {"k": "v"})
+    assert msg.delivery_count == 0
+    assert msg.enqueued_time == datetime.fromtimestamp(START, tz=UTC)
+    assert msg.locked_until == datetime.fromtimestamp(START + LOCK, tz=UTC)
+    assert isinstance(msg.sequence_number, int) and isinstance(msg.handle, str)
+    assert run(queue.receive(5, 0)) == []  # locked, so not delivered twice
+    run(queue.complete(msg))
+    assert run(queue.depth()) == {"active": 0, "dead_letter": 0, "scheduled": 0}
+
+
+def test_send_without_id_makes_unique_ids(make_queue: MakeQueue) -> None:
+    """Messages sent without an id get distinct 32-hex-digit ids that they keep."""
+    queue = make_queue()
+    ids = [run(queue.send(b"x")) for _ in range(3)]
+    assert len(set(ids)) == 3 and all(len(i) == 32 for i in ids)
+    assert [m.message_id for m in run(queue.receive(10, 0))] == ids
+
+
+def test_receive_returns_oldest_first_up_to_max(make_queue: MakeQueue) -> None:
+    """Receive locks the oldest messages first, at most max_messages of them."""
+    queue = make_queue()
+    for i in range(5):
+        run(queue.send(str(i).encode()))
+    first = run(queue.receive(3, 0))
+    rest = run(queue.receive(10, 0))
+    assert [m.body for m in first] == [b"0", b"1", b"2"]
+    assert [m.body for m in rest] == [b"3", b"4"]
+    assert len({m.handle for m in first + rest}) == 5
+
+
+def test_abandon_redelivers_with_count(make_queue: MakeQueue) -> None:
+    """An abandoned message comes back at once with its delivery count increased."""
+    queue = make_queue()
+    run(queue.send(b"x"))
+    first = receive_one(queue)
+    run(queue.abandon(first))
+    second = receive_one(queue)
+    assert second.message_id == first.message_id
+    assert second.delivery_count == 1
+    assert second.handle != first.handle
+
+
+def test_max_delivery_count_dead_letters(make_queue: MakeQueue) -> None:
+    """Abandoning up to the max delivery count dead-letters with MaxDeliveryExceeded."""
+    queue = make_queue(max_delivery_count=3)
+    run(queue.send(b"x", message_id="bad"))
+    for _ in range(3):
+        run(queue.abandon(receive_one(queue)))
+    assert run(queue.receive(1, 0)) == []
+    assert run(queue.depth()) == {"active": 0, "dead_letter": 1, "scheduled": 0}
+    [dead] = run(queue.dead_letters())
+    assert (dead.message_id, dead.reason, dead.delivery_count) == ("bad", "MaxDeliveryExceeded", 3)
+    assert "abandoned 3 times" in (dead.description or "")
+
+
+def test_lock_expiry_redelivers_and_counts(make_queue: MakeQueue, clock: FakeClock) -> None:
+    """A message whose lock expired is delivered again, counting the lapsed delivery."""
+    queue = make_queue()
+    run(queue.send(b"x"))
+    first = receive_one(queue)
+    clock.advance(LOCK - 1)
+    assert run(queue.receive(1, 0)) == []  # still locked
+    clock.advance(2)
+    second = receive_one(queue)
+    assert (second.message_id, second.delivery_count) == (first.message_id, 1)
+    with pytest.raises(LockLost):
+        run(queue.complete(first))
+    run(queue.complete(second))
+
+
+def test_lock_expiry_reaching_max_dead_letters(make_queue: MakeQueue, clock: FakeClock) -> None:
+    """Expired locks that reach the max delivery count dead-letter instead of delivering."""
+    queue = make_queue(max_delivery_count=2)
+    run(queue.send(b"x"))
+    receive_one(queue)
+    clock.advance(LOCK + 1)
+    assert receive_one(queue).delivery_count == 1
+    clock.advance(LOCK + 1)
+    assert run(queue.receive(1, 0)) == []
+    [dead] = run(queue.dead_letters())
+    assert dead.reason == "MaxDeliveryExceeded"
+    assert "lock expired 2 times" in (dead.description or "")
+
+
+def test_renew_lock_extends(make_queue: MakeQueue, clock: FakeClock) -> None:
+    """Renewing moves locked_until to now + lock duration and keeps the lock past the old."""
+    queue = make_queue()
+    run(queue.send(b"x"))
+    msg = receive_one(queue)
+    clock.advance(LOCK - 5)
+    until = run(queue.renew_lock(msg))
+    assert until == datetime.fromtimestamp(clock.now + LOCK, tz=UTC) == msg.locked_until
+    clock.advance(10)  # past the first lock, within the renewed one
+    assert run(queue.receive(1, 0)) == []
+    run(queue.complete(msg))
+
+
+@pytest.mark.parametrize("settle", ["complete", "abandon", "dead_letter", "renew_lock"])
+def test_settling_an_expired_lock_raises(make_queue: MakeQueue, clock: FakeClock,
+                                         settle: str) -> None:
+    """Every settlement of a message whose lock expired raises LockLost and changes nothing."""
+    queue = make_queue()
+    run(queue.send(b"x"))
+    msg = receive_one(queue)
+    clock.advance(LOCK)
+    args = ("Reason", "description") if settle == "dead_letter" else ()
+    with pytest.raises(LockLost):
+        run(getattr(queue, settle)(msg, *args))
+    assert run(queue.depth())["active"] == 1
+    assert receive_one(queue).delivery_count == 1
+
+
+def test_settling_twice_raises(make_queue: MakeQueue) -> None:
+    """A completed message cannot be settled again: its lock is gone."""
+    queue = make_queue()
+    run(queue.send(b"x"))
+    msg = receive_one(queue)
+    run(queue.complete(msg))
+    with pytest.raises(LockLost):
+        run(queue.complete(msg))
+    with pytest.raises(LockLost):
+        run(queue.abandon(msg))
+
+
+def test_dead_letter_keeps_reason_and_description(make_queue: MakeQueue) -> None:
+    """dead_letter stores the reason and the description, truncated to 4096 characters."""
+    queue = make_queue()
+    run(queue.send(b"body", message_id="m", properties={"p": "1"}))
+    run(queue.send(b"second"))
+    run(queue.dead_letter(receive_one(queue), "InvalidJson", "y" * 5000))
+    [dead] = run(queue.dead_letters())
+    assert (dead.message_id, dead.reason, dead.body) == ("m", "InvalidJson", b"body")
+    assert dead.description == "y" * MAX_DESCRIPTION
+    assert dead.properties == {"p": "1"}
+    assert run(queue.depth()) == {"active": 1, "dead_letter": 1, "scheduled": 0}
+
+
+def test_dead_letters_oldest_first_and_limited(make_queue: MakeQueue, clock: FakeClock) -> None:
+    """dead_letters lists the earliest dead-lettered first, at most limit of them."""
+    queue = make_queue()
+    for name in ("a", "b", "c"):
+        run(queue.send(b"x", message_id=name))
+    for msg in run(queue.receive(3, 0)):
+        run(queue.dead_letter(msg, "R", msg.message_id))
+        clock.advance(1)
+    assert [d.message_id for d in run(queue.dead_letters(limit=2))] == ["a", "b"]
+
+
+def test_resubmit_keeps_id_and_resets_count(make_queue: MakeQueue) -> None:
+    """Resubmitting a dead letter requeues it with the same id and delivery count 0."""
+    queue = make_queue(max_delivery_count=2)
+    run(queue.send(b"x", message_id="again", properties={"a": "b"}))
+    for _ in range(2):
+        run(queue.abandon(receive_one(queue)))
+    [dead] = run(queue.dead_letters())
+    assert run(queue.resubmit(dead.sequence_number)) == "again"
+    assert run(queue.dead_letters()) == []
+    msg = receive_one(queue)
+    assert (msg.message_id, msg.delivery_count, msg.body) == ("again", 0, b"x")
+    assert msg.properties == {"a": "b"}
+    assert run(queue.resubmit(dead.sequence_number)) is None
+
+
+def test_resubmit_ignores_active_messages(make_queue: MakeQueue) -> None:
+    """Resubmit finds only dead-lettered messages."""
+    queue = make_queue()
+    run(queue.send(b"x"))
+    msg = receive_one(queue)
+    assert run(queue.resubmit(msg.sequence_number)) is None
+    assert run(queue.depth())["active"] == 1
+
+
+def test_depth_by_state_and_scheduling(make_queue: MakeQueue, clock: FakeClock) -> None:
+    """Depth counts each state; a scheduled message is held until its time comes."""
+    queue = make_queue()
+    later = datetime.fromtimestamp(clock.now + 100, tz=UTC)
+    run(queue.send(b"later", scheduled_at=later))
+    run(queue.send(b"now"))
+    run(queue.send(b"dead"))
+    got = run(queue.receive(10, 0))
+    assert [m.body for m in got] == [b"now", b"dead"]
+    run(queue.dead_letter(got[1], "R", "d"))
+    assert run(queue.depth()) == {"active": 1, "dead_letter": 1, "scheduled": 1}
+    clock.advance(100)
+    assert run(queue.depth()) == {"active": 2, "dead_letter": 1, "scheduled": 0}
+    assert receive_one(queue).body == b"later"
+
+
+def test_message_survives_close_and_reopen(make_queue: MakeQueue) -> None:
+    """A sent message is still there after the queue is closed and reopened."""
+    first = make_queue()
+    run(first.send(b"durable", message_id="d", properties={"x": "y"}))
+    run(first.close())
+    msg = receive_one(make_queue())
+    assert (msg.body, msg.message_id, msg.properties) == (b"durable", "d", {"x": "y"})
+
+
+def test_closed_queue_refuses_work(make_queue: MakeQueue) -> None:
+    """Calls after close raise instead of hanging."""
+    queue = make_queue()
+    run(queue.close())
+    with pytest.raises(RuntimeError, match="closed"):
+        run(queue.send(b"x"))
+
+
+def test_unopenable_file_is_a_system_fault(tmp_path: Path, make_queue: MakeQueue) -> None:
+    """SQLite's operational errors surface as SystemFault."""
+    queue = make_queue(path=tmp_path)  # a directory, not a database file
+    with pytest.raises(SystemFault, match="SQLite queue"):
+        run(queue.send(b"x"))
+
+
+def test_cancelled_receive_stops_waiting(make_queue: MakeQueue) -> None:
+    """Cancelling a receive that is waiting on an empty queue ends it with CancelledError."""
+    queue = make_queue()
+
+    async def scenario() -> None:
+        task = asyncio.create_task(queue.receive(1, 3600))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(scenario())
+
+
+def test_cancelled_receive_gives_back_its_locks(make_queue: MakeQueue) -> None:
+    """Messages locked for a receive cancelled mid-flight are unlocked without a delivery."""
+    queue = make_queue()
+    run(queue.send(b"x"))
+    gate = threading.Event()
+
+    async def scenario() -> None:
+        queue._executor.submit(gate.wait)  # hold the queue's thread so the lock job queues
+        task = asyncio.create_task(queue.receive(1, 0))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(scenario())
+    assert receive_one(queue).delivery_count == 0
+
+
+def drain(queue: LocalQueue, seen: collections.Counter[str], guard: threading.Lock,
+          done: Callable[[], bool]) -> None:
+    """Receive and complete messages, counting them in ``seen``, until ``done()``."""
+
+    async def loop() -> None:
+        while True:
+            with guard:
+                if done():
+                    return
+            for msg in await queue.receive(8, 0.2):
+                await queue.complete(msg)
+                with guard:
+                    seen[msg.body.decode()] += 1
+
+    asyncio.run(loop())
+
+
+def run_threads(targets: list[Callable[[], None]]) -> None:
+    """Start one thread per target and join them all."""
+    threads = [threading.Thread(target=t) for t in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+SENDER = """
+import asyncio, sys
+from pathlib import Path
+from worker.sources.local import LocalQueue
+
+async def main() -> None:
+    queue = LocalQueue(path=Path(sys.argv[1]))
+    for i in range(int(sys.argv[2])):
+        await queue.send(str(i).encode())
+    await queue.close()
+
+asyncio.run(main())
+"""
+
+RECEIVER = """
+import asyncio, json, sys
+from pathlib import Path
+from worker.sources.local import LocalQueue
+
+async def main() -> None:
+    queue = LocalQueue(path=Path(sys.argv[1]))
+    done = []
+    while True:
+        got = await queue.receive(8, 0.2)
+        if not got and (await queue.depth())["active"] == 0:
+            break
+        for msg in got:
+            await queue.complete(msg)
+            done.append(msg.body.decode())
+    await queue.close()
+    print(json.dumps(done))
+
+asyncio.run(main())
+"""
+
+
+def test_receivers_in_threads_while_another_process_sends(make_queue: MakeQueue,
+                                                          tmp_path: Path) -> None:
+    """Four receiver threads draining what another process sends complete each message once."""
+    total = 500
+    path = tmp_path / "queue.db"
+    run(make_queue(clock=time.time).depth())  # create the schema first
+    sender = subprocess.Popen([sys.executable, "-c", SENDER, str(path), str(total)])
+    seen: collections.Counter[str] = collections.Counter()
+    guard = threading.Lock()
+    queues = [make_queue(clock=time.time) for _ in range(4)]
+
+    def done() -> bool:  # all seen, or the sender failed (then the last assert says so)
+        return sum(seen.values()) >= total or sender.poll() not in (None, 0)
+
+    try:
+        run_threads([lambda q=q: drain(q, seen, guard, done) for q in queues])
+    finally:
+        assert sender.wait(timeout=60) == 0
+    assert seen == collections.Counter(str(i) for i in range(total))
+
+
+def test_receivers_in_other_processes_and_threads(make_queue: MakeQueue,
+                                                  tmp_path: Path) -> None:
+    """Two receiver processes and two threads on one file never get the same message twice."""
+    total = 500
+    path = tmp_path / "queue.db"
+    producer = make_queue(clock=time.time)
+    for i in range(total):
+        run(producer.send(str(i).encode()))
+    procs = [subprocess.Popen([sys.executable, "-c", RECEIVER, str(path)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    seen: collections.Counter[str] = collections.Counter()
+    guard = threading.Lock()
+    queues = [make_queue(clock=time.time) for _ in range(2)]
+
+    def drain_until_empty(queue: LocalQueue) -> None:
+        async def loop() -> None:
+            while (got := await queue.receive(8, 0.2)) or (await queue.depth())["active"]:
+                for msg in got:
+                    await queue.complete(msg)
+                    with guard:
+                        seen[msg.body.decode()] += 1
+        asyncio.run(loop())
+
+    run_threads([lambda q=q: drain_until_empty(q) for q in queues])
+    for proc in procs:
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0
+        seen.update(json.loads(out))
+    assert seen == collections.Counter(str(i) for i in range(total))
+
+
+def test_concurrent_coroutines_on_one_queue(make_queue: MakeQueue) -> None:
+    """Four coroutines sharing one queue object complete each message exactly once."""
+    queue = make_queue(clock=time.time)
+    total = 200
+    seen: collections.Counter[str] = collections.Counter()
+
+    async def scenario() -> None:
+        for i in range(total):
+            await queue.send(str(i).encode())
+
+        async def consume() -> None:
+            while got := await queue.receive(4, 0):
+                for msg in got:
+                    await asyncio.sleep(0)  # let the others interleave
+                    await queue.complete(msg)
+                    seen[msg.body.decode()] += 1
+
+        await asyncio.gather(*(consume() for _ in range(4)))
+
+    run(scenario())
+    assert seen == collections.Counter(str(i) for i in range(total))

@@ -1,0 +1,394 @@
+"""The embedded durable queue: a peek-lock queue in one SQLite file.
+
+It stands in for Azure Service Bus with the same semantics: ``receive`` locks the
+oldest available messages for ``lock_duration`` seconds under a fresh lock token;
+``complete``, ``abandon``, ``dead_letter`` and ``renew_lock`` work only while the
+caller still holds that lock (else ``LockLost``); a lock that expires counts as a
+delivery, and a message that reaches ``max_delivery_count`` deliveries is
+dead-lettered with reason ``MaxDeliveryExceeded``.
+
+The file is shared safely between processes (``fanout send`` writing while the
+daemon reads) through WAL mode, a busy timeout and ``BEGIN IMMEDIATE``
+transactions. Within one process every SQLite call of a ``LocalQueue`` runs on one
+dedicated thread holding one connection, so the event loop never blocks and
+SQLite's single writer is not fought over by threads of our own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import structlog
+
+from worker.errors import LockLost, SystemFault
+from worker.sources.base import DeadLettered, Received
+
+__all__ = ["LocalQueue"]
+
+log = structlog.get_logger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: Longest dead-letter reason or description kept (Service Bus keeps 4096 chars).
+MAX_DESCRIPTION = 4096
+#: How long a statement waits for another connection's write lock.
+BUSY_TIMEOUT_MS = 30_000
+#: Poll delays of an empty ``receive``: start short, grow by half up to the cap.
+POLL_FIRST = 0.05
+POLL_MAX = 0.25
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    properties TEXT NOT NULL DEFAULT '{}',
+    state TEXT NOT NULL CHECK (state IN ('active', 'dead_letter', 'scheduled')),
+    enqueued_at REAL NOT NULL,
+    scheduled_at REAL,
+    delivery_count INTEGER NOT NULL DEFAULT 0,
+    expired_count INTEGER NOT NULL DEFAULT 0,
+    lock_token TEXT,
+    locked_until REAL,
+    dead_letter_reason TEXT,
+    dead_letter_description TEXT,
+    dead_lettered_at REAL
+);
+CREATE INDEX IF NOT EXISTS messages_ready ON messages(seq)
+    WHERE state = 'active' AND lock_token IS NULL;
+CREATE INDEX IF NOT EXISTS messages_locked ON messages(locked_until)
+    WHERE lock_token IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_state ON messages(state, scheduled_at);
+"""
+# Queries name their index (INDEXED BY): without ANALYZE statistics the planner would
+# pick messages_state and sort or scan every active message on each receive.
+
+# Unlock and count one more delivery; dead-letter the message if that reaches the
+# maximum. Right-hand sides see the row's old values. Parameters: now, max, expired.
+_REDELIVER = """
+    lock_token = NULL, locked_until = NULL,
+    delivery_count = delivery_count + 1,
+    expired_count = expired_count + :expired,
+    state = CASE WHEN delivery_count + 1 >= :max THEN 'dead_letter' ELSE state END,
+    dead_letter_reason = CASE WHEN delivery_count + 1 >= :max
+        THEN 'MaxDeliveryExceeded' ELSE dead_letter_reason END,
+    dead_letter_description = CASE WHEN delivery_count + 1 >= :max
+        THEN 'delivered ' || (delivery_count + 1) || ' times, reaching the max delivery '
+            || 'count of ' || :max || ': its lock expired ' || (expired_count + :expired)
+            || ' times and it was abandoned '
+            || (delivery_count + 1 - expired_count - :expired) || ' times'
+        ELSE dead_letter_description END,
+    dead_lettered_at = CASE WHEN delivery_count + 1 >= :max
+        THEN :now ELSE dead_lettered_at END
+"""
+_HELD = "seq = :seq AND lock_token = :token AND locked_until > :now AND state = 'active'"
+
+_INSERT = """INSERT INTO messages (message_id, body, properties, state, enqueued_at,
+    scheduled_at) VALUES (?, ?, ?, ?, ?, ?)"""
+_PROMOTE = """UPDATE messages INDEXED BY messages_state SET state = 'active'
+    WHERE state = 'scheduled' AND scheduled_at <= ?"""
+_EXPIRE = f"""UPDATE messages INDEXED BY messages_locked SET {_REDELIVER}
+    WHERE lock_token IS NOT NULL AND locked_until <= :now AND state = 'active'
+    RETURNING seq, message_id, state, dead_letter_description"""
+_LOCK = """UPDATE messages SET lock_token = lower(hex(randomblob(16))), locked_until = ?
+    WHERE seq IN (SELECT seq FROM messages INDEXED BY messages_ready
+                  WHERE state = 'active' AND lock_token IS NULL
+                  ORDER BY seq LIMIT ?)
+    RETURNING seq, message_id, body, properties, enqueued_at, delivery_count,
+              lock_token, locked_until"""
+_UNLOCK = "UPDATE messages SET lock_token = NULL, locked_until = NULL WHERE lock_token = ?"
+_COMPLETE = f"DELETE FROM messages WHERE {_HELD}"
+_ABANDON = f"UPDATE messages SET {_REDELIVER} WHERE {_HELD}"
+_DEAD_LETTER = f"""UPDATE messages SET state = 'dead_letter', lock_token = NULL,
+    locked_until = NULL, dead_letter_reason = :reason, dead_letter_description = :description,
+    dead_lettered_at = :now WHERE {_HELD}"""
+_RENEW = f"UPDATE messages SET locked_until = :until WHERE {_HELD}"
+_DEPTH = """SELECT
+    coalesce(sum(state = 'active' OR (state = 'scheduled' AND scheduled_at <= :now)), 0),
+    coalesce(sum(state = 'dead_letter'), 0),
+    coalesce(sum(state = 'scheduled' AND scheduled_at > :now), 0)
+    FROM messages"""
+_DEAD_LETTERS = """SELECT message_id, seq, dead_letter_reason, dead_letter_description, body,
+    properties, enqueued_at, delivery_count FROM messages WHERE state = 'dead_letter'
+    ORDER BY dead_lettered_at, seq LIMIT ?"""
+_RESUBMIT = """INSERT INTO messages (message_id, body, properties, state, enqueued_at)
+    SELECT message_id, body, properties, 'active', ? FROM messages
+    WHERE seq = ? AND state = 'dead_letter' RETURNING message_id"""
+
+
+def _utc(timestamp: float) -> datetime:
+    """An aware UTC datetime from epoch seconds."""
+    return datetime.fromtimestamp(timestamp, tz=UTC)
+
+
+def _props(text: str) -> dict[str, str]:
+    """Message properties as stored (a JSON object of strings)."""
+    value: dict[str, str] = json.loads(text)
+    return value
+
+
+@contextmanager
+def _immediate(db: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction that takes SQLite's write lock up front.
+
+    Taking it at BEGIN (not at the first write) is what keeps two receivers from
+    locking the same message, and lets the busy timeout apply instead of failing.
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if db.in_transaction:
+            db.rollback()
+        raise
+    db.commit()
+
+
+class LocalQueue:
+    """A durable peek-lock queue in one SQLite file (the ``Source`` protocol)."""
+
+    def __init__(self, *, path: Path, name: str = "fanout", lock_duration: float = 60.0,
+                 max_delivery_count: int = 10,
+                 clock: Callable[[], float] = time.time) -> None:
+        if lock_duration <= 0 or max_delivery_count < 1:
+            raise ValueError("lock_duration must be > 0 and max_delivery_count >= 1")
+        self._path = path
+        self._name = name
+        self._lock_duration = lock_duration
+        self._max = max_delivery_count
+        self._clock = clock
+        self._executor = ThreadPoolExecutor(max_workers=1,
+                                            thread_name_prefix=f"fanout-queue-{name}")
+        self._conn: sqlite3.Connection | None = None  # used only on the executor's thread
+        self._owner: int | None = None  # that thread's ident
+        self._closed = False
+
+    @property
+    def name(self) -> str:
+        """The queue's name, used as the ``queue`` label of metrics."""
+        return self._name
+
+    @property
+    def max_delivery_count(self) -> int:
+        """Deliveries after which a failing message is dead-lettered."""
+        return self._max
+
+    @property
+    def lock_duration(self) -> float:
+        """Seconds a ``receive`` locks a message for."""
+        return self._lock_duration
+
+    # -- the Source protocol ---------------------------------------------------
+
+    async def send(self, body: bytes, *, message_id: str | None = None,
+                   properties: Mapping[str, str] | None = None,
+                   scheduled_at: datetime | None = None) -> str:
+        """Enqueue a message (delivered no earlier than ``scheduled_at``); return its id."""
+        message_id = message_id or uuid.uuid4().hex
+        props = json.dumps(dict(properties or {}), separators=(",", ":"))
+        due = scheduled_at.timestamp() if scheduled_at is not None else None
+        await self._call(self._send_sync, message_id, bytes(body), props, due)
+        return message_id
+
+    async def receive(self, max_messages: int, max_wait: float) -> list[Received]:
+        """Lock and return up to ``max_messages``, polling for at most ``max_wait`` s."""
+        deadline = time.monotonic() + max(0.0, max_wait)
+        delay = POLL_FIRST
+        while True:
+            got = await self._lock_batch(max(1, max_messages))
+            left = deadline - time.monotonic()
+            if got or left <= 0:
+                return got
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 1.5, POLL_MAX)
+
+    async def complete(self, msg: Received) -> None:
+        """Delete a processed message; ``LockLost`` unless its lock is still held."""
+        await self._call(self._settle_sync, _COMPLETE, self._held(msg))
+
+    async def abandon(self, msg: Received) -> None:
+        """Unlock for redelivery (delivery count + 1), dead-lettering at the maximum."""
+        params = {**self._held(msg), "max": self._max, "expired": 0}
+        await self._call(self._settle_sync, _ABANDON, params)
+
+    async def dead_letter(self, msg: Received, reason: str, description: str) -> None:
+        """Move the message to the dead-letter queue with a reason and description."""
+        params = {**self._held(msg), "reason": reason[:MAX_DESCRIPTION],
+                  "description": description[:MAX_DESCRIPTION]}
+        await self._call(self._settle_sync, _DEAD_LETTER, params)
+
+    async def renew_lock(self, msg: Received) -> datetime:
+        """Extend the lock by ``lock_duration`` from now; return (and set) ``locked_until``."""
+        params = self._held(msg)
+        until = float(params["now"]) + self._lock_duration
+        await self._call(self._settle_sync, _RENEW, {**params, "until": until})
+        msg.locked_until = _utc(until)
+        return msg.locked_until
+
+    async def depth(self) -> dict[str, int]:
+        """Message counts: ``active`` (including locked), ``dead_letter``, ``scheduled``."""
+        active, dead, scheduled = await self._call(self._depth_sync)
+        return {"active": active, "dead_letter": dead, "scheduled": scheduled}
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLettered]:
+        """Dead-lettered messages, oldest first, without locking anything."""
+        return await self._call(self._dead_letters_sync, limit)
+
+    async def resubmit(self, sequence_number: int) -> str | None:
+        """Move a dead-lettered message back to the queue as a fresh copy (same id,
+        delivery count 0); return its message id, or None if there is no such message."""
+        return await self._call(self._resubmit_sync, sequence_number)
+
+    async def close(self) -> None:
+        """Close the connection; locks still held lapse and those messages return."""
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.wrap_future(self._executor.submit(self._close_sync))
+        self._executor.shutdown(wait=False)
+
+    # -- running SQLite work on the queue's thread -----------------------------
+
+    def _submit(self, fn: Callable[Concatenate[sqlite3.Connection, P], T],
+                *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        """Schedule ``fn(connection, ...)`` on the queue's thread."""
+        if self._closed:
+            raise RuntimeError(f"queue {self._name!r} is closed")
+        return self._executor.submit(lambda: self._run(fn, *args, **kwargs))
+
+    async def _call(self, fn: Callable[Concatenate[sqlite3.Connection, P], T],
+                    *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn(connection, ...)`` on the queue's thread and await its result."""
+        return await asyncio.wrap_future(self._submit(fn, *args, **kwargs))
+
+    def _run(self, fn: Callable[Concatenate[sqlite3.Connection, P], T],
+             *args: P.args, **kwargs: P.kwargs) -> T:
+        """Call ``fn`` with the connection; SQLite's transient errors become SystemFault."""
+        try:
+            return fn(self._db(), *args, **kwargs)
+        except sqlite3.OperationalError as exc:  # locked past the timeout, disk full, I/O
+            raise SystemFault(f"SQLite queue {self._name!r}: {exc}") from exc
+
+    def _db(self) -> sqlite3.Connection:
+        """The connection, opened (and the schema created) on first use."""
+        if self._conn is None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self._path, isolation_level=None,
+                                 timeout=BUSY_TIMEOUT_MS / 1000, cached_statements=64)
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            db.execute("PRAGMA journal_mode = WAL")
+            # FULL, not NORMAL: in WAL mode NORMAL may lose the last commits on power
+            # loss. A lost settle only means a redelivery, but a lost send loses a
+            # message its producer was told is queued; an fsync per commit is the price.
+            db.execute("PRAGMA synchronous = FULL")
+            with _immediate(db):
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    db.execute(statement)
+            self._conn, self._owner = db, threading.get_ident()
+        return self._conn
+
+    def _held(self, msg: Received) -> dict[str, Any]:
+        """Parameters naming the lock a settlement must still hold."""
+        if msg.sequence_number is None or not isinstance(msg.handle, str):
+            raise ValueError("not a message received from a LocalQueue")
+        return {"seq": msg.sequence_number, "token": msg.handle, "now": self._clock()}
+
+    # -- the SQLite work itself (runs on the queue's thread) -------------------
+
+    def _send_sync(self, db: sqlite3.Connection, message_id: str, body: bytes, props: str,
+                   due: float | None) -> None:
+        now = self._clock()
+        state = "scheduled" if due is not None and due > now else "active"
+        db.execute(_INSERT, (message_id, body, props, state, now, due))
+
+    async def _lock_batch(self, n: int) -> list[Received]:
+        """One locking attempt; if cancelled mid-flight, give back what it locked."""
+        job = self._submit(self._lock_sync, n)
+        try:
+            return await asyncio.shield(asyncio.wrap_future(job))
+        except asyncio.CancelledError:
+            job.add_done_callback(self._unlock_unclaimed)
+            raise
+
+    def _lock_sync(self, db: sqlite3.Connection, n: int) -> list[Received]:
+        now = self._clock()
+        with _immediate(db):
+            db.execute(_PROMOTE, (now,))
+            expired = db.execute(_EXPIRE, {"now": now, "max": self._max, "expired": 1})
+            for seq, message_id, state, description in expired.fetchall():
+                if state == "dead_letter":
+                    log.warning("queue.max_delivery_exceeded", queue=self._name, seq=seq,
+                                message_id=message_id, description=description)
+            rows = db.execute(_LOCK, (now + self._lock_duration, n)).fetchall()
+        return [self._received(row) for row in sorted(rows)]
+
+    @staticmethod
+    def _received(row: tuple[Any, ...]) -> Received:
+        seq, message_id, body, props, enqueued_at, count, token, until = row
+        return Received(body=bytes(body), message_id=message_id, delivery_count=count,
+                        locked_until=_utc(until), properties=_props(props),
+                        sequence_number=seq, enqueued_time=_utc(enqueued_at), handle=token)
+
+    def _unlock_unclaimed(self, job: Future[list[Received]]) -> None:
+        """Release locks taken for a receive whose caller was cancelled (no delivery).
+
+        Called on the queue's thread as the job ends (so before any later job), or on
+        the caller's thread if the job had already ended (then queued behind it).
+        """
+        if job.cancelled() or job.exception() is not None or not job.result():
+            return
+        tokens = [(msg.handle,) for msg in job.result()]
+        try:
+            if threading.get_ident() == self._owner:
+                self._run(self._unlock_sync, tokens)
+            else:
+                self._executor.submit(self._run, self._unlock_sync, tokens)
+        except (RuntimeError, SystemFault):  # closed, or SQLite failing: the locks lapse
+            log.warning("queue.unlock_failed", queue=self._name, messages=len(tokens),
+                        exc_info=True)
+
+    def _unlock_sync(self, db: sqlite3.Connection, tokens: list[tuple[str]]) -> None:
+        with _immediate(db):
+            db.executemany(_UNLOCK, tokens)
+
+    def _settle_sync(self, db: sqlite3.Connection, sql: str, params: dict[str, Any]) -> None:
+        if db.execute(sql, params).rowcount == 0:
+            raise LockLost(f"lock on message {params['seq']} of queue {self._name!r} "
+                           "is gone (expired, or settled elsewhere)")
+
+    def _depth_sync(self, db: sqlite3.Connection) -> tuple[int, int, int]:
+        active, dead, scheduled = db.execute(_DEPTH, {"now": self._clock()}).fetchone()
+        return int(active), int(dead), int(scheduled)
+
+    def _dead_letters_sync(self, db: sqlite3.Connection, limit: int) -> list[DeadLettered]:
+        rows = db.execute(_DEAD_LETTERS, (limit,)).fetchall()
+        return [DeadLettered(message_id=mid, sequence_number=seq, reason=reason,
+                             description=desc, body=bytes(body), properties=_props(props),
+                             enqueued_time=_utc(enq), delivery_count=count)
+                for mid, seq, reason, desc, body, props, enq, count in rows]
+
+    def _resubmit_sync(self, db: sqlite3.Connection, seq: int) -> str | None:
+        with _immediate(db):
+            rows = db.execute(_RESUBMIT, (self._clock(), seq)).fetchall()
+            if not rows:
+                return None
+            db.execute("DELETE FROM messages WHERE seq = ?", (seq,))
+        message_id: str = rows[0][0]
+        return message_id
+
+    def _close_sync(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
