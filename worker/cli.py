@@ -1,0 +1,438 @@
+"""The ``fanout`` command: run, send, plan, status, dlq.
+
+Exit codes: 0 success; 1 an error of the system (queue or backend unreachable);
+2 a usage or configuration error; 3 a message that would be dead-lettered (``plan``
+prints its reason code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from handlers.base import JobSpec, TaskSpec
+from worker import logs
+from worker.backends.base import JobStatus
+from worker.config import Settings, load_settings
+from worker.errors import MessageFault, SettingsError
+
+EXIT_BAD_MESSAGE = 3
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+class Ctx:
+    """Lazily loaded settings shared by the subcommands."""
+
+    def __init__(self, config: str | None) -> None:
+        self.config = config
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            try:
+                self._settings = load_settings(self.config)
+            except SettingsError as exc:
+                err.print(f"[red]{exc}[/red]", markup=True, highlight=False)
+                raise SystemExit(2) from None
+        return self._settings
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "-c", type=click.Path(dir_okay=False), envvar="FANOUT_CONFIG",
+              help="Config file (default: ./fanout.toml if present; $FANOUT_CONFIG).")
+@click.version_option(package_name="fanout")
+@click.pass_context
+def main(click_ctx: click.Context, config: str | None) -> None:
+    """fanout: turn queued work into Azure Batch tasks (or local processes)."""
+    click_ctx.obj = Ctx(config)
+    logs.configure(fmt="console", level="warning")  # `run` sets the configured ones
+
+
+@main.command()
+@pass_ctx
+def run(ctx: Ctx) -> None:
+    """Start the daemon: receive, build, submit, settle, until SIGTERM."""
+    settings = ctx.settings
+    logs.configure(fmt=settings.log.format, level=settings.log.level)
+    from worker.app import App
+
+    try:
+        app = App.build(settings)
+    except SettingsError as exc:
+        err.print(f"[red]{exc}[/red]", markup=True, highlight=False)
+        raise SystemExit(2) from None
+    asyncio.run(app.run())
+
+
+def _message_options(fn: Any) -> Any:
+    for option in reversed([
+        click.argument("file", required=False, type=click.File("rb")),
+        click.option("--handler", "-H", help="Handler name (builds the envelope for you)."),
+        click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE",
+                     help="A handler param; VALUE is JSON if it parses, else text; "
+                          "dotted keys nest (parameters.alpha=[1,2])."),
+        click.option("--job", "-j", "job_opts", multiple=True, metavar="KEY=VALUE",
+                     help="A job option (pool, priority, max_task_retries, ...)."),
+        click.option("--id", "message_key", help="Idempotency key (envelope id)."),
+        click.option("--property", "props", multiple=True, metavar="KEY=VALUE",
+                     help="An application property of the message."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _read_message(file: Any, handler: str | None, params: tuple[str, ...],
+                  job_opts: tuple[str, ...], key: str | None) -> bytes:
+    if file is not None:
+        if handler or params or job_opts:
+            raise click.UsageError("give a FILE or --handler/--param, not both")
+        body: bytes = file.read()
+        return body
+    if not handler:
+        raise click.UsageError("give a message FILE ('-' for stdin) or --handler")
+    envelope: dict[str, Any] = {"handler": handler, "params": _pairs(params)}
+    if job_opts:
+        envelope["job"] = _pairs(job_opts)
+    if key:
+        envelope["id"] = key
+    return json.dumps(envelope).encode()
+
+
+def _pairs(items: tuple[str, ...]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        *parents, leaf = name.split(".")
+        node = result
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return result
+
+
+@main.command()
+@_message_options
+@pass_ctx
+def send(ctx: Ctx, file: Any, handler: str | None, params: tuple[str, ...],
+         job_opts: tuple[str, ...], message_key: str | None, props: tuple[str, ...]) -> None:
+    """Put a message on the queue; prints its message id.
+
+    \b
+    fanout send message.json
+    fanout send -H sweep -p program=pi -p parameters.seed='{"start":0,"stop":20}' \\
+                -p parameters.samples=[100000]
+    """
+    body = _read_message(file, handler, params, job_opts, message_key)
+    properties = {k: str(v) for k, v in _pairs(props).items()}
+    from worker.app import make_source
+
+    async def go() -> str:
+        source = make_source(ctx.settings)
+        try:
+            return await source.send(body, message_id=message_key, properties=properties)
+        finally:
+            await source.close()
+
+    click.echo(_system_call(go))
+
+
+@main.command()
+@_message_options
+@click.option("--json", "as_json", is_flag=True, help="Print the jobs and every task as JSON.")
+@click.option("--show", default=3, show_default=True, help="Tasks to show per job.")
+@pass_ctx
+def plan(ctx: Ctx, file: Any, handler: str | None, params: tuple[str, ...],
+         job_opts: tuple[str, ...], message_key: str | None, props: tuple[str, ...],
+         as_json: bool, show: int) -> None:
+    """Dry run: validate, route and build a message; submit nothing.
+
+    Exits 3 with the reason code when the message would be dead-lettered.
+    """
+    body = _read_message(file, handler, params, job_opts, message_key)
+    properties = {k: str(v) for k, v in _pairs(props).items()}
+    from worker.app import make_storage
+    from worker.plan import Planner
+    from worker.routing import HandlerRegistry, Router
+
+    settings = ctx.settings
+    storage = make_storage(settings)
+    router = Router(registry=HandlerRegistry.from_entry_points(), routes=settings.routes,
+                    storage=storage, drop_unrouted=settings.events.unrouted == "drop")
+    planner = Planner(router=router, settings=settings, storage=storage)
+    try:
+        result = planner.plan(body, properties, message_id=message_key or "(plan)")
+        if as_json:
+            _print_plan_json(result.jobs, result.ignored)
+        else:
+            _print_plan(result.jobs, result.ignored, show)
+    except MessageFault as fault:
+        err.print(f"[red]{fault.reason}[/red]: {fault.description}", highlight=False)
+        raise SystemExit(EXIT_BAD_MESSAGE) from None
+
+
+def _print_plan(jobs: list[Any], ignored: list[str], show: int) -> None:
+    for planned in jobs:
+        job: JobSpec = planned.job
+        out.print(f"[bold]job[/bold] {job.id}  handler={planned.handler}  pool={job.pool}  "
+                  f"priority={job.priority}  tasks={job.task_count}"
+                  + ("  (uses dependencies)" if job.uses_task_dependencies else ""),
+                  highlight=False)
+        counted = 0
+        for task in job.tasks:
+            if counted < show:
+                deps = _deps_text(task)
+                out.print(f"  task {task.id}: {task.command_line}{deps}", highlight=False,
+                          soft_wrap=True)
+            counted += 1
+        if counted > show:
+            out.print(f"  ... {counted - show} more", highlight=False)
+    for why in ignored:
+        out.print(f"ignored event: {why}", highlight=False)
+
+
+def _deps_text(task: TaskSpec) -> str:
+    parts = list(task.depends_on) + [f"{a}..{b}" for a, b in task.depends_on_ranges]
+    return f"  (after {', '.join(parts)})" if parts else ""
+
+
+def _print_plan_json(jobs: list[Any], ignored: list[str]) -> None:
+    write = sys.stdout.write
+    write('{"jobs": [')
+    for i, planned in enumerate(jobs):
+        job: JobSpec = planned.job
+        head = {"id": job.id, "handler": planned.handler, "pool": job.pool,
+                "priority": job.priority, "task_count": job.task_count,
+                "max_task_retries": job.max_task_retries,
+                "max_wall_clock": _duration(job.max_wall_clock),
+                "display_name": job.display_name, "metadata": job.metadata,
+                "uses_task_dependencies": job.uses_task_dependencies}
+        write(("," if i else "") + json.dumps(head)[:-1] + ', "tasks": [')
+        for j, task in enumerate(job.tasks):
+            write(("," if j else "") + "\n" + json.dumps(task_json(task)))
+        write("]}")
+    write("], \"ignored\": " + json.dumps(ignored) + "}\n")
+
+
+def task_json(task: TaskSpec) -> dict[str, Any]:
+    """A task spec as plain JSON (durations in seconds)."""
+    return {
+        "id": task.id, "command_line": task.command_line, "environment": task.environment,
+        "resource_files": [{"http_url": _redact(r.http_url), "file_path": r.file_path}
+                           for r in task.resource_files],
+        "output_files": [{"file_pattern": o.file_pattern,
+                          "container_url": _redact(o.container_url), "path": o.path,
+                          "upload_condition": o.upload_condition}
+                         for o in task.output_files],
+        "depends_on": list(task.depends_on),
+        "depends_on_ranges": [list(r) for r in task.depends_on_ranges],
+        "max_task_retries": task.max_task_retries,
+        "max_wall_clock": _duration(task.max_wall_clock),
+        "retention": _duration(task.retention), "required_slots": task.required_slots,
+        "container_image": task.container_image,
+    }
+
+
+def _redact(url: str) -> str:
+    return logs.redact(url)
+
+
+def _duration(value: Any) -> float | None:
+    return None if value is None else float(value.total_seconds())
+
+
+@main.command()
+@click.argument("job_id", required=False)
+@click.option("--watch", "-w", is_flag=True, help="Live progress bars until jobs finish.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--limit", default=20, show_default=True, help="How many recent jobs.")
+@pass_ctx
+def status(ctx: Ctx, job_id: str | None, watch: bool, as_json: bool, limit: int) -> None:
+    """Jobs and their task counts by state."""
+    from worker.app import make_backend, make_storage
+
+    settings = ctx.settings
+    backend = make_backend(settings, make_storage(settings))
+
+    def fetch() -> list[JobStatus]:
+        if job_id:
+            one = backend.job_status(job_id)
+            if one is None:
+                err.print(f"no job {job_id!r}")
+                raise SystemExit(1)
+            return [one]
+        return backend.list_jobs(limit)
+
+    try:
+        if watch:
+            _watch(fetch)
+        elif as_json:
+            click.echo(json.dumps([_status_json(j) for j in fetch()], indent=2))
+        else:
+            _print_status(fetch())
+    finally:
+        backend.close()
+
+
+def _status_json(job: JobStatus) -> dict[str, Any]:
+    return {"id": job.id, "state": job.state, "pool": job.pool, "created": job.created,
+            "display_name": job.display_name, "tasks": job.counts,
+            "succeeded": job.succeeded, "failed": job.failed, "metadata": job.metadata}
+
+
+def _print_status(jobs: list[JobStatus]) -> None:
+    if not jobs:
+        out.print("no jobs yet: send one with `fanout send`")
+        return
+    table = Table("job", "state", "pool", "active", "running", "completed", "succeeded",
+                  "failed", "created")
+    for job in jobs:
+        c = job.counts
+        table.add_row(job.id, job.state, job.pool or "", str(c.get("active", 0)),
+                      str(c.get("running", 0) + c.get("preparing", 0)),
+                      str(c.get("completed", 0)), str(job.succeeded), str(job.failed),
+                      job.created or "")
+    out.print(table)
+
+
+def _watch(fetch: Any) -> None:
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[detail]}"), console=out)
+    bars: dict[str, Any] = {}
+    with progress:
+        while True:
+            jobs: list[JobStatus] = fetch()
+            for job in jobs:
+                total = sum(job.counts.values())
+                done = job.counts.get("completed", 0)
+                detail = (f"running {job.counts.get('running', 0)}  failed {job.failed}  "
+                          f"{job.state}")
+                if job.id not in bars:
+                    bars[job.id] = progress.add_task(job.id, total=total, detail=detail)
+                progress.update(bars[job.id], total=total, completed=done, detail=detail)
+            if jobs and all(j.state == "completed" for j in jobs):
+                return
+            time.sleep(1.0)
+
+
+@main.group()
+def dlq() -> None:
+    """Inspect and resubmit dead-lettered messages."""
+
+
+@dlq.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--limit", default=100, show_default=True)
+@pass_ctx
+def dlq_list(ctx: Ctx, as_json: bool, limit: int) -> None:
+    """Dead-lettered messages with their reason codes."""
+    items = _system_call(lambda: _with_source(ctx, lambda s: s.dead_letters(limit)))
+    if as_json:
+        click.echo(json.dumps([_dead_json(d, body=False) for d in items], indent=2))
+        return
+    table = Table("seq", "message id", "reason", "description")
+    for d in items:
+        table.add_row(str(d.sequence_number), d.message_id or "", d.reason or "",
+                      (d.description or "")[:120])
+    out.print(table)
+
+
+@dlq.command("show")
+@click.argument("sequence_number", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def dlq_show(ctx: Ctx, sequence_number: int, as_json: bool) -> None:
+    """One dead-lettered message with its body."""
+    items = _system_call(lambda: _with_source(ctx, lambda s: s.dead_letters(10_000)))
+    found = [d for d in items if d.sequence_number == sequence_number]
+    if not found:
+        err.print(f"no dead-lettered message with sequence number {sequence_number}")
+        raise SystemExit(1)
+    data = _dead_json(found[0], body=True)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for key, value in data.items():
+        out.print(f"[bold]{key}[/bold]: {value}", highlight=False)
+
+
+@dlq.command("resubmit")
+@click.argument("sequence_numbers", type=int, nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Resubmit every dead-lettered message.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def dlq_resubmit(ctx: Ctx, sequence_numbers: tuple[int, ...], every: bool,
+                 as_json: bool) -> None:
+    """Send copies back to the main queue (same message id) and drop the dead letters."""
+    if not sequence_numbers and not every:
+        raise click.UsageError("name sequence numbers or --all")
+
+    async def go(source: Any) -> list[dict[str, Any]]:
+        seqs = list(sequence_numbers)
+        if every:
+            seqs = [d.sequence_number for d in await source.dead_letters(10_000)]
+        return [{"sequence_number": s, "message_id": await source.resubmit(s)} for s in seqs]
+
+    done = _system_call(lambda: _with_source(ctx, go))
+    if as_json:
+        click.echo(json.dumps(done, indent=2))
+        return
+    for item in done:
+        what = (f"resubmitted as {item['message_id']}" if item["message_id"]
+                else "not found")
+        out.print(f"{item['sequence_number']}: {what}", highlight=False)
+
+
+def _dead_json(d: Any, *, body: bool) -> dict[str, Any]:
+    data = {"sequence_number": d.sequence_number, "message_id": d.message_id,
+            "reason": d.reason, "description": d.description,
+            "delivery_count": d.delivery_count,
+            "enqueued_time": d.enqueued_time.isoformat() if d.enqueued_time else None,
+            "properties": dict(d.properties)}
+    if body:
+        data["body"] = d.body.decode("utf-8", "replace")
+    return data
+
+
+async def _with_source(ctx: Ctx, fn: Any) -> Any:
+    from worker.app import make_source
+
+    source = make_source(ctx.settings)
+    try:
+        return await fn(source)
+    finally:
+        await source.close()
+
+
+def _system_call(fn: Any) -> Any:
+    """Run an async call; a fault of the system is one line on stderr and exit 1."""
+    from worker.errors import ConfigFault, SystemFault
+
+    try:
+        return asyncio.run(fn())
+    except (SystemFault, ConfigFault, OSError) as exc:
+        err.print(f"[red]error[/red]: {logs.redact(str(exc))}", highlight=False)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+
