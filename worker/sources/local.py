@@ -149,11 +149,20 @@ def _immediate(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("BEGIN IMMEDIATE")
     try:
         yield
-    except BaseException:
-        if db.in_transaction:
+        db.commit()
+    finally:
+        if db.in_transaction:  # the body or the commit failed
             db.rollback()
-        raise
-    db.commit()
+
+
+@contextmanager
+def _durable(db: sqlite3.Connection) -> Iterator[None]:
+    """Commit with an fsync of the log (synchronous FULL) instead of the default NORMAL."""
+    db.execute("PRAGMA synchronous = FULL")
+    try:
+        yield
+    finally:
+        db.execute("PRAGMA synchronous = NORMAL")
 
 
 class LocalQueue:
@@ -287,17 +296,29 @@ class LocalQueue:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self._path, isolation_level=None,
                                  timeout=BUSY_TIMEOUT_MS / 1000, cached_statements=64)
-            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            db.execute("PRAGMA journal_mode = WAL")
-            # FULL, not NORMAL: in WAL mode NORMAL may lose the last commits on power
-            # loss. A lost settle only means a redelivery, but a lost send loses a
-            # message its producer was told is queued; an fsync per commit is the price.
-            db.execute("PRAGMA synchronous = FULL")
-            with _immediate(db):
-                for statement in filter(str.strip, _SCHEMA.split(";")):
-                    db.execute(statement)
+            try:
+                self._prepare(db)
+            except BaseException:
+                db.close()
+                raise
             self._conn, self._owner = db, threading.get_ident()
         return self._conn
+
+    @staticmethod
+    def _prepare(db: sqlite3.Connection) -> None:
+        """Set the connection's pragmas and create the schema if it is missing."""
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        db.execute("PRAGMA journal_mode = WAL")
+        # NORMAL by default, FULL around sends (see _durable). In WAL mode NORMAL
+        # survives a crash of the process but may lose the last commits on power loss.
+        # A lost receive or settle only means a redelivery (delivery is at least once
+        # and submission idempotent), and skipping its fsync makes it several times
+        # faster; a lost send would lose a message its producer was told is queued,
+        # so sends pay for the fsync.
+        db.execute("PRAGMA synchronous = NORMAL")
+        with _immediate(db):
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
 
     def _held(self, msg: Received) -> dict[str, Any]:
         """Parameters naming the lock a settlement must still hold."""
@@ -311,7 +332,8 @@ class LocalQueue:
                    due: float | None) -> None:
         now = self._clock()
         state = "scheduled" if due is not None and due > now else "active"
-        db.execute(_INSERT, (message_id, body, props, state, now, due))
+        with _durable(db):
+            db.execute(_INSERT, (message_id, body, props, state, now, due))
 
     async def _lock_batch(self, n: int) -> list[Received]:
         """One locking attempt; if cancelled mid-flight, give back what it locked."""
@@ -380,7 +402,7 @@ class LocalQueue:
                 for mid, seq, reason, desc, body, props, enq, count in rows]
 
     def _resubmit_sync(self, db: sqlite3.Connection, seq: int) -> str | None:
-        with _immediate(db):
+        with _durable(db), _immediate(db):
             rows = db.execute(_RESUBMIT, (self._clock(), seq)).fetchall()
             if not rows:
                 return None

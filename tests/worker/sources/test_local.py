@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import functools
 import json
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -238,6 +241,7 @@ def test_resubmit_keeps_id_and_resets_count(make_queue: MakeQueue) -> None:
     for _ in range(2):
         run(queue.abandon(receive_one(queue)))
     [dead] = run(queue.dead_letters())
+    assert dead.sequence_number is not None
     assert run(queue.resubmit(dead.sequence_number)) == "again"
     assert run(queue.dead_letters()) == []
     msg = receive_one(queue)
@@ -251,6 +255,7 @@ def test_resubmit_ignores_active_messages(make_queue: MakeQueue) -> None:
     queue = make_queue()
     run(queue.send(b"x"))
     msg = receive_one(queue)
+    assert msg.sequence_number is not None
     assert run(queue.resubmit(msg.sequence_number)) is None
     assert run(queue.depth())["active"] == 1
 
@@ -278,6 +283,26 @@ def test_message_survives_close_and_reopen(make_queue: MakeQueue) -> None:
     run(first.close())
     msg = receive_one(make_queue())
     assert (msg.body, msg.message_id, msg.properties) == (b"durable", "d", {"x": "y"})
+
+
+KILLED_SENDER = """
+import asyncio, os, sys
+from pathlib import Path
+from worker.sources.local import LocalQueue
+
+asyncio.run(LocalQueue(path=Path(sys.argv[1])).send(b"kept", message_id="k"))
+os._exit(0)  # no close, no clean shutdown
+"""
+
+
+def test_sent_message_survives_sender_exiting_without_close(make_queue: MakeQueue,
+                                                            tmp_path: Path) -> None:
+    """A send that returned is on disk even if its process dies without closing."""
+    path = tmp_path / "queue.db"
+    subprocess.run([sys.executable, "-c", KILLED_SENDER, str(path)], check=True)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert receive_one(make_queue()).message_id == "k"
 
 
 def test_closed_queue_refuses_work(make_queue: MakeQueue) -> None:
@@ -405,7 +430,7 @@ def test_receivers_in_threads_while_another_process_sends(make_queue: MakeQueue,
         return sum(seen.values()) >= total or sender.poll() not in (None, 0)
 
     try:
-        run_threads([lambda q=q: drain(q, seen, guard, done) for q in queues])
+        run_threads([functools.partial(drain, q, seen, guard, done) for q in queues])
     finally:
         assert sender.wait(timeout=60) == 0
     assert seen == collections.Counter(str(i) for i in range(total))
@@ -434,7 +459,7 @@ def test_receivers_in_other_processes_and_threads(make_queue: MakeQueue,
                         seen[msg.body.decode()] += 1
         asyncio.run(loop())
 
-    run_threads([lambda q=q: drain_until_empty(q) for q in queues])
+    run_threads([functools.partial(drain_until_empty, q) for q in queues])
     for proc in procs:
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0
