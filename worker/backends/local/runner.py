@@ -1,0 +1,237 @@
+"""One attempt of one task: stage its files, run its process, upload its outputs.
+
+The command line runs without a shell, as on Azure Batch: ``shlex.split`` and
+``Popen`` in a new session, in ``<home>/tasks/<job>/<task>/wd``, with ``stdout.txt``
+and ``stderr.txt`` beside the working directory and Batch's ``AZ_BATCH_*``
+variables in the environment.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shlex
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from worker.backends.local import process, transfer
+from worker.backends.local.store import TaskRun
+from worker.storage.base import Storage
+
+log = structlog.get_logger(__name__)
+
+#: Variables a task inherits from the executor's own environment.
+INHERITED_ENV = ("PATH", "HOME", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_MESSAGES",
+                 "TMPDIR", "TMP", "TEMP", "TZ", "USER", "LOGNAME", "SHELL")
+
+#: Exit codes a shell would report for a program it cannot find or cannot run.
+_NOT_FOUND, _NOT_RUNNABLE = 127, 126
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """What every attempt on this executor shares: its directories and settings."""
+
+    home: Path
+    user: str
+    kill_grace: float
+    storage: Storage | None = None
+
+    @property
+    def shared_dir(self) -> Path:
+        return self.home / "shared"
+
+    def task_dir(self, job_id: str, task_id: str) -> Path:
+        return self.home / "tasks" / job_id / task_id
+
+    @classmethod
+    def create(cls, *, home: Path, kill_grace: float, storage: Storage | None) -> Node:
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = "local"
+        return cls(home=home, user=user, kill_grace=kill_grace, storage=storage)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How an attempt ended. ``retryable``: its process ran and exited non-zero;
+    ``interrupted``: the executor stopped it (the task goes back to ``active``)."""
+
+    exit_code: int | None
+    failure_code: str | None = None
+    failure_message: str | None = None
+    retryable: bool = False
+    interrupted: bool = False
+
+    @property
+    def success(self) -> bool:
+        return self.exit_code == 0 and self.failure_code is None
+
+
+class ProcessTable:
+    """The running task processes, so :meth:`stop` can end them all."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.stopping = False
+
+    def spawn(self, seq: int,
+              start: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes] | None:
+        """Start a process unless the executor is stopping (then None)."""
+        with self._lock:
+            if self.stopping:
+                return None
+            proc = start()
+            self._procs[seq] = proc
+            return proc
+
+    def remove(self, seq: int) -> None:
+        with self._lock:
+            self._procs.pop(seq, None)
+
+    def signal_all(self, sig: int) -> int:
+        """Mark the table stopping and signal every live process group."""
+        with self._lock:
+            self.stopping = True
+            procs = list(self._procs.values())
+        for proc in procs:
+            process.signal_group(proc.pid, sig)
+        return len(procs)
+
+
+def environment(run: TaskRun, node: Node, task_dir: Path, wd: Path) -> dict[str, str]:
+    """The inherited subset of os.environ, the task's own variables, then Batch's."""
+    env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
+    env.setdefault("PATH", os.defpath)
+    env.update(run.environment)
+    env.update({
+        "AZ_BATCH_ACCOUNT_NAME": "local",
+        "AZ_BATCH_POOL_ID": run.pool,
+        "AZ_BATCH_NODE_ID": "local",
+        "AZ_BATCH_NODE_IS_DEDICATED": "true",
+        "AZ_BATCH_NODE_ROOT_DIR": str(node.home),
+        "AZ_BATCH_NODE_SHARED_DIR": str(node.shared_dir),
+        "AZ_BATCH_JOB_ID": run.job_id,
+        "AZ_BATCH_TASK_ID": run.task_id,
+        "AZ_BATCH_TASK_DIR": str(task_dir),
+        "AZ_BATCH_TASK_WORKING_DIR": str(wd),
+        "AZ_BATCH_TASK_USER": node.user,
+    })
+    return env
+
+
+def run_attempt(run: TaskRun, node: Node, table: ProcessTable,
+                on_running: Callable[[int, int | None], None]) -> Outcome:
+    """Run one attempt of ``run`` to its end; never raises for the task's own faults.
+
+    ``on_running(pid, start_time)`` is called once the process has started.
+    """
+    task_dir = node.task_dir(run.job_id, run.task_id).absolute()
+    wd = task_dir / "wd"
+    wd.mkdir(parents=True, exist_ok=True)
+    env = environment(run, node, task_dir, wd)
+    try:
+        transfer.stage(run.resource_files, wd, node.storage)
+    except transfer.TransferError as exc:
+        _note(task_dir, f"resource files: {exc.message}")
+        return Outcome(None, exc.code, exc.message)
+    if table.stopping:
+        return Outcome(None, interrupted=True)
+    try:
+        argv = shlex.split(run.command_line)
+    except ValueError as exc:
+        argv, problem = [], f"the command line does not parse: {exc}"
+    else:
+        problem = "the command line is empty"
+    if not argv:
+        _note(task_dir, problem)
+        return Outcome(None, "CommandLineInvalid", problem)
+    if run.container_image:
+        log.warning("task.container_ignored", job_id=run.job_id, task_id=run.task_id,
+                    image=run.container_image,
+                    detail="the local executor runs the command on this machine")
+    started = _start(run, argv, env, task_dir, wd, table)
+    if isinstance(started, Outcome):
+        return started
+    return _finish(run, started, node, table, on_running, task_dir, wd, env)
+
+
+def _start(run: TaskRun, argv: list[str], env: dict[str, str], task_dir: Path, wd: Path,
+           table: ProcessTable) -> subprocess.Popen[bytes] | Outcome:
+    with open(task_dir / "stdout.txt", "wb") as out, open(task_dir / "stderr.txt", "wb") as err:
+        try:
+            proc = table.spawn(run.seq, lambda: subprocess.Popen(
+                argv, cwd=wd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                start_new_session=True))
+        except OSError as exc:
+            missing = isinstance(exc, FileNotFoundError)
+            message = f"cannot start {argv[0]!r}: {exc.strerror or type(exc).__name__}"
+            err.write(message.encode() + b"\n")
+            return Outcome(_NOT_FOUND if missing else _NOT_RUNNABLE,
+                           "CommandProgramNotFound" if missing else "CommandProgramNotStarted",
+                           message)
+    return Outcome(None, interrupted=True) if proc is None else proc
+
+
+def _finish(run: TaskRun, proc: subprocess.Popen[bytes], node: Node, table: ProcessTable,
+            on_running: Callable[[int, int | None], None], task_dir: Path, wd: Path,
+            env: dict[str, str]) -> Outcome:
+    started = time.monotonic()
+    timed_out = False
+    try:
+        on_running(proc.pid, process.start_time(proc.pid))
+        if not process.wait_exit(proc, run.max_wall_clock):
+            timed_out = True
+            process.end_group(proc, node.kill_grace)
+        # Anything the task left running in its group ends with it, as on Batch.
+        process.signal_group(proc.pid, signal.SIGKILL)
+    except BaseException:
+        process.end_group(proc, node.kill_grace)
+        raise
+    finally:
+        table.remove(run.seq)
+        code = proc.wait()
+    log.debug("task.exited", job_id=run.job_id, task_id=run.task_id, exit_code=code,
+              duration=round(time.monotonic() - started, 3))
+    if table.stopping and not timed_out:
+        return Outcome(code, interrupted=True)
+    if timed_out:
+        outcome = Outcome(code, "MaxWallClockTimeExceeded",
+                          f"the task ran longer than its max wall clock of "
+                          f"{run.max_wall_clock:g} s and was killed")
+    elif code != 0:
+        outcome = Outcome(code, "FailureExitCode", f"the task exited with code {code}",
+                          retryable=True)
+    else:
+        outcome = Outcome(0)
+    return _upload(run, outcome, task_dir, wd, env, node)
+
+
+def _upload(run: TaskRun, outcome: Outcome, task_dir: Path, wd: Path, env: dict[str, str],
+            node: Node) -> Outcome:
+    if not run.output_files:
+        return outcome
+    try:
+        transfer.upload(run.output_files, success=outcome.success, task_dir=task_dir, wd=wd,
+                        env=env, storage=node.storage)
+    except transfer.TransferError as exc:
+        _note(task_dir, f"output files: {exc.message}")
+        return Outcome(outcome.exit_code, exc.code, exc.message, retryable=outcome.retryable)
+    return outcome
+
+
+def _note(task_dir: Path, message: str) -> None:
+    """Append an executor message to the task's ``fanout.txt`` (like Batch's
+    ``fileuploaderr.txt``), so a user reading the task directory sees why it failed."""
+    task_dir.mkdir(parents=True, exist_ok=True)
+    with open(task_dir / "fanout.txt", "a", encoding="utf-8") as fh:
+        fh.write(message + "\n")

@@ -1,0 +1,228 @@
+"""Resource files in, output files out, the way Azure Batch moves them.
+
+URLs may be ``file://`` (the local storage directory; absolute, percent-encoded
+paths) or ``http(s)://`` (downloaded with urllib; uploads are Put Blob requests on a
+container URL, as to an Azure container SAS URL). Any other scheme goes through the
+configured ``Storage`` when one was given. Messages never show a URL's query
+string, where a SAS signature lives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import io
+import os
+import re
+import shutil
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from handlers.base import OutputFile, ResourceFile
+from worker.storage.base import Storage
+
+#: Seconds an HTTP transfer may stall before it fails.
+HTTP_TIMEOUT = 60.0
+_COPY_BUFFER = 1024 * 1024
+_WILDCARDS = re.compile(r"[*?\[]")
+_ENV_REFERENCE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+class TransferError(Exception):
+    """Raised when a resource file cannot be staged or an output file uploaded."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def safe_url(url: str) -> str:
+    """The URL without its query string and fragment (where secrets hide)."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+# -- resource files --------------------------------------------------------------------
+
+
+def stage(files: Sequence[ResourceFile], wd: Path, storage: Storage | None = None) -> None:
+    """Download every resource file into the working directory ``wd``."""
+    root = wd.resolve()
+    for rf in files:
+        dest = inside(root, rf.file_path, code="ResourceFilePathInvalid")
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _fetch(rf.http_url, dest, storage)
+            if rf.file_mode:
+                os.chmod(dest, int(rf.file_mode, 8))
+        except TransferError:
+            raise
+        except ValueError:
+            raise TransferError("ResourceFileModeInvalid",
+                                f"file mode {rf.file_mode!r} of {rf.file_path} is not octal"
+                                ) from None
+        except (OSError, urllib.error.URLError) as exc:
+            raise TransferError("ResourceFileDownloadError",
+                                f"cannot download {safe_url(rf.http_url)} to {rf.file_path}: "
+                                f"{_reason(exc)}") from None
+
+
+def inside(root: Path, relative: str, *, code: str) -> Path:
+    """``root / relative``, refusing absolute paths and any that escape ``root``
+    (including through a symlink already present)."""
+    if not relative or os.path.isabs(relative):
+        raise TransferError(code, f"{relative!r} is not a relative file path")
+    dest = root / relative
+    if ".." in Path(relative).parts or not dest.parent.resolve().is_relative_to(root):
+        raise TransferError(code, f"{relative!r} escapes the task's working directory")
+    return dest
+
+
+def _fetch(url: str, dest: Path, storage: Storage | None) -> None:
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme == "file":
+        with open(file_url_path(url), "rb") as src:
+            _write_atomic(src, dest)
+    elif scheme in ("http", "https"):
+        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT) as response:
+            _write_atomic(response, dest)
+    elif storage is not None:
+        _write_atomic(io.BytesIO(storage.download(storage.parse_url(url))), dest)
+    else:
+        raise TransferError("ResourceFileDownloadError",
+                            f"unsupported URL scheme {scheme!r} in {safe_url(url)}")
+
+
+def file_url_path(url: str) -> Path:
+    """The local path of a ``file://`` URL (``file:///abs/path``, percent-encoded)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise TransferError("InvalidUrl", f"{safe_url(url)} names a remote host")
+    return Path(os.fsdecode(urllib.parse.unquote_to_bytes(parts.path)))
+
+
+def _write_atomic(src: BinaryIO, dest: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".fanout-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(src, out, _COPY_BUFFER)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# -- output files ----------------------------------------------------------------------
+
+
+def should_upload(condition: str, success: bool) -> bool:
+    """Batch's upload conditions: taskSuccess, taskFailure, taskCompletion."""
+    return condition == "completion" or (condition == "success") == success
+
+
+def upload(outputs: Sequence[OutputFile], *, success: bool, task_dir: Path, wd: Path,
+           env: Mapping[str, str], storage: Storage | None = None) -> int:
+    """Upload the outputs whose condition matches; return the number of files sent.
+
+    Patterns are relative to the working directory (``../stdout.txt`` reaches the
+    task directory, as on Batch) and may not leave the task directory.
+    """
+    sent = 0
+    for out in outputs:
+        if should_upload(out.upload_condition, success):
+            for source, blob in matches(out, task_dir=task_dir, wd=wd, env=env):
+                try:
+                    _put(source, out.container_url, blob, storage)
+                except TransferError:
+                    raise
+                except (OSError, urllib.error.URLError) as exc:
+                    raise TransferError(
+                        "FileUploadError",
+                        f"cannot upload {source.name} to {safe_url(out.container_url)}: "
+                        f"{_reason(exc)}") from None
+                sent += 1
+    return sent
+
+
+def matches(out: OutputFile, *, task_dir: Path, wd: Path,
+            env: Mapping[str, str]) -> Iterator[tuple[Path, str]]:
+    """(file, blob name) pairs for one output: ``path`` names the blob of a plain
+    pattern and prefixes each relative name of a wildcard pattern."""
+    pattern = _ENV_REFERENCE.sub(lambda m: env.get(m[1] or m[2], m[0]), out.file_pattern)
+    if os.path.isabs(pattern):
+        raise TransferError("FileUploadError", f"output pattern {pattern!r} is not relative")
+    top = task_dir.resolve()
+    base = _literal_prefix(pattern)
+    base_dir = (wd / base).resolve() if base else wd.resolve()
+    if not base_dir.is_relative_to(top):
+        raise TransferError("FileUploadError",
+                            f"output pattern {pattern!r} leaves the task directory")
+    if not _WILDCARDS.search(pattern):
+        source = wd / pattern
+        if source.is_file():
+            yield source, out.path or source.name
+        return
+    for name in sorted(glob.glob(pattern, root_dir=wd, recursive=True)):
+        source = wd / name
+        if source.is_file() and source.resolve().is_relative_to(top):
+            relative = Path(os.path.relpath(source, wd / base)).as_posix()
+            yield source, f"{out.path.rstrip('/')}/{relative}" if out.path else relative
+
+
+def _literal_prefix(pattern: str) -> str:
+    """The leading directories of a pattern that hold no wildcard."""
+    parts = pattern.split("/")
+    literal = []
+    for part in parts[:-1]:
+        if _WILDCARDS.search(part):
+            break
+        literal.append(part)
+    return "/".join(literal)
+
+
+def _put(source: Path, container_url: str, blob: str, storage: Storage | None) -> None:
+    parts = urllib.parse.urlsplit(container_url)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        root = file_url_path(container_url).resolve()
+        dest = root / blob
+        if ".." in Path(blob).parts or os.path.isabs(blob):
+            raise TransferError("FileUploadError", f"blob name {blob!r} escapes the container")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(source, "rb") as src:
+            _write_atomic(src, dest)
+    elif scheme in ("http", "https"):
+        path = parts.path.rstrip("/") + "/" + urllib.parse.quote(blob)
+        url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+        with open(source, "rb") as body:
+            request = urllib.request.Request(url, data=body, method="PUT", headers={
+                "x-ms-blob-type": "BlockBlob",
+                "Content-Length": str(source.stat().st_size),
+                "Content-Type": "application/octet-stream",
+            })
+            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT):
+                pass
+    elif storage is not None:
+        ref = storage.parse_url(f"{container_url.rstrip('/')}/{blob}")
+        storage.upload(ref, source.read_bytes())
+    else:
+        raise TransferError("FileUploadError",
+                            f"unsupported URL scheme {scheme!r} in {safe_url(container_url)}")
+
+
+def _reason(exc: BaseException) -> str:
+    """A short reason that never repeats a URL (urllib errors may carry one)."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        return str(exc.reason) if not isinstance(exc.reason, str) else exc.reason
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return type(exc).__name__
