@@ -1,0 +1,103 @@
+"""An in-memory Backend test double with fault injection, for submitter and consumer
+tests that are about fanout's logic rather than an engine."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Sequence
+
+from handlers.base import JobSpec, TaskSpec
+from worker.backends.base import AddResult, BackendStats, JobState, JobStatus, TaskError
+from worker.errors import BatchRejected, ConfigFault, SystemFault
+
+
+class MemoryBackend:
+    """Records jobs and tasks; can fail a fraction of calls transiently."""
+
+    max_tasks_per_request = 100
+
+    def __init__(self, *, fail_rate: float = 0.0, seed: int = 0,
+                 task_error_rate: float = 0.0) -> None:
+        self.jobs: dict[str, JobSpec] = {}
+        self.sealed: set[str] = set()
+        self.tasks: dict[str, dict[str, TaskSpec]] = {}
+        self.add_calls = 0
+        self.max_concurrent = 0
+        self.fail_rate = fail_rate
+        self.task_error_rate = task_error_rate
+        self.config_fault: ConfigFault | None = None
+        self.reject_ids: set[str] = set()
+        self._concurrent = 0
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+
+    def _maybe_fail(self) -> None:
+        if self.config_fault is not None:
+            raise self.config_fault
+        with self._lock:
+            fail = self._rng.random() < self.fail_rate
+        if fail:
+            raise SystemFault("injected 503", retry_after=None)
+
+    def probe(self) -> None:
+        if self.config_fault is not None:
+            raise self.config_fault
+
+    def create_job(self, job: JobSpec) -> JobState:
+        self._maybe_fail()
+        with self._lock:
+            if job.id in self.sealed:
+                return "sealed"
+            if job.id in self.jobs:
+                return "exists"
+            self.jobs[job.id] = job
+            self.tasks[job.id] = {}
+            return "created"
+
+    def add_tasks(self, job_id: str, tasks: Sequence[TaskSpec]) -> AddResult:
+        with self._lock:
+            self._concurrent += 1
+            self.max_concurrent = max(self.max_concurrent, self._concurrent)
+            self.add_calls += 1
+        try:
+            self._maybe_fail()
+            result = AddResult()
+            with self._lock:
+                store = self.tasks[job_id]
+                for task in tasks:
+                    if task.id in self.reject_ids:
+                        raise BatchRejected(f"InvalidPropertyValue: task {task.id}")
+                    if self._rng.random() < self.task_error_rate:
+                        result.errors.append(TaskError(task.id, "ServerBusy", "busy",
+                                                       transient=True))
+                        continue
+                    if task.id.lower() in store:
+                        result.existed += 1
+                    else:
+                        store[task.id.lower()] = task
+                        result.added += 1
+            return result
+        finally:
+            with self._lock:
+                self._concurrent -= 1
+
+    def seal_job(self, job_id: str) -> None:
+        self._maybe_fail()
+        with self._lock:
+            self.sealed.add(job_id)
+
+    def job_status(self, job_id: str) -> JobStatus | None:
+        if job_id not in self.jobs:
+            return None
+        return JobStatus(id=job_id, state="active", pool=self.jobs[job_id].pool,
+                         counts={"active": len(self.tasks[job_id])})
+
+    def list_jobs(self, limit: int = 50) -> list[JobStatus]:
+        return [s for j in list(self.jobs)[:limit] if (s := self.job_status(j))]
+
+    def stats(self) -> BackendStats:
+        return BackendStats(pool_nodes={("mem", "idle"): 1}, active_jobs=len(self.jobs))
+
+    def close(self) -> None:
+        pass

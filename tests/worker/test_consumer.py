@@ -1,0 +1,234 @@
+"""Tests for the consumer: settlement by outcome, idempotency, faults, renewal, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from worker.config import Settings
+from worker.errors import ConfigFault, SystemFault
+from worker.sources.local import LocalQueue
+
+from .doubles import MemoryBackend
+from .harness import RunningWorker
+
+SWEEP = {"handler": "sweep", "params": {"program": "pi", "parameters": {
+    "samples": [100], "seed": {"start": 0, "stop": 20}}}}
+
+
+@pytest.fixture
+def worker(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., RunningWorker]]:
+    """Start workers with a MemoryBackend (or a given one); stop them after the test."""
+    started: list[RunningWorker] = []
+
+    def start(backend: Any = None, **overrides: Any) -> RunningWorker:
+        overrides.setdefault("consumer", {})
+        overrides["consumer"] = {"receive_wait": 0.2, "unready_backoff": 0.1,
+                                 **overrides["consumer"]}
+        overrides["submit"] = {"backoff_base": 0.001, "backoff_max": 0.01,
+                               **overrides.get("submit", {})}
+        running = RunningWorker(make_settings(**overrides),
+                                backend=backend or MemoryBackend()).start()
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        if running.thread.is_alive():
+            running.stop()
+
+
+def test_sweep_message_becomes_one_job(worker: Callable[..., RunningWorker]) -> None:
+    """A 20-task sweep is submitted, sealed, completed and counted."""
+    w = worker()
+    w.send(SWEEP)
+    w.wait_idle(1)
+    backend = w.app.backend
+    assert isinstance(backend, MemoryBackend)
+    (job_id,) = backend.jobs
+    assert len(backend.tasks[job_id]) == 20 and job_id in backend.sealed
+    assert w.depth()["active"] == 0
+    assert w.sample("fanout_messages_total", {"handler": "sweep", "outcome": "completed"}) == 1
+    assert w.sample("fanout_tasks_submitted_total", {"handler": "sweep"}) == 20
+
+
+POISON: list[tuple[bytes, str]] = [
+    (b"not json", "InvalidJson"),
+    (b"", "InvalidJson"),
+    (b"\x00\x01\x02", "InvalidJson"),
+    (b"[1, 2]", "InvalidEnvelope"),
+    (b'{"params": {}}', "InvalidEnvelope"),
+    (b'{"handler": "nope", "params": {}}', "UnknownHandler"),
+    (json.dumps({"handler": "sweep", "params": {"program": "rm", "parameters": {
+        "x": [1]}}}).encode(), "UnknownProgram"),
+    (json.dumps({"handler": "sweep", "params": {"program": "pi", "parameters": {
+        "samples": {"start": 0, "stop": 10, "step": 0}, "seed": [1]}}}).encode(),
+     "InvalidParams"),
+    (json.dumps({"handler": "sweep", "params": {"program": "pi", "parameters": {
+        "samples": {"start": 0, "stop": 1000}, "seed": {"start": 0, "stop": 1000}}}}).encode(),
+     "BudgetExceeded"),
+    (json.dumps({"handler": "sweep", "job": {"priority": 999}, "params": {
+        "program": "pi", "parameters": {"samples": [1], "seed": [1]}}}).encode(),
+     "BudgetExceeded"),
+]
+
+
+def test_bad_messages_are_dead_lettered_and_work_goes_on(
+        worker: Callable[..., RunningWorker]) -> None:
+    """Each bad input lands in the DLQ with its reason; a good message still runs after."""
+    w = worker(limits={"max_priority": 100})
+    for body, _ in POISON:
+        w.send(body)
+    w.send(SWEEP)
+    w.wait_idle(len(POISON) + 1)
+    dead = {d.message_id: d for d in w.dead_letters()}
+    assert len(dead) == len(POISON)
+    reasons = sorted(d.reason or "" for d in dead.values())
+    assert reasons == sorted(reason for _, reason in POISON)
+    assert all(d.description for d in dead.values())
+    assert w.sample("fanout_messages_total", {"handler": "sweep", "outcome": "completed"}) == 1
+    assert w.sample("fanout_dead_letters_total", {"reason": "InvalidJson"}) == 3
+
+
+def test_same_message_twice_makes_one_job(worker: Callable[..., RunningWorker]) -> None:
+    """Two deliveries of one idempotency key end with one job and one copy of each task."""
+    w = worker(consumer={"concurrency": 2})
+    body = {**SWEEP, "id": "nightly-42"}
+    w.send(body)
+    w.send(body)
+    w.wait_idle(2)
+    backend = w.app.backend
+    assert isinstance(backend, MemoryBackend)
+    assert len(backend.jobs) == 1
+    (tasks,) = backend.tasks.values()
+    assert len(tasks) == 20
+
+
+def test_system_fault_abandons_then_succeeds(worker: Callable[..., RunningWorker]) -> None:
+    """A transient failure abandons the message; the redelivery completes it."""
+    backend = MemoryBackend()
+    calls = {"n": 0}
+    create = backend.create_job
+
+    def flaky(job):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise SystemFault("503 from the service")
+        return create(job)
+
+    backend.create_job = flaky  # type: ignore[method-assign]
+    w = worker(backend, submit={"max_retries": 0})
+    w.send(SWEEP)
+    w.wait_idle(2)
+    assert w.sample("fanout_messages_total", {"handler": "sweep", "outcome": "abandoned"}) == 1
+    assert w.sample("fanout_messages_total", {"handler": "sweep", "outcome": "completed"}) == 1
+    assert len(backend.sealed) == 1
+
+
+def test_persistent_fault_ends_in_max_delivery(worker: Callable[..., RunningWorker]) -> None:
+    """A message that fails every delivery is dead-lettered as MaxDeliveryExceeded."""
+    w = worker(MemoryBackend(fail_rate=1.0), submit={"max_retries": 0},
+               queue={"max_delivery_count": 3})
+    w.send(SWEEP)
+    w.wait_until(lambda: w.depth()["dead_letter"] == 1, what="dead letter")
+    (dead,) = w.dead_letters()
+    assert dead.reason == "MaxDeliveryExceeded"
+    assert "injected 503" in (dead.description or "")
+
+
+def test_config_fault_keeps_the_message_and_marks_unready(
+        worker: Callable[..., RunningWorker]) -> None:
+    """Auth refused: the worker goes unready, the message is not dead-lettered, and it
+    completes once the fault is fixed."""
+    backend = MemoryBackend()
+    backend.config_fault = ConfigFault("403 AuthenticationFailed", code="AuthFailed")
+    w = worker(backend, queue={"max_delivery_count": 2})
+    for _ in range(3):
+        w.send(SWEEP)
+    w.wait_until(lambda: not w.app.health.ready, what="unready")
+    time.sleep(1.0)  # many backoff cycles: nothing may be dead-lettered meanwhile
+    assert w.depth()["dead_letter"] == 0
+    assert w.sample("fanout_ready") == 0
+    backend.config_fault = None
+    w.wait_until(lambda: w.depth()["active"] == 0, what="queue drained")
+    assert w.app.health.ready
+    assert w.depth()["dead_letter"] == 0
+    assert len(backend.sealed) == 3
+
+
+def test_lock_is_renewed_during_long_work(worker: Callable[..., RunningWorker]) -> None:
+    """Work lasting 3x the lock duration completes once, with no redelivery."""
+    backend = MemoryBackend()
+    create = backend.create_job
+
+    def slow(job):  # type: ignore[no-untyped-def]
+        time.sleep(3.0)
+        return create(job)
+
+    backend.create_job = slow  # type: ignore[method-assign]
+    w = worker(backend, queue={"lock_duration": 1.0}, consumer={"concurrency": 2})
+    w.send(SWEEP)
+    w.wait_idle(1, timeout=20)
+    assert w.sample("fanout_messages_total", {"handler": "sweep", "outcome": "completed"}) == 1
+    assert w.sample("fanout_lock_lost_total") == 0
+    assert w.depth()["active"] == 0
+
+
+def test_shutdown_abandons_unfinished_work_within_grace(
+        worker: Callable[..., RunningWorker]) -> None:
+    """Stopping during a submission that outlasts the grace abandons the message: it is
+    back on the queue, not lost, and the worker stopped within the grace period."""
+    backend = MemoryBackend()
+    inner = backend.add_tasks
+
+    def slow(job_id, tasks):  # type: ignore[no-untyped-def]
+        time.sleep(0.3)
+        return inner(job_id, tasks)
+
+    backend.add_tasks = slow  # type: ignore[method-assign]
+    big = {"handler": "sweep", "params": {"program": "pi", "parameters": {
+        "samples": [1], "seed": {"start": 0, "stop": 5000}}}}
+    w = worker(backend, consumer={"drain_grace": 1.0}, submit={"concurrency": 1})
+    w.send(big)
+    w.wait_until(lambda: backend.add_calls > 0, what="submission started")
+    started = time.monotonic()
+    w.stop()
+    assert time.monotonic() - started < 1.0 + 5.0
+    assert reopened_depth(w) == {"active": 1, "dead_letter": 0, "scheduled": 0}
+
+
+def reopened_depth(w: RunningWorker) -> dict[str, int]:
+    """The queue's depth read through a fresh LocalQueue on the same file."""
+    queue = LocalQueue(path=w.app.settings.home / "queue.db")
+
+    async def read() -> dict[str, int]:
+        try:
+            return await queue.depth()
+        finally:
+            await queue.close()
+
+    return asyncio.run(read())
+
+
+def test_health_endpoints(worker: Callable[..., RunningWorker]) -> None:
+    """/healthz, /readyz and /metrics answer on the metrics port."""
+    w = worker()
+    port = w.app.metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz") as resp:
+        assert resp.status == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz") as resp:
+        assert resp.status == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as resp:
+        text = resp.read().decode()
+    assert "fanout_inflight_messages" in text
+    w.app.health.set_ready(False, "testing")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz")
+    assert info.value.code == 503
