@@ -25,7 +25,8 @@ from worker.config import Settings, load_settings
 from worker.errors import MessageFault, SettingsError
 
 EXIT_BAD_MESSAGE = 3
-out = Console(soft_wrap=True)
+# Off a terminal (pipes, CI logs) tables keep their full width instead of 80 columns.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)
 
 

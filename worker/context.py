@@ -29,7 +29,7 @@ def job_id_for(handler: str, key: str) -> str:
     Batch ids are case-insensitive and limited to letters, digits, ``-`` and ``_``.
     """
     digest = hashlib.sha256(f"{handler}\0{key}".encode()).hexdigest()[:16]
-    slug = _UNSAFE.sub("-", key).strip("-")[:40].rstrip("-")
+    slug = _UNSAFE.sub("-", key).strip("-")[:24].rstrip("-")
     head = _UNSAFE.sub("-", handler)[:6].strip("-") or "job"
     return f"{head}-{slug}-{digest}" if slug else f"{head}-{digest}"
 
