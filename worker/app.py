@@ -179,8 +179,8 @@ class App:
         async def once() -> None:
             stats = await asyncio.to_thread(self.backend.stats)
             m = self.metrics
-            m.set_labelled(m.pool_nodes, dict(stats.pool_nodes), seen_nodes)
-            m.set_labelled(m.pool_size, dict(stats.pool_size), seen_sizes)
+            m.set_labelled(m.pool_nodes, stats.pool_nodes, seen_nodes)
+            m.set_labelled(m.pool_size, stats.pool_size, seen_sizes)
             m.set_labelled(m.job_tasks, {(k,): v for k, v in stats.job_tasks.items()},
                            seen_tasks)
             m.active_jobs.set(stats.active_jobs)

@@ -208,10 +208,10 @@ class Consumer:
             level = log.warning if isinstance(exc, SystemFault) else log.exception
             level("message.failed", error=description)
             if msg.delivery_count + 1 >= self.source.max_delivery_count:
-                fault = MaxDeliveryExceeded(
+                final = MaxDeliveryExceeded(
                     f"failed {msg.delivery_count + 1} deliveries; last error: {description}")
-                return Outcome("dead_letter", handler=handler, reason=fault.reason,
-                               description=fault.description)
+                return Outcome("dead_letter", handler=handler, reason=final.reason,
+                               description=final.description)
             return Outcome("abandon", handler=handler, description=description)
 
     async def _settle(self, msg: Received, outcome: Outcome) -> None:

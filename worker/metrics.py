@@ -87,14 +87,16 @@ class Metrics:
             "fanout_poll_errors", "Metric polls that failed, by poller.", ["poller"],
             registry=registry)
 
-    def set_labelled(self, gauge: Gauge, values: Mapping[tuple[str, ...], float],
+    def set_labelled(self, gauge: Gauge, values: Mapping[tuple[str, str], int] |
+                     Mapping[tuple[str], int],
                      seen: set[tuple[str, ...]]) -> None:
         """Set a labelled gauge to ``values``, zeroing label sets seen before but gone now."""
-        for labels in seen - set(values):
+        keys: set[tuple[str, ...]] = set(values)
+        for labels in seen - keys:
             gauge.labels(*labels).set(0)
         for labels, value in values.items():
             gauge.labels(*labels).set(value)
-        seen.update(values)
+        seen.update(keys)
 
 
 class Health:
