@@ -35,7 +35,7 @@ def make_storage(settings: Settings) -> Storage:
     if settings.storage_kind == "azure":
         from worker.storage.azure import AzureBlobStorage
 
-        return AzureBlobStorage.from_config(settings.blob)
+        return AzureBlobStorage(config=settings.blob)
     from worker.storage.local import LocalStorage
 
     return LocalStorage(root=settings.home / "blobs")

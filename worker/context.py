@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from handlers.base import BlobRef, JobSpec, Program
-from handlers.errors import BudgetExceeded, InvalidParams, UnknownProgram
+from handlers.errors import BudgetExceeded, UnknownProgram
 from worker.config import LimitsConfig
 from worker.envelope import JobOptions
 from worker.storage.base import Storage
+from worker.storage.refs import parse_ref
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -57,28 +58,13 @@ class WorkerContext:
         return self.handler_options.get(handler, {})
 
     def blob_ref(self, value: object) -> BlobRef:
-        if isinstance(value, str):
-            return self.storage.parse_url(value)
-        if isinstance(value, Mapping) and set(value) == {"container", "blob"}:
-            container, blob = value["container"], value["blob"]
-            if isinstance(container, str) and isinstance(blob, str):
-                return make_ref(container, blob)
-        raise InvalidParams('a blob reference is {"container": "...", "blob": "..."} '
-                            "or a blob URL of the configured storage")
+        return parse_ref(value, parse_url=self.storage.parse_url)
 
     def input_url(self, ref: BlobRef) -> str:
         return self.storage.input_url(ref)
 
     def output_container_url(self, container: str, prefix: str) -> str:
         return self.storage.output_container_url(container, prefix)
-
-
-def make_ref(container: str, blob: str) -> BlobRef:
-    """A checked reference (placeholder until worker.storage.refs lands)."""
-    segments = blob.split("/")
-    if not container or not blob or any(s in ("", ".", "..") for s in segments):
-        raise InvalidParams(f"blob name {blob[:200]!r} has an empty, '.' or '..' segment")
-    return BlobRef(container=container, blob=blob)
 
 
 def apply_job_options(job: JobSpec, options: JobOptions, *, job_id: str,
