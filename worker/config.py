@@ -24,6 +24,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -254,7 +255,11 @@ class Settings(BaseSettings):
     routes: list[RouteConfig] = Field(default_factory=list)
     events: EventsConfig = Field(default_factory=EventsConfig)
     #: Where the settings came from, for ``fanout run`` to log (not a setting).
-    source: str = Field(default="defaults", exclude=True)
+    _source: str = PrivateAttr(default="defaults")
+
+    @property
+    def source(self) -> str:
+        return self._source
 
     @model_validator(mode="after")
     def _resolve(self) -> Settings:
@@ -357,7 +362,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, *,
         settings = Settings(**data)
     except ValidationError as exc:
         raise SettingsError(describe_settings_error(exc, source)) from None
-    settings.source = source
+    settings._source = source
     return settings
 
 
