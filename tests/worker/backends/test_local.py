@@ -262,6 +262,8 @@ def test_add_reports_invalid_tasks(make_backend: MakeBackend) -> None:
         backend.add_tasks("nope", [TaskSpec(id="a", command_line="true")])
     with pytest.raises(BatchRejected):
         backend.seal_job("nope")
+    with pytest.raises(BatchRejected):
+        backend.create_job(job(""))
 
 
 def test_adds_20000_tasks_in_chunks(make_backend: MakeBackend) -> None:
@@ -506,10 +508,14 @@ def test_range_readiness_uses_counts_not_rescans(tmp_path: Path,
         store.add_tasks("j", [TaskSpec(id=str(i), command_line="true")
                               for i in range(start, start + 100)])
     store.seal_job("j")
-    checks = []
+    checks: list[int] = []
     real = store_module._missing
-    monkeypatch.setattr(store_module, "_missing",
-                        lambda *a: checks.append(1) or real(*a))
+
+    def counted(*args: Any) -> int:
+        checks.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(store_module, "_missing", counted)
     done = 0
     while True:
         runs = store.claim(50, 50)
@@ -711,6 +717,20 @@ def test_failed_upload_fails_the_task(make_backend: MakeBackend, tmp_path: Path)
     refused = backend.task("j", "refused")
     assert refused is not None and refused.failure_code == "FileUploadError"
     assert backend.task("j", "after").result == "success"  # type: ignore[union-attr]
+
+
+def test_retention_deletes_task_directories(make_backend: MakeBackend) -> None:
+    """A completed task's directory is deleted once its retention time has passed."""
+    backend = make_backend(start=False)
+    backend.purge_interval = 0.0
+    backend.create_job(job("j"))
+    backend.add_tasks("j", [TaskSpec(id="brief", command_line="true", retention=timedelta(0)),
+                            TaskSpec(id="kept", command_line="true")])
+    backend.start()
+    wait_for(settled(backend, "j", 2), "both tasks")
+    wait_for(lambda: not backend.task_dir("j", "brief").exists(), "the directory to go")
+    assert (backend.task_dir("j", "kept") / "stdout.txt").exists()
+    assert backend.task("j", "brief").result == "success"  # type: ignore[union-attr]
 
 
 # -- stopping and crash recovery ---------------------------------------------------------

@@ -71,6 +71,8 @@ class LocalBackend:
         self._thread: threading.Thread | None = None
         self._lockfile: IO[str] | None = None
         self._last_purge = 0.0
+        #: Seconds between sweeps for expired task directories.
+        self.purge_interval = PURGE_INTERVAL
 
     # -- Backend protocol --------------------------------------------------------------
 
@@ -212,7 +214,7 @@ class LocalBackend:
     def _tick(self) -> None:
         """One scheduling round: purge, unblock dependents, start what fits."""
         now = time.time()
-        if now - self._last_purge >= PURGE_INTERVAL:
+        if now - self._last_purge >= self.purge_interval:
             self._last_purge = now
             self._purge(now)
         self.store.evaluate_waiting()

@@ -238,15 +238,25 @@ class Store:
                 conn.execute("COMMIT")
 
     def _init_schema(self) -> None:
+        """Create the tables once; a reader of an existing database writes nothing."""
         conn = self._conn()
-        conn.execute("PRAGMA journal_mode = WAL")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")
+        if self._schema_version(conn) == _SCHEMA_VERSION:
+            return
+        with self._write() as tx:
+            if self._schema_version(tx) < _SCHEMA_VERSION:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        tx.execute(statement)
+                tx.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+    def _schema_version(self, conn: sqlite3.Connection) -> int:
+        version: int = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > _SCHEMA_VERSION:
             raise RuntimeError(f"{self._path} has schema version {version}, newer than this "
                                f"fanout understands ({_SCHEMA_VERSION})")
-        # executescript commits by itself; CREATE ... IF NOT EXISTS keeps it idempotent.
-        conn.executescript(_SCHEMA)
-        conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        return version
 
     def close(self) -> None:
         """Close every connection the store opened (call once threads are done)."""
@@ -261,6 +271,9 @@ class Store:
 
     def create_job(self, job: JobSpec) -> JobState:
         """Insert the job unless one with its id (case-insensitive) exists."""
+        if not ID_PATTERN.match(job.id):
+            raise BatchRejected(f"job id {job.id!r} is not 1-64 letters, digits, hyphens or "
+                                "underscores", reason="InvalidPropertyValue")
         wall = job.max_wall_clock.total_seconds() if job.max_wall_clock else None
         with self._write() as conn:
             row = conn.execute("SELECT sealed FROM jobs WHERE id = ?", (job.id,)).fetchone()
@@ -407,6 +420,8 @@ class Store:
         """
         now = time.time()
         chosen: list[int] = []
+        if self._conn().execute(_ANY_READY).fetchone() is None:
+            return []  # nothing to do: no write lock taken on an idle tick
         with self._write() as conn:
             jobs = conn.execute("SELECT seq FROM jobs WHERE state = 'active'"
                                 " ORDER BY priority DESC, seq").fetchall()
@@ -522,6 +537,11 @@ def _busy_is_transient() -> Iterator[None]:
 
 
 # -- helpers -------------------------------------------------------------------------
+
+_ANY_READY = (
+    "SELECT 1 FROM tasks WHERE job_seq IN (SELECT seq FROM jobs WHERE state = 'active')"
+    " AND state = 'active' AND waiting = 0 LIMIT 1"
+)
 
 _DUE_WAITING = (
     "SELECT t.seq, t.job_seq, t.depends_on, t.depends_on_ranges, j.succeeded, j.sealed"
