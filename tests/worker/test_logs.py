@@ -1,0 +1,63 @@
+"""Tests for log set-up and secret redaction."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+import structlog
+
+from worker.logs import configure, redact
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():  # type: ignore[no-untyped-def]
+    """Put structlog and the root logger back as they were."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+SECRETS = {
+    "sas": "https://acct.blob.core.windows.net/c/b.mp4?sv=2024-05-04&se=2026-11-25&sr=b&sp=r"
+           "&sig=AbCdEf0123456789%2Bsecret%3D",
+    "conn": "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=root;"
+            "SharedAccessKey=c2VjcmV0a2V5c2VjcmV0a2V5c2VjcmV0a2V5=",
+    "account": "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=a2V5a2V5a2V5a2V5==;",
+    "shared_key": "Authorization: SharedKey acct:ZmFrZXNpZ25hdHVyZQ==",
+    "bearer": "Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln",
+}
+LEAKS = ["AbCdEf0123456789", "c2VjcmV0a2V5", "a2V5a2V5", "ZmFrZXNpZ25hdHVyZQ",
+         "eyJhbGciOiJIUzI1NiJ9"]
+
+
+def test_redact_removes_every_secret_shape() -> None:
+    """SAS signatures, shared access keys, account keys and auth headers are scrubbed."""
+    for text in SECRETS.values():
+        cleaned = redact(text)
+        assert "REDACTED" in cleaned
+        assert not any(leak in cleaned for leak in LEAKS), cleaned
+    assert redact("sig-nature and keys are words") == "sig-nature and keys are words"
+
+
+def test_json_logs_are_redacted_for_structlog_and_stdlib() -> None:
+    """Both structlog events and the Azure SDKs' stdlib records come out redacted."""
+    stream = io.StringIO()
+    configure(fmt="json", level="info", stream=stream)
+    structlog.get_logger("t").info("calling", url=SECRETS["sas"], nested={"c": SECRETS["conn"]})
+    logging.getLogger("azure.test").warning("request failed: %s", SECRETS["account"])
+    try:
+        raise RuntimeError(SECRETS["shared_key"])
+    except RuntimeError:
+        structlog.get_logger("t").exception("boom")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3
+    events = [json.loads(line) for line in lines]
+    assert events[0]["event"] == "calling"
+    text = stream.getvalue()
+    assert not any(leak in text for leak in LEAKS), text
+    assert "Traceback" in events[2]["exception"]

@@ -1,0 +1,42 @@
+"""Tests for the metrics collectors and the health state."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+from worker.metrics import Health, Metrics
+
+
+def test_registry_is_private() -> None:
+    """Two Metrics on two registries do not share samples."""
+    a, b = Metrics(registry=CollectorRegistry()), Metrics(registry=CollectorRegistry())
+    a.messages.labels("sweep", "completed").inc()
+    assert a.registry.get_sample_value(
+        "fanout_messages_total", {"handler": "sweep", "outcome": "completed"}) == 1
+    assert b.registry.get_sample_value(
+        "fanout_messages_total", {"handler": "sweep", "outcome": "completed"}) is None
+
+
+def test_set_labelled_zeroes_vanished_series() -> None:
+    """A label set that disappears from a poll reads 0, not its stale value."""
+    m = Metrics(registry=CollectorRegistry())
+    seen: set[tuple[str, ...]] = set()
+    m.set_labelled(m.pool_nodes, {("p", "idle"): 3, ("p", "running"): 1}, seen)
+    m.set_labelled(m.pool_nodes, {("p", "running"): 4}, seen)
+    get = m.registry.get_sample_value
+    assert get("fanout_pool_nodes", {"pool": "p", "state": "idle"}) == 0
+    assert get("fanout_pool_nodes", {"pool": "p", "state": "running"}) == 4
+
+
+def test_health_goes_stale_without_beats() -> None:
+    """Liveness fails once the loop has not beaten within the timeout."""
+    now = [100.0]
+    health = Health(heartbeat_timeout=10, clock=lambda: now[0])
+    health.set_ready(True)
+    assert health.alive and health.ready
+    now[0] += 11
+    assert not health.alive and not health.ready
+    health.beat()
+    assert health.alive
+    health.set_ready(False, "AuthFailed: 403")
+    assert not health.ready and health.reason == "AuthFailed: 403"
