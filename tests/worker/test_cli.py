@@ -1,0 +1,115 @@
+"""Tests for the `fanout` command line (in-process, through click's runner)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from worker.cli import main
+from worker.sources.local import LocalQueue
+
+
+@pytest.fixture
+def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    """A runner in a fresh working directory (so .fanout/ lands there)."""
+    monkeypatch.chdir(tmp_path)
+    return CliRunner()
+
+
+def queue(tmp_path: Path) -> LocalQueue:
+    return LocalQueue(path=tmp_path / ".fanout" / "queue.db")
+
+
+def test_send_builds_an_envelope_from_flags(cli: CliRunner, tmp_path: Path) -> None:
+    """--handler/--param/--job/--id make an envelope; the message id is printed."""
+    result = cli.invoke(main, ["send", "-H", "sweep", "-p", "program=pi",
+                               "-p", "parameters.seed=[1,2]", "-j", "priority=5",
+                               "--id", "k1", "--property", "team=render"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "k1"
+
+    async def read() -> tuple[bytes, dict[str, str]]:
+        q = queue(tmp_path)
+        (msg,) = await q.receive(1, 1)
+        await q.close()
+        return msg.body, dict(msg.properties)
+
+    body, props = asyncio.run(read())
+    assert json.loads(body) == {"handler": "sweep", "id": "k1", "job": {"priority": 5},
+                                "params": {"program": "pi", "parameters": {"seed": [1, 2]}}}
+    assert props == {"team": "render"}
+
+
+def test_send_from_stdin(cli: CliRunner) -> None:
+    """A file or stdin is sent as is."""
+    result = cli.invoke(main, ["send", "-"], input='{"handler": "sweep"}')
+    assert result.exit_code == 0 and len(result.output.strip()) == 32
+
+
+def test_plan_json_lists_every_task(cli: CliRunner) -> None:
+    """plan --json prints the job and all of its tasks."""
+    result = cli.invoke(main, ["plan", "--json", "-H", "sweep", "-p", "program=pi",
+                               "-p", 'parameters.samples=[10]',
+                               "-p", 'parameters.seed={"start":0,"stop":7}'])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    (job,) = data["jobs"]
+    assert job["task_count"] == 7 and len(job["tasks"]) == 7
+    assert job["tasks"][6]["environment"]["FANOUT_PARAM_SEED"] == "6"
+
+
+def test_plan_bad_message_exits_3_with_reason(cli: CliRunner) -> None:
+    """A message that would be dead-lettered exits 3 and names its reason code."""
+    result = cli.invoke(main, ["plan", "-H", "sweep", "-p", "program=pi",
+                               "-p", 'parameters.seed={"start":0,"stop":5,"step":-1}'])
+    assert result.exit_code == 3
+    assert "InvalidParams" in result.output
+
+
+def test_dlq_list_show_resubmit(cli: CliRunner, tmp_path: Path) -> None:
+    """A dead letter is listed, shown with its body, and resubmitted with its id."""
+
+    async def dead_letter() -> None:
+        q = queue(tmp_path)
+        await q.send(b'{"handler": "nope"}', message_id="m-1")
+        (msg,) = await q.receive(1, 1)
+        await q.dead_letter(msg, "UnknownHandler", "no handler named 'nope'")
+        await q.close()
+
+    asyncio.run(dead_letter())
+    listed = json.loads(cli.invoke(main, ["dlq", "list", "--json"]).output)
+    assert [(d["message_id"], d["reason"]) for d in listed] == [("m-1", "UnknownHandler")]
+    seq = listed[0]["sequence_number"]
+    shown = json.loads(cli.invoke(main, ["dlq", "show", str(seq), "--json"]).output)
+    assert shown["body"] == '{"handler": "nope"}'
+    done = json.loads(cli.invoke(main, ["dlq", "resubmit", str(seq), "--json"]).output)
+    assert done == [{"sequence_number": seq, "message_id": "m-1"}]
+    assert json.loads(cli.invoke(main, ["dlq", "list", "--json"]).output) == []
+
+
+def test_bad_config_names_the_key(cli: CliRunner, tmp_path: Path) -> None:
+    """A bad setting exits 2 and names the key and the value."""
+    (tmp_path / "fanout.toml").write_text("[consumer]\nconcurrency = 'many'\n")
+    result = cli.invoke(main, ["plan", "-H", "sweep"])
+    assert result.exit_code == 2
+    assert "consumer.concurrency" in result.output and "'many'" in result.output
+
+
+def test_status_json_after_a_job(cli: CliRunner, tmp_path: Path) -> None:
+    """status --json reports a job with its task counts."""
+    from handlers.base import JobSpec, TaskSpec
+    from worker.backends.local import LocalBackend
+
+    backend = LocalBackend(home=tmp_path / ".fanout", slots=1)
+    backend.create_job(JobSpec(tasks=[], task_count=2, id="job-a", pool="local"))
+    backend.add_tasks("job-a", [TaskSpec(id="0", command_line="true"),
+                                TaskSpec(id="1", command_line="true")])
+    backend.close()
+    result = cli.invoke(main, ["status", "--json"])
+    assert result.exit_code == 0, result.output
+    (job,) = json.loads(result.output)
+    assert job["id"] == "job-a" and sum(job["tasks"].values()) == 2

@@ -1,0 +1,117 @@
+"""Tests for the handler registry and blob route rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from handlers.errors import ForeignStorage, NoRoute, UnknownHandler
+from worker.config import RouteConfig
+from worker.envelope import BlobEvent, Envelope, JobOptions
+from worker.errors import SettingsError
+from worker.routing import HandlerRegistry, Router, account_of
+from worker.storage.local import LocalStorage
+
+
+class Dummy:
+    def build(self, request: Any, ctx: Any) -> Any:
+        raise NotImplementedError
+
+
+def test_registry_loads_installed_handlers() -> None:
+    """The sweep handler comes from this distribution's entry points."""
+    registry = HandlerRegistry.from_entry_points()
+    assert "sweep" in registry.names
+    with pytest.raises(UnknownHandler, match="sweep"):
+        registry.get("nope")
+
+
+def test_duplicate_entry_points_are_a_startup_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two distributions registering one name stop the worker at start-up."""
+    from importlib.metadata import EntryPoint
+
+    eps = [EntryPoint("sweep", "handlers.sweep:SweepHandler", "fanout.handlers"),
+           EntryPoint("sweep", "other.mod:Sweep", "fanout.handlers")]
+    monkeypatch.setattr("worker.routing.entry_points", lambda group: eps)
+    with pytest.raises(SettingsError, match="registered twice"):
+        HandlerRegistry.from_entry_points()
+
+
+def router(tmp_path: Path, *rules: RouteConfig, drop: bool = False) -> Router:
+    registry = HandlerRegistry({"transcode": Dummy(), "render": Dummy()})  # type: ignore[dict-item]
+    return Router(registry=registry, routes=rules, storage=LocalStorage(root=tmp_path),
+                  drop_unrouted=drop)
+
+
+def event(storage_root: Path, blob: str, content_type: str = "video/mp4",
+          api: str = "PutBlob") -> BlobEvent:
+    url = LocalStorage(root=storage_root).input_url(
+        __import__("handlers.base", fromlist=["BlobRef"]).BlobRef("videos", blob))
+    return BlobEvent(id="e1", type="Microsoft.Storage.BlobCreated", url=url, api=api,
+                     content_type=content_type)
+
+
+def test_first_matching_rule_wins(tmp_path: Path) -> None:
+    """Rules are tried in order; the blob lands in the params under blob_param."""
+    r = router(tmp_path,
+               RouteConfig(handler="render", container="videos", suffix=".blend"),
+               RouteConfig(handler="transcode", container="videos", suffix=[".mp4", ".mov"],
+                           params={"renditions": ["720p"]}, blob_param="inputs"),
+               RouteConfig(handler="render", container="videos"))
+    routed = r.route([event(tmp_path, "2026/a clip.MP4")], message_id="m")
+    (work,) = routed.works
+    assert work.handler_name == "transcode" and work.key == "e1"
+    assert work.params == {"renditions": ["720p"],
+                           "inputs": {"container": "videos", "blob": "2026/a clip.MP4"}}
+
+
+def test_content_type_prefix_and_no_route(tmp_path: Path) -> None:
+    """A content-type prefix matches; an event no rule takes is NoRoute or dropped."""
+    rule = RouteConfig(handler="transcode", content_type="video/")
+    assert router(tmp_path, rule).route([event(tmp_path, "a.mp4")], message_id="m").works
+    with pytest.raises(NoRoute):
+        router(tmp_path, rule).route([event(tmp_path, "a.png", "image/png")], message_id="m")
+    dropped = router(tmp_path, rule, drop=True).route(
+        [event(tmp_path, "a.png", "image/png")], message_id="m")
+    assert dropped.works == [] and dropped.ignored == ["unrouted"]
+
+
+def test_gen2_partial_write_is_ignored(tmp_path: Path) -> None:
+    """A Data Lake CreateFile event makes no job; it is reported as ignored."""
+    routed = router(tmp_path, RouteConfig(handler="transcode")).route(
+        [event(tmp_path, "a.mp4", api="CreateFile")], message_id="m")
+    assert routed.works == [] and routed.ignored == ["gen2-CreateFile"]
+
+
+def test_foreign_account_is_refused(tmp_path: Path) -> None:
+    """An event for a blob in an unconfigured account is ForeignStorage."""
+    foreign = BlobEvent(id="e", type="Microsoft.Storage.BlobCreated", api="PutBlob",
+                        url="https://evil.blob.core.windows.net/videos/a.mp4")
+    with pytest.raises(ForeignStorage):
+        router(tmp_path, RouteConfig(handler="transcode")).route([foreign], message_id="m")
+
+
+def test_envelope_key_falls_back_to_message_id(tmp_path: Path) -> None:
+    """Without an envelope id, the queue's message id is the idempotency key."""
+    env = Envelope(handler="render", id=None, job=JobOptions(), params={})
+    (work,) = router(tmp_path).route(env, message_id="mid-7").works
+    assert work.key == "mid-7"
+
+
+def test_routes_naming_missing_handlers_fail_at_startup(tmp_path: Path) -> None:
+    """A route to a handler that is not installed is a configuration error."""
+    with pytest.raises(SettingsError, match="sweepx"):
+        router(tmp_path, RouteConfig(handler="sweepx"))
+
+
+@pytest.mark.parametrize("url, account", [
+    ("https://stmedia01.blob.core.windows.net/videos/a.mp4", "stmedia01"),
+    ("https://stmedia01.dfs.core.windows.net/videos/a.mp4", "stmedia01"),
+    ("http://127.0.0.1:10000/devstoreaccount1/videos/a.mp4", "devstoreaccount1"),
+    ("file:///srv/blobs/videos/a.mp4", "local"),
+])
+def test_account_of(url: str, account: str) -> None:
+    """The account is the host's first label, or the first path segment path-style."""
+    assert account_of(url) == account
