@@ -45,11 +45,18 @@ class ResourceFile:
 
     ``http_url`` is a task-readable URL produced by ``BuildContext.input_url`` (a
     short-lived read-only SAS URL on Azure, a ``file://`` URL locally).
+
+    Or, as Batch's ``storageContainerUrl`` + ``blobPrefix``: ``http_url`` is ``""``,
+    ``storage_container_url`` comes from ``BuildContext.input_container_url``, and
+    every blob whose name starts with ``blob_prefix`` is downloaded to
+    ``<file_path>/<full blob name>`` (``file_path`` is then a directory, may be ``""``).
     """
 
     http_url: str
     file_path: str
     file_mode: str | None = None
+    storage_container_url: str | None = None
+    blob_prefix: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +174,11 @@ class BuildContext(Protocol):
 
     def output_container_url(self, container: str, prefix: str) -> str:
         """A task-writable destination for outputs under ``prefix`` in ``container``."""
+        ...
+
+    def input_container_url(self, container: str, prefix: str) -> str:
+        """A task-readable, listable URL of ``container`` for staging every blob under
+        ``prefix`` (``ResourceFile.storage_container_url``; read+list, short-lived)."""
         ...
 
 

@@ -202,7 +202,7 @@ def _print_plan(jobs: list[Any], ignored: list[str], show: int) -> None:
             if counted < show:
                 deps = _deps_text(task)
                 out.print(f"  task {task.id}: {task.command_line}{deps}", highlight=False,
-                          soft_wrap=True)
+                          soft_wrap=True, markup=False, emoji=False)
             counted += 1
         if counted > show:
             out.print(f"  ... {counted - show} more", highlight=False)
@@ -238,6 +238,9 @@ def task_json(task: TaskSpec) -> dict[str, Any]:
     return {
         "id": task.id, "command_line": task.command_line, "environment": task.environment,
         "resource_files": [{"http_url": _redact(r.http_url), "file_path": r.file_path}
+                           if not r.storage_container_url else
+                           {"storage_container_url": _redact(r.storage_container_url),
+                            "blob_prefix": r.blob_prefix, "file_path": r.file_path}
                            for r in task.resource_files],
         "output_files": [{"file_pattern": o.file_pattern,
                           "container_url": _redact(o.container_url), "path": o.path,

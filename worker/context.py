@@ -66,6 +66,9 @@ class WorkerContext:
     def output_container_url(self, container: str, prefix: str) -> str:
         return self.storage.output_container_url(container, prefix)
 
+    def input_container_url(self, container: str, prefix: str) -> str:
+        return self.storage.input_container_url(container, prefix)
+
 
 def apply_job_options(job: JobSpec, options: JobOptions, *, job_id: str,
                       default_pool: str, limits: LimitsConfig, handler: str) -> JobSpec:

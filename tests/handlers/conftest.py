@@ -41,6 +41,9 @@ class StubContext:
     def output_container_url(self, container: str, prefix: str) -> str:
         return f"file:///blobs/{container}"
 
+    def input_container_url(self, container: str, prefix: str) -> str:
+        return f"file:///blobs/{container}"
+
 
 @pytest.fixture
 def stub_ctx() -> StubContext:

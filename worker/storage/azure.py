@@ -179,6 +179,23 @@ class AzureBlobStorage:
                   expiry=expiry.isoformat())
         return f"{url}?{sas}"
 
+    def input_container_url(self, container: str, prefix: str) -> str:
+        """The container's URL with a read+list SAS, for a resource file that stages
+        every blob under ``prefix`` (Batch lists the container, so the SAS is
+        container-wide; it grants no write, create or delete)."""
+        container = check_container(container)
+        check_prefix(prefix)
+        start, expiry = self._window()
+        sas = generate_container_sas(
+            self.account_name, container,
+            permission=ContainerSasPermissions(read=True, list=True),
+            start=start, expiry=expiry, protocol=self._protocol, **self._signer(expiry),
+        )
+        url = self.endpoint.container_url(container)
+        log.debug("sas_issued", url=url, rights="rl", scope="container",
+                  expiry=expiry.isoformat())
+        return f"{url}?{sas}"
+
     def upload(self, ref: BlobRef, data: bytes) -> None:
         """Write (or overwrite) a block blob."""
         ref = make_ref(ref.container, ref.blob)

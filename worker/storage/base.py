@@ -27,6 +27,11 @@ class Storage(Protocol):
         """A task-writable destination for blobs under ``prefix`` in ``container``."""
         ...
 
+    def input_container_url(self, container: str, prefix: str) -> str:
+        """A task-readable, listable container URL for staging the blobs under
+        ``prefix`` (read+list, short-lived; Batch's ``storageContainerUrl``)."""
+        ...
+
     def upload(self, ref: BlobRef, data: bytes) -> None:
         """Write a blob (for ``fanout`` tooling and tests)."""
         ...

@@ -128,6 +128,12 @@ class LocalStorage:
         check_prefix(prefix)
         return file_url(self.container_dir(container))
 
+    def input_container_url(self, container: str, prefix: str) -> str:
+        """The ``file://`` URL of the container's directory; the executor copies the
+        files under ``prefix`` from it (``ResourceFile.storage_container_url``)."""
+        check_prefix(prefix)
+        return file_url(self.container_dir(container))
+
     def ensure_container(self, container: str) -> None:
         """Create a container's directory if it is missing."""
         self.container_dir(container).mkdir(parents=True, exist_ok=True)

@@ -614,7 +614,8 @@ def _task_rows(job_seq: int, tasks: Sequence[TaskSpec], now: float,
         rows.append((
             job_seq, tid, _numeric_id(tid) if tid.isdigit() else None, t.display_name,
             t.command_line, dumps(env) if env else None,
-            dumps([[r.http_url, r.file_path, r.file_mode] for r in rfiles]) if rfiles else None,
+            dumps([[r.http_url, r.file_path, r.file_mode, r.storage_container_url,
+                    r.blob_prefix] for r in rfiles]) if rfiles else None,
             dumps([[o.file_pattern, o.container_url, o.path, o.upload_condition]
                    for o in ofiles]) if ofiles else None,
             dumps(list(ids)) if ids else None,

@@ -55,6 +55,9 @@ def stage(files: Sequence[ResourceFile], wd: Path, storage: Storage | None = Non
     """Download every resource file into the working directory ``wd``."""
     root = wd.resolve()
     for rf in files:
+        if rf.storage_container_url:
+            stage_container(rf, root)
+            continue
         dest = inside(root, rf.file_path, code="ResourceFilePathInvalid")
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -70,6 +73,36 @@ def stage(files: Sequence[ResourceFile], wd: Path, storage: Storage | None = Non
         except (OSError, urllib.error.URLError) as exc:
             raise TransferError("ResourceFileDownloadError",
                                 f"cannot download {safe_url(rf.http_url)} to {rf.file_path}: "
+                                f"{_reason(exc)}") from None
+
+
+def stage_container(rf: ResourceFile, root: Path) -> None:
+    """Batch's ``storageContainerUrl`` + ``blobPrefix``: every blob under the prefix,
+    each to ``<file_path>/<full blob name>`` (local ``file://`` containers only;
+    files still being written, ``.fanout-*.part``, are not blobs yet)."""
+    url = rf.storage_container_url or ""
+    prefix = rf.blob_prefix or ""
+    if urllib.parse.urlsplit(url).scheme.lower() != "file":
+        raise TransferError("ResourceFileDownloadError",
+                            f"the local executor stages containers from file:// URLs only, "
+                            f"not {safe_url(url)}")
+    container = file_url_path(url).resolve()
+    top = container / prefix.rpartition("/")[0]
+    names = [p.relative_to(container).as_posix() for p in sorted(top.rglob("*"))
+             if p.is_file() and p.resolve().is_relative_to(container)
+             and not (p.name.startswith(".fanout-") and p.name.endswith(".part"))]
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        dest = inside(root, str(Path(rf.file_path or ".") / name),
+                      code="ResourceFilePathInvalid")
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(container / name, "rb") as src:
+                _write_atomic(src, dest)
+        except OSError as exc:
+            raise TransferError("ResourceFileDownloadError",
+                                f"cannot download {name!r} from {safe_url(url)}: "
                                 f"{_reason(exc)}") from None
 
 
