@@ -26,7 +26,10 @@ test: $(STAMP) tools
 	$(PY) -m pytest -q
 
 ## tools: node packages the tests start (Azurite), installed under .tools/
-tools: $(AZURITE)
+tools: $(AZURITE) .tools/node_modules/@kubernetes-models/prometheus-operator
+
+.tools/node_modules/@kubernetes-models/prometheus-operator: # CRD validators for tests/deploy
+	npm install --prefix .tools --no-audit --no-fund --loglevel=error @kubernetes-models/keda@2.0.0 @kubernetes-models/prometheus-operator@6.0.0
 
 $(AZURITE):
 	@if command -v npm >/dev/null; then \

@@ -1,0 +1,432 @@
+// fanout's Azure infrastructure, in one resource group:
+//   az deployment group create -g <rg> -f deploy/bicep/main.bicep -p aksOidcIssuer=<url>
+// - Service Bus namespace + queue (duplicate detection, dead-lettering on expiry);
+// - storage account with input and output containers;
+// - Event Grid system topic on the storage account, BlobCreated in the input
+//   container delivered to the queue (CloudEvents 1.0), as fanout's blob events;
+// - Batch account with a CPU pool and a GPU pool (autoscaled, spot first, to zero);
+// - a user-assigned identity for fanout with least-privilege roles, and one for
+//   KEDA's queue-length reads; federated with AKS service accounts when
+//   aksOidcIssuer is given.
+// Outputs feed fanout's configuration: fanoutToml is a ready fanout.toml.
+// Not compiled or deployed in this repository's CI (no Bicep compiler offline):
+// run `az bicep build -f deploy/bicep/main.bicep` and `az deployment group what-if`.
+
+targetScope = 'resourceGroup'
+
+@description('Region of every resource.')
+param location string = resourceGroup().location
+
+@minLength(3)
+@maxLength(11)
+@description('Lower-case prefix of resource names.')
+param prefix string = 'fanout'
+
+@description('Queue fanout reads.')
+param queueName string = 'fanout'
+
+@description('Container whose new blobs become messages on the queue.')
+param inputContainerName string = 'input'
+
+@description('Container tasks write their outputs to.')
+param outputContainerName string = 'output'
+
+@description('VM size of the CPU pool.')
+param cpuVmSize string = 'Standard_D4as_v5'
+
+@description('Task slots per CPU node (one per vCPU of cpuVmSize).')
+param cpuTaskSlotsPerNode int = 4
+
+@description('Upper bound on spot nodes in the CPU pool.')
+param cpuMaxSpotNodes int = 20
+
+@description('Upper bound on dedicated nodes backfilling preempted CPU spot nodes.')
+param cpuMaxDedicatedNodes int = 2
+
+@description('VM size of the GPU pool.')
+param gpuVmSize string = 'Standard_NC4as_T4_v3'
+
+@description('Task slots per GPU node (one per GPU of gpuVmSize).')
+param gpuTaskSlotsPerNode int = 1
+
+@description('Upper bound on spot nodes in the GPU pool.')
+param gpuMaxSpotNodes int = 4
+
+@description('Upper bound on dedicated nodes backfilling preempted GPU spot nodes.')
+param gpuMaxDedicatedNodes int = 1
+
+@description('OIDC issuer URL of the AKS cluster (az aks show --query oidcIssuerProfile.issuerUrl); empty for no federation (VM only).')
+param aksOidcIssuer string = ''
+
+@description('Kubernetes namespace and service account fanout runs as.')
+param fanoutNamespace string = 'fanout'
+param fanoutServiceAccount string = 'fanout'
+
+@description('Kubernetes namespace and service account of the KEDA operator.')
+param kedaNamespace string = 'keda'
+param kedaServiceAccount string = 'keda-operator'
+
+@description('Let fanout read the queue\'s message counts (fanout_queue_messages). Service Bus serves them only to the Manage right, which the only built-in role with it (Data Owner) grants on the queue alone here.')
+param workerReadsQueueDepth bool = true
+
+var suffix = uniqueString(resourceGroup().id, prefix)
+var serviceBusName = 'sb-${prefix}-${suffix}'
+var storageName = take('st${prefix}${suffix}', 24)
+var batchName = take('ba${prefix}${suffix}', 24)
+
+// Built-in role definitions (the ids are the same in every tenant).
+var roles = {
+  serviceBusDataReceiver: '4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0'
+  serviceBusDataSender: '69a216fc-b8fb-44d8-bc22-1f3c2cd27a39'
+  serviceBusDataOwner: '090c5cfd-751d-490a-894a-3ce6f1109419'
+  storageBlobDataContributor: 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
+  storageBlobDelegator: 'db58b8e5-c6ad-4a2a-8342-4190687cbf4a'
+  batchDataContributor: '6aaa78f1-f7de-44ca-8722-c64a23943cae'
+}
+
+// ---------------------------------------------------------------- identities
+
+resource workerIdentity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
+  name: 'id-${prefix}-worker'
+  location: location
+}
+
+resource scalerIdentity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
+  name: 'id-${prefix}-scaler'
+  location: location
+}
+
+resource workerFederation 'Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials@2023-01-31' = if (!empty(aksOidcIssuer)) {
+  parent: workerIdentity
+  name: 'aks-${fanoutNamespace}-${fanoutServiceAccount}'
+  properties: {
+    issuer: aksOidcIssuer
+    subject: 'system:serviceaccount:${fanoutNamespace}:${fanoutServiceAccount}'
+    audiences: [
+      'api://AzureADTokenExchange'
+    ]
+  }
+}
+
+resource scalerFederation 'Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials@2023-01-31' = if (!empty(aksOidcIssuer)) {
+  parent: scalerIdentity
+  name: 'aks-${kedaNamespace}-${kedaServiceAccount}'
+  properties: {
+    issuer: aksOidcIssuer
+    subject: 'system:serviceaccount:${kedaNamespace}:${kedaServiceAccount}'
+    audiences: [
+      'api://AzureADTokenExchange'
+    ]
+  }
+}
+
+// ---------------------------------------------------------------- Service Bus
+
+resource serviceBus 'Microsoft.ServiceBus/namespaces@2021-11-01' = {
+  name: serviceBusName
+  location: location
+  sku: {
+    // Duplicate detection needs Standard or Premium.
+    name: 'Standard'
+    tier: 'Standard'
+  }
+  properties: {
+    disableLocalAuth: true
+    minimumTlsVersion: '1.2'
+  }
+}
+
+resource queue 'Microsoft.ServiceBus/namespaces/queues@2021-11-01' = {
+  parent: serviceBus
+  name: queueName
+  properties: {
+    // fanout renews locks while it submits; one minute bounds a crashed worker's hold.
+    lockDuration: 'PT1M'
+    maxDeliveryCount: 10
+    requiresDuplicateDetection: true
+    duplicateDetectionHistoryTimeWindow: 'PT1H'
+    deadLetteringOnMessageExpiration: true
+    defaultMessageTimeToLive: 'P7D'
+    requiresSession: false
+    enableBatchedOperations: true
+    maxSizeInMegabytes: 1024
+  }
+}
+
+// ---------------------------------------------------------------- storage
+
+resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
+  name: storageName
+  location: location
+  kind: 'StorageV2'
+  sku: {
+    name: 'Standard_LRS'
+  }
+  properties: {
+    accessTier: 'Hot'
+    // Entra ID only: fanout hands tasks user delegation SAS, which needs no key.
+    allowSharedKeyAccess: false
+    allowBlobPublicAccess: false
+    minimumTlsVersion: 'TLS1_2'
+    supportsHttpsTrafficOnly: true
+  }
+}
+
+resource blobService 'Microsoft.Storage/storageAccounts/blobServices@2023-05-01' = {
+  parent: storage
+  name: 'default'
+}
+
+resource inputContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
+  parent: blobService
+  name: inputContainerName
+  properties: {
+    publicAccess: 'None'
+  }
+}
+
+resource outputContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
+  parent: blobService
+  name: outputContainerName
+  properties: {
+    publicAccess: 'None'
+  }
+}
+
+// ---------------------------------------------------------------- Event Grid
+
+resource blobEvents 'Microsoft.EventGrid/systemTopics@2022-06-15' = {
+  name: 'evgt-${prefix}-${suffix}'
+  location: location
+  identity: {
+    type: 'SystemAssigned'
+  }
+  properties: {
+    source: storage.id
+    topicType: 'Microsoft.Storage.StorageAccounts'
+  }
+}
+
+// The system topic sends to the queue with its own identity (local auth is off).
+resource eventGridSendsToQueue 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(queue.id, blobEvents.id, roles.serviceBusDataSender)
+  scope: queue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataSender)
+    principalId: blobEvents.identity.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource blobCreatedToQueue 'Microsoft.EventGrid/systemTopics/eventSubscriptions@2022-06-15' = {
+  parent: blobEvents
+  name: 'blob-created-to-${queueName}'
+  dependsOn: [
+    eventGridSendsToQueue
+    inputContainer
+  ]
+  properties: {
+    eventDeliverySchema: 'CloudEventSchemaV1_0'
+    deliveryWithResourceIdentity: {
+      identity: {
+        type: 'SystemAssigned'
+      }
+      destination: {
+        endpointType: 'ServiceBusQueue'
+        properties: {
+          resourceId: queue.id
+        }
+      }
+    }
+    filter: {
+      includedEventTypes: [
+        'Microsoft.Storage.BlobCreated'
+      ]
+      // Only blobs in the input container: outputs written by tasks must not loop.
+      subjectBeginsWith: '/blobServices/default/containers/${inputContainerName}/blobs/'
+      // A finished upload, not each flush of a Data Lake append.
+      advancedFilters: [
+        {
+          operatorType: 'StringIn'
+          key: 'data.api'
+          values: [
+            'PutBlob'
+            'PutBlockList'
+            'CopyBlob'
+            'FlushWithClose'
+          ]
+        }
+      ]
+    }
+    retryPolicy: {
+      maxDeliveryAttempts: 30
+      eventTimeToLiveInMinutes: 1440
+    }
+  }
+}
+
+// ---------------------------------------------------------------- Batch
+
+resource batch 'Microsoft.Batch/batchAccounts@2024-07-01' = {
+  name: batchName
+  location: location
+  properties: {
+    poolAllocationMode: 'BatchService'
+    publicNetworkAccess: 'Enabled'
+    // Entra ID for fanout; task tokens for tasks that call back into Batch.
+    allowedAuthenticationModes: [
+      'AAD'
+      'TaskAuthenticationToken'
+    ]
+  }
+}
+
+module cpuPool 'modules/batch-pool.bicep' = {
+  name: 'pool-cpu'
+  params: {
+    batchAccountName: batch.name
+    poolName: 'cpu'
+    vmSize: cpuVmSize
+    imageReference: {
+      publisher: 'canonical'
+      offer: '0001-com-ubuntu-server-jammy'
+      sku: '22_04-lts'
+      version: 'latest'
+    }
+    nodeAgentSkuId: 'batch.node.ubuntu 22.04'
+    taskSlotsPerNode: cpuTaskSlotsPerNode
+    maxSpotNodes: cpuMaxSpotNodes
+    maxDedicatedNodes: cpuMaxDedicatedNodes
+  }
+}
+
+module gpuPool 'modules/batch-pool.bicep' = {
+  name: 'pool-gpu'
+  params: {
+    batchAccountName: batch.name
+    poolName: 'gpu'
+    vmSize: gpuVmSize
+    // Ubuntu HPC image: NVIDIA drivers and CUDA preinstalled.
+    imageReference: {
+      publisher: 'microsoft-dsvm'
+      offer: 'ubuntu-hpc'
+      sku: '2204'
+      version: 'latest'
+    }
+    nodeAgentSkuId: 'batch.node.ubuntu 22.04'
+    taskSlotsPerNode: gpuTaskSlotsPerNode
+    maxSpotNodes: gpuMaxSpotNodes
+    maxDedicatedNodes: gpuMaxDedicatedNodes
+  }
+}
+
+// ---------------------------------------------------------------- role assignments
+// fanout's identity: receive and send on the queue only; read/write blobs and sign
+// user delegation SAS on the storage account; manage jobs and tasks on the Batch
+// account. KEDA's identity: the Manage right on the queue only, for its length.
+
+resource workerReceives 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(queue.id, workerIdentity.id, roles.serviceBusDataReceiver)
+  scope: queue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataReceiver)
+    principalId: workerIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource workerSends 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(queue.id, workerIdentity.id, roles.serviceBusDataSender)
+  scope: queue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataSender)
+    principalId: workerIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource workerReadsQueue 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (workerReadsQueueDepth) {
+  name: guid(queue.id, workerIdentity.id, roles.serviceBusDataOwner)
+  scope: queue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataOwner)
+    principalId: workerIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource workerBlobData 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(storage.id, workerIdentity.id, roles.storageBlobDataContributor)
+  scope: storage
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageBlobDataContributor)
+    principalId: workerIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource workerBlobDelegator 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(storage.id, workerIdentity.id, roles.storageBlobDelegator)
+  scope: storage
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageBlobDelegator)
+    principalId: workerIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource workerBatch 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(batch.id, workerIdentity.id, roles.batchDataContributor)
+  scope: batch
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.batchDataContributor)
+    principalId: workerIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource scalerReadsQueue 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(queue.id, scalerIdentity.id, roles.serviceBusDataOwner)
+  scope: queue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataOwner)
+    principalId: scalerIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+// ---------------------------------------------------------------- outputs
+
+var serviceBusFqdn = '${serviceBus.name}.servicebus.windows.net'
+var batchAccountUrl = 'https://${batch.properties.accountEndpoint}'
+var blobAccountUrl = storage.properties.primaryEndpoints.blob
+
+output serviceBusNamespaceName string = serviceBus.name
+output serviceBusFqdn string = serviceBusFqdn
+output queueName string = queue.name
+output batchAccountUrl string = batchAccountUrl
+output batchAccountName string = batch.name
+output cpuPoolName string = cpuPool.outputs.name
+output gpuPoolName string = gpuPool.outputs.name
+output blobAccountUrl string = blobAccountUrl
+output storageAccountName string = storage.name
+output inputContainerName string = inputContainer.name
+output outputContainerName string = outputContainer.name
+output workerClientId string = workerIdentity.properties.clientId
+output workerIdentityId string = workerIdentity.id
+output scalerClientId string = scalerIdentity.properties.clientId
+
+@description('fanout.toml for these resources (Entra ID throughout: no secrets).')
+output fanoutToml string = join([
+  '[servicebus]'
+  'namespace = "${serviceBusFqdn}"'
+  'queue = "${queue.name}"'
+  ''
+  '[batch]'
+  'account_url = "${batchAccountUrl}"'
+  'pool = "${cpuPool.outputs.name}"'
+  ''
+  '[blob]'
+  'account_url = "${blobAccountUrl}"'
+  ''
+], '\n')
