@@ -618,6 +618,26 @@ def test_resource_files_are_staged(make_backend: MakeBackend, tmp_path: Path,
     assert (backend.task_dir("j", "t") / "stdout.txt").read_text() == "local dataweb data"
 
 
+def test_container_resource_files_are_staged(make_backend: MakeBackend, tmp_path: Path) -> None:
+    """A container + prefix resource file stages every blob under the prefix."""
+    container = tmp_path / "blobs" / "frames"
+    (container / "shot1").mkdir(parents=True)
+    for name in ("0001.png", "0002.png"):
+        (container / "shot1" / name).write_text(name)
+    (container / "shot2.png").write_text("not under the prefix")
+    backend = make_backend()
+    backend.create_job(job("j"))
+    backend.add_tasks("j", [TaskSpec(
+        id="t", command_line=sh("ls -R frames-in > listing.txt"),
+        output_files=[OutputFile("listing.txt", file_url(tmp_path / "out"), "listing.txt")],
+        resource_files=[ResourceFile("", "frames-in", storage_container_url=file_url(container),
+                                     blob_prefix="shot1/")])])
+    wait_for(settled(backend, "j", 1), "the task")
+    assert backend.task("j", "t").result == "success"  # type: ignore[union-attr]
+    listing = (tmp_path / "out" / "listing.txt").read_text().split()
+    assert "0001.png" in listing and "0002.png" in listing and "shot2.png" not in listing
+
+
 @pytest.mark.parametrize(("resource", "code"), [
     (ResourceFile("file:///nonexistent/file", "x"), "ResourceFileDownloadError"),
     (ResourceFile("file:///etc/hostname", "../escape"), "ResourceFilePathInvalid"),

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import urllib.parse
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -105,6 +109,96 @@ def test_file_urls_are_percent_decoded(tmp_path: Path) -> None:
 def test_safe_url_drops_the_query() -> None:
     """SAS tokens never reach a message."""
     assert transfer.safe_url("https://a.blob/c/x?sv=1&sig=SECRET#f") == "https://a.blob/c/x"
+
+
+@pytest.fixture
+def blob_service() -> Iterator[dict[str, Any]]:
+    """A tiny Blob service: List Blobs (two names per page) and Get Blob of ``blobs``."""
+    state: dict[str, Any] = {"blobs": {}, "queries": []}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            parts = urllib.parse.urlsplit(self.path)
+            query = urllib.parse.parse_qs(parts.query)
+            state["queries"].append(query)
+            if query.get("comp") == ["list"]:
+                self._list(query)
+                return
+            blob = urllib.parse.unquote(parts.path.removeprefix("/c/"))
+            body = state["blobs"].get(blob)
+            self._send(200 if body is not None else 404, body or b"")
+
+        def _list(self, query: dict[str, list[str]]) -> None:
+            prefix = query.get("prefix", [""])[0]
+            names = sorted(n for n in state["blobs"] if n.startswith(prefix))
+            start = int(query.get("marker", ["0"])[0])
+            page = names[start:start + 2]
+            more = f"<NextMarker>{start + 2}</NextMarker>" if start + 2 < len(names) else (
+                "<NextMarker/>")
+            xml = ("<?xml version='1.0' encoding='utf-8'?><EnumerationResults><Blobs>"
+                   + "".join(f"<Blob><Name>{n}</Name></Blob>" for n in page)
+                   + f"</Blobs>{more}</EnumerationResults>")
+            self._send(200, xml.encode())
+
+        def _send(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    state["url"] = f"http://127.0.0.1:{server.server_address[1]}/c?sv=1&sig=SECRET"
+    yield state
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_stage_container_over_http(tmp_path: Path, blob_service: dict[str, Any]) -> None:
+    """Every blob under the prefix is listed page by page and staged under file_path."""
+    blob_service["blobs"].update({"frames/0001.png": b"1", "frames/0002.png": b"2",
+                                  "frames/sub/0003.png": b"3", "frames-other/x": b"no",
+                                  "other/y": b"no"})
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    transfer.stage([ResourceFile("", "in", storage_container_url=blob_service["url"],
+                                 blob_prefix="frames/")], wd)
+    staged = sorted(p.relative_to(wd).as_posix() for p in wd.rglob("*") if p.is_file())
+    assert staged == ["in/frames/0001.png", "in/frames/0002.png", "in/frames/sub/0003.png"]
+    assert (wd / "in" / "frames" / "sub" / "0003.png").read_bytes() == b"3"
+    assert all(q.get("sig") == ["SECRET"] for q in blob_service["queries"])
+    assert sum(q.get("comp") == ["list"] for q in blob_service["queries"]) == 2
+
+
+def test_stage_container_errors_hide_the_sas(tmp_path: Path) -> None:
+    """An unreachable container fails staging without echoing its SAS."""
+    with pytest.raises(TransferError) as caught:
+        transfer.stage([ResourceFile("", "", storage_container_url=(
+            "http://127.0.0.1:9/c?sv=1&sig=SECRET"), blob_prefix="p/")], tmp_path)
+    assert caught.value.code == "ResourceFileDownloadError"
+    assert "SECRET" not in caught.value.message
+
+
+def test_stage_local_container(tmp_path: Path) -> None:
+    """A file:// container stages the files whose names start with the prefix."""
+    container = tmp_path / "blobs" / "media"
+    (container / "frames" / "sub").mkdir(parents=True)
+    (container / "frames" / "a.png").write_text("a")
+    (container / "frames" / "sub" / "b.png").write_text("b")
+    (container / "frames" / ".fanout-x.part").write_text("partial")
+    (container / "framesX.png").write_text("no")
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    transfer.stage([ResourceFile("", "", storage_container_url="file://" + str(container),
+                                 blob_prefix="frames/")], wd)
+    staged = sorted(p.relative_to(wd).as_posix() for p in wd.rglob("*") if p.is_file())
+    assert staged == ["frames/a.png", "frames/sub/b.png"]
 
 
 @pytest.fixture

@@ -19,15 +19,19 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
+from xml.etree import ElementTree
 
 from handlers.base import OutputFile, ResourceFile
 from worker.storage.base import Storage
 
 #: Seconds an HTTP transfer may stall before it fails.
 HTTP_TIMEOUT = 60.0
+#: The Blob service REST version used for List Blobs and Get Blob.
+_API_VERSION = "2021-08-06"
 _COPY_BUFFER = 1024 * 1024
 _WILDCARDS = re.compile(r"[*?\[]")
 _ENV_REFERENCE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
@@ -78,32 +82,80 @@ def stage(files: Sequence[ResourceFile], wd: Path, storage: Storage | None = Non
 
 def stage_container(rf: ResourceFile, root: Path) -> None:
     """Batch's ``storageContainerUrl`` + ``blobPrefix``: every blob under the prefix,
-    each to ``<file_path>/<full blob name>`` (local ``file://`` containers only;
-    files still being written, ``.fanout-*.part``, are not blobs yet)."""
+    each to ``<file_path>/<full blob name>``.
+
+    A ``file://`` container is a local storage directory (files still being written,
+    ``.fanout-*.part``, are not blobs yet); an ``http(s)://`` one is listed with the
+    Blob service's List Blobs call, as Batch does with a read+list SAS URL.
+    """
     url = rf.storage_container_url or ""
     prefix = rf.blob_prefix or ""
-    if urllib.parse.urlsplit(url).scheme.lower() != "file":
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    try:
+        if scheme == "file":
+            names, opener = _local_container(url, prefix)
+        elif scheme in ("http", "https"):
+            names, opener = _remote_container(url, prefix)
+        else:
+            raise TransferError("ResourceFileDownloadError",
+                                f"unsupported container URL scheme {scheme!r} in {safe_url(url)}")
+    except (OSError, urllib.error.URLError, ElementTree.ParseError) as exc:
         raise TransferError("ResourceFileDownloadError",
-                            f"the local executor stages containers from file:// URLs only, "
-                            f"not {safe_url(url)}")
+                            f"cannot list {safe_url(url)}: {_reason(exc)}") from None
+    for name in names:
+        dest = inside(root, str(Path(rf.file_path or ".") / name),
+                      code="ResourceFilePathInvalid")
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with opener(name) as src:
+                _write_atomic(src, dest)
+        except (OSError, urllib.error.URLError) as exc:
+            raise TransferError("ResourceFileDownloadError",
+                                f"cannot download {name!r} from {safe_url(url)}: "
+                                f"{_reason(exc)}") from None
+
+
+_Opener = Callable[[str], AbstractContextManager[BinaryIO]]
+
+
+def _local_container(url: str, prefix: str) -> tuple[list[str], _Opener]:
     container = file_url_path(url).resolve()
     top = container / prefix.rpartition("/")[0]
     names = [p.relative_to(container).as_posix() for p in sorted(top.rglob("*"))
              if p.is_file() and p.resolve().is_relative_to(container)
              and not (p.name.startswith(".fanout-") and p.name.endswith(".part"))]
-    for name in names:
-        if not name.startswith(prefix):
-            continue
-        dest = inside(root, str(Path(rf.file_path or ".") / name),
-                      code="ResourceFilePathInvalid")
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with open(container / name, "rb") as src:
-                _write_atomic(src, dest)
-        except OSError as exc:
-            raise TransferError("ResourceFileDownloadError",
-                                f"cannot download {name!r} from {safe_url(url)}: "
-                                f"{_reason(exc)}") from None
+    return ([n for n in names if n.startswith(prefix)],
+            lambda name: open(container / name, "rb"))
+
+
+def _remote_container(url: str, prefix: str) -> tuple[list[str], _Opener]:
+    parts = urllib.parse.urlsplit(url)
+    path = parts.path.rstrip("/")
+
+    def at(blob_path: str, query: str) -> str:
+        full = "&".join(q for q in (parts.query, query) if q)
+        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, blob_path, full, ""))
+
+    names: list[str] = []
+    marker = ""
+    while True:
+        query = urllib.parse.urlencode({"restype": "container", "comp": "list",
+                                        "prefix": prefix, **({"marker": marker} if marker else {})})
+        request = urllib.request.Request(at(path, query), headers={"x-ms-version": _API_VERSION})
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as response:
+            listing = ElementTree.fromstring(response.read())
+        names += [n.text for n in listing.iterfind("Blobs/Blob/Name") if n.text]
+        marker = listing.findtext("NextMarker") or ""
+        if not marker:
+            break
+
+    def opener(name: str) -> AbstractContextManager[BinaryIO]:
+        request = urllib.request.Request(at(f"{path}/{urllib.parse.quote(name)}", ""),
+                                         headers={"x-ms-version": _API_VERSION})
+        return cast(AbstractContextManager[BinaryIO],
+                    urllib.request.urlopen(request, timeout=HTTP_TIMEOUT))
+
+    return [n for n in names if n.startswith(prefix)], opener
 
 
 def inside(root: Path, relative: str, *, code: str) -> Path:
