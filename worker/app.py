@@ -12,7 +12,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -26,6 +26,9 @@ from worker.routing import HandlerRegistry, Router
 from worker.sources.base import Source
 from worker.storage.base import Storage
 from worker.submit import Submitter
+
+if TYPE_CHECKING:
+    from worker.watch import Watcher
 
 log = structlog.get_logger(__name__)
 
@@ -111,6 +114,7 @@ class App:
     async def run(self, *, install_signals: bool = True,
                   started: Callable[[App], Awaitable[None] | None] | None = None) -> None:
         """Serve until stopped: metrics port, executor, pollers, consumer, drain."""
+        watcher = self._watcher()
         server = MetricsServer(registry=self.registry, health=self.health,
                                bind=self.settings.metrics.bind, port=self.settings.metrics.port)
         server.start()
@@ -122,6 +126,8 @@ class App:
             self._install_signals()
         pollers = [asyncio.create_task(self._poll_queue()),
                    asyncio.create_task(self._poll_backend())]
+        if watcher is not None:
+            pollers.append(asyncio.create_task(watcher.run()))
         log.info("fanout.started", queue=self.source.name, queue_kind=self.settings.queue_kind,
                  backend=self.settings.backend_kind, storage=self.settings.storage_kind,
                  metrics=f"http://{self.settings.metrics.bind}:{server.port}/metrics",
@@ -141,6 +147,17 @@ class App:
             self.backend.close()
             server.stop()
             log.info("fanout.stopped")
+
+    def _watcher(self) -> Watcher | None:
+        """The local blob-upload trigger, when ``[watch]`` names containers."""
+        from worker.storage.local import LocalStorage
+
+        if not self.settings.watch.containers or not isinstance(self.storage, LocalStorage):
+            return None
+        from worker.watch import Watcher
+
+        return Watcher(storage=self.storage, source=self.source, config=self.settings.watch,
+                       state_path=self.settings.home / "watch.db")
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()

@@ -220,6 +220,21 @@ class RouteConfig(_Section):
         return tuple(s.lower() for s in items)
 
 
+class WatchConfig(_Section):
+    """``[watch]``: turn new files in local storage containers into BlobCreated events.
+
+    Only with local storage. A file is sent once its size and mtime have held for
+    ``settle`` seconds; names matching an ``ignore`` pattern (in any path segment)
+    are never sent. Checked every ``interval`` seconds.
+    """
+
+    containers: list[str] = Field(default_factory=list)
+    interval: PositiveFloat = 2.0
+    settle: Annotated[float, Field(ge=0)] = 2.0
+    ignore: list[str] = Field(default_factory=lambda: [
+        ".*", "*.tmp", "*.part", "*.partial", "*.crdownload", "*.swp", "*~"])
+
+
 class EventsConfig(_Section):
     """``[events]``: what happens to blob events no route takes."""
 
@@ -254,6 +269,7 @@ class Settings(BaseSettings):
     handlers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)
     events: EventsConfig = Field(default_factory=EventsConfig)
+    watch: WatchConfig = Field(default_factory=WatchConfig)
     #: Where the settings came from, for ``fanout run`` to log (not a setting).
     _source: str = PrivateAttr(default="defaults")
 

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import shlex
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from handlers.base import BlobRef, Program
+from handlers.base import BlobRef, JobSpec, Program, TaskSpec
 from handlers.errors import InvalidParams, UnknownProgram
+from worker.app import make_storage
+from worker.config import Settings
+from worker.plan import Plan, Planner
+from worker.routing import HandlerRegistry, Router
+from worker.storage.base import Storage
 
 
 @dataclass
@@ -53,3 +61,58 @@ def stub_ctx() -> StubContext:
                             command="python3 sim.py --alpha {alpha} --beta {beta}"),
         "reduce": Program(name="reduce", command="python3 reduce.py --n {task_count}"),
     })
+
+
+@dataclass
+class PlanHarness:
+    """The worker's real planner (entry-point handlers, router, storage) over Settings."""
+
+    settings: Settings
+    planner: Planner
+
+    @property
+    def storage(self) -> Storage:
+        return self.planner.storage
+
+    def plan(self, body: Any, message_id: str = "msg-1") -> Plan:
+        """Plan a message body (a dict or list is sent as JSON)."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return self.planner.plan(data, {}, message_id=message_id)
+
+    def job(self, body: Any) -> tuple[JobSpec, list[TaskSpec]]:
+        """The one job a message plans, with its tasks drawn from the iterator."""
+        planned = self.plan(body)
+        assert len(planned.jobs) == 1, planned
+        job = planned.jobs[0].job
+        return job, list(job.tasks)
+
+
+@pytest.fixture
+def make_planner(make_settings: Callable[..., Settings]) -> Callable[..., PlanHarness]:
+    """Build a PlanHarness from Settings overrides (local storage unless blob is set)."""
+
+    def make(**overrides: Any) -> PlanHarness:
+        settings = make_settings(**overrides)
+        storage = make_storage(settings)
+        router = Router(registry=HandlerRegistry.from_entry_points(), routes=settings.routes,
+                        storage=storage, drop_unrouted=settings.events.unrouted == "drop")
+        return PlanHarness(settings=settings,
+                           planner=Planner(router=router, settings=settings, storage=storage))
+
+    return make
+
+
+def inner_argv(command_line: str) -> list[str]:
+    """The words of the shell command a task runs: ``/bin/sh -c '<this>'`` split."""
+    outer = shlex.split(command_line)
+    assert outer[:2] == ["/bin/sh", "-c"] and len(outer) == 3, outer
+    return shlex.split(outer[2])
+
+
+SAMPLES = Path(__file__).parent / "samples"
+
+
+def sample(name: str) -> dict[str, Any]:
+    """A copy of one of the sample events (from ../shared/samples)."""
+    data: dict[str, Any] = json.loads((SAMPLES / name).read_text())
+    return data
