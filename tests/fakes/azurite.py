@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -196,7 +195,8 @@ class FakeEntraCredential:
     tenant = "72f988bf-86f1-41af-91ab-2d7cd011db47"
     object_id = "11111111-2222-3333-4444-555555555555"
 
-    def __init__(self) -> None:
+    def __init__(self, *, audience: str = "https://storage.azure.com") -> None:
+        self.audience = audience
         self.scopes_seen: list[tuple[str, ...]] = []
 
     def get_token(self, *scopes: str, **kwargs: Any) -> Any:
@@ -205,7 +205,7 @@ class FakeEntraCredential:
 
         self.scopes_seen.append(scopes)
         now = int(time.time())
-        claims = {"aud": "https://storage.azure.com", "iss": f"https://sts.windows.net/{self.tenant}/",
+        claims = {"aud": self.audience, "iss": f"https://sts.windows.net/{self.tenant}/",
                   "iat": now - 60, "nbf": now - 60, "exp": now + 3600,
                   "oid": self.object_id, "tid": self.tenant}
         token = f"{_b64({'alg': 'HS256', 'typ': 'JWT'})}.{_b64(claims)}.c2lnbmF0dXJl"

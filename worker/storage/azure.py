@@ -71,6 +71,9 @@ CLOCK_SKEW = timedelta(minutes=5)
 MAX_DELEGATION = timedelta(days=7) - timedelta(minutes=10)
 #: A delegation key is asked for at least this long, so it is not fetched per task.
 MIN_DELEGATION = timedelta(days=1)
+#: The SDK's retry waits 15 s, then more; these calls sit in a message's path.
+CLIENT_DEFAULTS: Mapping[str, Any] = {"retry_total": 3, "initial_backoff": 1, "increment_base": 2}
+STORAGE_SCOPE = "https://storage.azure.com/.default"
 _FAULTS = (HttpResponseError, ServiceRequestError, ServiceResponseError)
 
 
@@ -100,8 +103,9 @@ class AzureBlobStorage:
         self._clock = clock
         self._lock = threading.Lock()
         self._delegation: tuple[UserDelegationKey, datetime] | None = None
-        options = dict(client_options or {})
+        options = {**CLIENT_DEFAULTS, **(client_options or {})}
         self._service, self._account_key = _client(config, credential, options)
+        self._credential = None if self._account_key else self._service.credential
         name = config.account_name or getattr(self._service, "account_name", None)
         self.endpoint = _endpoint(self._service.url, name)
         self.endpoints = _accepted(self.endpoint, config)
@@ -258,6 +262,9 @@ class AzureBlobStorage:
             now = self._clock()
             expiry = now + min(MAX_DELEGATION, max(MIN_DELEGATION, self._ttl + timedelta(hours=1)))
             with _faults(f"user delegation key from {self.endpoint.display}"):
+                if self._credential is not None:
+                    # Fail fast: the SDK retries a credential error with backoff.
+                    self._credential.get_token(STORAGE_SCOPE)
                 key = self._service.get_user_delegation_key(now - CLOCK_SKEW, expiry)
             self._delegation = (key, expiry)
             log.info("delegation_key_fetched", account=self.account_name,
@@ -335,20 +342,26 @@ def _faults(action: str) -> Iterator[None]:
     try:
         yield
     except ClientAuthenticationError as exc:
-        code = getattr(exc, "error_code", None) or "AuthenticationFailed"
-        raise ConfigFault(f"{action} refused: {_summary(exc)}", code=str(code)) from None
+        code = _error_code(exc) or "AuthenticationFailed"
+        raise ConfigFault(f"{action} refused: {_summary(exc)}", code=code) from None
     except _FAULTS as exc:
         status = getattr(exc, "status_code", None)
         if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
             raise ConfigFault(f"{action} failed: {_summary(exc)}",
-                              code=str(getattr(exc, "error_code", None) or status)) from None
+                              code=_error_code(exc) or str(status)) from None
         raise SystemFault(f"{action} failed: {_summary(exc)}") from None
+
+
+def _error_code(exc: Exception) -> str | None:
+    """The service's error code (``AuthorizationPermissionMismatch``...), if any."""
+    code = getattr(exc, "error_code", None)
+    return str(getattr(code, "value", code)) if code else None
 
 
 def _summary(exc: Exception) -> str:
     """Status and error code of an SDK error, or the first line of a credential error."""
     status = getattr(exc, "status_code", None)
-    code = getattr(exc, "error_code", None)
+    code = _error_code(exc)
     if status is not None or code is not None:
         return f"HTTP {status} {code or ''}".strip()
     text = str(exc).strip()
