@@ -250,6 +250,8 @@ class BatchPeer:
         self.outcomes: Counter[str] = Counter()
         #: Requests by (operation, outcome).
         self.requests: Counter[tuple[str, str]] = Counter()
+        #: Every request's (operation, outcome), in the order they were answered.
+        self.log: list[tuple[str, str]] = []
         #: Tasks in add-collection answers by outcome: added, TaskExists, <error code>.
         self.task_outcomes: Counter[str] = Counter()
         #: Task ids per add-collection request that reached the handler, in order.
@@ -386,6 +388,7 @@ class BatchPeer:
         with self._lock:
             self.outcomes[outcome] += 1
             self.requests[operation, outcome] += 1
+            self.log.append((operation, outcome))
 
     def _check_auth(self, method: str, path: str, query: str,
                     headers: Mapping[str, str]) -> None:
