@@ -338,14 +338,21 @@ def test_against_the_official_azurite_image(tmp_path: Any) -> None:
         docker.from_env().ping()
     except Exception as exc:  # any failure to reach an engine means: no Docker here
         pytest.skip(f"no Docker engine answers ({type(exc).__name__}); testcontainers needs one")
-    from testcontainers.azurite import AzuriteContainer
+    from testcontainers.community.azurite import AzuriteContainer
 
-    with AzuriteContainer("mcr.microsoft.com/azure-storage/azurite:3.37.0") as container:
-        connection = container.get_connection_string()
-        storage = AzureBlobStorage(config=BlobConfig(connection_string=connection))
+    image = AzuriteContainer("mcr.microsoft.com/azure-storage/azurite:3.37.0",
+                             account_name="devstoreaccount1", account_key=ACCOUNT_KEY
+                             ).with_command(
+        "azurite-blob --blobHost 0.0.0.0 --blobPort 10000 --inMemoryPersistence "
+        "--skipApiVersionCheck --loose")
+    with image as container:
+        endpoint = f"http://{container.get_container_host_ip()}:{container.get_exposed_port(10000)}"
+        storage = AzureBlobStorage(config=BlobConfig(
+            account_url=f"{endpoint}/devstoreaccount1", account_key=ACCOUNT_KEY))
         storage.ensure_container("videos")
         storage.upload(BlobRef("videos", "a b.mp4"), b"docker")
         url = storage.input_url(BlobRef("videos", "a b.mp4"))
         with urllib.request.urlopen(url, timeout=10) as response:
             assert response.read() == b"docker"
+        assert storage.parse_url(url.partition("?")[0]) == BlobRef("videos", "a b.mp4")
         storage.close()
