@@ -1,0 +1,346 @@
+"""deploy/bicep: structure, least-privilege roles, the queue and event wiring fanout
+relies on, and the pools' autoscale formula run against simulated pool metrics.
+
+No Bicep compiler is available offline, so this is a structural check: it does not
+prove the template deploys (docs/deploy.md says what to run against Azure).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.deploy import bicep
+from tests.deploy.batch_formula import Evaluator, FormulaError, Samples
+from worker.config import QueueConfig, Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+MAIN = ROOT / "deploy" / "bicep" / "main.bicep"
+POOL = ROOT / "deploy" / "bicep" / "modules" / "batch-pool.bicep"
+
+#: Azure built-in role definition ids (the same in every tenant).
+BUILT_IN_ROLES = {
+    "serviceBusDataReceiver": "4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0",
+    "serviceBusDataSender": "69a216fc-b8fb-44d8-bc22-1f3c2cd27a39",
+    "serviceBusDataOwner": "090c5cfd-751d-490a-894a-3ce6f1109419",
+    "storageBlobDataContributor": "ba92f5b4-2d11-453d-a403-e96b0029c9fe",
+    "storageBlobDelegator": "db58b8e5-c6ad-4a2a-8342-4190687cbf4a",
+    "batchDataContributor": "6aaa78f1-f7de-44ca-8722-c64a23943cae",
+}
+#: Broad roles a least-privilege template never hands out.
+BROAD_ROLES = {"8e3af657-a8ff-443c-a75c-2fe8c4bcb635": "Owner",
+               "b24988ac-6180-42a0-ab88-20f7382dd24c": "Contributor",
+               "18d7d88d-d35e-4fb5-a5c3-7773c20a72d9": "User Access Administrator"}
+API_VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}(-preview)?$")
+
+
+@pytest.fixture
+def main_text() -> str:
+    """main.bicep's text."""
+    return MAIN.read_text()
+
+
+def declarations(text: str) -> list[bicep.Declaration]:
+    """Declarations of a Bicep text."""
+    return bicep.declarations(text)
+
+
+def resources(text: str) -> dict[str, bicep.Declaration]:
+    """Resources of a Bicep text by symbol."""
+    return bicep.by_name(declarations(text), "resource")
+
+
+@pytest.mark.parametrize("path", [MAIN, POOL], ids=["main", "batch-pool"])
+def test_brackets_balance(path: Path) -> None:
+    """Every brace, bracket and parenthesis outside strings and comments pairs up."""
+    assert bicep.unbalanced(path.read_text()) == []
+
+
+def test_the_bracket_check_catches_a_missing_brace(main_text: str) -> None:
+    """Dropping one closing brace is reported."""
+    broken = main_text.replace("\n}\n", "\n\n", 1)
+    assert bicep.unbalanced(broken)
+
+
+@pytest.mark.parametrize("path", [MAIN, POOL], ids=["main", "batch-pool"])
+def test_every_resource_names_a_type_and_an_api_version(path: Path) -> None:
+    """Each resource declares 'Provider/type@yyyy-mm-dd'."""
+    found = resources(path.read_text())
+    assert found
+    for decl in found.values():
+        rtype, version = bicep.type_and_version(decl)
+        assert rtype.startswith("Microsoft."), decl.name
+        assert API_VERSION.match(version), f"{decl.name}: {version}"
+
+
+def _symbols_used(text: str) -> set[str]:
+    code = bicep.blank_strings_and_comments(text)
+    used = set(re.findall(r"(?<![\w.'])([a-zA-Z_]\w*)\.(?:id|name|properties|outputs|identity)\b",
+                          code))
+    used |= set(re.findall(r"\b(?:parent|scope):\s*(\w+)", code))
+    for strings in re.findall(r"'(?:[^'\\]|\\.)*'", text):
+        used |= {m.split(".")[0] for m in re.findall(r"\$\{([\w.]+)", strings)}
+    return used
+
+
+@pytest.mark.parametrize("path", [MAIN, POOL], ids=["main", "batch-pool"])
+def test_every_symbol_used_is_declared_and_every_param_is_used(path: Path) -> None:
+    """References name declared resources, modules, params or vars; no param is dead."""
+    text = path.read_text()
+    decls = declarations(text)
+    declared = {d.name for d in decls}
+    builtins = {"resourceGroup", "subscription"}
+    assert _symbols_used(text) - declared - builtins == set()
+    code = bicep.blank_strings_and_comments(text)
+    strings = " ".join(re.findall(r"'(?:[^'\\]|\\.)*'", text))
+    for param in bicep.by_name(decls, "param"):
+        uses = len(re.findall(rf"\b{param}\b", code)) + len(re.findall(rf"\$\{{{param}\b",
+                                                                         strings))
+        assert uses > 1, f"param {param} is never used"
+
+
+def test_role_ids_are_the_built_in_ones(main_text: str) -> None:
+    """The roles map holds the well-known GUIDs of the roles it names, and nothing broad."""
+    roles = bicep.by_name(declarations(main_text), "var")["roles"].body
+    pairs = dict(re.findall(r"(\w+):\s*'([0-9a-f-]{36})'", roles))
+    assert pairs == {name: BUILT_IN_ROLES[name] for name in pairs}
+    assert not set(re.findall(r"[0-9a-f]{8}-[0-9a-f-]{27}", main_text)) & set(BROAD_ROLES)
+
+
+def role_assignments(text: str) -> set[tuple[str, str, str]]:
+    """(scope, principal, role) of each role assignment in a Bicep text."""
+    found = set()
+    for decl in resources(text).values():
+        if bicep.type_and_version(decl)[0] != "Microsoft.Authorization/roleAssignments":
+            continue
+        scope = re.search(r"\bscope:\s*(\w+)", decl.body)
+        role = re.search(r"roleDefinitions',\s*roles\.(\w+)\)", decl.body)
+        principal = re.search(r"principalId:\s*(\w+)\.", decl.body)
+        assert role and principal, decl.name
+        assert re.search(r"name:\s*guid\(", decl.body), f"{decl.name} has no guid() name"
+        found.add((scope.group(1) if scope else "resourceGroup", principal.group(1),
+                   role.group(1)))
+    return found
+
+
+def test_identities_get_exactly_the_least_privilege_roles(main_text: str) -> None:
+    """fanout's identity gets queue, blob and Batch data roles on those resources only."""
+    granted = role_assignments(main_text)
+    required = {
+        ("queue", "workerIdentity", "serviceBusDataReceiver"),
+        ("queue", "workerIdentity", "serviceBusDataSender"),
+        ("storage", "workerIdentity", "storageBlobDataContributor"),
+        ("storage", "workerIdentity", "storageBlobDelegator"),
+        ("batch", "workerIdentity", "batchDataContributor"),
+        ("queue", "scalerIdentity", "serviceBusDataOwner"),
+        ("queue", "blobEvents", "serviceBusDataSender"),
+    }
+    assert required <= granted
+    optional = {("queue", "workerIdentity", "serviceBusDataOwner")}
+    assert granted - required <= optional
+    assert all(scope != "resourceGroup" for scope, _, _ in granted)
+
+
+def test_a_broader_grant_is_caught(main_text: str) -> None:
+    """Scoping a role to the namespace instead of the queue fails the least-privilege check."""
+    broader = main_text.replace("scope: queue\n  properties: {\n    roleDefinitionId: "
+                                "subscriptionResourceId('Microsoft.Authorization/roleDefinitions'"
+                                ", roles.serviceBusDataReceiver)",
+                                "scope: serviceBus\n  properties: {\n    roleDefinitionId: "
+                                "subscriptionResourceId('Microsoft.Authorization/roleDefinitions'"
+                                ", roles.serviceBusDataReceiver)")
+    assert broader != main_text
+    assert not {("queue", "workerIdentity", "serviceBusDataReceiver")} <= role_assignments(broader)
+
+
+def _prop(body: str, key: str) -> str | None:
+    match = re.search(rf"\b{key}:\s*([^\n]+)", body)
+    return match.group(1).strip().strip("'") if match else None
+
+
+def test_the_queue_matches_what_fanout_expects(main_text: str) -> None:
+    """Duplicate detection and dead-lettering on expiry are on; lock and delivery count match
+    fanout's queue settings."""
+    queue = resources(main_text)["queue"]
+    assert bicep.type_and_version(queue)[0] == "Microsoft.ServiceBus/namespaces/queues"
+    assert _prop(queue.body, "requiresDuplicateDetection") == "true"
+    assert _prop(queue.body, "deadLetteringOnMessageExpiration") == "true"
+    assert _prop(queue.body, "requiresSession") in (None, "false")
+    lock = _prop(queue.body, "lockDuration")
+    assert lock in ("PT1M", "PT5M")
+    defaults = QueueConfig()
+    assert {"PT1M": 60, "PT5M": 300}[lock] == defaults.lock_duration
+    assert int(_prop(queue.body, "maxDeliveryCount") or 0) == defaults.max_delivery_count == 10
+    namespace = resources(main_text)["serviceBus"]
+    assert _prop(namespace.body, "tier") in ("Standard", "Premium")  # duplicate detection
+
+
+def test_blob_created_events_reach_the_queue_for_the_input_container_only(main_text: str) -> None:
+    """The Event Grid subscription sends BlobCreated of the input container to the queue."""
+    found = resources(main_text)
+    topic = found["blobEvents"]
+    assert bicep.type_and_version(topic)[0] == "Microsoft.EventGrid/systemTopics"
+    assert _prop(topic.body, "source") == "storage.id"
+    assert _prop(topic.body, "topicType") == "Microsoft.Storage.StorageAccounts"
+    kind = "Microsoft.EventGrid/systemTopics/eventSubscriptions"
+    subs = [d for d in found.values() if bicep.type_and_version(d)[0] == kind]
+    (sub,) = subs
+    assert "'Microsoft.Storage.BlobCreated'" in sub.body
+    assert _prop(sub.body, "subjectBeginsWith") == \
+        "/blobServices/default/containers/${inputContainerName}/blobs/"
+    assert _prop(sub.body, "endpointType") == "ServiceBusQueue"
+    assert _prop(sub.body, "resourceId") == "queue.id"
+    assert _prop(sub.body, "eventDeliverySchema") in ("CloudEventSchemaV1_0", "EventGridSchema")
+    assert "'Microsoft.Storage.BlobDeleted'" not in sub.body
+
+
+def test_storage_has_private_input_and_output_containers(main_text: str) -> None:
+    """Input and output containers exist, without public access, on a key-less account."""
+    found = resources(main_text)
+    names = {_prop(found[s].body, "name") for s in ("inputContainer", "outputContainer")}
+    assert names == {"inputContainerName", "outputContainerName"}
+    for symbol in ("inputContainer", "outputContainer"):
+        assert _prop(found[symbol].body, "publicAccess") == "None"
+    assert _prop(found["storage"].body, "allowBlobPublicAccess") == "false"
+    assert _prop(found["storage"].body, "allowSharedKeyAccess") == "false"
+
+
+def test_there_is_a_cpu_pool_and_a_gpu_pool(main_text: str) -> None:
+    """Two pool modules, cpu and gpu, the gpu one on a GPU VM size."""
+    modules = bicep.by_name(declarations(main_text), "module")
+    params = {name: bicep.module_params(m) for name, m in modules.items()}
+    assert {p["poolName"] for p in params.values()} == {"cpu", "gpu"}
+    defaults = bicep.param_defaults(declarations(main_text))
+    gpu = next(p for p in params.values() if p["poolName"] == "gpu")
+    assert re.match(r"Standard_N", defaults[gpu["vmSize"]])
+
+
+def test_the_fanout_toml_output_configures_fanout_for_azure(main_text: str) -> None:
+    """The fanoutToml output, with sample values, loads into Settings as all-Azure."""
+    lines = bicep.join_lines(bicep.by_name(declarations(main_text), "output")["fanoutToml"].body)
+    sample = {"serviceBusFqdn": "sb-fanout-x.servicebus.windows.net", "queue.name": "fanout",
+              "batchAccountUrl": "https://bafanoutx.westeurope.batch.azure.com",
+              "cpuPool.outputs.name": "cpu",
+              "blobAccountUrl": "https://stfanoutx.blob.core.windows.net/"}
+    text = "\n".join(bicep.interpolate(line, sample) for line in lines)
+    settings = Settings(**tomllib.loads(text))
+    assert (settings.queue_kind, settings.backend_kind, settings.storage_kind) == \
+        ("servicebus", "azure", "azure")
+    assert settings.servicebus.queue == "fanout" and settings.default_pool == "cpu"
+    outputs = bicep.by_name(declarations(main_text), "output")
+    assert {"workerClientId", "scalerClientId", "serviceBusNamespaceName"} <= set(outputs)
+
+
+# ---------------------------------------------------------------- autoscale formula
+
+
+def pool_formula(pool: str, text: str | None = None) -> str:
+    """The autoscale formula of a pool, with main.bicep's default parameters filled in."""
+    main = declarations(MAIN.read_text())
+    module = next(m for m in bicep.by_name(main, "module").values()
+                  if bicep.module_params(m)["poolName"] == pool)
+    given = bicep.module_params(module)
+    defaults = bicep.param_defaults(main)
+    pool_decls = declarations(text if text is not None else POOL.read_text())
+    values = bicep.param_defaults(pool_decls)
+    values.update({k: defaults.get(v, v) for k, v in given.items()})
+    lines = bicep.join_lines(bicep.by_name(pool_decls, "var")["autoScaleFormula"].body)
+    return "\n".join(bicep.interpolate(line, values) for line in lines)
+
+
+def evaluate(formula: str, *, pending: list[float], slots: int, preempted: float = 0,
+             ) -> tuple[float, float, str]:
+    """(spot target, dedicated target, deallocation) for samples newest-last."""
+    result = Evaluator({
+        "$PendingTasks": Samples(tuple(pending)),
+        "$PreemptedNodeCount": Samples((preempted,) * len(pending)),
+        "$TaskSlotsPerNode": float(slots),
+    }).run(formula)
+    spot, dedicated = result["$TargetLowPriorityNodes"], result["$TargetDedicatedNodes"]
+    assert isinstance(spot, float) and isinstance(dedicated, float)
+    return spot, dedicated, str(result["$NodeDeallocationOption"])
+
+
+TEN_MINUTES = 20  # samples, one each 30 s
+
+
+def test_an_idle_pool_scales_to_zero_and_deallocates_on_task_completion() -> None:
+    """No pending task for the whole idle window: zero nodes, taskcompletion."""
+    spot, dedicated, dealloc = evaluate(pool_formula("cpu"), pending=[0] * TEN_MINUTES, slots=4)
+    assert (spot, dedicated, dealloc) == (0, 0, "taskcompletion")
+
+
+def test_nodes_follow_pending_tasks_per_slot() -> None:
+    """Eight pending one-slot tasks need two 4-slot nodes, or eight 1-slot nodes."""
+    formula = pool_formula("cpu")
+    assert evaluate(formula, pending=[8] * TEN_MINUTES, slots=4)[0] == 2
+    assert evaluate(formula, pending=[8] * TEN_MINUTES, slots=1)[0] == 8
+    assert evaluate(formula, pending=[9] * TEN_MINUTES, slots=4)[0] == 3
+
+
+def test_a_burst_is_capped_and_overflows_to_dedicated() -> None:
+    """100 pending on 4 slots wants 25 nodes: 20 spot (the cap) and 2 dedicated (its cap)."""
+    spot, dedicated, _ = evaluate(pool_formula("cpu"), pending=[0] * 10 + [100], slots=4)
+    assert (spot, dedicated) == (20, 2)
+
+
+def test_preempted_spot_nodes_are_backfilled_with_dedicated_ones() -> None:
+    """With 12 pending on 4 slots and one spot node preempted, one dedicated node joins."""
+    formula = pool_formula("cpu")
+    assert evaluate(formula, pending=[12] * TEN_MINUTES, slots=4, preempted=0)[1] == 0
+    assert evaluate(formula, pending=[12] * TEN_MINUTES, slots=4, preempted=1)[1] == 1
+    assert evaluate(formula, pending=[12] * TEN_MINUTES, slots=4, preempted=5)[1] == 2
+
+
+def test_a_recently_busy_pool_keeps_its_nodes_for_the_idle_window() -> None:
+    """Work that ended minutes ago keeps nodes (no thrash); a new pool uses the last sample."""
+    formula = pool_formula("cpu")
+    assert evaluate(formula, pending=[40] * 5 + [0] * 15, slots=4)[0] == 10
+    assert evaluate(formula, pending=[0, 6], slots=4)[0] == 2
+
+
+def test_the_gpu_pool_counts_one_task_per_gpu_node() -> None:
+    """GPU nodes have one slot: three pending tasks want three spot GPU nodes."""
+    assert evaluate(pool_formula("gpu"), pending=[3] * TEN_MINUTES, slots=1)[0] == 3
+
+
+FORMULA_BREAKAGES = {
+    "no deallocation option": ("'$NodeDeallocationOption = taskcompletion;'\n", ""),
+    "requeue on scale-down": ("= taskcompletion;", "= requeue;"),
+    "not slot-aware": ("floor($TaskSlotsPerNode / $slotsPerTask)", "1"),
+    "ignores preemption": ("$preempted + max", "max"),
+    "never scales to zero": ("$wanted = ceil(", "$wanted = 1 + ceil("),
+}
+
+
+@pytest.mark.parametrize("breakage", sorted(FORMULA_BREAKAGES))
+def test_each_formula_breakage_is_caught(breakage: str) -> None:
+    """A formula broken in one way fails at least one of the behaviours above."""
+    old, new = FORMULA_BREAKAGES[breakage]
+    text = POOL.read_text()
+    assert old in text
+    formula = pool_formula("cpu", text.replace(old, new))
+    checks = [
+        lambda: evaluate(formula, pending=[0] * TEN_MINUTES, slots=4) == (0, 0, "taskcompletion"),
+        lambda: evaluate(formula, pending=[8] * TEN_MINUTES, slots=4)[0] == 2,
+        lambda: evaluate(formula, pending=[12] * TEN_MINUTES, slots=4, preempted=1)[1] == 1,
+    ]
+    results = []
+    for check in checks:
+        try:
+            results.append(check())
+        except (FormulaError, KeyError):
+            results.append(False)
+    assert not all(results), f"{breakage} went unnoticed"
+
+
+def test_the_interpreter_rejects_what_batch_rejects() -> None:
+    """Unknown names and reading a variable before setting it are errors."""
+    with pytest.raises(FormulaError):
+        Evaluator({}).run("$a = $b + 1;")
+    with pytest.raises(FormulaError):
+        Evaluator({}).run("$a = nosuchfunction(1);")
+    assert Evaluator({}).run("$a = 1 > 2 ? 3 : max(4, 5);")["$a"] == 5

@@ -1,0 +1,231 @@
+"""deploy/prometheus and deploy/grafana: rules that promtool accepts and that fire when
+they should, and queries that only name metrics fanout really exports."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry, generate_latest
+
+from worker.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "fanout-dashboard.json"
+RULE_TESTS = Path(__file__).with_name("alerts_test.yaml")
+METRIC = re.compile(r"\bfanout_[a-z0-9_]+")
+RECORDED = re.compile(r"\bfanout:[a-z0-9_:]+")
+
+needs_promtool = pytest.mark.skipif(
+    shutil.which("promtool") is None,
+    reason="promtool not on PATH (Debian: apt-get install prometheus; CI installs it)")
+
+
+def exported_names() -> set[str]:
+    """Every sample name fanout's registry can expose (counters' _total, histograms' parts)."""
+    registry = CollectorRegistry()
+    Metrics(registry=registry)
+    suffixes = {"counter": ("_total", "_created"), "gauge": ("",),
+                "histogram": ("_bucket", "_sum", "_count", "_created"),
+                "summary": ("", "_sum", "_count", "_created"), "info": ("_info",)}
+    names = set()
+    for family in registry.collect():
+        names |= {family.name + s for s in suffixes.get(family.type, ("",))}
+    return names
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    """The rules of alerts.yaml, every group flattened."""
+    data = yaml.safe_load(ALERTS.read_text())
+    return [rule for group in data["groups"] for rule in group["rules"]]
+
+
+def dashboard_exprs() -> list[str]:
+    """Every PromQL expression of the dashboard's panels and variables."""
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    for var in dash["templating"]["list"]:
+        if var["type"] == "query":
+            exprs.append(re.sub(r"^label_values\((\w+),.*\)$", r"\1", var["definition"]))
+    return exprs
+
+
+def test_every_metric_the_rules_use_is_exported() -> None:
+    """Each fanout_* name in an alert or recording rule exists in worker/metrics.py."""
+    used = {m for rule in alert_rules() for m in METRIC.findall(rule["expr"])}
+    assert used, "the rules name no fanout metric"
+    assert used - exported_names() == set()
+
+
+def test_every_metric_the_dashboard_uses_is_exported() -> None:
+    """Each fanout_* name in a dashboard query exists in worker/metrics.py."""
+    used = {m for expr in dashboard_exprs() for m in METRIC.findall(expr)}
+    assert used - exported_names() == set()
+
+
+def test_recording_rules_the_dashboard_and_alerts_use_are_defined() -> None:
+    """fanout:* series used anywhere are recorded by alerts.yaml."""
+    recorded = {r["record"] for r in alert_rules() if "record" in r}
+    used = {m for e in dashboard_exprs() + [r["expr"] for r in alert_rules()]
+            for m in RECORDED.findall(e)}
+    assert used and used <= recorded
+
+
+def test_the_name_check_catches_a_made_up_metric() -> None:
+    """A query on a metric fanout does not export is caught by the same check."""
+    assert METRIC.findall("rate(fanout_messages_recieved_total[5m])")[0] not in exported_names()
+
+
+def test_the_dashboard_has_the_panels_operators_need() -> None:
+    """Queue depth, dead letters, outcomes, tasks, latency, pool nodes and job quota panels."""
+    dash = json.loads(DASHBOARD.read_text())
+    panels = {p["title"]: p for p in dash["panels"] if p["type"] != "row"}
+    wanted = {
+        "Queue depth": "fanout_queue_messages",
+        "Dead-letter queue": 'state="dead_letter"',
+        "Messages by outcome": "fanout_messages_total",
+        "Tasks submitted": "fanout_tasks_submitted_total",
+        "Submission latency": "fanout_submit_duration_seconds_bucket",
+        "Pool nodes by state": "fanout_pool_nodes",
+        "Active jobs against quota": "fanout:active_jobs_quota",
+    }
+    for title, needle in wanted.items():
+        assert title in panels, title
+        assert any(needle in t["expr"] for t in panels[title]["targets"]), title
+    latency = " ".join(t["expr"] for t in panels["Submission latency"]["targets"])
+    assert "histogram_quantile(0.5," in latency and "histogram_quantile(0.95," in latency
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    assert all(t["datasource"]["uid"] == "${datasource}"
+               for p in panels.values() for t in p["targets"])
+
+
+@needs_promtool
+def test_promtool_accepts_the_rules() -> None:
+    """promtool check rules passes on alerts.yaml."""
+    out = subprocess.run(["promtool", "check", "rules", str(ALERTS)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@needs_promtool
+def test_promtool_rejects_a_broken_rule(tmp_path: Path) -> None:
+    """The same check fails on a rule with a PromQL syntax error."""
+    broken = tmp_path / "alerts.yaml"
+    broken.write_text(ALERTS.read_text().replace("> 0.8", "> > 0.8", 1))
+    out = subprocess.run(["promtool", "check", "rules", str(broken)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode != 0
+
+
+@needs_promtool
+def test_the_dashboard_queries_parse(tmp_path: Path) -> None:
+    """Every dashboard query is valid PromQL (checked by promtool as recording rules)."""
+    rules = [{"record": f"dashboard:query_{i}",
+              "expr": expr.replace("$__rate_interval", "5m").replace("$pool", ".*")
+              .replace("$queue", ".*")}
+             for i, expr in enumerate(dashboard_exprs())]
+    path = tmp_path / "dashboard-rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    out = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _rules_without_annotations(tmp_path: Path, old: str = "", new: str = "") -> Path:
+    # promtool's unit tests compare annotations verbatim; the templates are checked
+    # by `check rules`, the expressions, durations and labels here.
+    data = yaml.safe_load(ALERTS.read_text())
+    for group in data["groups"]:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+            if old:
+                rule["expr"] = rule["expr"].replace(old, new)
+    path = tmp_path / "alerts.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@needs_promtool
+def test_each_alert_fires_when_it_should_and_only_then(tmp_path: Path) -> None:
+    """promtool test rules: every alert fires on its symptom and stays quiet without it."""
+    _rules_without_annotations(tmp_path)
+    (tmp_path / "alerts_test.yaml").write_text(RULE_TESTS.read_text())
+    out = subprocess.run(["promtool", "test", "rules", "alerts_test.yaml"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_every_alert_has_a_firing_case() -> None:
+    """Each alert of alerts.yaml is expected to fire in at least one rule test."""
+    cases = yaml.safe_load(RULE_TESTS.read_text())["tests"]
+    firing = {c["alertname"] for t in cases for c in t.get("alert_rule_test", [])
+              if c.get("exp_alerts")}
+    quiet = {c["alertname"] for t in cases for c in t.get("alert_rule_test", [])
+             if not c.get("exp_alerts")}
+    alerts = {r["alert"] for r in alert_rules() if "alert" in r}
+    assert alerts == firing
+    assert alerts == quiet
+
+
+@needs_promtool
+def test_the_rule_tests_catch_a_weakened_alert(tmp_path: Path) -> None:
+    """Raising an alert's threshold out of reach makes promtool test rules fail."""
+    _rules_without_annotations(tmp_path, "> 120", "> 1200000")
+    (tmp_path / "alerts_test.yaml").write_text(RULE_TESTS.read_text())
+    out = subprocess.run(["promtool", "test", "rules", "alerts_test.yaml"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "FanoutNoHeartbeat" in out.stdout + out.stderr
+
+
+def _live_metrics() -> bytes:
+    registry = CollectorRegistry()
+    m = Metrics(registry=registry)
+    m.messages.labels("sweep", "completed").inc(3)
+    m.messages.labels("sweep", "dead_lettered").inc()
+    m.dead_letters.labels("invalid_params").inc()
+    m.message_duration.labels("sweep").observe(1.5)
+    m.tasks_submitted.labels("sweep").inc(100)
+    m.tasks_existing.labels("sweep").inc(2)
+    m.submit_requests.labels("ok").inc()
+    m.submit_retries.inc()
+    m.submit_seconds.labels("sweep").observe(0.4)
+    m.inflight.set(2)
+    m.queue_messages.labels("fanout", "active").set(7)
+    m.queue_messages.labels("fanout", "dead_letter").set(1)
+    m.pool_nodes.labels("cpu", "idle").set(2)
+    m.pool_nodes.labels("cpu", "lowpriority_preempted").set(1)
+    m.pool_size.labels("cpu", "target_dedicated").set(2)
+    m.active_jobs.set(4)
+    m.job_tasks.labels("running").set(8)
+    m.ready.set(1)
+    m.heartbeat.set(1.7e9)
+    m.poll_errors.labels("pool").inc()
+    return generate_latest(registry)
+
+
+@needs_promtool
+def test_promtool_accepts_fanouts_real_metrics_output() -> None:
+    """promtool check metrics finds no lint problem in what /metrics serves."""
+    body = _live_metrics()
+    assert b"fanout_messages_total" in body
+    out = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True,
+                         timeout=60)
+    assert out.returncode == 0, (out.stdout + out.stderr).decode()
+
+
+@needs_promtool
+def test_promtool_check_metrics_flags_a_badly_named_counter() -> None:
+    """The metrics check bites: a counter without _total is reported."""
+    body = b"# HELP fanout_bad A counter.\n# TYPE fanout_bad counter\nfanout_bad 1\n"
+    out = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True,
+                         timeout=60)
+    assert out.returncode != 0
