@@ -27,7 +27,7 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -133,7 +133,7 @@ class Watcher:
     """Sends a BlobCreated event for each new, fully written file (module docstring)."""
 
     def __init__(self, *, storage: LocalStorage, source: Source, config: WatchConfig,
-                 state_path: Path) -> None:
+                 state_path: Path, clock: Callable[[], float] = time.monotonic) -> None:
         try:
             self.containers = [check_container(c) for c in config.containers]
         except InvalidParams as exc:
@@ -142,6 +142,7 @@ class Watcher:
         self.source = source
         self.config = config
         self.state_path = state_path
+        self.clock = clock
         self.sent_count = 0
         self._log: SentLog | None = None
         self._sent: dict[tuple[str, str], tuple[int, int]] = {}
@@ -184,7 +185,7 @@ class Watcher:
         """One pass: send every file that has settled; return how many were sent."""
         await asyncio.to_thread(self._open)
         files = await asyncio.to_thread(self._list)
-        ready = self._settled(files, time.monotonic())
+        ready = self._settled(files, self.clock())
         for file in ready:
             await self._send(file)
         return len(ready)

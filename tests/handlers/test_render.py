@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ def render(**params: Any) -> dict[str, Any]:
 def frames_of(task: TaskSpec) -> tuple[int, int, int]:
     """The -s, -e and -j values a Blender task was given."""
     argv = inner_argv(task.command_line)
-    return tuple(int(argv[argv.index(flag) + 1]) for flag in ("-s", "-e", "-j"))  # type: ignore[return-value]
+    start, end, step = (int(argv[argv.index(flag) + 1]) for flag in ("-s", "-e", "-j"))
+    return start, end, step
 
 
 def dependency_text(tasks: list[TaskSpec]) -> int:
@@ -175,10 +176,6 @@ def test_bad_profile_config_names_the_key(make_planner: Callable[..., PlanHarnes
     assert not isinstance(info.value, InvalidParams)
 
 
-def _iter_ids(tasks: Iterator[TaskSpec]) -> list[str]:
-    return [t.id for t in tasks]
-
-
 def test_commands_quote_hostile_scene_names(planner: PlanHarness) -> None:
     """A scene blob name never reaches a command: the scene is staged as scene<ext>."""
     _, tasks = planner.job(render(scene={"container": "scenes", "blob": "x'; rm -rf ~ #.blend"},
@@ -186,5 +183,5 @@ def test_commands_quote_hostile_scene_names(planner: PlanHarness) -> None:
     for task in tasks:
         assert "rm" not in shlex.split(task.command_line)[2]
         assert task.resource_files[0].file_path == "scene.blend"
-    assert _iter_ids(iter(tasks)) == ["0", "1"]
+    assert [t.id for t in tasks] == ["0", "1"]
     assert tasks[0].output_files[0].path == "x'; rm -rf ~ #/frames"
