@@ -106,7 +106,7 @@ class LocalStorage:
         """Parse ``file://<root>/<container>/<blob>``; anything else is ``ForeignStorage``."""
         parts = split_url(url)
         if parts.scheme.lower() != "file" or parts.netloc.lower() not in ("", "localhost"):
-            where = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+            where = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"[:120]
             raise ForeignStorage(
                 f"blob URL {where} is not the local blob store (accepted: {self.account_url}/...)"
             )

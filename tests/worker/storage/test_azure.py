@@ -297,7 +297,7 @@ def test_refused_delegation_key_is_a_config_fault(azurite_oauth: Azurite, make_a
         def get_token(self, *scopes: str, **kwargs: Any) -> Any:
             raise ClientAuthenticationError("no managed identity endpoint is available")
 
-        get_token_info = get_token  # type: ignore[assignment]
+        get_token_info = get_token
 
     for credential in (FakeEntraCredential(audience="https://evil.example"), NoIdentity()):
         storage = make_azure(azurite_oauth, key=False, credential=credential)
