@@ -232,6 +232,7 @@ def main() -> None:
     """Run Azurite until interrupted, printing how to reach it."""
     import tempfile
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so the finally stops Azurite
     with tempfile.TemporaryDirectory() as tmp, run_azurite(Path(tmp)) as azurite:
         print(azurite.account_url, flush=True)
         print(azurite.connection_string, flush=True)
