@@ -45,7 +45,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from handlers.base import (
     BlobRef,
@@ -94,6 +101,11 @@ class Preset(BaseModel):
     encoder_preset: Annotated[str, Field(pattern=_CODEC)] | None = "medium"
     profile: Annotated[str, Field(pattern=_CODEC)] | None = None
     extra_args: list[str] = Field(default_factory=list)
+
+    @field_validator("encoder_preset", "profile", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value  # TOML has no null: "" leaves it out
 
     def max_bits(self) -> int:
         """Peak bits per second of video and audio (HLS ``BANDWIDTH``)."""

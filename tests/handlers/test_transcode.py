@@ -210,7 +210,7 @@ def test_operator_presets_replace_the_ladder(make_planner: Callable[..., PlanHar
     """Configured presets are the ladder; ffmpeg and the output container come from config."""
     planner = make_planner(handlers={"transcode": {
         "ffmpeg": "nice -n 10 /opt/ff/ffmpeg", "output_container": "media-out",
-        "presets": {"240p": {"height": 240, "video_bitrate": "300k", "encoder_preset": None},
+        "presets": {"240p": {"height": 240, "video_bitrate": "300k", "encoder_preset": ""},
                     "144p": {"height": 144, "video_bitrate": "150k", "audio_bitrate": "64k"}}}})
     job, tasks = planner.job(transcode(input={"container": "videos", "blob": "a.mp4"}))
     assert [t.output_files[0].path for t in tasks] == ["a/240p.mp4", "a/144p.mp4"]
