@@ -1,0 +1,1 @@
+"""Wire-level test peers that real SDKs connect to (not products; see each module)."""

@@ -1,0 +1,1089 @@
+"""A small AMQP 1.0 **test peer** that speaks enough of Azure Service Bus's dialect for the
+real ``azure-servicebus`` SDK (sync and async clients) to talk to it.
+
+This is a test fixture, not a product and not an emulator: one process, plain TCP, no
+TLS, every SAS token accepted, no sessions, no scheduling, no transactions, no duplicate
+detection, no persistence. It exists so that fanout's Service Bus source can be tested
+through the real SDK in every CI run, offline. The wire facts it relies on are in
+``shared/notes/servicebus-amqp.md``.
+
+Clients connect with::
+
+    Endpoint=sb://127.0.0.1:<port>;SharedAccessKeyName=k;SharedAccessKey=x;UseDevelopmentEmulator=true
+
+What it does:
+
+- SASL ANONYMOUS and the ``$cbs`` put-token exchange (always 202).
+- Sender links to queues and topics (a topic copies each message to its subscriptions,
+  addressed ``<topic>/Subscriptions/<sub>``); ``send_messages([...])`` batches
+  (message-format 0x80013700, recognised by their shape since proton hides the format).
+- Receiver links in peek-lock (16-byte delivery tags = lock tokens, locked-until and
+  sequence-number annotations, an explicit header delivery-count) and in
+  receive-and-delete mode; ``<entity>/$DeadLetterQueue`` sub-queues.
+- Dispositions: complete (accepted), abandon (modified), defer (modified,
+  undeliverable-here), dead-letter (rejected with ``com.microsoft:dead-letter`` and
+  DeadLetterReason/DeadLetterErrorDescription), release; each echoed back settled, as
+  the SDK waits for. A settlement after the lock expired is answered
+  ``com.microsoft:message-lock-lost``.
+- Lock expiry redelivers with delivery count + 1; reaching the entity's max delivery
+  count dead-letters with reason ``MaxDeliveryCountExceeded``, as the service does.
+- ``$management``: renew-lock, peek-message, update-disposition.
+- An HTTP server answering the administration client's entity GET (ATOM XML with the
+  runtime counts) for ``get_queue_runtime_properties`` and
+  ``get_subscription_runtime_properties``.
+- A thread-safe API for tests: :meth:`ServiceBusPeer.counts`,
+  :meth:`ServiceBusPeer.messages`, :meth:`ServiceBusPeer.put`,
+  :meth:`ServiceBusPeer.drop_connections`.
+
+Run it by hand for a manual ``fanout run``::
+
+    python -m tests.fakes.servicebus_peer --port 5672 --admin-port 5300 --queue fanout
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import unquote, urlparse
+from xml.sax.saxutils import escape
+
+import cproton
+from proton import (
+    UNDESCRIBED,
+    Array,
+    Condition,
+    Connection,
+    Data,
+    Delivery,
+    Described,
+    Endpoint,
+    Link,
+    Message,
+    int32,
+    symbol,
+    timestamp,
+    uint,
+    ulong,
+)
+from proton.handlers import FlowController
+from proton.reactor import ApplicationEvent, Container, EventInjector
+
+__all__ = ["PeerMessage", "ServiceBusPeer"]
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_SUFFIX = "/$DeadLetterQueue"
+MANAGEMENT_SUFFIX = "/$management"
+CBS_NODE = "$cbs"
+TICK = 0.05  # seconds between lock-expiry sweeps
+
+_HEADER, _DELIVERY_ANNOTATIONS, _MESSAGE_ANNOTATIONS = 0x70, 0x71, 0x72
+_PROPERTIES, _APPLICATION_PROPERTIES = 0x73, 0x74
+_DATA, _SEQUENCE, _VALUE, _FOOTER = 0x75, 0x76, 0x77, 0x78
+_SYMBOLIC_DESCRIPTORS = {
+    "amqp:header:list": _HEADER,
+    "amqp:delivery-annotations:map": _DELIVERY_ANNOTATIONS,
+    "amqp:message-annotations:map": _MESSAGE_ANNOTATIONS,
+    "amqp:properties:list": _PROPERTIES,
+    "amqp:application-properties:map": _APPLICATION_PROPERTIES,
+    "amqp:data:binary": _DATA,
+    "amqp:amqp-sequence:list": _SEQUENCE,
+    "amqp:amqp-value:*": _VALUE,
+    "amqp:footer:map": _FOOTER,
+}
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, slots=True)
+class PeerMessage:
+    """A snapshot of one stored message, for tests to inspect."""
+
+    entity: str
+    sequence_number: int
+    message_id: Any
+    body: bytes
+    properties: dict[str, Any]
+    delivery_count: int
+    state: str  # active | locked | deferred
+    dead_letter_reason: str | None
+    dead_letter_description: str | None
+
+
+@dataclass(slots=True)
+class _Stored:
+    """One message held by an entity: the client's sections plus the broker's state."""
+
+    sequence_number: int
+    enqueued_at: float
+    annotations: dict[Any, Any]
+    properties_raw: bytes
+    application_properties: dict[str, Any]
+    body_raw: bytes
+    delivery_count: int = 0
+    state: str = "active"
+    lock_token: uuid.UUID | None = None
+    locked_until: float = 0.0
+    dead_letter_source: str | None = None
+
+    def copy_for(self, sequence_number: int) -> _Stored:
+        return _Stored(sequence_number, time.time(), dict(self.annotations),
+                       self.properties_raw, dict(self.application_properties), self.body_raw)
+
+
+def _sections(encoded: bytes) -> list[tuple[int, bytes, Any]]:
+    """Split an encoded AMQP message into (descriptor code, raw bytes, decoded value)."""
+    out: list[tuple[int, bytes, Any]] = []
+    offset = 0
+    while offset < len(encoded):
+        data = Data()
+        used = data.decode(encoded[offset:])
+        data.rewind()
+        data.next()
+        value = _own(data.get_object())
+        code = -1
+        if isinstance(value, Described):
+            descriptor = value.descriptor
+            code = _SYMBOLIC_DESCRIPTORS.get(str(descriptor), -1) \
+                if isinstance(descriptor, symbol) else int(descriptor)
+        out.append((code, bytes(encoded[offset:offset + used]), value))
+        offset += used
+    return out
+
+
+def _own(value: Any) -> Any:
+    """Copy binaries out of proton's buffer at once: its memoryviews go stale."""
+    if isinstance(value, memoryview):
+        return bytes(value)
+    if isinstance(value, Described):
+        return Described(value.descriptor, _own(value.value))
+    if isinstance(value, dict):
+        return {_own(k): _own(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_own(v) for v in value]
+    return value
+
+
+def _batch_parts(sections: list[tuple[int, bytes, Any]]) -> list[bytes] | None:
+    """The encoded messages inside a batch envelope, or None if this is a plain message.
+
+    Proton does not expose the transfer's message-format (0x80013700 for a batch), so a
+    batch is recognised by its shape: an envelope (the SDK copies the first message's
+    properties onto it) whose data sections are each a whole encoded message.
+    """
+    body = [(code, value) for code, _, value in sections if code >= _DATA]
+    if not body or any(code != _DATA for code, _ in body):
+        return None
+    parts = [bytes(value.value) for _, value in body]
+    try:
+        if all(_sections(p) and _sections(p)[0][0] in range(_HEADER, _FOOTER) for p in parts):
+            return parts
+    except Exception:  # not AMQP inside: a plain message with data sections
+        return None
+    return None
+
+
+def _stored_from(encoded: bytes, sequence_number: int) -> _Stored:
+    annotations: dict[Any, Any] = {}
+    application_properties: dict[str, Any] = {}
+    properties_raw = b""
+    body: list[bytes] = []
+    for code, raw, value in _sections(encoded):
+        if code == _MESSAGE_ANNOTATIONS:
+            annotations = dict(value.value or {})
+        elif code == _PROPERTIES:
+            properties_raw = raw
+        elif code == _APPLICATION_PROPERTIES:
+            application_properties = dict(value.value or {})
+        elif code in (_DATA, _SEQUENCE, _VALUE, _FOOTER):
+            body.append(raw)
+    return _Stored(sequence_number, time.time(), annotations, properties_raw,
+                   application_properties, b"".join(body))
+
+
+def _encoded(value: Any) -> bytes:
+    data = Data()
+    data.put_object(value)
+    return bytes(data.encode())
+
+
+def _ms(seconds: float) -> timestamp:
+    return timestamp(int(seconds * 1000))
+
+
+def _encode_for_delivery(stored: _Stored, *, locked: bool) -> bytes:
+    """The message as the SDK expects it from the service."""
+    # The header's delivery-count is written explicitly: proton omits a 0 and the SDK
+    # then reports None.
+    header = Described(ulong(_HEADER), [None, None, None, None, uint(stored.delivery_count)])
+    annotations = dict(stored.annotations)
+    annotations[symbol("x-opt-sequence-number")] = stored.sequence_number
+    annotations[symbol("x-opt-enqueued-time")] = _ms(stored.enqueued_at)
+    if locked:
+        annotations[symbol("x-opt-locked-until")] = _ms(stored.locked_until)
+    if stored.dead_letter_source:
+        annotations[symbol("x-opt-deadletter-source")] = stored.dead_letter_source
+    parts = [_encoded(header), _encoded(Described(ulong(_MESSAGE_ANNOTATIONS), annotations)),
+             stored.properties_raw]
+    if stored.application_properties:
+        parts.append(_encoded(Described(ulong(_APPLICATION_PROPERTIES),
+                                        dict(stored.application_properties))))
+    parts.append(stored.body_raw)
+    return b"".join(parts)
+
+
+def _message_id(stored: _Stored) -> Any:
+    if not stored.properties_raw:
+        return None
+    fields = _sections(stored.properties_raw)[0][2].value
+    return fields[0] if fields else None
+
+
+def _body_bytes(stored: _Stored) -> bytes:
+    out = []
+    for code, _, value in _sections(stored.body_raw) if stored.body_raw else []:
+        if code == _DATA:
+            out.append(bytes(value.value))
+        elif code == _VALUE:
+            inner = value.value
+            out.append(inner if isinstance(inner, bytes) else str(inner).encode())
+    return b"".join(out)
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# --------------------------------------------------------------------------- entities
+
+
+@dataclass(slots=True)
+class _Entity:
+    """A queue, a topic subscription, or one's dead-letter sub-queue."""
+
+    path: str
+    lock_duration: float
+    max_delivery_count: int
+    dead_letter: _Entity | None = None
+    messages: dict[int, _Stored] = field(default_factory=dict)
+    links: list[Link] = field(default_factory=list)
+
+    def next_active(self) -> _Stored | None:
+        for stored in self.messages.values():
+            if stored.state == "active":
+                return stored
+        return None
+
+
+def _path(address: str | None) -> str:
+    """``amqps://host:port/q1/$DeadLetterQueue`` -> ``q1/$DeadLetterQueue``."""
+    if not address:
+        return ""
+    if "://" in address:
+        address = urlparse(address).path
+    return unquote(address).strip("/")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _raw_tag(delivery: Delivery) -> bytes:
+    # Delivery.tag decodes the tag as UTF-8, which a random lock token is not.
+    return bytes(cproton.bytes2pybytes(cproton.lib.pn_delivery_tag(delivery._impl)))
+
+
+def _links(connection: Connection) -> Iterator[Link]:
+    link = connection.link_head(0)
+    while link is not None:
+        yield link
+        link = link.next(0)
+
+
+# --------------------------------------------------------------------------- the peer
+
+
+class ServiceBusPeer:
+    """A Service Bus test peer on 127.0.0.1; :meth:`start` it, :meth:`stop` it.
+
+    ``queues`` are created up front (more with :meth:`create_queue`, or any name on first
+    use with ``auto_create``); ``topics`` maps a topic to its subscription names.
+    ``lock_duration`` and ``max_delivery_count`` are the entities' (the service's) settings.
+    """
+
+    def __init__(self, *, queues: Iterable[str] = ("fanout",),
+                 topics: Mapping[str, Sequence[str]] | None = None,
+                 lock_duration: float = 30.0, max_delivery_count: int = 10,
+                 auto_create: bool = False, host: str = "127.0.0.1", port: int = 0,
+                 admin_port: int | None = 0) -> None:
+        self.host = host
+        self.port = port
+        self.admin_port = admin_port
+        self.lock_duration = lock_duration
+        self.max_delivery_count = max_delivery_count
+        self.auto_create = auto_create
+        self.connections_opened = 0
+        self._lock = threading.RLock()
+        self._entities: dict[str, _Entity] = {}
+        self._topics: dict[str, list[_Entity]] = {}
+        self._locks: dict[bytes, tuple[_Entity, int]] = {}
+        self._sequence = 0
+        self._handler = _Handler(self)
+        self._container: Container | None = None
+        self._injector: EventInjector | None = None
+        self._thread: threading.Thread | None = None
+        self._http: ThreadingHTTPServer | None = None
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        for name in queues:
+            self.create_queue(name)
+        for topic, subscriptions in (topics or {}).items():
+            self.create_topic(topic, subscriptions)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def connection_string(self) -> str:
+        """A connection string the SDK accepts for this peer (the key is not checked)."""
+        return (f"Endpoint=sb://{self.host}:{self.port};SharedAccessKeyName=peer;"
+                "SharedAccessKey=bm90LWEtc2VjcmV0;UseDevelopmentEmulator=true")
+
+    def start(self) -> ServiceBusPeer:
+        """Listen on the AMQP (and admin HTTP) ports and run the reactor in a thread."""
+        self.port = self.port or _free_port(self.host)
+        self._container = Container(self._handler)
+        self._container.container_id = "servicebus-peer"
+        self._injector = EventInjector()
+        self._container.selectable(self._injector)
+        self._thread = threading.Thread(target=self._run, name="servicebus-peer", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10) or self._start_error is not None:
+            raise RuntimeError(f"servicebus peer did not start: {self._start_error!r}")
+        if self.admin_port is not None:
+            self._http = ThreadingHTTPServer((self.host, self.admin_port), _admin_handler(self))
+            self._http.daemon_threads = True
+            self.admin_port = int(self._http.server_address[1])
+            threading.Thread(target=self._http.serve_forever, args=(TICK,), name="servicebus-peer-http",
+                             daemon=True).start()
+        return self
+
+    def _run(self) -> None:
+        assert self._container is not None
+        try:
+            self._container.run()
+        except BaseException as exc:  # surfaced by start() or logged at stop
+            self._start_error = exc
+            self._ready.set()
+            log.exception("servicebus peer reactor stopped")
+
+    def stop(self) -> None:
+        """Close every connection, stop the reactor and the HTTP server, join the threads."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+        if self._thread is not None and self._injector is not None:
+            self._injector.trigger(ApplicationEvent("peer_stop"))
+            self._thread.join(10)
+            self._injector.close()
+            self._thread = None
+
+    def __enter__(self) -> ServiceBusPeer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---------------------------------------------------------------- entities
+
+    def create_queue(self, name: str, *, lock_duration: float | None = None,
+                     max_delivery_count: int | None = None) -> None:
+        """Create a queue (and its dead-letter queue); existing queues are left alone."""
+        with self._lock:
+            self._create(name, lock_duration, max_delivery_count)
+
+    def create_topic(self, topic: str, subscriptions: Sequence[str]) -> None:
+        """Create a topic whose messages are copied to each ``<topic>/Subscriptions/<sub>``."""
+        with self._lock:
+            subs = self._topics.setdefault(topic.lower(), [])
+            for sub in subscriptions:
+                subs.append(self._create(f"{topic}/Subscriptions/{sub}", None, None))
+
+    def _create(self, path: str, lock_duration: float | None,
+                max_delivery_count: int | None) -> _Entity:
+        key = path.lower()
+        if key in self._entities:
+            return self._entities[key]
+        lock = lock_duration or self.lock_duration
+        deliveries = max_delivery_count or self.max_delivery_count
+        dlq = _Entity(path + DEAD_LETTER_SUFFIX, lock, deliveries)
+        entity = _Entity(path, lock, deliveries, dead_letter=dlq)
+        self._entities[key] = entity
+        self._entities[dlq.path.lower()] = dlq
+        return entity
+
+    def _entity(self, path: str) -> _Entity | None:
+        entity = self._entities.get(path.lower())
+        if entity is None and self.auto_create and path and "$" not in path.split("/")[0]:
+            base = path[: -len(DEAD_LETTER_SUFFIX)] if path.lower().endswith(
+                DEAD_LETTER_SUFFIX.lower()) else path
+            self._create(base, None, None)
+            entity = self._entities.get(path.lower())
+        return entity
+
+    def _targets(self, path: str) -> list[_Entity] | None:
+        """Where a message sent to ``path`` goes: the queue, or the topic's subscriptions."""
+        topic = self._topics.get(path.lower())
+        if topic is not None:
+            return topic
+        entity = self._entity(path)
+        return [entity] if entity is not None and not entity.path.endswith(DEAD_LETTER_SUFFIX) \
+            else None
+
+    # ---------------------------------------------------------------- test API
+
+    def counts(self, entity: str) -> dict[str, int]:
+        """Messages of a queue by state: active, locked, deferred, dead_letter."""
+        with self._lock:
+            self._expire_locks()
+            found = self._entities[entity.lower()]
+            states = [m.state for m in found.messages.values()]
+            return {
+                "active": states.count("active"),
+                "locked": states.count("locked"),
+                "deferred": states.count("deferred"),
+                "dead_letter": len(found.dead_letter.messages) if found.dead_letter else 0,
+            }
+
+    def messages(self, entity: str) -> list[PeerMessage]:
+        """Snapshots of every message in ``entity`` (e.g. ``q/$DeadLetterQueue``)."""
+        with self._lock:
+            self._expire_locks()
+            found = self._entities[entity.lower()]
+            return [self._snapshot(found, m) for m in found.messages.values()]
+
+    def dead_letters(self, queue: str) -> list[PeerMessage]:
+        """Snapshots of the messages in ``queue``'s dead-letter queue."""
+        return self.messages(queue + DEAD_LETTER_SUFFIX)
+
+    def put(self, entity: str, body: bytes, *, message_id: str | None = None,
+            properties: Mapping[str, Any] | None = None) -> list[int]:
+        """Enqueue a message as if a client had sent it; returns its sequence numbers."""
+        fields = [message_id] if message_id is not None else []
+        raw = b"".join([
+            _encoded(Described(ulong(_PROPERTIES), fields)) if fields else b"",
+            _encoded(Described(ulong(_APPLICATION_PROPERTIES), dict(properties)))
+            if properties else b"",
+            _encoded(Described(ulong(_DATA), body)),
+        ])
+        with self._lock:
+            sequence_numbers = self._enqueue(entity, raw)
+        self._wake()
+        return sequence_numbers
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+        """Poll ``predicate`` until it holds or ``timeout`` passes; return its last value."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(TICK)
+        return predicate()
+
+    def drop_connections(self) -> None:
+        """Close every client connection with ``amqp:connection:forced``, as the service
+        does on maintenance; the clients must reconnect."""
+        if self._injector is not None:
+            done = threading.Event()
+            self._injector.trigger(ApplicationEvent("peer_drop", subject=done))
+            done.wait(10)
+
+    def _wake(self) -> None:
+        if self._injector is not None:
+            self._injector.trigger(ApplicationEvent("peer_pump"))
+
+    def _snapshot(self, entity: _Entity, stored: _Stored) -> PeerMessage:
+        props = stored.application_properties
+        return PeerMessage(
+            entity=entity.path, sequence_number=stored.sequence_number,
+            message_id=_message_id(stored), body=_body_bytes(stored),
+            properties=dict(props), delivery_count=stored.delivery_count, state=stored.state,
+            dead_letter_reason=_text(props.get("DeadLetterReason")),
+            dead_letter_description=_text(props.get("DeadLetterErrorDescription")),
+        )
+
+    # ---------------------------------------------------------------- broker logic
+    # Everything below runs under self._lock.
+
+    def _enqueue(self, path: str, encoded: bytes) -> list[int]:
+        targets = self._targets(path)
+        if targets is None:
+            raise KeyError(path)
+        parts = _batch_parts(_sections(encoded)) or [encoded]
+        numbers = []
+        for part in parts:
+            for entity in targets:
+                self._sequence += 1
+                entity.messages[self._sequence] = _stored_from(part, self._sequence)
+                numbers.append(self._sequence)
+        return numbers
+
+    def _lock_message(self, entity: _Entity, stored: _Stored) -> bytes:
+        stored.state = "locked"
+        stored.lock_token = uuid.uuid4()
+        stored.locked_until = time.time() + entity.lock_duration
+        tag = stored.lock_token.bytes_le
+        self._locks[tag] = (entity, stored.sequence_number)
+        return tag
+
+    def _locked(self, tag: bytes) -> tuple[_Entity, _Stored] | None:
+        """The message this lock token still holds, after expiring what is due."""
+        self._expire_locks()
+        entry = self._locks.get(tag)
+        if entry is None:
+            return None
+        entity, sequence_number = entry
+        return entity, entity.messages[sequence_number]
+
+    def _release_lock(self, stored: _Stored) -> None:
+        if stored.lock_token is not None:
+            self._locks.pop(stored.lock_token.bytes_le, None)
+        stored.lock_token = None
+        stored.locked_until = 0.0
+
+    def _expire_locks(self) -> None:
+        now = time.time()
+        for entity, sequence_number in list(self._locks.values()):
+            stored = entity.messages[sequence_number]
+            if stored.locked_until <= now:
+                self._abandon(entity, stored)
+
+    def _complete(self, entity: _Entity, stored: _Stored) -> None:
+        self._release_lock(stored)
+        del entity.messages[stored.sequence_number]
+
+    def _abandon(self, entity: _Entity, stored: _Stored) -> None:
+        self._release_lock(stored)
+        stored.delivery_count += 1
+        stored.state = "active"
+        if stored.delivery_count >= entity.max_delivery_count and entity.dead_letter is not None:
+            self._dead_letter(entity, stored, "MaxDeliveryCountExceeded",
+                              f"Message could not be consumed after "
+                              f"{entity.max_delivery_count} delivery attempts.")
+
+    def _release(self, entity: _Entity, stored: _Stored) -> None:
+        self._release_lock(stored)
+        stored.state = "active"
+
+    def _defer(self, entity: _Entity, stored: _Stored) -> None:
+        self._release_lock(stored)
+        stored.state = "deferred"
+
+    def _dead_letter(self, entity: _Entity, stored: _Stored, reason: str | None,
+                     description: str | None) -> None:
+        self._release_lock(stored)
+        del entity.messages[stored.sequence_number]
+        if entity.dead_letter is None:  # dead-lettering from a dead-letter queue: drop it
+            return
+        stored.state = "active"
+        stored.dead_letter_source = entity.path
+        if reason is not None:
+            stored.application_properties["DeadLetterReason"] = reason
+        if description is not None:
+            stored.application_properties["DeadLetterErrorDescription"] = description
+        entity.dead_letter.messages[stored.sequence_number] = stored
+        entity.dead_letter.messages = dict(sorted(entity.dead_letter.messages.items()))
+
+    def _settle(self, entity: _Entity, stored: _Stored, outcome: str,
+                reason: str | None = None, description: str | None = None) -> None:
+        """Apply one settlement outcome (complete | abandon | defer | dead-letter | release)."""
+        actions: dict[str, Callable[[_Entity, _Stored], None]] = {
+            "complete": self._complete, "abandon": self._abandon, "defer": self._defer,
+            "release": self._release,
+        }
+        if outcome == "dead-letter":
+            self._dead_letter(entity, stored, reason, description)
+        else:
+            actions[outcome](entity, stored)
+
+    def _sorted_messages(self, entity: _Entity) -> list[_Stored]:
+        return sorted(entity.messages.values(), key=lambda m: m.sequence_number)
+
+    # ---------------------------------------------------------------- management
+
+    def _management(self, entity: _Entity, operation: str,
+                    body: Mapping[str, Any]) -> tuple[int, Any, str | None]:
+        """Answer one ``$management`` request: (status code, body, error condition)."""
+        if operation == "com.microsoft:renew-lock":
+            return self._renew(body)
+        if operation == "com.microsoft:peek-message":
+            return self._peek(entity, body)
+        if operation == "com.microsoft:update-disposition":
+            return self._update_disposition(body)
+        return 501, None, "com.microsoft:not-implemented"
+
+    def _renew(self, body: Mapping[str, Any]) -> tuple[int, Any, str | None]:
+        expirations = []
+        for token in _elements(body.get("lock-tokens")):
+            found = self._locked(_uuid(token).bytes_le)
+            if found is None:
+                return 410, None, "com.microsoft:message-lock-lost"
+            entity, stored = found
+            stored.locked_until = time.time() + entity.lock_duration
+            expirations.append(_ms(stored.locked_until))
+        return 200, {"expirations": Array(UNDESCRIBED, Data.TIMESTAMP, *expirations)}, None
+
+    def _peek(self, entity: _Entity, body: Mapping[str, Any]) -> tuple[int, Any, str | None]:
+        start = int(body.get("from-sequence-number") or 0)
+        count = int(body.get("message-count") or 1)
+        found = [m for m in self._sorted_messages(entity) if m.sequence_number >= start][:count]
+        if not found:
+            return 204, None, None
+        return 200, {"messages": [{"message": _encode_for_delivery(m, locked=False)}
+                                  for m in found]}, None
+
+    def _update_disposition(self, body: Mapping[str, Any]) -> tuple[int, Any, str | None]:
+        outcome = {"completed": "complete", "abandoned": "abandon", "defered": "defer",
+                   "suspended": "dead-letter"}.get(_text(body.get("disposition-status")) or "")
+        if outcome is None:
+            return 400, None, "amqp:invalid-field"
+        for token in _elements(body.get("lock-tokens")):
+            found = self._locked(_uuid(token).bytes_le)
+            if found is None:
+                return 410, None, "com.microsoft:message-lock-lost"
+            self._settle(*found, outcome, _text(body.get("deadletter-reason")),
+                         _text(body.get("deadletter-description")))
+        return 200, {}, None
+
+
+def _elements(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, Array):
+        return list(value.elements)
+    return list(value)
+
+
+def _uuid(value: Any) -> uuid.UUID:
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, bytes):
+        return uuid.UUID(bytes=value)
+    return uuid.UUID(str(value))
+
+
+# --------------------------------------------------------------------------- AMQP handler
+
+
+_OUTCOMES = {
+    Delivery.ACCEPTED: "complete",
+    Delivery.RELEASED: "release",
+}
+
+
+class _Handler(FlowController):
+    """The proton event handler: links, transfers, dispositions, timers. Reactor thread."""
+
+    def __init__(self, peer: ServiceBusPeer) -> None:
+        super().__init__(window=100)
+        self.peer = peer
+        self.connections: set[Connection] = set()
+        self.replies: list[tuple[Connection, str, Message]] = []
+        self.stopping = False
+
+    # -- reactor
+
+    def on_reactor_init(self, event: Any) -> None:
+        peer = self.peer
+        try:
+            event.container.listen(f"{peer.host}:{peer.port}")
+        except BaseException as exc:
+            peer._start_error = exc
+        peer._ready.set()
+        event.container.schedule(TICK, self)
+
+    def on_timer_task(self, event: Any) -> None:
+        if self.stopping:
+            return
+        self.pump()
+        event.container.schedule(TICK, self)
+
+    def on_peer_pump(self, event: Any) -> None:
+        self.pump()
+
+    def on_peer_drop(self, event: Any) -> None:
+        for connection in list(self.connections):
+            # With an info map: pyamqp indexes the error's third field unconditionally.
+            connection.condition = Condition(
+                "amqp:connection:forced", "the test peer dropped the connection",
+                {symbol("com.microsoft:tracking-id"): str(uuid.uuid4())})
+            connection.close()
+        self.connections.clear()
+        event.subject.set()
+
+    def on_peer_stop(self, event: Any) -> None:
+        self.stopping = True
+        for connection in list(self.connections):
+            connection.close()
+        self.connections.clear()
+        assert self.peer._container is not None
+        self.peer._container.stop()
+
+    # -- endpoints
+
+    def on_connection_remote_open(self, event: Any) -> None:
+        connection = event.connection
+        if connection.state & Endpoint.LOCAL_UNINIT:
+            connection.open()
+        self.connections.add(connection)
+        self.peer.connections_opened += 1
+
+    def on_connection_remote_close(self, event: Any) -> None:
+        self.connections.discard(event.connection)
+        if not event.connection.state & Endpoint.LOCAL_CLOSED:
+            event.connection.close()
+
+    def on_transport_closed(self, event: Any) -> None:
+        if event.connection is not None:
+            self.connections.discard(event.connection)
+            self._forget_links(event.connection)
+
+    def on_session_remote_open(self, event: Any) -> None:
+        if event.session.state & Endpoint.LOCAL_UNINIT:
+            event.session.open()
+
+    def on_session_remote_close(self, event: Any) -> None:
+        if not event.session.state & Endpoint.LOCAL_CLOSED:
+            event.session.close()
+
+    def on_link_remote_open(self, event: Any) -> None:
+        link = event.link
+        if not link.state & Endpoint.LOCAL_UNINIT:
+            return
+        link.source.copy(link.remote_source)
+        link.target.copy(link.remote_target)
+        link.snd_settle_mode = link.remote_snd_settle_mode
+        link.rcv_settle_mode = link.remote_rcv_settle_mode
+        address = _path(link.remote_source.address if link.is_sender
+                        else link.remote_target.address)
+        link.node = address
+        error = self._bind(link, address)
+        link.open()
+        if error is not None:
+            link.condition = Condition("amqp:not-found", error)
+            link.close()
+        elif link.is_sender:
+            self.pump()
+        super().on_link_remote_open(event)
+
+    def _bind(self, link: Link, address: str) -> str | None:
+        """Attach the link to its node; return an error description if there is none."""
+        link.entity = None
+        if address == CBS_NODE or address.endswith(MANAGEMENT_SUFFIX):
+            if address.endswith(MANAGEMENT_SUFFIX):
+                with self.peer._lock:
+                    link.entity = self.peer._entity(address[: -len(MANAGEMENT_SUFFIX)])
+                if link.entity is None:
+                    return f"The messaging entity '{address}' could not be found."
+            return None
+        with self.peer._lock:
+            if link.is_sender:
+                link.entity = self.peer._entity(address)
+                if link.entity is not None:
+                    link.entity.links.append(link)
+            elif self.peer._targets(address) is not None:
+                link.entity = address
+        if link.entity is None:
+            return f"The messaging entity '{address}' could not be found."
+        return None
+
+    def on_link_remote_close(self, event: Any) -> None:
+        self._forget(event.link)
+        if not event.link.state & Endpoint.LOCAL_CLOSED:
+            event.link.close()
+
+    def _forget(self, link: Link) -> None:
+        entity = getattr(link, "entity", None)
+        if isinstance(entity, _Entity):
+            with self.peer._lock:
+                if link in entity.links:
+                    entity.links.remove(link)
+        # Messages this link holds stay locked until their lock expires, as on the service.
+
+    def _forget_links(self, connection: Connection) -> None:
+        for link in _links(connection):
+            self._forget(link)
+
+    # -- transfers
+
+    def on_link_flow(self, event: Any) -> None:
+        super().on_link_flow(event)
+        if event.link.is_sender:
+            self.pump()
+
+    def on_delivery(self, event: Any) -> None:
+        super().on_delivery(event)
+        delivery = event.delivery
+        if delivery.link.connection.state & Endpoint.LOCAL_CLOSED:
+            return  # frames that cross our close are ignored, as the service does
+        if delivery.link.is_receiver:
+            self._on_transfer(delivery)
+        else:
+            self._on_disposition(delivery)
+
+    def _on_transfer(self, delivery: Delivery) -> None:
+        if not delivery.readable or delivery.partial:
+            return
+        link = delivery.link
+        payload = bytes(link.recv(delivery.pending) or b"")  # copy at once: proton reuses it
+        link.advance()
+        node = link.node
+        try:
+            if node == CBS_NODE:
+                self._answer_cbs(link, payload)
+            elif node.endswith(MANAGEMENT_SUFFIX):
+                self._answer_management(link, payload)
+            else:
+                with self.peer._lock:
+                    self.peer._enqueue(node, payload)
+                self.pump()
+            delivery.update(Delivery.ACCEPTED)
+        except Exception as exc:
+            log.exception("servicebus peer could not take a transfer on %s", node)
+            delivery.local.condition = Condition("amqp:internal-error", str(exc))
+            delivery.update(Delivery.REJECTED)
+        delivery.settle()
+
+    def _on_disposition(self, delivery: Delivery) -> None:
+        state = delivery.remote_state
+        terminal = (Delivery.ACCEPTED, Delivery.REJECTED, Delivery.RELEASED, Delivery.MODIFIED)
+        if getattr(delivery, "answered", False) or state not in terminal:
+            return
+        with self.peer._lock:
+            found = self.peer._locked(_raw_tag(delivery))
+            if found is not None:
+                self.peer._settle(*found, *self._outcome(delivery))
+        delivery.answered = True
+        if delivery.settled:  # settled by the client already: nothing to echo
+            delivery.settle()
+            self.pump()
+            return
+        if found is None:
+            delivery.local.condition = Condition(
+                "com.microsoft:message-lock-lost",
+                "The lock supplied is invalid. Either the lock expired, or the message "
+                "has already been removed from the queue.")
+            delivery.update(Delivery.REJECTED)
+        else:
+            # The SDK waits for the service to settle with the outcome it asked for.
+            if state == Delivery.MODIFIED:
+                delivery.local.failed = delivery.remote.failed
+                delivery.local.undeliverable = delivery.remote.undeliverable
+            delivery.update(state)
+        delivery.settle()
+        self.pump()
+
+    @staticmethod
+    def _outcome(delivery: Delivery) -> tuple[str, str | None, str | None]:
+        state = delivery.remote_state
+        if state == Delivery.REJECTED:
+            condition = delivery.remote.condition
+            info = dict(condition.info or {}) if condition is not None else {}
+            return ("dead-letter", _text(info.get(symbol("DeadLetterReason"),
+                                                  info.get("DeadLetterReason"))),
+                    _text(info.get(symbol("DeadLetterErrorDescription"),
+                                   info.get("DeadLetterErrorDescription"))))
+        if state == Delivery.MODIFIED:
+            return ("defer" if delivery.remote.undeliverable else "abandon"), None, None
+        return _OUTCOMES[state], None, None
+
+    def pump(self) -> None:
+        """Deliver what there is to every receiving link with credit; send queued replies."""
+        with self.peer._lock:
+            self.peer._expire_locks()
+            for entity in list(self.peer._entities.values()):
+                for link in list(entity.links):
+                    self._feed(entity, link)
+        self._flush_replies()
+
+    def _feed(self, entity: _Entity, link: Link) -> None:
+        if not link.state & Endpoint.LOCAL_ACTIVE or link.state & Endpoint.REMOTE_CLOSED:
+            return
+        presettled = link.remote_snd_settle_mode == Link.SND_SETTLED
+        while link.credit > 0:
+            stored = entity.next_active()
+            if stored is None:
+                break
+            if presettled:  # receive-and-delete
+                del entity.messages[stored.sequence_number]
+                delivery = link.delivery(uuid.uuid4().bytes_le)
+                link.send(_encode_for_delivery(stored, locked=False))
+                link.advance()
+                delivery.settle()
+            else:
+                tag = self.peer._lock_message(entity, stored)
+                link.delivery(tag)
+                link.send(_encode_for_delivery(stored, locked=True))
+                link.advance()
+        if link.drain_mode:
+            link.drained()
+
+    # -- request/reply nodes
+
+    def _answer_cbs(self, link: Link, payload: bytes) -> None:
+        request = Message()
+        request.decode(payload)
+        self._reply(link, CBS_NODE, request, 202, "Accepted", None, None)
+
+    def _answer_management(self, link: Link, payload: bytes) -> None:
+        request = Message()
+        request.decode(payload)
+        props = {str(k): v for k, v in (request.properties or {}).items()}
+        body = {str(k): v for k, v in (request.body or {}).items()} \
+            if isinstance(request.body, dict) else {}
+        with self.peer._lock:
+            status, answer, condition = self.peer._management(
+                link.entity, str(props.get("operation")), body)
+        reply_to = _path(request.reply_to) or link.node
+        self._reply(link, reply_to, request, status, "OK" if status < 300 else "Failed",
+                    condition, answer, status_key="statusCode")
+        self.pump()
+
+    def _reply(self, link: Link, address: str, request: Message, status: int,
+               description: str, condition: str | None, body: Any,
+               status_key: str = "status-code") -> None:
+        prefix = "status" if status_key == "statusCode" else "status-"
+        properties: dict[str, Any] = {
+            status_key: int32(status),
+            (prefix + "Description" if prefix == "status" else prefix + "description"):
+                description,
+        }
+        if condition:
+            properties["errorCondition"] = symbol(condition)
+        reply = Message(correlation_id=request.id, properties=properties, body=body)
+        self.replies.append((link.connection, address, reply))
+        self._flush_replies()
+
+    def _flush_replies(self) -> None:
+        waiting = []
+        for connection, address, reply in self.replies:
+            target = next((lk for lk in _links(connection) if lk.is_sender
+                           and _path(lk.remote_source.address) == address
+                           and lk.state & Endpoint.LOCAL_ACTIVE), None)
+            if target is None or target.credit <= 0:
+                if connection.state & Endpoint.LOCAL_ACTIVE:
+                    waiting.append((connection, address, reply))
+                continue
+            delivery = target.send(reply)
+            delivery.settle()
+        self.replies = waiting
+
+
+# --------------------------------------------------------------------------- admin HTTP
+
+_ENTRY = """<?xml version="1.0" encoding="utf-8"?>
+<entry xmlns="http://www.w3.org/2005/Atom">
+<id>https://{host}/{path}?api-version=2021-05</id>
+<title type="text">{name}</title>
+<published>{now}</published><updated>{now}</updated>
+<author><name>servicebus-peer</name></author>
+<link rel="self" href="https://{host}/{path}?api-version=2021-05"/>
+<content type="application/xml">
+<{kind} xmlns="http://schemas.microsoft.com/netservices/2010/10/servicebus/connect"
+ xmlns:i="http://www.w3.org/2001/XMLSchema-instance">
+<LockDuration>PT{lock}S</LockDuration>
+<MaxDeliveryCount>{max_delivery}</MaxDeliveryCount>
+<SizeInBytes>0</SizeInBytes>
+<MessageCount>{total}</MessageCount>
+<CreatedAt>{now}</CreatedAt><UpdatedAt>{now}</UpdatedAt><AccessedAt>{now}</AccessedAt>
+<CountDetails xmlns:d2p1="http://schemas.microsoft.com/netservices/2011/06/servicebus">
+<d2p1:ActiveMessageCount>{active}</d2p1:ActiveMessageCount>
+<d2p1:DeadLetterMessageCount>{dead_letter}</d2p1:DeadLetterMessageCount>
+<d2p1:ScheduledMessageCount>0</d2p1:ScheduledMessageCount>
+<d2p1:TransferMessageCount>0</d2p1:TransferMessageCount>
+<d2p1:TransferDeadLetterMessageCount>0</d2p1:TransferDeadLetterMessageCount>
+</CountDetails>
+<Status>Active</Status>
+</{kind}>
+</content>
+</entry>
+"""
+
+
+def _admin_handler(peer: ServiceBusPeer) -> type[BaseHTTPRequestHandler]:
+    class AdminHandler(BaseHTTPRequestHandler):
+        """``GET /<queue>`` and ``GET /<topic>/Subscriptions/<sub>``: runtime properties."""
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            path = _path(urlparse(self.path).path)
+            with peer._lock:
+                entity = peer._entities.get(path.lower())
+                if entity is None or entity.path.endswith(DEAD_LETTER_SUFFIX):
+                    self.send_error(404, "entity not found")
+                    return
+                counts = peer.counts(entity.path)
+                kind = "SubscriptionDescription" if "/subscriptions/" in path.lower() \
+                    else "QueueDescription"
+                body = _ENTRY.format(
+                    host=escape(self.headers.get("Host", "localhost")), path=escape(entity.path),
+                    name=escape(entity.path.rsplit("/", 1)[-1]), kind=kind,
+                    now=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    lock=int(entity.lock_duration), max_delivery=entity.max_delivery_count,
+                    total=counts["active"] + counts["locked"] + counts["deferred"],
+                    # The service counts locked messages as active.
+                    active=counts["active"] + counts["locked"], dead_letter=counts["dead_letter"],
+                ).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/atom+xml;type=entry;charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            log.debug("servicebus peer admin: " + format, *args)
+
+    return AdminHandler
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the peer in the foreground until interrupted (for a manual ``fanout run``)."""
+    parser = argparse.ArgumentParser(description="Service Bus AMQP test peer (not a product)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5672)
+    parser.add_argument("--admin-port", type=int, default=5300)
+    parser.add_argument("--queue", action="append", default=[])
+    parser.add_argument("--lock-duration", type=float, default=30.0)
+    parser.add_argument("--max-delivery-count", type=int, default=10)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    peer = ServiceBusPeer(queues=args.queue or ["fanout"], host=args.host, port=args.port,
+                          admin_port=args.admin_port, lock_duration=args.lock_duration,
+                          max_delivery_count=args.max_delivery_count)
+    with peer:
+        print(peer.connection_string, flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

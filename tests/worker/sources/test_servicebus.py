@@ -1,0 +1,435 @@
+"""Tests of the Service Bus source (worker/sources/servicebus.py) through the real SDK.
+
+Every test starts the AMQP test peer (tests/fakes/servicebus_peer.py) on a free port
+and points the real ``azure-servicebus`` aio client at it with a
+``UseDevelopmentEmulator=true`` connection string.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from azure.servicebus import ServiceBusClient, ServiceBusSubQueue
+from azure.servicebus.exceptions import (
+    MessageLockLostError,
+    MessagingEntityNotFoundError,
+    OperationTimeoutError,
+    ServiceBusAuthorizationError,
+    ServiceBusConnectionError,
+    ServiceBusServerBusyError,
+)
+from pydantic import SecretStr
+
+from tests.fakes.servicebus_peer import ServiceBusPeer
+from worker.config import QueueConfig, ServiceBusConfig
+from worker.errors import ConfigFault, LockLost, SystemFault
+from worker.sources.base import Received
+from worker.sources.servicebus import ServiceBusSource, classify_error
+
+QUEUE = "jobs"
+LOCK = 1.0  # the peer's lock duration, seconds: short so expiry tests stay fast
+#: Fail fast: the SDK's own retries would otherwise wait seconds per fault.
+CLIENT_OPTIONS = {"retry_total": 1, "retry_backoff_factor": 0.05, "retry_backoff_max": 0.2}
+
+MakePeer = Callable[..., ServiceBusPeer]
+
+
+@pytest.fixture
+def make_peer() -> Iterator[MakePeer]:
+    """A factory of started peers (queue ``jobs``, 1 s locks); stops them all after."""
+    peers: list[ServiceBusPeer] = []
+
+    def make(**kwargs: Any) -> ServiceBusPeer:
+        kwargs.setdefault("queues", [QUEUE])
+        kwargs.setdefault("lock_duration", LOCK)
+        peer = ServiceBusPeer(**kwargs).start()
+        peers.append(peer)
+        return peer
+
+    yield make
+    for peer in peers:
+        peer.stop()
+
+
+@pytest.fixture
+def peer(make_peer: MakePeer) -> ServiceBusPeer:
+    """One started peer with the queue ``jobs``."""
+    return make_peer()
+
+
+@contextlib.asynccontextmanager
+async def open_source(peer: ServiceBusPeer, *, max_delivery_count: int = 10,
+                      **servicebus: Any) -> AsyncIterator[ServiceBusSource]:
+    """A ServiceBusSource on the peer, closed on exit."""
+    servicebus.setdefault("queue", QUEUE)
+    servicebus.setdefault("batch_size", 10)
+    config = ServiceBusConfig(connection_string=SecretStr(peer.connection_string), **servicebus)
+    source = ServiceBusSource.from_config(
+        config, QueueConfig(name=QUEUE, lock_duration=LOCK,
+                            max_delivery_count=max_delivery_count),
+        client_options=CLIENT_OPTIONS, emulator_admin_port=peer.admin_port or 0,
+        backoff_base=0.05, backoff_max=0.2, resubmit_wait=1.0)
+    try:
+        yield source
+    finally:
+        await source.close()
+
+
+def run(coro: Any) -> Any:
+    """Run one scenario on a fresh event loop."""
+    return asyncio.run(coro)
+
+
+async def receive_one(source: ServiceBusSource, wait: float = 3.0) -> Received:
+    """Receive exactly one message or fail the test."""
+    got = await source.receive(1, wait)
+    assert len(got) == 1, f"expected one message, got {len(got)}"
+    return got[0]
+
+
+def sdk_dead_letters(peer: ServiceBusPeer, queue: str = QUEUE) -> list[tuple[Any, ...]]:
+    """(message id, reason, description, body) of the dead-letter queue, read with the
+    synchronous SDK in receive-and-delete mode."""
+    with ServiceBusClient.from_connection_string(peer.connection_string, **CLIENT_OPTIONS) as c, \
+            c.get_queue_receiver(queue, sub_queue=ServiceBusSubQueue.DEAD_LETTER,
+                                 receive_mode="receiveanddelete") as receiver:
+        return [(m.message_id, m.dead_letter_reason, m.dead_letter_error_description,
+                 b"".join(m.body)) for m in receiver.receive_messages(10, max_wait_time=2)]
+
+
+# --------------------------------------------------------------------------- settlement
+
+
+def test_send_receive_complete(peer: ServiceBusPeer) -> None:
+    """A sent message arrives with its id, properties and broker fields; complete removes it."""
+    async def scenario() -> Received:
+        async with open_source(peer) as source:
+            sent = await source.send(b'{"handler": "sweep"}', message_id="m-1",
+                                     properties={"aeg-event-type": "Notification"})
+            assert sent == "m-1"
+            msg = await receive_one(source)
+            await source.complete(msg)
+            return msg
+
+    msg = run(scenario())
+    assert msg.body == b'{"handler": "sweep"}'
+    assert msg.message_id == "m-1"
+    assert msg.delivery_count == 0
+    assert msg.properties == {"aeg-event-type": "Notification"}
+    assert msg.sequence_number is not None and msg.sequence_number > 0
+    assert msg.enqueued_time is not None and msg.locked_until is not None
+    assert msg.locked_until > msg.enqueued_time
+    assert peer.counts(QUEUE) == {"active": 0, "locked": 0, "deferred": 0, "dead_letter": 0}
+
+
+def test_event_grid_properties_pass_through(peer: ServiceBusPeer) -> None:
+    """Event Grid's aeg-* application properties reach the consumer as strings."""
+    props = {"aeg-event-type": "Notification", "aeg-subscription-name": "BLOBS",
+             "aeg-delivery-count": "0", "aeg-output-event-id": "7d1c8a2e"}
+    peer.put(QUEUE, b"[]", message_id="evt-1", properties=props)
+
+    async def scenario() -> Received:
+        async with open_source(peer) as source:
+            msg = await receive_one(source)
+            await source.complete(msg)
+            return msg
+
+    msg = run(scenario())
+    assert msg.message_id == "evt-1"
+    assert dict(msg.properties) == props
+
+
+def test_abandon_redelivers_with_higher_delivery_count(peer: ServiceBusPeer) -> None:
+    """An abandoned message comes back at once with its delivery count one higher."""
+    peer.put(QUEUE, b"again", message_id="a-1")
+
+    async def scenario() -> tuple[Received, Received]:
+        async with open_source(peer) as source:
+            first = await receive_one(source)
+            await source.abandon(first)
+            second = await receive_one(source)
+            await source.complete(second)
+            return first, second
+
+    first, second = run(scenario())
+    assert (first.message_id, second.message_id) == ("a-1", "a-1")
+    assert (first.delivery_count, second.delivery_count) == (0, 1)
+    assert peer.counts(QUEUE)["active"] == 0
+
+
+def test_dead_letter_reason_and_description_readable_through_sdk(peer: ServiceBusPeer) -> None:
+    """dead_letter() lands reason and description in the SDK's dead-letter fields."""
+    peer.put(QUEUE, b"not json", message_id="bad-1")
+
+    async def scenario() -> None:
+        async with open_source(peer) as source:
+            msg = await receive_one(source)
+            await source.dead_letter(msg, "InvalidJson", "body is not JSON: line 1 column 1")
+
+    run(scenario())
+    assert peer.counts(QUEUE)["active"] == 0
+    assert sdk_dead_letters(peer) == [
+        ("bad-1", "InvalidJson", "body is not JSON: line 1 column 1", b"not json")]
+
+
+def test_renewal_keeps_a_message_locked_for_three_lock_durations(peer: ServiceBusPeer) -> None:
+    """Renewing every third of the lock keeps the message ours past 3x the lock duration."""
+    peer.put(QUEUE, b"long job", message_id="long-1")
+
+    async def scenario() -> tuple[int, list[datetime]]:
+        async with open_source(peer) as source:
+            msg = await receive_one(source)
+            expiries = []
+            loop = asyncio.get_running_loop()
+            until = loop.time() + 3.5 * LOCK
+            while loop.time() < until:
+                await asyncio.sleep(LOCK / 3)
+                expiries.append(await source.renew_lock(msg))
+            stolen = await source.receive(1, 0.5)  # another receiver sees nothing
+            await source.complete(msg)
+            return len(stolen), expiries
+
+    stolen, expiries = run(scenario())
+    assert stolen == 0
+    assert expiries == sorted(expiries) and expiries[-1] > expiries[0]
+    assert peer.counts(QUEUE) == {"active": 0, "locked": 0, "deferred": 0, "dead_letter": 0}
+
+
+def test_lost_lock_raises_lock_lost_and_the_message_comes_back(peer: ServiceBusPeer) -> None:
+    """Settling after the lock expired raises LockLost; the message is redelivered."""
+    peer.put(QUEUE, b"slow", message_id="slow-1")
+
+    async def scenario() -> Received:
+        async with open_source(peer) as source:
+            msg = await receive_one(source)
+            await asyncio.sleep(LOCK * 1.5)
+            with pytest.raises(LockLost):
+                await source.complete(msg)
+            with pytest.raises(LockLost):
+                await source.renew_lock(msg)
+            again = await receive_one(source)
+            await source.complete(again)
+            return again
+
+    again = run(scenario())
+    assert again.message_id == "slow-1"
+    assert again.delivery_count == 1
+    assert peer.counts(QUEUE)["active"] == 0
+
+
+def test_max_delivery_count_dead_letters(make_peer: MakePeer) -> None:
+    """After max delivery count abandons the service dead-letters the message itself."""
+    peer = make_peer(max_delivery_count=2)
+    peer.put(QUEUE, b"poison", message_id="p-1")
+
+    async def scenario() -> list[int]:
+        async with open_source(peer, max_delivery_count=2) as source:
+            counts = []
+            for _ in range(2):
+                msg = await receive_one(source)
+                counts.append(msg.delivery_count)
+                await source.abandon(msg)
+            assert await source.receive(1, 0.5) == []
+            dead = await source.dead_letters()
+            assert [(d.message_id, d.reason) for d in dead] == [
+                ("p-1", "MaxDeliveryCountExceeded")]
+            return counts
+
+    assert run(scenario()) == [0, 1]
+    assert peer.counts(QUEUE)["dead_letter"] == 1
+
+
+def test_topic_subscription(make_peer: MakePeer) -> None:
+    """A source on a topic subscription sends to the topic and receives from the subscription."""
+    peer = make_peer(queues=[], topics={"events": ["fanout", "audit"]})
+
+    async def scenario() -> tuple[Received, dict[str, int]]:
+        async with open_source(peer, queue=None, topic="events",
+                               subscription="fanout") as source:
+            assert source.name == "events/fanout"
+            await source.send(b"hello", message_id="t-1")
+            msg = await receive_one(source)
+            depth = await source.depth()
+            await source.complete(msg)
+            return msg, depth
+
+    msg, depth = run(scenario())
+    assert msg.message_id == "t-1"
+    assert depth == {"active": 1, "dead_letter": 0, "transfer": 0}
+    assert peer.counts("events/Subscriptions/audit")["active"] == 1
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_concurrent_receives_use_their_own_receivers(peer: ServiceBusPeer) -> None:
+    """Concurrent receive calls each get messages, settled later from other tasks."""
+    for i in range(6):
+        peer.put(QUEUE, b"x", message_id=f"c-{i}")
+
+    async def scenario() -> list[str]:
+        async with open_source(peer, batch_size=2) as source:
+            batches = await asyncio.gather(*(source.receive(2, 3.0) for _ in range(3)))
+            received = [m for batch in batches for m in batch]
+            await asyncio.gather(*(asyncio.create_task(source.complete(m)) for m in received))
+            return sorted(m.message_id or "" for m in received)
+
+    assert run(scenario()) == [f"c-{i}" for i in range(6)]
+    assert peer.counts(QUEUE)["active"] == 0
+
+
+# --------------------------------------------------------------------------- resilience
+
+
+def test_survives_the_peer_dropping_its_connections(peer: ServiceBusPeer) -> None:
+    """After the service drops every connection, receive works again on a new one."""
+    peer.put(QUEUE, b"before", message_id="r-1")
+
+    async def scenario() -> tuple[Received, list[str]]:
+        async with open_source(peer) as source:
+            first = await receive_one(source)
+            await source.complete(first)
+            opened = peer.connections_opened
+            await asyncio.to_thread(peer.drop_connections)
+            peer.put(QUEUE, b"after", message_id="r-2")
+            faults: list[str] = []
+            for _ in range(20):
+                try:
+                    got = await source.receive(1, 1.0)
+                except SystemFault as fault:
+                    faults.append(fault.description)
+                    continue
+                if got:
+                    await source.complete(got[0])
+                    assert peer.connections_opened > opened
+                    return got[0], faults
+            raise AssertionError(f"no message after reconnecting; faults: {faults}")
+
+    after, _ = run(scenario())
+    assert after.message_id == "r-2"
+    assert peer.counts(QUEUE)["active"] == 0
+
+
+def test_settling_after_a_reconnect_is_lock_lost(peer: ServiceBusPeer) -> None:
+    """A message locked on a receiver that was reset cannot be settled: LockLost."""
+    peer.put(QUEUE, b"held", message_id="h-1")
+
+    async def scenario() -> Received:
+        async with open_source(peer) as source:
+            held = await receive_one(source)
+            await asyncio.to_thread(peer.drop_connections)
+            with pytest.raises((LockLost, SystemFault)):
+                await source.complete(held)
+            # The lock lapses on the service and the message comes back.
+            for _ in range(20):
+                with contextlib.suppress(SystemFault):
+                    got = await source.receive(1, 1.0)
+                    if got:
+                        await source.complete(got[0])
+                        return got[0]
+            raise AssertionError("the held message was not redelivered")
+
+    again = run(scenario())
+    assert again.message_id == "h-1" and again.delivery_count == 1
+
+
+def test_missing_entity_is_a_config_fault(peer: ServiceBusPeer) -> None:
+    """Receiving from a queue that does not exist is a configuration fault."""
+    async def scenario() -> None:
+        async with open_source(peer, queue="nope") as source:
+            with pytest.raises(ConfigFault):
+                await source.receive(1, 1.0)
+
+    run(scenario())
+
+
+# --------------------------------------------------------------------------- depth and DLQ
+
+
+def test_depth_from_runtime_properties(peer: ServiceBusPeer) -> None:
+    """depth() reads active and dead-letter counts through the administration client."""
+    for i in range(3):
+        peer.put(QUEUE, b"d", message_id=f"d-{i}")
+
+    async def scenario() -> dict[str, int]:
+        async with open_source(peer) as source:
+            msg = await receive_one(source)
+            await source.dead_letter(msg, "InvalidParams", "bad")
+            return await source.depth()
+
+    assert run(scenario()) == {"active": 2, "dead_letter": 1, "scheduled": 0, "transfer": 0}
+
+
+def test_dead_letters_and_resubmit_keep_the_message_id(peer: ServiceBusPeer) -> None:
+    """dead_letters() lists reasons; resubmit() sends a copy with the same id and
+    properties to the queue and removes the dead-lettered one."""
+    peer.put(QUEUE, b"keep", message_id="k-1", properties={"aeg-event-type": "Notification"})
+    peer.put(QUEUE, b"other", message_id="k-2")
+
+    async def scenario() -> tuple[Any, ...]:
+        async with open_source(peer) as source:
+            for msg in await source.receive(2, 3.0):
+                await source.dead_letter(msg, "NoRoute", f"no route for {msg.message_id}")
+            listed = await source.dead_letters()
+            target = next(d for d in listed if d.message_id == "k-1")
+            assert target.sequence_number is not None
+            resubmitted = await source.resubmit(target.sequence_number)
+            missing = await source.resubmit(10_000)
+            back = await receive_one(source)
+            await source.complete(back)
+            left = await source.dead_letters()
+            return listed, resubmitted, missing, back, left
+
+    listed, resubmitted, missing, back, left = run(scenario())
+    assert sorted((d.message_id, d.reason, d.description) for d in listed) == [
+        ("k-1", "NoRoute", "no route for k-1"), ("k-2", "NoRoute", "no route for k-2")]
+    assert [d.properties for d in listed if d.message_id == "k-1"] == [
+        {"aeg-event-type": "Notification"}]
+    assert (resubmitted, missing) == ("k-1", None)
+    assert (back.message_id, back.body) == ("k-1", b"keep")
+    assert dict(back.properties) == {"aeg-event-type": "Notification"}
+    assert [d.message_id for d in left] == ["k-2"]
+
+
+# --------------------------------------------------------------------------- error mapping
+
+
+@pytest.mark.parametrize(("error", "expected"), [
+    (MessageLockLostError(message="lock expired"), LockLost),
+    (ServiceBusConnectionError(message="link detached"), SystemFault),
+    (OperationTimeoutError(message="timed out"), SystemFault),
+    (ServiceBusServerBusyError(message="busy"), SystemFault),
+    (ServiceBusAuthorizationError(message="Unauthorized"), ConfigFault),
+    (MessagingEntityNotFoundError(message="no such queue"), ConfigFault),
+    (OSError("connection reset"), SystemFault),
+])
+def test_classify_error(error: Exception, expected: type[Exception]) -> None:
+    """SDK errors map onto LockLost, SystemFault or ConfigFault."""
+    assert type(classify_error(error, "complete")) is expected
+
+
+def test_error_descriptions_never_carry_keys() -> None:
+    """Keys and SAS signatures in an SDK error message are masked."""
+    error = ServiceBusConnectionError(
+        message="Endpoint=sb://x/;SharedAccessKeyName=root;SharedAccessKey=c2VjcmV0PQ==;"
+                " token SharedAccessSignature sr=x&sig=abcDEF%3D&se=1&skn=root")
+    text = str(classify_error(error, "receive"))
+    assert "c2VjcmV0PQ==" not in text and "abcDEF" not in text
+    assert "SharedAccessKey=***" in text
+
+
+def test_source_needs_a_namespace_or_connection_string() -> None:
+    """Without namespace or connection string the source refuses to start."""
+    from worker.errors import SettingsError
+
+    with pytest.raises(SettingsError):
+        ServiceBusSource(servicebus=ServiceBusConfig(), queue=QueueConfig())
+    with pytest.raises(SettingsError):
+        ServiceBusSource(servicebus=ServiceBusConfig(namespace="ns", topic="t"),
+                         queue=QueueConfig())
+

@@ -1,0 +1,622 @@
+"""Azure Service Bus as a :class:`~worker.sources.base.Source`: a queue or a topic subscription.
+
+Built on ``azure.servicebus.aio``. Authentication is Entra ID through azure-identity
+(``DefaultAzureCredential``: workload identity, managed identity, environment, CLI) with
+``[servicebus] namespace``, or a connection string when ``[servicebus]
+connection_string`` is set (``UseDevelopmentEmulator=true`` included).
+
+Concurrency. An SDK receiver is not coroutine-safe, so concurrent
+:meth:`ServiceBusSource.receive` calls never share one: each call checks a receiver out
+of a pool for its duration, preferring one with no unsettled messages, and the pool
+grows when none is free (the consumer's N receive loops end up with N receivers). This
+holds however the caller structures its tasks (the consumer wraps every receive in a
+task of its own, so keying receivers by task would not work). A message remembers the
+receiver that locked it (``Received.handle``) and is settled through it: the lock token
+is only valid on the link that delivered it. Each receiver has an ``asyncio.Lock``, so
+a settlement or renewal waits for a receive in flight on the same receiver, which only
+happens once the pool is at ``max_receivers``.
+
+Resilience. A connection fault (including the service closing an idle link) closes that
+receiver and raises :class:`~worker.errors.SystemFault`; receives then wait out a
+bounded, jittered backoff before a new receiver is opened. Messages locked on the old
+receiver can only end in :class:`~worker.errors.LockLost`: the service redelivers them
+when their lock expires, and idempotent submission makes that harmless.
+
+Errors map as: lock lost → ``LockLost``; connection, timeout, server busy and other
+transient faults → ``SystemFault``; authentication, authorization and a missing entity
+→ ``ConfigFault``. Descriptions never carry the connection string or a key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import structlog
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceNotFoundError,
+)
+from azure.core.pipeline.transport import AioHttpTransport
+from azure.servicebus import ServiceBusMessage, ServiceBusReceiveMode, ServiceBusSubQueue
+from azure.servicebus.aio import ServiceBusClient
+from azure.servicebus.aio.management import ServiceBusAdministrationClient
+from azure.servicebus.amqp import AmqpMessageBodyType
+from azure.servicebus.exceptions import (
+    MessageAlreadySettled,
+    MessageLockLostError,
+    MessagingEntityDisabledError,
+    MessagingEntityNotFoundError,
+    ServiceBusAuthenticationError,
+    ServiceBusAuthorizationError,
+    SessionLockLostError,
+)
+
+from worker.config import QueueConfig, ServiceBusConfig
+from worker.errors import ConfigFault, FanoutError, LockLost, SettingsError, SystemFault
+from worker.sources.base import DeadLettered, Received
+
+if TYPE_CHECKING:
+    from azure.core.credentials_async import AsyncTokenCredential
+    from azure.servicebus import ServiceBusReceivedMessage
+    from azure.servicebus.aio import ServiceBusReceiver, ServiceBusSender
+
+__all__ = ["ServiceBusSource", "classify_error", "to_received"]
+
+log = structlog.get_logger(__name__)
+
+#: The Service Bus emulator serves the administration API over plain HTTP on this port.
+EMULATOR_ADMIN_PORT = 5300
+#: Longest dead-letter reason or description the service keeps.
+MAX_DEAD_LETTER_TEXT = 4096
+#: Application properties the service adds when it dead-letters; not copied on resubmit.
+_DEAD_LETTER_PROPERTIES = ("DeadLetterReason", "DeadLetterErrorDescription")
+_SECRET = re.compile(r"(SharedAccessKey|SharedAccessSignature|sig|skn)=[^;&\s]+",
+                     re.IGNORECASE)
+
+_LOCK_LOST = (MessageLockLostError, SessionLockLostError, MessageAlreadySettled)
+_CONFIG = (ServiceBusAuthenticationError, ServiceBusAuthorizationError,
+           MessagingEntityNotFoundError, MessagingEntityDisabledError,
+           ClientAuthenticationError, ResourceNotFoundError)
+
+
+# --------------------------------------------------------------------------- mapping
+
+
+def _describe(exc: BaseException) -> str:
+    """``TypeName: message`` with anything that looks like a key or signature masked."""
+    text = _SECRET.sub(r"\1=***", str(exc)).strip()
+    return f"{type(exc).__name__}: {text[:500]}" if text else type(exc).__name__
+
+
+def classify_error(exc: BaseException, action: str) -> FanoutError:
+    """Map an SDK error raised by ``action`` onto fanout's error hierarchy."""
+    if isinstance(exc, FanoutError):
+        return exc
+    description = f"service bus {action} failed: {_describe(exc)}"
+    if isinstance(exc, _LOCK_LOST):
+        return LockLost(description)
+    if isinstance(exc, _CONFIG):
+        return ConfigFault(description, code=type(exc).__name__)
+    if isinstance(exc, HttpResponseError) and exc.status_code in (401, 403, 404):
+        return ConfigFault(description, code=f"Http{exc.status_code}")
+    return SystemFault(description)
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _properties(raw: Mapping[Any, Any] | None) -> dict[str, str]:
+    """Application properties with str keys and values (the SDK hands back bytes)."""
+    return {_text(k): _text(v) for k, v in (raw or {}).items() if v is not None}
+
+
+def _body(message: ServiceBusReceivedMessage) -> bytes:
+    """The message body as bytes: data sections joined; a value or sequence as JSON."""
+    body = message.body
+    if message.body_type == AmqpMessageBodyType.DATA:
+        return body if isinstance(body, bytes) else b"".join(bytes(part) for part in body)
+    if isinstance(body, bytes):
+        return body
+    if isinstance(body, str):
+        return body.encode()
+    if message.body_type == AmqpMessageBodyType.SEQUENCE:
+        body = list(body)
+    return json.dumps(body, default=_text).encode()
+
+
+def _message_id(message: ServiceBusReceivedMessage) -> str | None:
+    return None if message.message_id is None else _text(message.message_id)
+
+
+def to_received(message: ServiceBusReceivedMessage, handle: Any = None) -> Received:
+    """Map an SDK message onto the consumer's :class:`Received`."""
+    return Received(
+        body=_body(message),
+        message_id=_message_id(message),
+        delivery_count=message.delivery_count or 0,
+        locked_until=message.locked_until_utc,
+        properties=_properties(message.application_properties),
+        sequence_number=message.sequence_number,
+        enqueued_time=message.enqueued_time_utc,
+        handle=handle,
+    )
+
+
+def _dead_lettered(message: ServiceBusReceivedMessage) -> DeadLettered:
+    properties = _properties(message.application_properties)
+    return DeadLettered(
+        message_id=_message_id(message),
+        sequence_number=message.sequence_number,
+        reason=message.dead_letter_reason,
+        description=message.dead_letter_error_description,
+        body=_body(message),
+        properties={k: v for k, v in properties.items() if k not in _DEAD_LETTER_PROPERTIES},
+        enqueued_time=message.enqueued_time_utc,
+        delivery_count=message.delivery_count or 0,
+    )
+
+
+def _namespace_host(namespace: str) -> str:
+    """``myns``, ``myns.servicebus.windows.net`` or ``sb://myns.../`` → the host name."""
+    host = urlsplit(namespace).hostname if "://" in namespace else namespace.strip().strip("/")
+    host = host or namespace
+    return host if "." in host else f"{host}.servicebus.windows.net"
+
+
+class _EmulatorTransport(AioHttpTransport):  # type: ignore[misc]
+    """Sends the administration client's requests to the emulator's plain-HTTP port.
+
+    The SDK builds ``https://<host>:<amqp port>/...`` even for ``UseDevelopmentEmulator``
+    connection strings; the emulator (and the test peer) serve it on another port.
+    """
+
+    def __init__(self, port: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._port = port
+
+    async def send(self, request: Any, **kwargs: Any) -> Any:
+        parts = urlsplit(request.url)
+        request.url = urlunsplit(("http", f"{parts.hostname}:{self._port}", parts.path,
+                                  parts.query, parts.fragment))
+        return await super().send(request, **kwargs)
+
+
+# --------------------------------------------------------------------------- slots
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One pooled SDK receiver and the lock serialising its use."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    receiver: ServiceBusReceiver | None = None
+    generation: int = 0
+    outstanding: int = 0  # messages it locked that are not settled yet
+    busy: bool = False  # checked out by a receive call
+
+
+@dataclass(eq=False, slots=True)
+class _Handle:
+    """``Received.handle``: the SDK message and the receiver generation that locked it."""
+
+    slot: _Slot
+    generation: int
+    message: ServiceBusReceivedMessage
+    settled: bool = False
+
+
+# --------------------------------------------------------------------------- the source
+
+
+class ServiceBusSource:
+    """A peek-lock Service Bus queue or topic subscription (see the module docstring).
+
+    ``lock_duration`` is the entity's setting on the service; ``max_delivery_count`` is
+    the queue's, taken from ``[queue]`` for the consumer's bookkeeping.
+    ``client_options`` are passed to the SDK clients (e.g. ``retry_total``).
+    """
+
+    def __init__(self, *, servicebus: ServiceBusConfig, queue: QueueConfig,
+                 credential: AsyncTokenCredential | None = None,
+                 client_options: Mapping[str, Any] | None = None,
+                 emulator_admin_port: int = EMULATOR_ADMIN_PORT,
+                 backoff_base: float = 0.5, backoff_max: float = 30.0,
+                 max_receivers: int = 32, resubmit_wait: float = 5.0) -> None:
+        if not servicebus.configured:
+            raise SettingsError("servicebus: set namespace (Entra ID) or connection_string")
+        if bool(servicebus.topic) != bool(servicebus.subscription):
+            raise SettingsError("servicebus: topic and subscription go together")
+        self._config = servicebus
+        self._topic = servicebus.topic
+        self._subscription = servicebus.subscription
+        self._queue = None if self._topic else (servicebus.queue or queue.name)
+        self._max_delivery_count = queue.max_delivery_count
+        self._credential = credential
+        self._owns_credential = credential is None
+        self._options = dict(client_options or {})
+        self._emulator_admin_port = emulator_admin_port
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._resubmit_wait = resubmit_wait
+        self._client: ServiceBusClient | None = None
+        self._admin: ServiceBusAdministrationClient | None = None
+        self._sender: ServiceBusSender | None = None
+        self._sender_lock = asyncio.Lock()
+        self._max_receivers = max_receivers
+        self._slots: list[_Slot] = []
+        self._failures = 0
+        self._not_before = 0.0
+        self._closed = False
+
+    @classmethod
+    def from_config(cls, servicebus: ServiceBusConfig, queue: QueueConfig,
+                    **kwargs: Any) -> ServiceBusSource:
+        """The source ``[servicebus]`` and ``[queue]`` describe."""
+        return cls(servicebus=servicebus, queue=queue, **kwargs)
+
+    # ---------------------------------------------------------------- Source protocol
+
+    @property
+    def name(self) -> str:
+        """The queue's name, or ``<topic>/<subscription>``."""
+        return self._queue or f"{self._topic}/{self._subscription}"
+
+    @property
+    def max_delivery_count(self) -> int:
+        """Deliveries after which the service dead-letters a failing message."""
+        return self._max_delivery_count
+
+    async def receive(self, max_messages: int, max_wait: float) -> list[Received]:
+        """Lock up to ``min(max_messages, batch_size)`` messages, waiting at most
+        ``max_wait`` s, on a receiver no other receive call is using."""
+        count = max(1, min(max_messages, self._config.batch_size))
+        if not await self._backed_off(max_wait):
+            return []
+        slot = self._checkout()
+        try:
+            async with slot.lock:
+                receiver = self._ready_receiver(slot)
+                try:
+                    messages = await receiver.receive_messages(max_message_count=count,
+                                                               max_wait_time=max_wait)
+                except Exception as exc:
+                    raise await self._fail(slot, exc, "receive") from exc
+                self._failures = 0
+                slot.outstanding += len(messages)
+                generation = slot.generation
+        finally:
+            slot.busy = False
+        return [to_received(m, _Handle(slot, generation, m)) for m in messages]
+
+    async def complete(self, msg: Received) -> None:
+        """Remove a processed message."""
+        await self._settle(msg, "complete", lambda r, m: r.complete_message(m))
+
+    async def abandon(self, msg: Received) -> None:
+        """Unlock the message so it is delivered again (delivery count + 1)."""
+        await self._settle(msg, "abandon", lambda r, m: r.abandon_message(m))
+
+    async def dead_letter(self, msg: Received, reason: str, description: str) -> None:
+        """Move the message to the dead-letter queue with a reason and description."""
+        reason, description = reason[:MAX_DEAD_LETTER_TEXT], description[:MAX_DEAD_LETTER_TEXT]
+        await self._settle(msg, "dead-letter", lambda r, m: r.dead_letter_message(
+            m, reason=reason, error_description=description))
+
+    async def renew_lock(self, msg: Received) -> datetime:
+        """Extend the message's lock by the entity's lock duration; return the new expiry."""
+        handle = self._handle(msg)
+        async with handle.slot.lock:
+            receiver = self._receiver_of(handle, "renew-lock")
+            try:
+                locked_until: datetime = await receiver.renew_message_lock(handle.message)
+            except Exception as exc:
+                raise await self._fail(handle.slot, exc, "renew-lock") from exc
+        msg.locked_until = locked_until
+        return locked_until
+
+    async def depth(self) -> dict[str, int]:
+        """Message counts by state from the administration client's runtime properties.
+
+        A subscription has no ``scheduled`` count (scheduled messages wait in its topic).
+        """
+        admin = self._admin_client()
+        try:
+            if self._topic and self._subscription:
+                sub = await admin.get_subscription_runtime_properties(self._topic,
+                                                                      self._subscription)
+                return {"active": sub.active_message_count or 0,
+                        "dead_letter": sub.dead_letter_message_count or 0,
+                        "transfer": (sub.transfer_message_count or 0)
+                        + (sub.transfer_dead_letter_message_count or 0)}
+            assert self._queue is not None
+            props = await admin.get_queue_runtime_properties(self._queue)
+        except Exception as exc:
+            raise classify_error(exc, "depth") from exc
+        return {"active": props.active_message_count or 0,
+                "dead_letter": props.dead_letter_message_count or 0,
+                "scheduled": props.scheduled_message_count or 0,
+                "transfer": (props.transfer_message_count or 0)
+                + (props.transfer_dead_letter_message_count or 0)}
+
+    async def send(self, body: bytes, *, message_id: str | None = None,
+                   properties: Mapping[str, str] | None = None) -> str:
+        """Enqueue a message (to the topic, for a subscription); return its message id."""
+        message_id = message_id or uuid.uuid4().hex
+        application_properties: dict[str | bytes, Any] = {
+            k: v for k, v in (properties or {}).items()}
+        await self._send(ServiceBusMessage(body, message_id=message_id,
+                                           application_properties=application_properties))
+        return message_id
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLettered]:
+        """Peek at up to ``limit`` dead-lettered messages, oldest first, locking nothing."""
+        found: list[DeadLettered] = []
+        receiver = self._new_receiver(sub_queue=ServiceBusSubQueue.DEAD_LETTER)
+        try:
+            while len(found) < limit:
+                batch = await receiver.peek_messages(max_message_count=limit - len(found))
+                if not batch:
+                    break
+                found.extend(_dead_lettered(m) for m in batch)
+        except Exception as exc:
+            raise classify_error(exc, "dead-letter peek") from exc
+        finally:
+            await self._quietly(receiver.close(), "dead-letter receiver")
+        return found
+
+    async def resubmit(self, sequence_number: int) -> str | None:
+        """Send a copy of a dead-lettered message to the main entity (same message id and
+        application properties) and complete the dead-lettered one.
+
+        For a subscription the copy goes to the topic, so every subscription whose filter
+        matches receives it. Returns the message id, or None if no such message.
+        """
+        receiver = self._new_receiver(sub_queue=ServiceBusSubQueue.DEAD_LETTER)
+        try:
+            target = await self._find_dead_lettered(receiver, sequence_number)
+            if target is None:
+                return None
+            await self._send(self._copy(target))
+            await receiver.complete_message(target)
+            return _message_id(target)
+        except Exception as exc:
+            raise classify_error(exc, "resubmit") from exc
+        finally:
+            await self._quietly(receiver.close(), "dead-letter receiver")
+
+    async def close(self) -> None:
+        """Close every receiver, the sender and the clients. Locks held lapse on the
+        service and those messages are delivered again."""
+        self._closed = True
+        for slot in self._slots:
+            await self._drop_receiver(slot)
+        self._slots.clear()
+        if self._sender is not None:
+            await self._quietly(self._sender.close(), "sender")
+            self._sender = None
+        if self._admin is not None:
+            await self._quietly(self._admin.close(), "administration client")
+            self._admin = None
+        if self._client is not None:
+            await self._quietly(self._client.close(), "client")
+            self._client = None
+        if self._owns_credential and self._credential is not None:
+            await self._quietly(self._credential.close(), "credential")
+            self._credential = None
+
+    # ---------------------------------------------------------------- clients
+
+    def _emulator(self) -> bool:
+        secret = self._config.connection_string
+        if secret is None:
+            return False
+        pairs = (part.split("=", 1) for part in secret.get_secret_value().split(";"))
+        settings = {p[0].strip().lower(): p[1].strip() for p in pairs if len(p) == 2}
+        return settings.get("usedevelopmentemulator", "").lower() == "true"
+
+    def _token_credential(self) -> AsyncTokenCredential:
+        if self._credential is None:
+            from azure.identity.aio import DefaultAzureCredential
+
+            # DefaultAzureCredential covers workload identity (AKS), managed identity
+            # (a user-assigned one by client id when configured), environment and CLI.
+            self._credential = DefaultAzureCredential(
+                managed_identity_client_id=self._config.managed_identity_client_id)
+        return self._credential
+
+    def _sb_client(self) -> ServiceBusClient:
+        if self._closed:
+            raise SystemFault("service bus source is closed")
+        if self._client is None:
+            secret = self._config.connection_string
+            if secret is not None:
+                self._client = ServiceBusClient.from_connection_string(
+                    secret.get_secret_value(), **self._options)
+            else:
+                assert self._config.namespace is not None
+                self._client = ServiceBusClient(_namespace_host(self._config.namespace),
+                                                self._token_credential(), **self._options)
+        return self._client
+
+    def _admin_client(self) -> ServiceBusAdministrationClient:
+        if self._admin is None:
+            secret = self._config.connection_string
+            if secret is not None:
+                extra: dict[str, Any] = {}
+                if self._emulator():
+                    extra["transport"] = _EmulatorTransport(self._emulator_admin_port)
+                self._admin = ServiceBusAdministrationClient.from_connection_string(
+                    secret.get_secret_value(), **self._options, **extra)
+            else:
+                assert self._config.namespace is not None
+                self._admin = ServiceBusAdministrationClient(
+                    _namespace_host(self._config.namespace), self._token_credential(),
+                    **self._options)
+        return self._admin
+
+    def _new_receiver(self, *, sub_queue: ServiceBusSubQueue | None = None,
+                      prefetch: int = 0) -> ServiceBusReceiver:
+        client = self._sb_client()
+        options: dict[str, Any] = {"receive_mode": ServiceBusReceiveMode.PEEK_LOCK,
+                                   "prefetch_count": prefetch, "sub_queue": sub_queue}
+        if self._topic and self._subscription:
+            return client.get_subscription_receiver(self._topic, self._subscription, **options)
+        assert self._queue is not None
+        return client.get_queue_receiver(self._queue, **options)
+
+    async def _send(self, message: ServiceBusMessage) -> None:
+        async with self._sender_lock:
+            if self._sender is None:
+                client = self._sb_client()
+                self._sender = client.get_topic_sender(self._topic) if self._topic \
+                    else client.get_queue_sender(self._queue or "")
+            try:
+                await self._sender.send_messages(message)
+            except Exception as exc:
+                fault = classify_error(exc, "send")
+                if not isinstance(fault, LockLost):
+                    await self._quietly(self._sender.close(), "sender")
+                    self._sender = None
+                raise fault from exc
+
+    # ---------------------------------------------------------------- the receiver pool
+
+    def _checkout(self) -> _Slot:
+        """A receiver for one receive call: an idle one, else a new one, else (at
+        ``max_receivers``) the free one with the fewest unsettled messages."""
+        free = [slot for slot in self._slots if not slot.busy]
+        idle = sorted((slot for slot in free if slot.outstanding <= 0),
+                      key=lambda slot: slot.receiver is None)
+        if idle:
+            slot = idle[0]
+        elif free and len(self._slots) >= self._max_receivers:
+            slot = min(free, key=lambda slot: slot.outstanding)
+        else:
+            slot = _Slot()
+            self._slots.append(slot)
+        slot.busy = True
+        return slot
+
+    async def _backed_off(self, max_wait: float) -> bool:
+        """Wait out the backoff after a fault, at most ``max_wait`` s; True when over."""
+        loop = asyncio.get_running_loop()
+        wait = self._not_before - loop.time()
+        if wait > 0:
+            await asyncio.sleep(min(wait, max_wait))
+        return self._not_before <= loop.time()
+
+    def _ready_receiver(self, slot: _Slot) -> ServiceBusReceiver:
+        """The slot's receiver; a new one (a new generation) after it was dropped."""
+        if slot.receiver is None:
+            slot.receiver = self._new_receiver(prefetch=self._config.prefetch)
+            slot.generation += 1
+            slot.outstanding = 0
+        return slot.receiver
+
+    async def _fail(self, slot: _Slot, exc: Exception, action: str) -> FanoutError:
+        """Classify ``exc``; unless only the lock was lost, drop the receiver and back off."""
+        fault = classify_error(exc, action)
+        if isinstance(fault, LockLost):
+            return fault
+        self._failures += 1
+        delay = min(self._backoff_max, self._backoff_base * 2 ** (self._failures - 1))
+        delay *= random.uniform(0.5, 1.0)
+        self._not_before = asyncio.get_running_loop().time() + delay
+        if isinstance(fault, SystemFault):
+            fault.retry_after = delay
+        log.warning("servicebus.receiver_reset", entity=self.name, action=action,
+                    error=str(fault), failures=self._failures, backoff=round(delay, 3))
+        await self._drop_receiver(slot)
+        return fault
+
+    async def _drop_receiver(self, slot: _Slot) -> None:
+        receiver, slot.receiver = slot.receiver, None
+        if receiver is not None:
+            await self._quietly(receiver.close(), "receiver")
+
+    # ---------------------------------------------------------------- settlement
+
+    @staticmethod
+    def _handle(msg: Received) -> _Handle:
+        if not isinstance(msg.handle, _Handle):
+            raise TypeError("this message was not received from a ServiceBusSource")
+        return msg.handle
+
+    @staticmethod
+    def _receiver_of(handle: _Handle, action: str) -> ServiceBusReceiver:
+        slot = handle.slot
+        if slot.receiver is None or handle.generation != slot.generation:
+            raise LockLost(f"service bus {action} failed: the receiver that locked the "
+                           "message was closed or reconnected")
+        return slot.receiver
+
+    async def _settle(self, msg: Received, action: str,
+                      operation: Callable[[ServiceBusReceiver, ServiceBusReceivedMessage],
+                                          Awaitable[None]]) -> None:
+        handle = self._handle(msg)
+        slot = handle.slot
+        try:
+            async with slot.lock:
+                receiver = self._receiver_of(handle, action)
+                try:
+                    await operation(receiver, handle.message)
+                except Exception as exc:
+                    raise await self._fail(slot, exc, action) from exc
+        finally:
+            if not handle.settled and handle.generation == slot.generation:
+                slot.outstanding -= 1
+            handle.settled = True
+
+    # ---------------------------------------------------------------- dead-letter queue
+
+    async def _find_dead_lettered(self, receiver: ServiceBusReceiver,
+                                  sequence_number: int) -> ServiceBusReceivedMessage | None:
+        """Lock dead-lettered messages until ``sequence_number`` turns up; others are
+        abandoned again at once."""
+        peeked = await receiver.peek_messages(max_message_count=1,
+                                              sequence_number=sequence_number)
+        if not peeked or peeked[0].sequence_number != sequence_number:
+            return None
+        while True:
+            batch = await receiver.receive_messages(max_message_count=50,
+                                                    max_wait_time=self._resubmit_wait)
+            if not batch:
+                return None
+            target = None
+            for message in batch:
+                if target is None and message.sequence_number == sequence_number:
+                    target = message
+                else:
+                    await receiver.abandon_message(message)
+            if target is not None:
+                return target
+
+    @staticmethod
+    def _copy(message: ServiceBusReceivedMessage) -> ServiceBusMessage:
+        properties = {k: v for k, v in (message.application_properties or {}).items()
+                      if _text(k) not in _DEAD_LETTER_PROPERTIES}
+        return ServiceBusMessage(
+            _body(message), message_id=_message_id(message),
+            application_properties=properties, content_type=message.content_type,
+            correlation_id=message.correlation_id, subject=message.subject)
+
+    # ---------------------------------------------------------------- helpers
+
+    async def _quietly(self, awaitable: Awaitable[Any], what: str) -> None:
+        """Await a clean-up step; log (never raise) what goes wrong."""
+        try:
+            await awaitable
+        except Exception as exc:
+            log.warning("servicebus.close_failed", entity=self.name, what=what,
+                        error=_describe(exc))
