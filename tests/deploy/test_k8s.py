@@ -17,7 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.deploy import k8s
+from tests.deploy import bicep, k8s
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "deploy" / "k8s"
@@ -221,21 +221,32 @@ def _overlay_from_docs() -> str:
     return match.group(1)
 
 
+def _fanout_toml_from_docs() -> str:
+    """The Bicep fanoutToml output (sample values) plus what the docs append to it."""
+    main = bicep.declarations((ROOT / "deploy" / "bicep" / "main.bicep").read_text())
+    lines = bicep.join_lines(bicep.by_name(main, "output")["fanoutToml"].body)
+    sample = {"serviceBusFqdn": "sb-fanout-abc.servicebus.windows.net", "queue.name": "fanout",
+              "batchAccountUrl": "https://bafanoutabc.westeurope.batch.azure.com",
+              "cpuPool.outputs.name": "cpu",
+              "blobAccountUrl": "https://stfanoutabc.blob.core.windows.net/"}
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    match = re.search(r"cat >> \$OVERLAY/fanout\.toml <<'EOF'\n(.*?)\nEOF\n", text, re.S)
+    assert match, "docs/deploy.md lost the heredoc that completes fanout.toml"
+    return "\n".join(bicep.interpolate(line, sample) for line in lines) + match.group(1) + "\n"
+
+
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_the_overlay_in_the_docs_fills_every_placeholder(tmp_path: Path) -> None:
     """The docs' overlay, with the Bicep outputs substituted, renders a complete setup."""
-    values = {"ACR": "myacr", "IMAGE_TAG": "0.1.0", "WORKER_CLIENT_ID": "1111-worker",
-              "SB_NAMESPACE": "sb-fanout-abc", "BASE": str(BASE)}
     overlay = tmp_path / "overlay"
     overlay.mkdir()
+    values = {"ACR": "myacr", "IMAGE_TAG": "0.1.0", "WORKER_CLIENT_ID": "1111-worker",
+              "SB_NAMESPACE": "sb-fanout-abc", "BASE": os.path.relpath(BASE, overlay)}
     text = re.sub(r"\$(\w+)|\$\{(\w+)\}",
                   lambda m: values.get(m.group(1) or m.group(2), m.group(0)), _overlay_from_docs())
     assert "$" not in text, text
     (overlay / "kustomization.yaml").write_text(text)
-    toml = k8s.one(k8s.render(BASE), "ConfigMap")["data"]["fanout.toml"].replace(
-        "CHANGEME.servicebus.windows.net", "sb-fanout-abc.servicebus.windows.net").replace(
-        "CHANGEME", "real")
-    (overlay / "fanout.toml").write_text(toml)
+    (overlay / "fanout.toml").write_text(_fanout_toml_from_docs())
     out = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True,
                          timeout=60, env={**os.environ, "HOME": str(tmp_path)})
     assert out.returncode == 0, out.stderr

@@ -208,7 +208,7 @@ def _live_metrics() -> bytes:
     m.job_tasks.labels("running").set(8)
     m.ready.set(1)
     m.heartbeat.set(1.7e9)
-    m.poll_errors.labels("pool").inc()
+    m.poll_errors.labels("backend").inc()
     return generate_latest(registry)
 
 
@@ -229,3 +229,15 @@ def test_promtool_check_metrics_flags_a_badly_named_counter() -> None:
     out = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True,
                          timeout=60)
     assert out.returncode != 0
+
+
+def test_the_docs_describe_every_metric_and_alert() -> None:
+    """docs/observability.md names each exported metric family and each alert."""
+    doc = (ROOT / "docs" / "observability.md").read_text()
+    registry = CollectorRegistry()
+    Metrics(registry=registry)
+    for family in registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        assert f"`{name}`" in doc, f"{name} is not documented"
+    for rule in alert_rules():
+        assert f"`{rule.get('alert') or rule['record']}`" in doc
