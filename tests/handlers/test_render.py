@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import base64
 import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+from azure.core.credentials import AzureNamedKeyCredential
 from prometheus_client import CollectorRegistry
 
 from handlers.base import TaskSpec
 from handlers.errors import BudgetExceeded, InvalidParams
 from handlers.render import MERGE_ID
+from tests.fakes.batch_peer import BatchPeer
 from tests.handlers.conftest import PlanHarness, inner_argv
+from worker.backends.azure import AzureBatchBackend
 from worker.backends.local import LocalBackend
 from worker.config import SubmitConfig
 from worker.metrics import Metrics
@@ -125,6 +130,36 @@ def test_ten_thousand_task_render_submits_to_the_local_backend(
     finally:
         submitter.close()
         backend.close()
+
+
+def test_ten_thousand_task_render_submits_to_azure_batch(
+        make_planner: Callable[..., PlanHarness]) -> None:
+    """On Azure (a local Batch REST peer), the merge goes as one range and a container file."""
+    planner = make_planner(
+        blob={"account_url": "https://strender01.blob.core.windows.net",
+              "account_key": base64.b64encode(b"offline signing only").decode()},
+        backend={"default_pool": "fanout"})
+    job = planner.plan(render(frames={"start": 1, "end": 10_000}, encode={})).jobs[0].job
+    with BatchPeer() as peer:
+        peer.add_pool("fanout", dedicated={"idle": 1})
+        backend = AzureBatchBackend(endpoint=peer.url, default_pool="fanout",
+                                    credential=AzureNamedKeyCredential(peer.account, peer.key))
+        submitter = Submitter(backend=backend, config=SubmitConfig(),
+                              metrics=Metrics(registry=CollectorRegistry()))
+        try:
+            assert submitter.submit(job, handler="render").added == 10_001
+        finally:
+            submitter.close()
+            backend.close()
+        sent = {t["id"]: t for t in peer.tasks(job.id)}
+    assert len(sent) == 10_001
+    merge = sent[MERGE_ID]
+    assert merge["dependsOn"] == {"taskIdRanges": [{"start": 0, "end": 9_999}]}
+    [frames] = merge["resourceFiles"]
+    assert frames["blobPrefix"] == "shot-042/scene/frames/" and frames["filePath"] == "in"
+    container = urlsplit(frames["storageContainerUrl"])
+    assert container.path == "/renders" and "sp=rl" in container.query
+    assert "httpUrl" not in frames
 
 
 def test_custom_profile_fields(make_planner: Callable[..., PlanHarness]) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
-from handlers.base import JobSpec, OutputFile, TaskSpec
+from handlers.base import JobSpec, OutputFile, ResourceFile, TaskSpec
 from worker.backends.base import AddResult, TaskError
 
 #: The REST api-version; passed to ``BatchClient`` too so both agree.
@@ -72,8 +72,7 @@ def task_body(task: TaskSpec) -> dict[str, Any]:
         body["environmentSettings"] = [{"name": k, "value": v}
                                        for k, v in task.environment.items()]
     if task.resource_files:
-        body["resourceFiles"] = [_resource_file(r.http_url, r.file_path, r.file_mode)
-                                 for r in task.resource_files]
+        body["resourceFiles"] = [_resource_file(r) for r in task.resource_files]
     if task.output_files:
         body["outputFiles"] = [_output_file(o) for o in task.output_files]
     if task.depends_on or task.depends_on_ranges:
@@ -161,10 +160,18 @@ def metadata(items: Any) -> dict[str, str]:
             if isinstance(i, Mapping)}
 
 
-def _resource_file(url: str, path: str, mode: str | None) -> dict[str, Any]:
-    out = {"httpUrl": url, "filePath": path}
-    if mode:
-        out["fileMode"] = mode
+def _resource_file(rf: ResourceFile) -> dict[str, Any]:
+    out: dict[str, Any]
+    if rf.storage_container_url:  # every blob under the prefix, into filePath/<blob name>
+        out = {"storageContainerUrl": rf.storage_container_url}
+        if rf.blob_prefix:
+            out["blobPrefix"] = rf.blob_prefix
+        if rf.file_path:
+            out["filePath"] = rf.file_path
+    else:
+        out = {"httpUrl": rf.http_url, "filePath": rf.file_path}
+    if rf.file_mode:
+        out["fileMode"] = rf.file_mode
     return out
 
 
