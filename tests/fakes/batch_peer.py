@@ -61,7 +61,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -229,7 +229,10 @@ class BatchPeer:
                  host: str = "127.0.0.1", port: int = 0, api_version: str = API_VERSION,
                  max_tasks: int = MAX_TASKS_PER_REQUEST, max_body_bytes: int = MAX_BODY_BYTES,
                  require_pool: bool = True, max_active_jobs: int | None = None,
-                 bearer_token: str | None = None, faults: FaultPlan | None = None) -> None:
+                 bearer_token: str | None = None, faults: FaultPlan | None = None,
+                 task_rule: Callable[[dict[str, Any]], PeerError | None] | None = None) -> None:
+        """``task_rule`` is an extra rule of the service for tests: a task it returns
+        an error for is answered with that error (per task, ``clientError``)."""
         self.account = account
         self.key = key or base64.b64encode(secrets.token_bytes(64)).decode("ascii")
         self.api_version = api_version
@@ -238,6 +241,7 @@ class BatchPeer:
         self.require_pool = require_pool
         self.max_active_jobs = max_active_jobs
         self.bearer_token = bearer_token
+        self.task_rule = task_rule
         self._host, self._port = host, port
         self._lock = threading.RLock()
         self._jobs: dict[str, PeerJob] = {}
@@ -567,6 +571,8 @@ class BatchPeer:
         error: PeerError | None = None
         if task_id.lower() in job.tasks:
             error = PeerError(409, "TaskExists", "The specified task already exists.")
+        elif self.task_rule is not None and (ruled := self.task_rule(task)) is not None:
+            error = ruled
         elif depends and not job.uses_task_dependencies:
             error = PeerError(409, "TaskDependenciesNotSpecifiedOnJob",
                               "The specified job does not have task dependencies enabled.")
