@@ -11,7 +11,7 @@ from azure.batch import models as m
 
 from handlers.base import JobSpec, OutputFile, ResourceFile, TaskSpec
 from worker.backends.azure import wire
-from worker.backends.azure.rest import ServiceError, _retry_after, classify
+from worker.backends.azure.rest import ServiceError, _retry_after, account_name, classify
 from worker.errors import BatchRejected, ConfigFault, SystemFault
 
 
@@ -124,3 +124,8 @@ def test_retry_after_forms() -> None:
     later = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     seconds = _retry_after(later)
     assert seconds is not None and 25 < seconds <= 30
+
+
+def test_account_name_comes_from_the_url() -> None:
+    """The shared-key account defaults to the first label of the account URL's host."""
+    assert account_name("https://batchfanout.westeurope.batch.azure.com/") == "batchfanout"

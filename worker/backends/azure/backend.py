@@ -56,7 +56,9 @@ class AzureBatchBackend:
                              connections=connections, read_timeout=read_timeout)
         self._rest = Rest(client, options={"enforce_https": False} if insecure_bearer else None)
         self._default_pool = default_pool
-        self._pools = {p: None for p in [*([default_pool] if default_pool else []), *pools]}
+        self._credential = credential
+        # an insertion-ordered set of the pools stats() reports
+        self._pools: dict[str, None] = dict.fromkeys([*filter(None, [default_pool]), *pools])
         self._max_jobs_per_poll = max_jobs_per_poll
         self._max_body_bytes = max_body_bytes
         self._lock = threading.Lock()
@@ -66,8 +68,8 @@ class AzureBatchBackend:
     def from_config(cls, batch: BatchConfig,
                     submit: SubmitConfig | None = None) -> AzureBatchBackend:
         """Build from ``[batch]``: shared key when ``account_key`` is set, else Entra ID
-        (a managed identity with ``managed_identity_client_id``, else the
-        DefaultAzureCredential chain: workload identity, managed identity, Azure CLI...)."""
+        through azure-identity's DefaultAzureCredential (see :func:`make_credential`);
+        the connection pool holds the submit concurrency plus two."""
         if not batch.account_url:
             raise SettingsError("batch.account_url is not set")
         concurrency = submit.concurrency if submit is not None else 8
@@ -166,6 +168,9 @@ class AzureBatchBackend:
 
     def close(self) -> None:
         self._rest.close()
+        close = getattr(self._credential, "close", None)
+        if callable(close):  # azure-identity credentials hold HTTP sessions
+            close()
 
     # -- internals ------------------------------------------------------------------------
 
