@@ -308,7 +308,8 @@ class Plan:
                     "-i", source.local, "-frames:v", "1", "-q:v", "3", "thumbnail.jpg"]
             yield TaskSpec(
                 id=str(first + source.index),
-                command_line=sh(shell_join(argv)),
+                # ffmpeg exits 0 writing nothing when `at` is past the end: fail instead
+                command_line=sh(shell_join(argv) + " && test -s thumbnail.jpg"),
                 environment=_environment(source, "thumbnail"),
                 resource_files=[ResourceFile(http_url=source.url, file_path=source.local)],
                 output_files=[self._output("thumbnail.jpg", f"{source.folder}/thumbnail.jpg")],

@@ -152,6 +152,7 @@ def test_thumbnail_tasks_follow_the_renditions(planner: PlanHarness) -> None:
     assert [t.id for t in thumbs] == ["6", "7"]
     argv = inner_argv(thumbs[1].command_line)
     assert value_after(argv, "-ss") == "2.5" and value_after(argv, "-i") == "input.mov"
+    assert argv[-4:] == ["&&", "test", "-s", "thumbnail.jpg"]
     assert thumbs[1].output_files[0].path == "web/2026/11/b/thumbnail.jpg"
     assert tasks[8].depends_on_ranges == ((0, 7),)
 

@@ -92,12 +92,14 @@ def storage_of(worker: RunningWorker) -> LocalStorage:
 
 def test_video_dropped_into_watched_container_is_transcoded(
         media_worker: Callable[..., RunningWorker], tmp_path: Path) -> None:
-    """A file copied into videos/ yields playable 240p and 144p renditions and a manifest."""
+    """A file copied into videos/ yields playable 240p and 144p renditions, a thumbnail
+    and a manifest."""
     worker = media_worker(
         watch={"containers": ["videos"], "interval": 0.1, "settle": 0.3},
         routes=[{"handler": "transcode", "container": "videos", "suffix": ".mp4",
                  "content_type": "video/",
-                 "params": {"output": {"container": "renditions"}, "manifest": True}}])
+                 "params": {"output": {"container": "renditions"}, "manifest": True,
+                            "thumbnail": {"at": 0.5}}}])
     storage = storage_of(worker)
     source = tmp_path / "source.mp4"
     make_test_video(source)
@@ -115,11 +117,13 @@ def test_video_dropped_into_watched_container_is_transcoded(
         assert (streams["video"]["codec_name"], streams["video"]["width"],
                 streams["video"]["height"]) == ("h264", width, height)
         assert streams["audio"]["codec_name"] == "aac"
+    thumb = probe(storage.path(BlobRef("renditions", "2026/clip one; ü/thumbnail.jpg")))
+    assert (thumb["video"]["codec_name"], thumb["video"]["width"]) == ("mjpeg", 640)
     listed = json.loads(storage.download(manifest))
     assert listed["input"] == {"container": "videos", "blob": "2026/clip one; ü.mp4"}
     [job] = worker.app.backend.list_jobs()
     assert job.metadata.get("fanout-handler") == "transcode"
-    assert job.succeeded == 3 and job.failed == 0
+    assert job.succeeded == 4 and job.failed == 0
     assert worker.dead_letters() == []
 
 
