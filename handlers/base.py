@@ -188,6 +188,11 @@ class Handler(Protocol):
     Register one through the ``fanout.handlers`` entry-point group; the entry
     point's name is the handler's name in messages. It is instantiated once with no
     arguments at start-up and must be safe to call from several threads.
+
+    A handler with operator options may also define ``check_options(options)``:
+    the worker calls it once at start-up with the ``[handlers.<name>]`` table, and
+    a ``ValueError`` it raises stops the worker with that message, instead of every
+    message failing later.
     """
 
     def build(self, request: BuildRequest, ctx: BuildContext) -> JobSpec:

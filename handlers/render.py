@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -180,6 +180,10 @@ class RenderParams(BaseModel):
 
 class RenderHandler:
     """Builds the render job (see the module docstring)."""
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Refuse a broken ``[handlers.render]`` table at start-up (ValueError)."""
+        load_options(RenderOptions, options, "render")
 
     def build(self, request: BuildRequest, ctx: BuildContext) -> JobSpec:
         opts: RenderOptions = load_options(RenderOptions, ctx.options("render"), "render")

@@ -191,6 +191,10 @@ class Source:
 class TranscodeHandler:
     """Builds the transcode job (see the module docstring)."""
 
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Refuse a broken ``[handlers.transcode]`` table at start-up (ValueError)."""
+        load_options(TranscodeOptions, options, "transcode")
+
     def build(self, request: BuildRequest, ctx: BuildContext) -> JobSpec:
         opts: TranscodeOptions = load_options(TranscodeOptions, ctx.options("transcode"),
                                               "transcode")

@@ -99,7 +99,9 @@ class App:
         storage = storage or make_storage(settings)
         source = source or make_source(settings)
         backend = backend or make_backend(settings, storage)
-        router = Router(registry=handlers or HandlerRegistry.from_entry_points(),
+        registry_ = handlers or HandlerRegistry.from_entry_points()
+        registry_.check_options(settings.handlers)
+        router = Router(registry=registry_,
                         routes=settings.routes, storage=storage,
                         drop_unrouted=settings.events.unrouted == "drop")
         submitter = Submitter(backend=backend, config=settings.submit, metrics=metrics)

@@ -60,6 +60,21 @@ class HandlerRegistry:
                                     f"{type(exc).__name__}: {exc}") from exc
         return cls(handlers)
 
+    def check_options(self, options: Mapping[str, Mapping[str, Any]]) -> None:
+        """Let each handler refuse its ``[handlers.<name>]`` table before any message."""
+        for name in options:
+            if name not in self._handlers:
+                raise SettingsError(f"[handlers.{name}]: no handler {name!r} is installed "
+                                    f"(installed: {', '.join(self.names)})")
+        for name, handler in self._handlers.items():
+            check = getattr(handler, "check_options", None)
+            if check is None:
+                continue
+            try:
+                check(options.get(name, {}))
+            except ValueError as exc:
+                raise SettingsError(str(exc)) from None
+
     @property
     def names(self) -> list[str]:
         return sorted(self._handlers)

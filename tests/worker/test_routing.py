@@ -115,3 +115,13 @@ def test_routes_naming_missing_handlers_fail_at_startup(tmp_path: Path) -> None:
 def test_account_of(url: str, account: str) -> None:
     """The account is the host's first label, or the first path segment path-style."""
     assert account_of(url) == account
+
+
+def test_broken_handler_options_stop_the_worker_at_startup() -> None:
+    """A bad [handlers.transcode] table, or one for no handler, is a start-up error."""
+    registry = HandlerRegistry.from_entry_points()
+    registry.check_options({"transcode": {}, "render": {}})
+    with pytest.raises(SettingsError, match="handlers.transcode"):
+        registry.check_options({"transcode": {"presets": "not a table"}})
+    with pytest.raises(SettingsError, match="no handler 'transcod'"):
+        registry.check_options({"transcod": {}})
