@@ -10,7 +10,7 @@ import pytest
 from handlers.errors import MessageFault
 from worker.envelope import BlobEvent, Envelope, parse_body
 
-SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "samples"
+SAMPLES = Path(__file__).resolve().parents[1] / "handlers" / "samples"
 
 
 def test_envelope_with_all_fields() -> None:
