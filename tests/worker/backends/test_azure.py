@@ -24,29 +24,13 @@ from worker.errors import BatchRejected, ConfigFault, SettingsError, SystemFault
 from worker.metrics import Metrics
 from worker.submit import Submitter
 
-MakePeer = Callable[..., BatchPeer]
+MakePeer = Callable[..., BatchPeer]  # the make_peer fixture (conftest.py)
+
 MakeBackend = Callable[..., AzureBatchBackend]
 
 
-@pytest.fixture
-def make_peer() -> Iterator[MakePeer]:
-    """Start Batch peers (each with a pool ``fanout``) and stop them afterwards."""
-    peers: list[BatchPeer] = []
-
-    def make(**kwargs: Any) -> BatchPeer:
-        peer = BatchPeer(**kwargs).start()
-        peers.append(peer)
-        peer.add_pool("fanout", dedicated={"idle": 2})
-        return peer
-
-    yield make
-    for peer in peers:
-        peer.stop()
 
 
-@pytest.fixture
-def peer(make_peer: MakePeer) -> BatchPeer:
-    return make_peer()
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import contextlib
 import json
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -22,28 +22,7 @@ from azure.core.rest import HttpRequest
 
 from tests.fakes.batch_peer import BatchPeer, FaultPlan, shared_key_signature
 
-MakePeer = Callable[..., BatchPeer]
-
-
-@pytest.fixture
-def make_peer() -> Iterator[MakePeer]:
-    """Start peers with a pool ``fanout``; stop them afterwards."""
-    peers: list[BatchPeer] = []
-
-    def make(**kwargs: Any) -> BatchPeer:
-        peer = BatchPeer(**kwargs).start()
-        peers.append(peer)
-        peer.add_pool("fanout", dedicated={"idle": 1})
-        return peer
-
-    yield make
-    for peer in peers:
-        peer.stop()
-
-
-@pytest.fixture
-def peer(make_peer: MakePeer) -> BatchPeer:
-    return make_peer()
+MakePeer = Callable[..., BatchPeer]  # the make_peer fixture (conftest.py)
 
 
 def client(peer: BatchPeer, key: str | None = None) -> BatchClient:

@@ -15,30 +15,17 @@ from worker.config import Settings
 
 from ..harness import RunningWorker
 
+MakePeer = Callable[..., BatchPeer]  # the make_peer fixture (conftest.py)
+
 
 def sweep(stop: int, samples: int = 100, **extra: Any) -> dict[str, Any]:
     return {"handler": "sweep", **extra, "params": {"program": "pi", "parameters": {
         "samples": [samples], "seed": {"start": 0, "stop": stop}}}}
 
 
-MakePeer = Callable[..., BatchPeer]
 StartWorker = Callable[..., RunningWorker]
 
 
-@pytest.fixture
-def make_peer() -> Iterator[MakePeer]:
-    """Start Batch peers with a pool ``fanout``; stop them afterwards."""
-    peers: list[BatchPeer] = []
-
-    def make(**kwargs: Any) -> BatchPeer:
-        peer = BatchPeer(**kwargs).start()
-        peers.append(peer)
-        peer.add_pool("fanout", dedicated={"idle": 2})
-        return peer
-
-    yield make
-    for peer in peers:
-        peer.stop()
 
 
 @pytest.fixture
