@@ -36,6 +36,12 @@ $(AZURITE):
 	  npm install --prefix .tools --no-audit --no-fund --loglevel=error azurite@$(AZURITE_VERSION); \
 	else echo "npm not found: the Azurite tests will fail; install Node.js and npm" >&2; exit 1; fi
 
+## demo: send the README's 20-task pi sweep to the daemon `make run` started
+demo: $(STAMP)
+	$(VENV)/bin/fanout send -H sweep -p program=pi -p 'parameters.samples=[20000]' \
+	  -p 'parameters.seed={"start":0,"stop":20}' -p 'aggregate={"program":"pi-summary"}'
+	@echo "sent; watch it with: $(VENV)/bin/fanout status --watch"
+
 ## lint: ruff and mypy --strict
 lint: $(STAMP)
 	$(VENV)/bin/ruff check worker handlers tests
