@@ -377,8 +377,8 @@ class ServiceBusPeer:
             self._http = ThreadingHTTPServer((self.host, self.admin_port), _admin_handler(self))
             self._http.daemon_threads = True
             self.admin_port = int(self._http.server_address[1])
-            threading.Thread(target=self._http.serve_forever, args=(TICK,), name="servicebus-peer-http",
-                             daemon=True).start()
+            threading.Thread(target=self._http.serve_forever, args=(TICK,),
+                             name="servicebus-peer-http", daemon=True).start()
         return self
 
     def _run(self) -> None:

@@ -232,7 +232,8 @@ class ServiceBusSource:
                  client_options: Mapping[str, Any] | None = None,
                  emulator_admin_port: int = EMULATOR_ADMIN_PORT,
                  backoff_base: float = 0.5, backoff_max: float = 30.0,
-                 max_receivers: int = 32, resubmit_wait: float = 5.0) -> None:
+                 max_receivers: int = 32, open_timeout: float = 30.0,
+                 resubmit_wait: float = 5.0) -> None:
         if not servicebus.configured:
             raise SettingsError("servicebus: set namespace (Entra ID) or connection_string")
         if bool(servicebus.topic) != bool(servicebus.subscription):
@@ -254,6 +255,7 @@ class ServiceBusSource:
         self._sender: ServiceBusSender | None = None
         self._sender_lock = asyncio.Lock()
         self._max_receivers = max_receivers
+        self._open_timeout = open_timeout
         self._slots: list[_Slot] = []
         self._failures = 0
         self._not_before = 0.0
@@ -286,8 +288,8 @@ class ServiceBusSource:
         slot = self._checkout()
         try:
             async with slot.lock:
-                receiver = self._ready_receiver(slot)
                 try:
+                    receiver = await self._ready_receiver(slot)
                     messages = await receiver.receive_messages(max_message_count=count,
                                                                max_wait_time=max_wait)
                 except Exception as exc:
@@ -364,6 +366,7 @@ class ServiceBusSource:
         found: list[DeadLettered] = []
         receiver = self._new_receiver(sub_queue=ServiceBusSubQueue.DEAD_LETTER)
         try:
+            await self._open(receiver)
             while len(found) < limit:
                 batch = await receiver.peek_messages(max_message_count=limit - len(found))
                 if not batch:
@@ -384,6 +387,7 @@ class ServiceBusSource:
         """
         receiver = self._new_receiver(sub_queue=ServiceBusSubQueue.DEAD_LETTER)
         try:
+            await self._open(receiver)
             target = await self._find_dead_lettered(receiver, sequence_number)
             if target is None:
                 return None
@@ -399,8 +403,8 @@ class ServiceBusSource:
         """Close every receiver, the sender and the clients. Locks held lapse on the
         service and those messages are delivered again."""
         self._closed = True
-        for slot in self._slots:
-            await self._drop_receiver(slot)
+        # Concurrently: each close drains its link, which takes the SDK up to a second.
+        await asyncio.gather(*(self._drop_receiver(slot) for slot in self._slots))
         self._slots.clear()
         if self._sender is not None:
             await self._quietly(self._sender.close(), "sender")
@@ -516,13 +520,19 @@ class ServiceBusSource:
             await asyncio.sleep(min(wait, max_wait))
         return self._not_before <= loop.time()
 
-    def _ready_receiver(self, slot: _Slot) -> ServiceBusReceiver:
+    async def _ready_receiver(self, slot: _Slot) -> ServiceBusReceiver:
         """The slot's receiver; a new one (a new generation) after it was dropped."""
         if slot.receiver is None:
             slot.receiver = self._new_receiver(prefetch=self._config.prefetch)
             slot.generation += 1
             slot.outstanding = 0
+            await self._open(slot.receiver)
         return slot.receiver
+
+    async def _open(self, receiver: ServiceBusReceiver) -> None:
+        """Open the link now, bounded by ``open_timeout``: left to ``receive_messages``,
+        the open would have to fit in the receive's ``max_wait``."""
+        await asyncio.wait_for(receiver.__aenter__(), self._open_timeout)
 
     async def _fail(self, slot: _Slot, exc: Exception, action: str) -> FanoutError:
         """Classify ``exc``; unless only the lock was lost, drop the receiver and back off."""
