@@ -64,14 +64,27 @@ def quote(value: object) -> str:
 
 
 def as_text(value: object) -> str:
-    """The text form a parameter takes in a command line and in the environment."""
+    """The text form a parameter takes in a command line and in the environment.
+
+    Raises ``InvalidParams`` for text no command line or environment can carry: a NUL
+    character, or a lone surrogate (``"\\ud800"`` is valid JSON but not Unicode text).
+    """
     if value is True:
         return "true"
     if value is False:
         return "false"
     if value is None:
         return ""
-    return str(value)
+    text = str(value)
+    if "\x00" in text:
+        raise InvalidParams(f"the value {text[:40]!r} holds a NUL character")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidParams(f"the value {text[:40]!r} holds a lone surrogate, "
+                                "which is not Unicode text") from None
+    return text
 
 
 def sh(command: str) -> str:

@@ -172,9 +172,10 @@ def _start(run: TaskRun, argv: list[str], env: dict[str, str], task_dir: Path, w
             proc = table.spawn(run.seq, lambda: subprocess.Popen(
                 argv, cwd=wd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                 start_new_session=True))
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in argv or env
             missing = isinstance(exc, FileNotFoundError)
-            message = f"cannot start {argv[0]!r}: {exc.strerror or type(exc).__name__}"
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            message = f"cannot start {argv[0]!r}: {reason or type(exc).__name__}"
             err.write(message.encode() + b"\n")
             return Outcome(_NOT_FOUND if missing else _NOT_RUNNABLE,
                            "CommandProgramNotFound" if missing else "CommandProgramNotStarted",
