@@ -1,0 +1,1 @@
+"""Reliability tests: crash, faults, poison, injection, secrets and shutdown."""
