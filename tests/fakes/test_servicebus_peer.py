@@ -1,0 +1,114 @@
+"""Tests of the Service Bus AMQP test peer itself, through the real synchronous SDK.
+
+They pin the parts of the dialect the source's tests rely on without exercising them
+directly: batches, receive-and-delete, defer, peek, release on close, topics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from azure.servicebus import (
+    ServiceBusClient,
+    ServiceBusMessage,
+    ServiceBusReceiveMode,
+)
+from azure.servicebus.exceptions import MessagingEntityNotFoundError
+
+from tests.fakes.servicebus_peer import ServiceBusPeer
+
+OPTIONS = {"retry_total": 0, "retry_backoff_factor": 0.05}
+
+
+@pytest.fixture
+def peer() -> Iterator[ServiceBusPeer]:
+    """A peer with queue ``q`` and topic ``t`` (subscriptions ``a`` and ``b``), 1 s locks."""
+    with ServiceBusPeer(queues=["q"], topics={"t": ["a", "b"]}, lock_duration=1.0) as started:
+        yield started
+
+
+@pytest.fixture
+def client(peer: ServiceBusPeer) -> Iterator[ServiceBusClient]:
+    """A synchronous SDK client on the peer."""
+    with ServiceBusClient.from_connection_string(peer.connection_string, **OPTIONS) as made:
+        yield made
+
+
+def test_batch_send_stores_each_message(peer: ServiceBusPeer, client: ServiceBusClient) -> None:
+    """send_messages([...]) is one transfer; the peer stores each message of the batch."""
+    with client.get_queue_sender("q") as sender:
+        sender.send_messages([ServiceBusMessage(b"one", message_id="1"),
+                              ServiceBusMessage(b"two", message_id="2",
+                                                application_properties={"k": "v"})])
+    stored = peer.messages("q")
+    assert [(m.message_id, m.body, m.properties) for m in stored] == [
+        ("1", b"one", {}), ("2", b"two", {"k": "v"})]
+    assert stored[0].sequence_number < stored[1].sequence_number
+
+
+def test_receive_and_delete_removes_at_once(peer: ServiceBusPeer,
+                                            client: ServiceBusClient) -> None:
+    """Receive-and-delete deliveries come pre-settled and leave nothing locked."""
+    peer.put("q", b"gone", message_id="g")
+    with client.get_queue_receiver(
+            "q", receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE) as receiver:
+        [msg] = receiver.receive_messages(1, max_wait_time=2)
+    assert b"".join(msg.body) == b"gone"
+    assert peer.counts("q") == {"active": 0, "locked": 0, "deferred": 0, "dead_letter": 0}
+
+
+def test_defer_and_peek(peer: ServiceBusPeer, client: ServiceBusClient) -> None:
+    """A deferred message is held; peek shows every message without locking it."""
+    peer.put("q", b"later", message_id="d")
+    peer.put("q", b"now", message_id="n")
+    with client.get_queue_receiver("q") as receiver:
+        first = receiver.receive_messages(1, max_wait_time=2)[0]
+        receiver.defer_message(first)
+        peeked = receiver.peek_messages(10, sequence_number=1)
+    assert [m.message_id for m in peeked] == ["d", "n"]
+    assert [m.state for m in peer.messages("q")] == ["deferred", "active"]
+
+
+def test_lock_expiry_redelivers_with_delivery_count_plus_one(
+        peer: ServiceBusPeer, client: ServiceBusClient) -> None:
+    """An unsettled message comes back after the lock duration, delivery count + 1."""
+    peer.put("q", b"x", message_id="e")
+    with client.get_queue_receiver("q") as receiver:
+        first = receiver.receive_messages(1, max_wait_time=2)[0]
+        assert peer.wait_for(lambda: peer.counts("q")["active"] == 1, timeout=5)
+        second = receiver.receive_messages(1, max_wait_time=2)[0]
+        receiver.complete_message(second)
+    assert (first.delivery_count, second.delivery_count) == (0, 1)
+    assert first.lock_token != second.lock_token
+
+
+def test_prefetched_messages_are_released_on_close(peer: ServiceBusPeer,
+                                                   client: ServiceBusClient) -> None:
+    """Messages buffered by prefetch are released, not left locked, when the receiver closes."""
+    for i in range(4):
+        peer.put("q", b"p", message_id=f"p{i}")
+    with client.get_queue_receiver("q", prefetch_count=4) as receiver:
+        [msg] = receiver.receive_messages(1, max_wait_time=2)
+        receiver.complete_message(msg)
+    assert peer.counts("q")["locked"] == 0
+    assert [(m.state, m.delivery_count) for m in peer.messages("q")] == [("active", 0)] * 3
+
+
+def test_topic_copies_to_each_subscription(peer: ServiceBusPeer,
+                                           client: ServiceBusClient) -> None:
+    """A message sent to a topic lands in every subscription."""
+    with client.get_topic_sender("t") as sender:
+        sender.send_messages(ServiceBusMessage(b"fan", message_id="f"))
+    with client.get_subscription_receiver("t", "b") as receiver:
+        [msg] = receiver.receive_messages(1, max_wait_time=2)
+        receiver.complete_message(msg)
+    assert peer.counts("t/Subscriptions/a")["active"] == 1
+    assert peer.counts("t/Subscriptions/b")["active"] == 0
+
+
+def test_unknown_entity_is_not_found(client: ServiceBusClient) -> None:
+    """Attaching to a queue that does not exist fails with the SDK's not-found error."""
+    with pytest.raises(MessagingEntityNotFoundError), \
+            client.get_queue_receiver("missing") as receiver:
+        receiver.receive_messages(1, max_wait_time=1)
