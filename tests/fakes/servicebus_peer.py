@@ -33,7 +33,7 @@ What it does:
   ``get_subscription_runtime_properties``.
 - A thread-safe API for tests: :meth:`ServiceBusPeer.counts`,
   :meth:`ServiceBusPeer.messages`, :meth:`ServiceBusPeer.put`,
-  :meth:`ServiceBusPeer.drop_connections`.
+  :meth:`ServiceBusPeer.drop_connections`, :meth:`ServiceBusPeer.detach_receivers`.
 
 Run it by hand for a manual ``fanout run``::
 
@@ -512,6 +512,14 @@ class ServiceBusPeer:
             self._injector.trigger(ApplicationEvent("peer_drop", subject=done))
             done.wait(10)
 
+    def detach_receivers(self) -> None:
+        """Detach every link clients receive on with ``amqp:link:detach-forced``, as the
+        service does to links idle for 10 minutes; connections stay up."""
+        if self._injector is not None:
+            done = threading.Event()
+            self._injector.trigger(ApplicationEvent("peer_detach", subject=done))
+            done.wait(10)
+
     def _wake(self) -> None:
         if self._injector is not None:
             self._injector.trigger(ApplicationEvent("peer_pump"))
@@ -733,6 +741,17 @@ class _Handler(FlowController):
                 {symbol("com.microsoft:tracking-id"): str(uuid.uuid4())})
             connection.close()
         self.connections.clear()
+        event.subject.set()
+
+    def on_peer_detach(self, event: Any) -> None:
+        with self.peer._lock:
+            links = [link for entity in self.peer._entities.values() for link in entity.links]
+        for link in links:
+            self._forget(link)
+            link.condition = Condition(
+                "amqp:link:detach-forced", "the link was idle; the test peer detached it",
+                {symbol("com.microsoft:tracking-id"): str(uuid.uuid4())})
+            link.close()
         event.subject.set()
 
     def on_peer_stop(self, event: Any) -> None:

@@ -316,6 +316,25 @@ def test_survives_the_peer_dropping_its_connections(peer: ServiceBusPeer) -> Non
     assert peer.counts(QUEUE)["active"] == 0
 
 
+def test_survives_the_service_detaching_an_idle_link(peer: ServiceBusPeer) -> None:
+    """After the service force-detaches the receive link, receiving works again."""
+    async def scenario() -> Received:
+        async with open_source(peer) as source:
+            assert await source.receive(1, 0.3) == []  # the link is open, and idle
+            await asyncio.to_thread(peer.detach_receivers)
+            peer.put(QUEUE, b"after detach", message_id="i-1")
+            for _ in range(20):
+                with contextlib.suppress(SystemFault):
+                    got = await source.receive(1, 1.0)
+                    if got:
+                        await source.complete(got[0])
+                        return got[0]
+            raise AssertionError("nothing received after the link was detached")
+
+    assert run(scenario()).message_id == "i-1"
+    assert peer.counts(QUEUE)["active"] == 0
+
+
 def test_settling_after_a_reconnect_is_lock_lost(peer: ServiceBusPeer) -> None:
     """A message locked on a receiver that was reset cannot be settled: LockLost."""
     peer.put(QUEUE, b"held", message_id="h-1")
