@@ -336,6 +336,8 @@ class ServiceBusPeer:
         self.lock_duration = lock_duration
         self.max_delivery_count = max_delivery_count
         self.auto_create = auto_create
+        #: Answer this many ``$management`` requests with 503 server-busy (fault injection).
+        self.busy_management = 0
         self.connections_opened = 0
         self._lock = threading.RLock()
         self._entities: dict[str, _Entity] = {}
@@ -636,6 +638,9 @@ class ServiceBusPeer:
     def _management(self, entity: _Entity, operation: str,
                     body: Mapping[str, Any]) -> tuple[int, Any, str | None]:
         """Answer one ``$management`` request: (status code, body, error condition)."""
+        if self.busy_management > 0:
+            self.busy_management -= 1
+            return 503, None, "com.microsoft:server-busy"
         if operation == "com.microsoft:renew-lock":
             return self._renew(body)
         if operation == "com.microsoft:peek-message":

@@ -58,6 +58,8 @@ from azure.servicebus.exceptions import (
     MessagingEntityNotFoundError,
     ServiceBusAuthenticationError,
     ServiceBusAuthorizationError,
+    ServiceBusCommunicationError,
+    ServiceBusConnectionError,
     SessionLockLostError,
 )
 
@@ -83,6 +85,8 @@ _DEAD_LETTER_PROPERTIES = ("DeadLetterReason", "DeadLetterErrorDescription")
 _SECRET = re.compile(r"(SharedAccessKey|SharedAccessSignature|sig|skn)=[^;&\s]+",
                      re.IGNORECASE)
 
+#: Errors after which a receiver's connection or link is not worth keeping.
+_BROKEN_LINK = (ServiceBusConnectionError, ServiceBusCommunicationError, OSError, TimeoutError)
 _LOCK_LOST = (MessageLockLostError, SessionLockLostError, MessageAlreadySettled)
 _CONFIG = (ServiceBusAuthenticationError, ServiceBusAuthorizationError,
            MessagingEntityNotFoundError, MessagingEntityDisabledError,
@@ -535,10 +539,13 @@ class ServiceBusSource:
         await asyncio.wait_for(receiver.__aenter__(), self._open_timeout)
 
     async def _fail(self, slot: _Slot, exc: Exception, action: str) -> FanoutError:
-        """Classify ``exc``; unless only the lock was lost, drop the receiver and back off."""
+        """Classify ``exc``; drop the receiver and back off after a failed receive, or
+        after a settlement or renewal that failed because the connection did."""
         fault = classify_error(exc, action)
         if isinstance(fault, LockLost):
             return fault
+        if action != "receive" and not isinstance(exc, _BROKEN_LINK):
+            return fault  # e.g. a renewal timed out on a link that is still up
         self._failures += 1
         delay = min(self._backoff_max, self._backoff_base * 2 ** (self._failures - 1))
         delay *= random.uniform(0.5, 1.0)

@@ -201,6 +201,25 @@ def test_renewal_keeps_a_message_locked_for_three_lock_durations(peer: ServiceBu
     assert peer.counts(QUEUE) == {"active": 0, "locked": 0, "deferred": 0, "dead_letter": 0}
 
 
+def test_a_busy_renewal_is_a_system_fault_and_keeps_the_receiver(peer: ServiceBusPeer) -> None:
+    """A renewal the service answers with server-busy raises SystemFault; the message
+    stays settleable on the same receiver."""
+    peer.put(QUEUE, b"busy", message_id="b-1")
+
+    async def scenario() -> None:
+        async with open_source(peer) as source:
+            msg = await receive_one(source)
+            peer.busy_management = 5  # more than the SDK's own retries
+            with pytest.raises(SystemFault):
+                await source.renew_lock(msg)
+            peer.busy_management = 0
+            await source.renew_lock(msg)
+            await source.complete(msg)
+
+    run(scenario())
+    assert peer.counts(QUEUE) == {"active": 0, "locked": 0, "deferred": 0, "dead_letter": 0}
+
+
 def test_lost_lock_raises_lock_lost_and_the_message_comes_back(peer: ServiceBusPeer) -> None:
     """Settling after the lock expired raises LockLost; the message is redelivered."""
     peer.put(QUEUE, b"slow", message_id="slow-1")
