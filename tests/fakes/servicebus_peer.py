@@ -338,6 +338,8 @@ class ServiceBusPeer:
         self.auto_create = auto_create
         #: Answer this many ``$management`` requests with 503 server-busy (fault injection).
         self.busy_management = 0
+        #: (audience, token) of every ``$cbs`` put-token, all accepted.
+        self.cbs_tokens: list[tuple[str, str]] = []
         self.connections_opened = 0
         self._lock = threading.RLock()
         self._entities: dict[str, _Entity] = {}
@@ -971,6 +973,9 @@ class _Handler(FlowController):
     def _answer_cbs(self, link: Link, payload: bytes) -> None:
         request = Message()
         request.decode(payload)
+        audience = _text((request.properties or {}).get("name")) or ""
+        with self.peer._lock:
+            self.peer.cbs_tokens.append((audience, _text(request.body) or ""))
         self._reply(link, CBS_NODE, request, 202, "Accepted", None, None)
 
     def _answer_management(self, link: Link, payload: bytes) -> None:

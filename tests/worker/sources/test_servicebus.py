@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
 from typing import Any
 
 import pytest
+from azure.core.credentials import AccessToken
 from azure.servicebus import ServiceBusClient, ServiceBusSubQueue
 from azure.servicebus.exceptions import (
     MessageLockLostError,
@@ -29,7 +31,7 @@ from tests.fakes.servicebus_peer import ServiceBusPeer
 from worker.config import QueueConfig, ServiceBusConfig
 from worker.errors import ConfigFault, LockLost, SystemFault
 from worker.sources.base import Received
-from worker.sources.servicebus import ServiceBusSource, classify_error
+from worker.sources.servicebus import ServiceBusSource, _namespace_host, classify_error
 
 QUEUE = "jobs"
 LOCK = 1.0  # the peer's lock duration, seconds: short so expiry tests stay fast
@@ -284,6 +286,44 @@ def test_topic_subscription(make_peer: MakePeer) -> None:
     assert peer.counts("events/Subscriptions/audit")["active"] == 1
 
 
+class FakeTokenCredential:
+    """An async token credential standing in for DefaultAzureCredential."""
+
+    def __init__(self) -> None:
+        self.scopes: list[tuple[str, ...]] = []
+
+    async def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        self.scopes.append(scopes)
+        return AccessToken("entra-token-for-tests", int(time.time()) + 3600)
+
+    async def close(self) -> None:
+        pass
+
+
+def test_entra_id_credential_path(peer: ServiceBusPeer) -> None:
+    """With a namespace and no connection string the source authenticates with the
+    token credential: the service receives its bearer token on $cbs."""
+    credential = FakeTokenCredential()
+
+    async def scenario() -> Received:
+        source = ServiceBusSource(
+            servicebus=ServiceBusConfig(namespace=f"127.0.0.1:{peer.port}", queue=QUEUE),
+            queue=QueueConfig(name=QUEUE), credential=credential,
+            client_options={**CLIENT_OPTIONS, "use_tls": False})  # the peer has no TLS
+        try:
+            await source.send(b"entra", message_id="e-1")
+            msg = await receive_one(source)
+            await source.complete(msg)
+            return msg
+        finally:
+            await source.close()
+
+    assert run(scenario()).message_id == "e-1"
+    assert credential.scopes and all(
+        scopes == ("https://servicebus.azure.net//.default",) for scopes in credential.scopes)
+    assert {token for _, token in peer.cbs_tokens} == {"entra-token-for-tests"}
+
+
 # --------------------------------------------------------------------------- concurrency
 
 
@@ -460,6 +500,14 @@ def test_error_descriptions_never_carry_keys() -> None:
     text = str(classify_error(error, "receive"))
     assert "c2VjcmV0PQ==" not in text and "abcDEF" not in text
     assert "SharedAccessKey=***" in text
+
+
+@pytest.mark.parametrize("namespace", [
+    "sb-fanout", "sb-fanout.servicebus.windows.net", "sb://sb-fanout.servicebus.windows.net/",
+    "https://sb-fanout.servicebus.windows.net:443/"])
+def test_namespace_forms(namespace: str) -> None:
+    """A bare name, a host name or a URL all name the same namespace host."""
+    assert _namespace_host(namespace) == "sb-fanout.servicebus.windows.net"
 
 
 def test_source_needs_a_namespace_or_connection_string() -> None:
