@@ -136,10 +136,6 @@ class _Stored:
     locked_until: float = 0.0
     dead_letter_source: str | None = None
 
-    def copy_for(self, sequence_number: int) -> _Stored:
-        return _Stored(sequence_number, time.time(), dict(self.annotations),
-                       self.properties_raw, dict(self.application_properties), self.body_raw)
-
 
 def _sections(encoded: bytes) -> list[tuple[int, bytes, Any]]:
     """Split an encoded AMQP message into (descriptor code, raw bytes, decoded value)."""
