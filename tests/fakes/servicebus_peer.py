@@ -482,7 +482,8 @@ class ServiceBusPeer:
 
     def put(self, entity: str, body: bytes, *, message_id: str | None = None,
             properties: Mapping[str, Any] | None = None) -> list[int]:
-        """Enqueue a message as if a client had sent it; returns its sequence numbers."""
+        """Enqueue a message as if a client had sent it (or, for ``<q>/$DeadLetterQueue``,
+        as if the service had dead-lettered it); returns its sequence numbers."""
         fields = [message_id] if message_id is not None else []
         raw = b"".join([
             _encoded(Described(ulong(_PROPERTIES), fields)) if fields else b"",
@@ -491,7 +492,7 @@ class ServiceBusPeer:
             _encoded(Described(ulong(_DATA), body)),
         ])
         with self._lock:
-            sequence_numbers = self._enqueue(entity, raw)
+            sequence_numbers = self._enqueue(entity, raw, dead_letter_ok=True)
         self._wake()
         return sequence_numbers
 
@@ -537,8 +538,9 @@ class ServiceBusPeer:
     # ---------------------------------------------------------------- broker logic
     # Everything below runs under self._lock.
 
-    def _enqueue(self, path: str, encoded: bytes) -> list[int]:
-        targets = self._targets(path)
+    def _enqueue(self, path: str, encoded: bytes, *, dead_letter_ok: bool = False) -> list[int]:
+        found = self._entity(path)
+        targets = [found] if dead_letter_ok and found is not None else self._targets(path)
         if targets is None:
             raise KeyError(path)
         parts = _batch_parts(_sections(encoded)) or [encoded]

@@ -78,6 +78,9 @@ log = structlog.get_logger(__name__)
 
 #: The Service Bus emulator serves the administration API over plain HTTP on this port.
 EMULATOR_ADMIN_PORT = 5300
+#: Dead-lettered messages locked per receive while resubmit looks for one, and at most.
+RESUBMIT_BATCH = 50
+MAX_RESUBMIT_SCAN = 10_000
 #: Longest dead-letter reason or description the service keeps.
 MAX_DEAD_LETTER_TEXT = 4096
 #: Application properties the service adds when it dead-letters; not copied on resubmit.
@@ -390,9 +393,10 @@ class ServiceBusSource:
         matches receives it. Returns the message id, or None if no such message.
         """
         receiver = self._new_receiver(sub_queue=ServiceBusSubQueue.DEAD_LETTER)
+        held: list[ServiceBusReceivedMessage] = []
         try:
             await self._open(receiver)
-            target = await self._find_dead_lettered(receiver, sequence_number)
+            target = await self._find_dead_lettered(receiver, sequence_number, held)
             if target is None:
                 return None
             await self._send(self._copy(target))
@@ -401,6 +405,8 @@ class ServiceBusSource:
         except Exception as exc:
             raise classify_error(exc, "resubmit") from exc
         finally:
+            for message in held:
+                await self._quietly(receiver.abandon_message(message), "dead-letter abandon")
             await self._quietly(receiver.close(), "dead-letter receiver")
 
     async def close(self) -> None:
@@ -597,27 +603,28 @@ class ServiceBusSource:
 
     # ---------------------------------------------------------------- dead-letter queue
 
-    async def _find_dead_lettered(self, receiver: ServiceBusReceiver,
-                                  sequence_number: int) -> ServiceBusReceivedMessage | None:
-        """Lock dead-lettered messages until ``sequence_number`` turns up; others are
-        abandoned again at once."""
+    async def _find_dead_lettered(self, receiver: ServiceBusReceiver, sequence_number: int,
+                                  held: list[ServiceBusReceivedMessage]
+                                  ) -> ServiceBusReceivedMessage | None:
+        """Lock dead-lettered messages, oldest first, until ``sequence_number`` turns up.
+
+        The others stay locked in ``held`` (so the next receive moves on past them)
+        until the caller abandons them.
+        """
         peeked = await receiver.peek_messages(max_message_count=1,
                                               sequence_number=sequence_number)
         if not peeked or peeked[0].sequence_number != sequence_number:
             return None
-        while True:
-            batch = await receiver.receive_messages(max_message_count=50,
+        while len(held) < MAX_RESUBMIT_SCAN:
+            batch = await receiver.receive_messages(max_message_count=RESUBMIT_BATCH,
                                                     max_wait_time=self._resubmit_wait)
             if not batch:
                 return None
-            target = None
-            for message in batch:
-                if target is None and message.sequence_number == sequence_number:
-                    target = message
-                else:
-                    await receiver.abandon_message(message)
+            target = next((m for m in batch if m.sequence_number == sequence_number), None)
+            held.extend(m for m in batch if m is not target)
             if target is not None:
                 return target
+        return None
 
     @staticmethod
     def _copy(message: ServiceBusReceivedMessage) -> ServiceBusMessage:

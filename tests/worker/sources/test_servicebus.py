@@ -475,6 +475,23 @@ def test_dead_letters_and_resubmit_keep_the_message_id(peer: ServiceBusPeer) -> 
     assert [d.message_id for d in left] == ["k-2"]
 
 
+def test_resubmit_finds_a_message_deep_in_the_dead_letter_queue(peer: ServiceBusPeer) -> None:
+    """Resubmit scans past more dead letters than one receive returns, and leaves the
+    others where they were."""
+    dlq = QUEUE + "/$DeadLetterQueue"
+    numbers = [peer.put(dlq, b"dead", message_id=f"dl-{i}",
+                        properties={"DeadLetterReason": "NoRoute"})[0] for i in range(70)]
+
+    async def scenario() -> str | None:
+        async with open_source(peer) as source:
+            return await source.resubmit(numbers[64])
+
+    assert run(scenario()) == "dl-64"
+    assert [m.message_id for m in peer.messages(QUEUE)] == ["dl-64"]
+    left = peer.dead_letters(QUEUE)
+    assert len(left) == 69 and {m.state for m in left} == {"active"}
+
+
 # --------------------------------------------------------------------------- error mapping
 
 
