@@ -113,3 +113,28 @@ def test_status_json_after_a_job(cli: CliRunner, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     (job,) = json.loads(result.output)
     assert job["id"] == "job-a" and sum(job["tasks"].values()) == 2
+
+
+def test_status_watch_ends_when_jobs_complete(cli: CliRunner, tmp_path: Path) -> None:
+    """status --watch draws a progress bar per job and returns once all are complete."""
+    import time
+
+    from handlers.base import JobSpec, TaskSpec
+    from worker.backends.local import LocalBackend
+
+    backend = LocalBackend(home=tmp_path / ".fanout", slots=2, poll_interval=0.05)
+    backend.start()
+    try:
+        backend.create_job(JobSpec(tasks=[], task_count=3, id="job-w", pool="local"))
+        backend.add_tasks("job-w", [TaskSpec(id=str(i), command_line="true")
+                                    for i in range(3)])
+        backend.seal_job("job-w")
+        deadline = time.monotonic() + 30
+        while (status := backend.job_status("job-w")) is None or status.state != "completed":
+            assert time.monotonic() < deadline, "job did not complete"
+            time.sleep(0.05)
+    finally:
+        backend.close()
+    result = cli.invoke(main, ["status", "--watch"])
+    assert result.exit_code == 0, result.output
+    assert "job-w" in result.output and "3/3" in result.output
