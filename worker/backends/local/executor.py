@@ -273,10 +273,13 @@ class LocalBackend:
         self.store.finish(run.seq, success=outcome.success, exit_code=outcome.exit_code,
                           failure_code=outcome.failure_code,
                           failure_message=outcome.failure_message)
-        log.info("task.completed", job_id=run.job_id, task_id=run.task_id,
-                 exit_code=outcome.exit_code, duration=round(duration, 3),
-                 result="success" if outcome.success else "failure",
-                 failure_code=outcome.failure_code)
+        # One line per task would swamp the log of a 100,000-task sweep: successes
+        # are debug; failures, which someone must read, are warnings.
+        emit = log.debug if outcome.success else log.warning
+        emit("task.completed", job_id=run.job_id, task_id=run.task_id,
+             exit_code=outcome.exit_code, duration=round(duration, 3),
+             result="success" if outcome.success else "failure",
+             failure_code=outcome.failure_code)
 
     def _purge(self, now: float) -> None:
         """Delete the directories of tasks whose retention time has passed, as Batch does."""
