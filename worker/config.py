@@ -81,6 +81,9 @@ class ServiceBusConfig(_Section):
     prefetch: Annotated[int, Field(ge=0)] = 0
     batch_size: PositiveInt = 1
     managed_identity_client_id: str | None = None
+    #: With ``UseDevelopmentEmulator=true``: the emulator's HTTP management port,
+    #: where queue depth is read.
+    emulator_admin_port: Annotated[int, Field(ge=1, le=65535)] = 5300
 
     @property
     def configured(self) -> bool:

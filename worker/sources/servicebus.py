@@ -272,6 +272,7 @@ class ServiceBusSource:
     def from_config(cls, servicebus: ServiceBusConfig, queue: QueueConfig,
                     **kwargs: Any) -> ServiceBusSource:
         """The source ``[servicebus]`` and ``[queue]`` describe."""
+        kwargs.setdefault("emulator_admin_port", servicebus.emulator_admin_port)
         return cls(servicebus=servicebus, queue=queue, **kwargs)
 
     # ---------------------------------------------------------------- Source protocol
