@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shlex
 import string
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from handlers.errors import InvalidParams
 
@@ -90,3 +90,32 @@ def as_text(value: object) -> str:
 def sh(command: str) -> str:
     """Wrap a shell command so it runs the same on Batch and on the local executor."""
     return "/bin/sh -c " + shlex.quote(command)
+
+
+#: How ``shlex.quote`` writes a ``'`` inside single quotes.
+_QUOTED_QUOTE = "'\"'\"'"
+
+
+def sh_escape(quoted: str) -> str:
+    """A value already through :func:`quote`, escaped for :func:`sh_format`'s template."""
+    return quoted.replace("'", _QUOTED_QUOTE)
+
+
+def sh_format(template: CommandTemplate, order: Sequence[str]) -> str | None:
+    """``sh(template.render_quoted(values))`` as one positional format string, or None.
+
+    ``result.format(*args)`` takes the values in ``order``, each through :func:`quote`
+    then :func:`sh_escape`, and equals ``sh(template.render_quoted(...))``: when the
+    template's literal text needs quoting (a space is enough) ``shlex.quote`` wraps the
+    whole line in ``'...'`` and escapes each ``'``, which distributes over the parts.
+    None when the literal text alone would not need quoting. This spares building a
+    million command lines a ``shlex.quote`` of each whole line.
+    """
+    parts = []
+    needs_quoting = False
+    for literal, name, _spec, _conversion in _FORMATTER.parse(template.source):
+        needs_quoting = needs_quoting or (bool(literal) and shlex.quote(literal) != literal)
+        parts.append(sh_escape(literal).replace("{", "{{").replace("}", "}}"))
+        if name is not None:
+            parts.append(f"{{{order.index(name)}}}")
+    return "/bin/sh -c '" + "".join(parts) + "'" if needs_quoting else None

@@ -37,7 +37,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from handlers.base import BuildContext, BuildRequest, JobSpec, Program, TaskSpec
-from handlers.commands import CommandTemplate, as_text, quote, sh
+from handlers.commands import CommandTemplate, as_text, quote, sh, sh_escape, sh_format
 from handlers.errors import BudgetExceeded, InvalidParams, describe_validation
 
 Scalar = int | float | str | bool
@@ -286,7 +286,52 @@ def _unrank(index: int, axes: list[list[str]]) -> tuple[str, ...]:
 
 def _tasks(params: SweepParams, grid: Grid, program: Program,
            template: CommandTemplate) -> Iterator[TaskSpec]:
-    """Stream the sweep's tasks; values are quoted once per distinct value, not per task."""
+    """Stream the sweep's tasks; values are quoted once per distinct value, not per task,
+    and each command line is one ``str.format`` call (``sh_format``)."""
+    fields = grid.fields
+    shell_line = sh_format(template, [*fields, *BUILTIN_FIELDS])
+    if shell_line is None:
+        yield from _tasks_generic(params, grid, program, template)
+        return
+    fmt = shell_line.format
+    escaped = {v: sh_escape(quote(v)) for axis in grid.axes.values() for v in axis}
+    lookup = escaped.__getitem__
+    identity = all(e == v for v, e in escaped.items())  # digits and the like: no quoting
+    env_keys = [f"FANOUT_PARAM_{name.upper()}" for name in fields]
+    env_keys += ["FANOUT_TASK_INDEX", "FANOUT_REPEAT_INDEX"]
+    base_env = dict(program.environment)
+    repeats = [str(rep) for rep in range(params.repeat)]
+    opts = params.task
+    retries, wall, retention = opts.max_task_retries, opts.max_wall_clock, opts.retention
+    slots, image = program.required_slots, program.container_image
+    plain = (retries is None and wall is None and retention is None and slots == 1
+             and image is None)
+    for index, (row, rep) in enumerate(_with_repeats(grid.rows(), repeats)):
+        task_id = str(index)
+        point = (*row, task_id, rep)
+        # rows are as long as fields, so every key gets its value
+        env = dict(zip(env_keys, point, strict=False))
+        if base_env:
+            env = {**base_env, **env}
+        line = fmt(*point) if identity else fmt(*map(lookup, row), task_id, rep)
+        task = TaskSpec(task_id, line, env)  # positional: the per-task path is hot
+        if not plain:
+            task.max_task_retries, task.max_wall_clock, task.retention = retries, wall, retention
+            task.required_slots, task.container_image = slots, image
+        yield task
+
+
+def _with_repeats(rows: Iterator[Sequence[str]],
+                  repeats: list[str]) -> Iterator[tuple[Sequence[str], str]]:
+    """Each row once per repeat, with the repeat's index as text."""
+    if len(repeats) == 1:
+        return zip(rows, itertools.repeat(repeats[0]))
+    return ((row, rep) for row in rows for rep in repeats)
+
+
+def _tasks_generic(params: SweepParams, grid: Grid, program: Program,
+                   template: CommandTemplate) -> Iterator[TaskSpec]:
+    """``_tasks`` for the rare template whose literal text needs no shell quoting."""
     fields = grid.fields
     env_keys = [f"FANOUT_PARAM_{name.upper()}" for name in fields]
     quoted_cache: dict[str, str] = {}
@@ -301,7 +346,7 @@ def _tasks(params: SweepParams, grid: Grid, program: Program,
                 q = quoted_cache[value] = quote(value)
             quoted[name] = q
         env = dict(base_env)
-        env.update(zip(env_keys, row, strict=True))
+        env.update(zip(env_keys, row, strict=False))  # rows are as long as fields
         for rep in range(params.repeat):
             quoted["task_index"] = str(index)
             quoted["repeat_index"] = str(rep)
