@@ -247,6 +247,7 @@ class LocalBackend:
             with contextlib.suppress(Exception):
                 self.store.requeue(run.seq)
         finally:
+            self.store.release()  # this thread ends: its connection goes with it
             with self._lock:
                 self._busy -= need
                 self._runners.pop(run.seq, None)

@@ -258,6 +258,19 @@ class Store:
                                f"fanout understands ({_SCHEMA_VERSION})")
         return version
 
+    def release(self) -> None:
+        """Close the calling thread's connection, if it has one: a thread about to end
+        calls this, or its connection (and file descriptors) would stay open until
+        ``close``, one more for every runner thread."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            return
+        self._local.conn = None
+        with self._lock:
+            if conn in self._connections:
+                self._connections.remove(conn)
+        conn.close()
+
     def close(self) -> None:
         """Close every connection the store opened (call once threads are done)."""
         with self._lock:
