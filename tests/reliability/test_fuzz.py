@@ -314,3 +314,45 @@ def test_fuzzing_reaches_valid_plans(planner: Planner) -> None:
          "data": {"url": f"file://{root}/videos/a.mp4", "api": "PutBlob"}},
     ]
     assert [outcome(planner, json.dumps(b).encode()) for b in bodies] == ["ok"] * 3
+
+
+templates = st.lists(st.one_of(
+    st.sampled_from(["{v}", "{w}", "{task_index}", "{repeat_index}", "{{", "}}"]),
+    st.text(st.characters(exclude_categories=("Cs",), exclude_characters="{}\x00"),
+            max_size=6)), min_size=1, max_size=6).map("".join)
+
+
+@CI
+@given(templates, st.lists(texts, min_size=1, max_size=4, unique=True),
+       st.lists(st.integers(-3, 3), min_size=1, max_size=3, unique=True),
+       st.integers(1, 3), st.dictionaries(st.sampled_from(["X", "FANOUT_PARAM_V",
+                                                           "FANOUT_TASK_INDEX"]),
+                                          st.text(max_size=3), max_size=2),
+       st.booleans())
+def test_fast_command_lines_equal_the_generic_quoting(
+        template: str, vs: list[str], ws: list[int], repeat: int, environment: dict[str, str],
+        options: bool) -> None:
+    """The sweep's one-format-call command lines (``sh_format``) are exactly what quoting
+    each value and then the whole line (``sh``) gives, environments included."""
+    from handlers.base import Program
+    from handlers.commands import CommandTemplate, sh_format
+    from handlers.sweep import Grid, _tasks, _tasks_generic, expand_axis, parse_params
+
+    try:
+        parsed = CommandTemplate(template)
+        raw = {"program": "p", "parameters": {"v": vs, "w": ws}, "repeat": repeat}
+        if options:
+            raw["task"] = {"max_task_retries": 2, "max_wall_clock": "PT1H"}
+        params = parse_params(raw)
+        axes = {n: expand_axis(n, s, 1000) for n, s in params.parameters.items()}
+    except (ValueError, MessageFault):
+        return  # a template or values the handler refuses anyway
+    program = Program(name="p", command=template, environment=environment,
+                      required_slots=2 if options else 1)
+    fast = list(_tasks(params, Grid(params, axes), program, parsed))
+    generic = list(_tasks_generic(params, Grid(params, axes), program, parsed))
+    assert fast == generic
+    assert [list(t.environment.items()) for t in fast] == \
+        [list(t.environment.items()) for t in generic]
+    event("fast path" if sh_format(parsed, ["v", "w", "task_index", "repeat_index"])
+          else "generic fallback")
