@@ -6,9 +6,14 @@ status`` can read jobs while the daemon runs them; :meth:`LocalBackend.start` st
 the scheduler thread and :meth:`LocalBackend.close` stops it, killing running tasks
 and putting them back to ``active`` so they run again on the next start.
 
-The scheduler gives each ready task its ``required_slots`` of a fixed number of
-slots, in order of job priority, job creation and task insertion, and runs each
-attempt on a thread of its own. Only one process may run the scheduler on a home
+Each ready task gets its ``required_slots`` of a fixed number of slots, in order of
+job priority, job creation and task insertion. One long-lived runner thread per slot
+claims a task that fits the free slots, runs it, records the outcome and claims the
+next, without handing work between threads (a thread per task cost more than a
+trivial task itself). The scheduler thread does what no runner is there to do: it
+notices tasks added while runners sleep (woken by ``add_tasks`` and ``seal_job``,
+or every ``poll_interval`` for other processes' additions), re-checks dependencies
+and purges old task directories. Only one process may run the scheduler on a home
 (an exclusive lock on ``<home>/executor.lock``).
 """
 
@@ -63,8 +68,10 @@ class LocalBackend:
         self.store = Store(path=self.home / "executor.db", pool=pool)
         self._node = Node.create(home=self.home, kill_grace=kill_grace, storage=storage)
         self._lock = threading.Lock()
+        #: Runners with nothing to claim wait here; notified when work may have appeared.
+        self._work = threading.Condition(self._lock)
         self._busy = 0
-        self._runners: dict[int, threading.Thread] = {}
+        self._runners: list[threading.Thread] = []
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._table = ProcessTable()
@@ -163,6 +170,10 @@ class LocalBackend:
         self._recover()
         self._stop.clear()
         self._table = ProcessTable()
+        self._runners = [threading.Thread(target=self._serve, name=f"fanout-local-runner-{i}",
+                                          daemon=True) for i in range(self.slots)]
+        for runner in self._runners:
+            runner.start()
         self._thread = threading.Thread(target=self._loop, name="fanout-local-scheduler",
                                         daemon=True)
         self._thread.start()
@@ -175,23 +186,21 @@ class LocalBackend:
             return
         self._stop.set()
         self._wake.set()
+        self._kick(every=True)
         thread.join()
         killed = self._table.signal_all(signal.SIGTERM)
         deadline = time.monotonic() + self._node.kill_grace
-        for runner in self._runner_threads():
+        for runner in self._runners:
             runner.join(max(0.0, deadline - time.monotonic()))
-        if any(r.is_alive() for r in self._runner_threads()):
+        if any(r.is_alive() for r in self._runners):
             self._table.signal_all(signal.SIGKILL)
-        for runner in self._runner_threads():
+        for runner in self._runners:
             runner.join()
+        self._runners = []
         if self._lockfile is not None:
             self._lockfile.close()
             self._lockfile = None
         log.info("executor.stopped", home=str(self.home), tasks_interrupted=killed)
-
-    def _runner_threads(self) -> list[threading.Thread]:
-        with self._lock:
-            return list(self._runners.values())
 
     def _recover(self) -> None:
         orphans = self.store.recover()
@@ -212,7 +221,7 @@ class LocalBackend:
             self._wake.wait(self.poll_interval)
 
     def _tick(self) -> None:
-        """One scheduling round: purge, unblock dependents, start what fits."""
+        """One scheduling round: purge, unblock dependents, wake a runner if work waits."""
         now = time.time()
         if now - self._last_purge >= self.purge_interval:
             self._last_purge = now
@@ -220,22 +229,64 @@ class LocalBackend:
         self.store.evaluate_waiting()
         with self._lock:
             free = self.slots - self._busy
-        if free <= 0:
-            return
-        for run in self.store.claim(free, self.slots):
-            self._launch(run)
+        if free > 0 and self.store.has_ready():
+            self._kick()
 
-    def _launch(self, run: TaskRun) -> None:
-        need = min(max(run.required_slots, 1), self.slots)
-        thread = threading.Thread(target=self._attempt, args=(run, need), daemon=True,
-                                  name=f"fanout-task-{run.job_id}/{run.task_id}")
-        with self._lock:
-            self._busy += need
-            self._runners[run.seq] = thread
-        thread.start()
+    def _kick(self, *, every: bool = False) -> None:
+        """Wake one waiting runner (it wakes the next if slots stay free), or all."""
+        with self._work:
+            if every:
+                self._work.notify_all()
+            else:
+                self._work.notify()
 
-    def _attempt(self, run: TaskRun, need: int) -> None:
-        """A runner thread: one attempt, then its outcome recorded."""
+    # -- the runners ------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        """A runner thread: claim a task that fits, run it, record it; until stopped."""
+        try:
+            while (claimed := self._next()) is not None:
+                run, need = claimed
+                try:
+                    self._attempt(run)
+                finally:
+                    with self._lock:
+                        self._busy -= need
+        finally:
+            self.store.release()  # this thread ends: its connection goes with it
+
+    def _next(self) -> tuple[TaskRun, int] | None:
+        """The next task and the slots it holds; waits while none fits; None once stopping.
+
+        Claims are made under the slot lock, so two runners never count the same free
+        slot; a runner that leaves slots free wakes another waiting one.
+        """
+        with self._work:
+            while not self._stop.is_set():
+                free = self.slots - self._busy
+                run = self._claim(free) if free > 0 else None
+                if run is not None:
+                    need = min(max(run.required_slots, 1), self.slots)
+                    self._busy += need
+                    if self._busy < self.slots:
+                        self._work.notify()
+                    return run, need
+                self._work.wait()
+        return None
+
+    def _claim(self, free: int) -> TaskRun | None:
+        """Claim one ready task fitting ``free`` slots; a store fault is logged and the
+        runner waits for the next wake-up (or poll) to try again."""
+        try:
+            self.store.evaluate_waiting()
+            runs = self.store.claim(free, self.slots, limit=1)
+        except Exception:
+            log.exception("executor.claim_failed", detail="retrying after the poll interval")
+            return None
+        return runs[0] if runs else None
+
+    def _attempt(self, run: TaskRun) -> None:
+        """One attempt, then its outcome recorded; a fault puts the task back to active."""
         started = time.monotonic()
         try:
             outcome = run_attempt(run, self._node, self._table,
@@ -246,12 +297,6 @@ class LocalBackend:
                           detail="the task goes back to active")
             with contextlib.suppress(Exception):
                 self.store.requeue(run.seq)
-        finally:
-            self.store.release()  # this thread ends: its connection goes with it
-            with self._lock:
-                self._busy -= need
-                self._runners.pop(run.seq, None)
-            self._wake.set()
 
     def _running(self, run: TaskRun, pid: int, start: int | None) -> None:
         self.store.mark_running(run.seq, pid, start)

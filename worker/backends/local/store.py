@@ -424,33 +424,24 @@ class Store:
             conn.executemany("UPDATE tasks SET recheck_at = ? WHERE seq = ?", later)
         return len(ready)
 
-    def claim(self, free_slots: int, total_slots: int) -> list[TaskRun]:
-        """Mark the next ready tasks that fit in ``free_slots`` as ``preparing``.
+    def has_ready(self) -> bool:
+        """Whether any task of an active job is ready to run (a read, no lock taken)."""
+        return self._conn().execute(_ANY_READY).fetchone() is not None
+
+    def claim(self, free_slots: int, total_slots: int, limit: int | None = None) -> list[TaskRun]:
+        """Mark the next ready tasks that fit in ``free_slots`` (at most ``limit`` of
+        them) as ``preparing``.
 
         Order: job priority (highest first), job creation, task insertion. A task that
         does not fit is skipped for a later, smaller one (backfill); one that needs
         more slots than the executor has takes all of them.
         """
-        now = time.time()
-        chosen: list[int] = []
-        if self._conn().execute(_ANY_READY).fetchone() is None:
+        if not self.has_ready():
             return []  # nothing to do: no write lock taken on an idle tick
+        now = time.time()
         with self._write() as conn:
-            jobs = conn.execute("SELECT seq FROM jobs WHERE state = 'active'"
-                                " ORDER BY priority DESC, seq").fetchall()
-            for (job_seq,) in jobs:
-                if free_slots <= 0:
-                    break
-                for seq, slots in conn.execute(
-                    "SELECT seq, required_slots FROM tasks WHERE job_seq = ? AND state = 'active'"
-                    " AND waiting = 0 ORDER BY seq LIMIT ?", (job_seq, free_slots + 64)
-                ).fetchall():
-                    need = min(max(slots, 1), total_slots)
-                    if need <= free_slots:
-                        chosen.append(seq)
-                        free_slots -= need
-                        if free_slots <= 0:
-                            break
+            chosen = _pick(conn, free_slots, total_slots,
+                           free_slots if limit is None else limit)
             conn.executemany("UPDATE tasks SET state = 'preparing', start_time = ? WHERE seq = ?",
                              [(now, seq) for seq in chosen])
             conn.executemany("INSERT INTO transitions VALUES (?, ?, 'preparing', NULL)",
@@ -584,6 +575,25 @@ def _job_status(conn: sqlite3.Connection, row: tuple[Any, ...]) -> JobStatus:
         succeeded=succeeded, failed=failed,
         metadata=json.loads(metadata) if metadata else {},
     )
+
+
+def _pick(conn: sqlite3.Connection, free_slots: int, total_slots: int, limit: int) -> list[int]:
+    """The seqs of up to ``limit`` ready tasks fitting ``free_slots``, in claim order."""
+    chosen: list[int] = []
+    jobs = conn.execute("SELECT seq FROM jobs WHERE state = 'active'"
+                        " ORDER BY priority DESC, seq").fetchall()
+    for (job_seq,) in jobs:
+        for seq, slots in conn.execute(
+            "SELECT seq, required_slots FROM tasks WHERE job_seq = ? AND state = 'active'"
+            " AND waiting = 0 ORDER BY seq LIMIT ?", (job_seq, free_slots + 64)
+        ).fetchall():
+            need = min(max(slots, 1), total_slots)
+            if need <= free_slots:
+                chosen.append(seq)
+                free_slots -= need
+                if free_slots <= 0 or len(chosen) >= limit:
+                    return chosen
+    return chosen
 
 
 def _complete_if_done(conn: sqlite3.Connection, job_seq: int, now: float) -> None:
