@@ -3,7 +3,7 @@
 ``<home>/executor.db`` is opened in WAL mode with a busy timeout, one connection per
 thread, so the daemon's scheduler, its submitter threads and a ``fanout status`` in
 another process use it at once. Every write is one short ``BEGIN IMMEDIATE``
-transaction.
+transaction; writers in one process take turns on a lock first.
 
 Dependencies are checked without re-scanning a job per tick: a task with
 dependencies starts ``waiting``; it is evaluated with indexed counts, and when it is
@@ -193,6 +193,10 @@ class Store:
         self._busy_timeout = busy_timeout
         self._local = threading.local()
         self._lock = threading.Lock()
+        # Writers in this process queue here rather than in SQLite's busy handler, which
+        # sleeps 1 ms and more between retries: runner threads write several times per
+        # task, and those sleeps were most of a trivial task's cost.
+        self._write_lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
         self._closed = False
         self._init_schema()
@@ -217,7 +221,7 @@ class Store:
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One short write transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``)."""
         conn = self._conn()
-        with _busy_is_transient():
+        with self._write_lock, _busy_is_transient():
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
