@@ -86,13 +86,21 @@ class ProcessTable:
 
     def spawn(self, seq: int,
               start: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes] | None:
-        """Start a process unless the executor is stopping (then None)."""
+        """Start a process unless the executor is stopping (then None).
+
+        The process starts outside the lock, so one runner's start (a fork and exec)
+        does not hold up the others; a stop that came meanwhile missed this process,
+        so it is sent the stop's SIGTERM here.
+        """
+        if self.stopping:
+            return None
+        proc = start()
         with self._lock:
-            if self.stopping:
-                return None
-            proc = start()
             self._procs[seq] = proc
-            return proc
+            missed = self.stopping
+        if missed:
+            process.signal_group(proc.pid, signal.SIGTERM)
+        return proc
 
     def remove(self, seq: int) -> None:
         with self._lock:
