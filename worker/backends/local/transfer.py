@@ -57,6 +57,8 @@ def safe_url(url: str) -> str:
 
 def stage(files: Sequence[ResourceFile], wd: Path, storage: Storage | None = None) -> None:
     """Download every resource file into the working directory ``wd``."""
+    if not files:
+        return  # most tasks have none: skip resolving wd (a few syscalls per task)
     root = wd.resolve()
     for rf in files:
         if rf.storage_container_url:
