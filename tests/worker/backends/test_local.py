@@ -20,6 +20,7 @@ import pytest
 
 from handlers.base import JobSpec, OutputFile, ResourceFile, TaskSpec, UploadCondition
 from worker.backends.local import LocalBackend
+from worker.backends.local.runner import ProcessTable
 from worker.backends.local.store import Store
 from worker.errors import BatchRejected, ConfigFault
 
@@ -777,6 +778,22 @@ def test_close_requeues_running_tasks(make_backend: MakeBackend, tmp_path: Path)
     done = again.task("j", "t")
     assert done is not None and (done.result, done.retry_count) == ("success", 0)
     assert (again.home / "shared" / "runs").read_text().split() == ["run", "run"]
+
+
+def test_a_stop_during_a_process_start_still_ends_it() -> None:
+    """A stop that lands while a process starts, before the table holds it, still sends
+    that process SIGTERM; once stopping, nothing more starts."""
+    table = ProcessTable()
+
+    def start_then_stop() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+        table.signal_all(signal.SIGTERM)  # the stop, racing this start
+        return proc
+
+    proc = table.spawn(1, start_then_stop)
+    assert proc is not None
+    assert proc.wait(timeout=30) == -signal.SIGTERM
+    assert table.spawn(2, lambda: pytest.fail("a process started while stopping")) is None
 
 
 SCHEDULER = """
