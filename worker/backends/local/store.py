@@ -211,6 +211,11 @@ class Store:
             conn = sqlite3.connect(self._path, timeout=self._busy_timeout,
                                    isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            # In WAL mode NORMAL syncs at checkpoints, not at every commit: a commit
+            # survives the daemon's own crash or SIGKILL (what recovery is built for),
+            # and a task's three state changes cost no fsync. A power loss may undo the
+            # last commits: finished tasks then run again, and tasks added just before
+            # may be lost unless their message's settlement was lost with them.
             conn.execute("PRAGMA synchronous = NORMAL")
             self._local.conn = conn
             with self._lock:
