@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Sequence
 
 from handlers.base import JobSpec, TaskSpec
@@ -18,7 +19,10 @@ class MemoryBackend:
     max_tasks_per_request = 100
 
     def __init__(self, *, fail_rate: float = 0.0, seed: int = 0,
-                 task_error_rate: float = 0.0) -> None:
+                 task_error_rate: float = 0.0, create_delay: float = 0.0,
+                 add_delay: float = 0.0) -> None:
+        """``create_delay`` and ``add_delay`` make each create_job / add_tasks call take
+        that many seconds longer (a slow service), before it does anything."""
         self.jobs: dict[str, JobSpec] = {}
         self.sealed: set[str] = set()
         self.tasks: dict[str, dict[str, TaskSpec]] = {}
@@ -27,6 +31,8 @@ class MemoryBackend:
         self.fail_rate = fail_rate
         self.task_error_rate = task_error_rate
         self.config_fault: ConfigFault | None = None
+        self.create_delay = create_delay
+        self.add_delay = add_delay
         self.reject_ids: set[str] = set()
         self._concurrent = 0
         self._rng = random.Random(seed)
@@ -45,6 +51,7 @@ class MemoryBackend:
             raise self.config_fault
 
     def create_job(self, job: JobSpec) -> JobState:
+        time.sleep(self.create_delay)
         self._maybe_fail()
         with self._lock:
             if job.id in self.sealed:
@@ -56,6 +63,7 @@ class MemoryBackend:
             return "created"
 
     def add_tasks(self, job_id: str, tasks: Sequence[TaskSpec]) -> AddResult:
+        time.sleep(self.add_delay)
         with self._lock:
             self._concurrent += 1
             self.max_concurrent = max(self.max_concurrent, self._concurrent)

@@ -165,14 +165,7 @@ def test_config_fault_keeps_the_message_and_marks_unready(
 
 def test_lock_is_renewed_during_long_work(worker: Callable[..., RunningWorker]) -> None:
     """Work lasting 3x the lock duration completes once, with no redelivery."""
-    backend = MemoryBackend()
-    create = backend.create_job
-
-    def slow(job):  # type: ignore[no-untyped-def]
-        time.sleep(3.0)
-        return create(job)
-
-    backend.create_job = slow  # type: ignore[method-assign]
+    backend = MemoryBackend(create_delay=3.0)
     w = worker(backend, queue={"lock_duration": 1.0}, consumer={"concurrency": 2})
     w.send(SWEEP)
     w.wait_idle(1, timeout=20)
@@ -185,14 +178,7 @@ def test_shutdown_abandons_unfinished_work_within_grace(
         worker: Callable[..., RunningWorker]) -> None:
     """Stopping during a submission that outlasts the grace abandons the message: it is
     back on the queue, not lost, and the worker stopped within the grace period."""
-    backend = MemoryBackend()
-    inner = backend.add_tasks
-
-    def slow(job_id, tasks):  # type: ignore[no-untyped-def]
-        time.sleep(0.3)
-        return inner(job_id, tasks)
-
-    backend.add_tasks = slow  # type: ignore[method-assign]
+    backend = MemoryBackend(add_delay=0.3)
     big = {"handler": "sweep", "params": {"program": "pi", "parameters": {
         "samples": [1], "seed": {"start": 0, "stop": 5000}}}}
     w = worker(backend, consumer={"drain_grace": 1.0}, submit={"concurrency": 1})

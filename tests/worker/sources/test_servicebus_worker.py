@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -122,14 +121,7 @@ def test_event_grid_blob_created_is_routed_once_across_redeliveries(
 def test_lock_is_renewed_through_three_lock_durations(
         sb_worker: Callable[..., tuple[RunningWorker, ServiceBusPeer]]) -> None:
     """Work lasting over 3x the service's lock duration completes once, never redelivered."""
-    backend = MemoryBackend()
-    create = backend.create_job
-
-    def slow(job):  # type: ignore[no-untyped-def]
-        time.sleep(3.5)
-        return create(job)
-
-    backend.create_job = slow  # type: ignore[method-assign]
+    backend = MemoryBackend(create_delay=3.5)
     worker, peer = sb_worker(backend=backend, consumer={"concurrency": 2})
     worker.send(SWEEP, message_id="slow-1")
     worker.wait_idle(1, timeout=30)
@@ -158,14 +150,7 @@ def test_graceful_shutdown_abandons_in_flight_messages(
         sb_worker: Callable[..., tuple[RunningWorker, ServiceBusPeer]]) -> None:
     """Stopping mid-submission abandons the message: back on the queue at once, delivery
     count + 1, long before its (30 s) lock would have expired."""
-    backend = MemoryBackend()
-    inner = backend.add_tasks
-
-    def slow(job_id, tasks):  # type: ignore[no-untyped-def]
-        time.sleep(0.3)
-        return inner(job_id, tasks)
-
-    backend.add_tasks = slow  # type: ignore[method-assign]
+    backend = MemoryBackend(add_delay=0.3)
     big = {"handler": "sweep", "params": {"program": "pi", "parameters": {
         "samples": [1], "seed": {"start": 0, "stop": 5000}}}}
     worker, peer = sb_worker(lock=30.0, backend=backend, submit={"concurrency": 1})
