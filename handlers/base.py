@@ -23,6 +23,17 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from handlers.errors import InvalidParams
 
 UploadCondition = Literal["success", "failure", "completion"]
+#: Batch's ``exitOptions.jobAction``: what a task's end does to its job (it takes
+#: effect only on a job whose ``on_task_failure`` is ``"performexitoptionsjobaction"``).
+JobAction = Literal["none", "disable", "terminate"]
+#: Batch's ``exitOptions.dependencyAction``: whether the tasks that depend on this
+#: one may run (``satisfy``) or keep waiting for ever (``block``).
+DependencyAction = Literal["satisfy", "block"]
+#: What a fan-in task (aggregate, manifest, merge) does when one of its
+#: dependencies fails: ``run`` anyway (it sees which inputs are missing) or ``skip``.
+DependencyFailure = Literal["run", "skip"]
+#: How a task attempt ended, for choosing its exit options.
+TaskEnd = Literal["exit", "pre_processing_error", "file_upload_error"]
 
 #: Azure Batch ids: letters, digits, hyphens and underscores, at most 64 characters.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -74,6 +85,90 @@ class OutputFile:
     upload_condition: UploadCondition = "success"
 
 
+@dataclass(frozen=True, slots=True)
+class ExitOptions:
+    """Batch's ``exitOptions``: what happens when a task ends a given way; None
+    leaves Batch's default (see :meth:`ExitConditions.options_for`)."""
+
+    job_action: JobAction | None = None
+    dependency_action: DependencyAction | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExitConditions:
+    """Batch's task ``exitConditions``, set on the task whose end they judge.
+
+    ``exit_codes`` and ``exit_code_ranges`` (inclusive) match the process's exit code
+    first; ``pre_processing_error`` applies when the task could not start (a resource
+    file failed, the command could not be found); ``file_upload_error`` when its output
+    files failed to upload (an exit code match takes precedence over it); ``default``
+    to every other end, including exit code 0.
+    """
+
+    exit_codes: tuple[tuple[int, ExitOptions], ...] = ()
+    exit_code_ranges: tuple[tuple[int, int, ExitOptions], ...] = ()
+    pre_processing_error: ExitOptions | None = None
+    file_upload_error: ExitOptions | None = None
+    default: ExitOptions | None = None
+
+    def options_for(self, end: TaskEnd, exit_code: int | None,
+                    on_task_failure_acts: bool = False) -> tuple[JobAction, DependencyAction]:
+        """The ``(job action, dependency action)`` Batch applies, defaults filled in.
+
+        Batch's defaults: dependency action ``satisfy`` for exit code 0 and ``block``
+        otherwise; job action ``none`` for exit code 0 and ``terminate`` otherwise, the
+        latter only when the job's ``onTaskFailure`` is ``performexitoptionsjobaction``
+        (``on_task_failure_acts``); with ``noaction`` no job action is taken.
+        """
+        chosen: ExitOptions | None = None
+        if end == "exit" or (end == "file_upload_error" and exit_code is not None):
+            for code, options in self.exit_codes:
+                if code == exit_code:
+                    chosen = options
+                    break
+            else:
+                for lo, hi, options in self.exit_code_ranges:
+                    if exit_code is not None and lo <= exit_code <= hi:
+                        chosen = options
+                        break
+        if chosen is None:
+            chosen = {"pre_processing_error": self.pre_processing_error,
+                      "file_upload_error": self.file_upload_error}.get(end) or self.default
+        ok = end == "exit" and exit_code == 0
+        job: JobAction = (chosen.job_action if chosen and chosen.job_action
+                          else ("none" if ok else "terminate"))
+        dep: DependencyAction = (chosen.dependency_action if chosen and chosen.dependency_action
+                                 else ("satisfy" if ok else "block"))
+        return (job if on_task_failure_acts else "none"), dep
+
+
+_SATISFY = ExitOptions(dependency_action="satisfy")
+#: Exit conditions for the dependencies of a fan-in task that runs whatever they do.
+SATISFY_DEPENDENTS = ExitConditions(pre_processing_error=_SATISFY, file_upload_error=_SATISFY,
+                                    default=_SATISFY)
+
+
+def fan_in_exit_conditions(policy: DependencyFailure) -> ExitConditions | None:
+    """The exit conditions a fan-in task's *dependencies* carry under ``policy``.
+
+    ``run``: every end of a dependency satisfies its dependents, so the fan-in task
+    runs once all have ended and sees which inputs are missing. ``skip``: None, Batch's
+    default, so a failed dependency blocks the fan-in task; fanout's job monitor then
+    finds the job's remaining tasks blocked for good and terminates the job as failed.
+    """
+    return SATISFY_DEPENDENTS if policy == "run" else None
+
+
+@dataclass(frozen=True, slots=True)
+class JobOutput:
+    """An output location a handler declares for its job (reported in the job's
+    completion event): a name such as ``"manifest"`` and a blob reference
+    ``container/path`` (a prefix when it ends with ``/``). Never a URL with a SAS."""
+
+    name: str
+    location: str
+
+
 @dataclass(slots=True)
 class TaskSpec:
     """One Azure Batch task. ``command_line`` runs without a shell, as on Batch."""
@@ -91,6 +186,8 @@ class TaskSpec:
     required_slots: int = 1
     container_image: str | None = None
     display_name: str | None = None
+    #: How this task's end affects its dependents and its job (Batch ``exitConditions``).
+    exit_conditions: ExitConditions | None = None
 
 
 @dataclass(slots=True)
@@ -113,6 +210,11 @@ class JobSpec:
     display_name: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     uses_task_dependencies: bool = False
+    #: Batch's ``onTaskFailure``: ``"performexitoptionsjobaction"`` makes the tasks'
+    #: exit options' job actions take effect; ``"noaction"`` (the default) ignores them.
+    on_task_failure: Literal["noaction", "performexitoptionsjobaction"] = "noaction"
+    #: Where the job's results land, for its completion event and ``fanout status``.
+    outputs: list[JobOutput] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Literal, Protocol
 
 from handlers.base import JobSpec, TaskSpec
@@ -17,6 +18,30 @@ JobState = Literal["created", "exists", "sealed"]
 
 #: Task states, as Azure Batch names them.
 TASK_STATES = ("active", "preparing", "running", "completed")
+#: Job states that are final (Batch: ``completed``; a deleted job is gone).
+TERMINAL_JOB_STATES = frozenset({"completed"})
+
+#: How a job ended, the ``outcome`` of its completion event.
+JobOutcome = Literal["succeeded", "failed", "cancelled", "timed_out"]
+#: Why a task failed, the ``category`` of a failed task in a completion event.
+FailureCategory = Literal["exit_code", "wall_clock_timeout", "resource_file_failure",
+                          "output_upload_failure", "preempted", "node_unusable",
+                          "start_task_failed", "dependency_failed", "cancelled"]
+FAILURE_CATEGORIES: tuple[FailureCategory, ...] = (
+    "exit_code", "wall_clock_timeout", "resource_file_failure", "output_upload_failure",
+    "preempted", "node_unusable", "start_task_failed", "dependency_failed", "cancelled")
+
+#: ``terminateReason`` values. Batch's own: a job's max wall clock ran out, a task's
+#: exit options terminated it, every task completed (onAllTasksComplete), or a user
+#: terminated it without a reason. fanout's: ``fanout cancel`` or a cancel message,
+#: the monitor found every remaining task blocked, a submission stopped for good.
+REASON_WALL_CLOCK = "MaxWallClockTimeExpiry"
+REASON_TASK_FAILED = "TaskFailed"
+REASON_ALL_COMPLETE = "AllTasksComplete"
+REASON_USER = "UserTerminate"
+REASON_CANCELLED = "FanoutCancelled"
+REASON_BLOCKED = "FanoutBlocked"
+REASON_SUBMIT_FAILED = "FanoutSubmitFailed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +76,65 @@ class JobStatus:
     succeeded: int = 0
     failed: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class JobRecord:
+    """One job as the monitor reads it from a listing (only the fields it needs).
+
+    ``metadata`` is where fanout keeps what it knows about the job (who asked for
+    it, the request hash, whether its completion event went out); times are
+    timezone-aware; ``terminate_reason`` is set once the job is terminal.
+    """
+
+    id: str
+    state: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    pool: str | None = None
+    created: datetime | None = None
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    terminate_reason: str | None = None
+    state_changed: datetime | None = None
+
+
+@dataclass(slots=True)
+class TaskCounts:
+    """A job's task counts (Batch's task counts API: ``running`` includes preparing).
+
+    Eventually consistent on Batch: read them again after the job is terminal."""
+
+    active: int = 0
+    running: int = 0
+    completed: int = 0
+    succeeded: int = 0
+    failed: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.active + self.running + self.completed
+
+
+@dataclass(slots=True)
+class FailedTask:
+    """A task that ended without success (or never ran), with why.
+
+    ``failure_code``/``failure_message`` are Batch's ``failureInfo`` (or the local
+    executor's equivalent); ``logs`` says where the task's full stdout/stderr are
+    (a ``container/prefix`` blob reference on Azure, a directory locally).
+    ``stderr_tail`` is filled by whoever reads the logs (at most 4 KB).
+    """
+
+    id: str
+    category: FailureCategory
+    exit_code: int | None = None
+    failure_code: str | None = None
+    failure_message: str | None = None
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    retry_count: int = 0
+    logs: str | None = None
+    stderr_tail: str | None = None
 
 
 @dataclass(slots=True)
@@ -113,6 +197,78 @@ class Backend(Protocol):
         """Pool nodes, pool sizes, active jobs and task counts, for metrics."""
         ...
 
+    # -- what the job monitor needs (ARCHITECTURE: "Job outcomes") -----------------
+
+    def list_fanout_jobs(self, *, completed_since: datetime | None = None
+                         ) -> list[JobRecord]:
+        """fanout's jobs (those whose metadata has ``fanout-handler``): every one not
+        yet completed, plus the completed ones whose state changed at or after
+        ``completed_since`` (every completed one when it is None). One request per
+        page on Azure (``$filter`` + ``$select``), never one per job."""
+        ...
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        """One job, None if there is no such job."""
+        ...
+
+    def task_counts(self, job_id: str) -> TaskCounts | None:
+        """One request: the job's task counts; None if there is no such job."""
+        ...
+
+    def failed_tasks(self, job_id: str, limit: int) -> list[FailedTask]:
+        """Up to ``limit`` completed tasks whose result is failure, with their category,
+        exit code and failure info (Azure: one filtered, ``$select``ed listing)."""
+        ...
+
+    def blocked_tasks(self, job_id: str, limit: int) -> list[str] | None:
+        """The ids of the job's active tasks that can never run because a dependency
+        ended with dependency action ``block``; None when the job has more than
+        ``limit`` active tasks (too many to decide cheaply). The monitor calls it
+        only when no task is running and some have failed."""
+        ...
+
+    def terminate_job(self, job_id: str, reason: str) -> None:
+        """End the job now (running tasks are stopped) with ``reason`` as its
+        terminate reason; a job already completed or gone is left as it is."""
+        ...
+
+    def delete_job(self, job_id: str) -> None:
+        """Delete the job and its tasks (locally: records and task directories);
+        a job already gone is no error."""
+        ...
+
+    def update_job_metadata(self, job_id: str, metadata: dict[str, str]) -> None:
+        """Replace the job's metadata with ``metadata`` (Batch's PATCH replaces the
+        whole list); allowed on completed jobs."""
+        ...
+
+    def task_log_tail(self, job_id: str, task_id: str, name: str = "stderr.txt",
+                      max_bytes: int = 4096) -> str | None:
+        """The last ``max_bytes`` of one of a task's log files (``stdout.txt`` or
+        ``stderr.txt``), read with a range read; None where there is none."""
+        ...
+
     def close(self) -> None:
         """Release clients and, for the local executor, stop running tasks."""
         ...
+
+
+# -- job metadata: what fanout keeps in the job itself (the monitor is stateless) --------
+
+#: The handler's name; its presence marks a job as fanout's.
+META_HANDLER = "fanout-handler"
+#: The queue message id the job came from.
+META_MESSAGE_ID = "fanout-message-id"
+#: The idempotency key the job id derives from.
+META_KEY = "fanout-key"
+#: Where the completion event goes besides the configured destination (a reply-to).
+META_REPLY_TO = "fanout-reply-to"
+#: A digest of the request (handler, params, job options): the same key with another
+#: request is an ``IdempotencyConflict``.
+META_REQUEST = "fanout-request"
+#: The outputs the handler declared, as compact JSON ``[[name, location], ...]``.
+META_OUTPUTS = "fanout-outputs"
+#: Where the tasks' logs are uploaded (``container/prefix``), on Azure.
+META_LOGS = "fanout-logs"
+#: Set once the job's completion event was published: the event id.
+META_REPORTED = "fanout-reported"

@@ -1,0 +1,1 @@
+"""Where fanout publishes its completion events: one file per transport."""
