@@ -239,9 +239,60 @@ class WatchConfig(_Section):
 
 
 class EventsConfig(_Section):
-    """``[events]``: what happens to blob events no route takes."""
+    """``[events]``: completion events, and what happens to blob events no route takes.
+
+    When a job fanout created is terminal, the job monitor publishes one CloudEvents
+    1.0 event (``fanout.job.completed``) to ``queue`` or ``topic`` (on the embedded
+    default: a second local queue, ``fanout.events``), and to the message's reply-to
+    when it names an entity in ``allowed_reply_to``. ``enabled = false`` publishes
+    nothing (the monitor still ends and cleans up jobs).
+    """
 
     unrouted: Literal["dead_letter", "drop"] = "dead_letter"
+    enabled: bool = True
+    #: The events queue (Service Bus queue, or the local queue's name).
+    queue: str | None = "fanout.events"
+    #: A Service Bus topic instead of a queue (then ``queue`` is ignored).
+    topic: str | None = None
+    #: Entities a message's reply-to may name (Service Bus queue or topic names).
+    allowed_reply_to: list[str] = Field(default_factory=list)
+    #: The CloudEvents ``source`` attribute: this worker's name.
+    source: str = "fanout"
+    #: Failed tasks listed in one event, at most.
+    max_failed_tasks: Annotated[int, Field(ge=0, le=1000)] = 20
+    #: Bytes of each failed task's stderr carried in the event.
+    stderr_tail_bytes: Annotated[int, Field(ge=0, le=64 * 1024)] = 4096
+    #: The local events queue drops a repeated message id within this window, as
+    #: Service Bus duplicate detection does.
+    duplicate_window: PositiveFloat = 600.0
+
+
+class JobsConfig(_Section):
+    """``[jobs]``: operator limits on every job, and the job monitor.
+
+    Every job gets ``max_wall_clock`` unless its message asks for less; the monitor
+    polls fanout's jobs every ``poll_interval`` seconds (on Azure; locally a tenth of
+    it, at least one second), ends jobs whose remaining tasks can never run, reports
+    each terminal job once, and deletes terminal jobs after ``retention``.
+    """
+
+    max_wall_clock: timedelta = timedelta(days=1)
+    retention: timedelta = timedelta(days=7)
+    monitor: bool = True
+    poll_interval: PositiveFloat = 30.0
+    #: Completed jobs re-read every poll: those whose state changed this recently.
+    lookback: timedelta = timedelta(minutes=30)
+    #: Every this often, every completed job of fanout's is read (reports missed by
+    #: a long outage, deletions past retention).
+    full_sweep_interval: timedelta = timedelta(minutes=10)
+    #: Jobs deleted per poll, at most.
+    delete_batch: PositiveInt = 50
+    #: A job with more active tasks than this is not checked for blocked tasks.
+    blocked_check_limit: PositiveInt = 1000
+    #: Azure: where tasks upload stdout.txt and stderr.txt (``<job>/<task>/``).
+    logs_container: str = "fanout-logs"
+    #: Azure: upload logs of failed tasks only (``failure``) or of every task.
+    log_upload: Literal["failure", "completion", "never"] = "failure"
 
 
 class Settings(BaseSettings):
@@ -272,6 +323,7 @@ class Settings(BaseSettings):
     handlers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)
     events: EventsConfig = Field(default_factory=EventsConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
     watch: WatchConfig = Field(default_factory=WatchConfig)
     #: Where the settings came from, for ``fanout run`` to log (not a setting).
     _source: str = PrivateAttr(default="defaults")

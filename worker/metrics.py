@@ -19,6 +19,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 #: Message outcomes, the ``outcome`` label of ``fanout_messages_total``.
 OUTCOMES = ("completed", "dead_lettered", "abandoned")
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_JOB_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 259200)
 
 
 class Metrics:
@@ -83,6 +84,37 @@ class Metrics:
             "fanout_events_ignored", "Blob events completed without a job, by why "
             "(gen2-<api>: not a finished Data Lake write; unrouted: dropped by config).",
             ["why"], registry=registry)
+        self.jobs_completed = Counter(
+            "fanout_jobs_completed", "Jobs reported terminal by the monitor, by handler and "
+            "outcome (succeeded, failed, cancelled, timed_out).",
+            ["handler", "outcome"], registry=registry)
+        self.job_duration = Histogram(
+            "fanout_job_duration_seconds", "Time from a job's creation to its end, by handler.",
+            ["handler"], buckets=_JOB_BUCKETS, registry=registry)
+        self.tasks_failed = Counter(
+            "fanout_tasks_failed", "Failed tasks of reported jobs, by handler and category.",
+            ["handler", "category"], registry=registry)
+        self.jobs_monitored = Gauge(
+            "fanout_jobs_monitored", "fanout's jobs not yet reported, as of the last poll.",
+            registry=registry)
+        self.events_published = Counter(
+            "fanout_events_published", "Completion events published, by destination kind "
+            "(configured, reply_to).", ["to"], registry=registry)
+        self.event_publish_errors = Counter(
+            "fanout_event_publish_errors", "Completion events that failed to publish "
+            "(retried on the next poll).", registry=registry)
+        self.monitor_requests = Counter(
+            "fanout_monitor_requests", "Backend requests the job monitor made, by operation.",
+            ["operation"], registry=registry)
+        self.monitor_errors = Counter(
+            "fanout_monitor_errors", "Monitor polls or job reports that failed.",
+            registry=registry)
+        self.jobs_terminated = Counter(
+            "fanout_jobs_terminated", "Jobs fanout terminated, by reason (FanoutBlocked, "
+            "FanoutCancelled, FanoutSubmitFailed).", ["reason"], registry=registry)
+        self.jobs_deleted = Counter(
+            "fanout_jobs_deleted", "Terminal jobs deleted after the retention period.",
+            registry=registry)
         self.poll_errors = Counter(
             "fanout_poll_errors", "Metric polls that failed, by poller.", ["poller"],
             registry=registry)

@@ -30,6 +30,9 @@ class Received:
     properties: Mapping[str, str] = field(default_factory=dict)
     sequence_number: int | None = None
     enqueued_time: datetime | None = None
+    #: Service Bus's ``ReplyTo`` (the local queue keeps it too): where the sender
+    #: wants the job's completion event, if the operator allows that entity.
+    reply_to: str | None = None
     handle: Any = None
 
 
