@@ -96,6 +96,9 @@ class JobRecord:
     end_time: datetime | None = None
     terminate_reason: str | None = None
     state_changed: datetime | None = None
+    #: Every task is added (Batch: ``onAllTasksComplete`` is ``terminatejob``); the
+    #: monitor never ends a job for blocked tasks while its submitter may still add some.
+    sealed: bool = False
 
 
 @dataclass(slots=True)
