@@ -7,6 +7,16 @@ caller still holds that lock (else ``LockLost``); a lock that expires counts as 
 delivery, and a message that reaches ``max_delivery_count`` deliveries is
 dead-lettered with reason ``MaxDeliveryExceeded``.
 
+A message keeps its ``reply_to`` (Service Bus's ``ReplyTo``). With a
+``duplicate_window``, a send whose message id was already sent within that many
+seconds is accepted and silently dropped, as Service Bus duplicate detection does
+(https://learn.microsoft.com/azure/service-bus-messaging/duplicate-detection): the
+window counts from the first send of the id, and a dropped repeat does not extend
+it. ``peek`` reads active messages without locking them.
+
+Files written before ``reply_to`` and duplicate detection existed are migrated in
+place when first opened (a column and a table are added; nothing is rewritten).
+
 The file is shared safely between processes (``fanout send`` writing while the
 daemon reads) through WAL mode, a busy timeout and ``BEGIN IMMEDIATE``
 transactions. Within one process every SQLite call of a ``LocalQueue`` runs on one
@@ -64,8 +74,14 @@ CREATE TABLE IF NOT EXISTS messages (
     locked_until REAL,
     dead_letter_reason TEXT,
     dead_letter_description TEXT,
-    dead_lettered_at REAL
+    dead_lettered_at REAL,
+    reply_to TEXT
 );
+CREATE TABLE IF NOT EXISTS duplicates (
+    message_id TEXT PRIMARY KEY,
+    sent_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS duplicates_sent ON duplicates(sent_at);
 CREATE INDEX IF NOT EXISTS messages_ready ON messages(seq)
     WHERE state = 'active' AND lock_token IS NULL;
 CREATE INDEX IF NOT EXISTS messages_locked ON messages(locked_until)
@@ -96,7 +112,15 @@ _REDELIVER = """
 _HELD = "seq = :seq AND lock_token = :token AND locked_until > :now AND state = 'active'"
 
 _INSERT = """INSERT INTO messages (message_id, body, properties, state, enqueued_at,
-    scheduled_at) VALUES (?, ?, ?, ?, ?, ?)"""
+    scheduled_at, reply_to) VALUES (?, ?, ?, ?, ?, ?, ?)"""
+# Duplicate detection: forget ids older than the window, then log the id unless it is
+# already logged (then the send is a duplicate and dropped).
+_FORGET = "DELETE FROM duplicates WHERE sent_at <= ?"
+_REMEMBER = "INSERT INTO duplicates (message_id, sent_at) VALUES (?, ?) ON CONFLICT DO NOTHING"
+_PEEK = """SELECT seq, message_id, body, properties, enqueued_at, delivery_count, reply_to
+    FROM messages WHERE seq >= :start
+    AND (state = 'active' OR (state = 'scheduled' AND scheduled_at <= :now))
+    ORDER BY seq LIMIT :limit"""
 _PROMOTE = """UPDATE messages INDEXED BY messages_state SET state = 'active'
     WHERE state = 'scheduled' AND scheduled_at <= ?"""
 _EXPIRE = f"""UPDATE messages INDEXED BY messages_locked SET {_REDELIVER}
@@ -107,7 +131,7 @@ _LOCK = """UPDATE messages SET lock_token = lower(hex(randomblob(16))), locked_u
                   WHERE state = 'active' AND lock_token IS NULL
                   ORDER BY seq LIMIT ?)
     RETURNING seq, message_id, body, properties, enqueued_at, delivery_count,
-              lock_token, locked_until"""
+              lock_token, locked_until, reply_to"""
 _UNLOCK = "UPDATE messages SET lock_token = NULL, locked_until = NULL WHERE lock_token = ?"
 _COMPLETE = f"DELETE FROM messages WHERE {_HELD}"
 _ABANDON = f"UPDATE messages SET {_REDELIVER} WHERE {_HELD}"
@@ -123,8 +147,9 @@ _DEPTH = """SELECT
 _DEAD_LETTERS = """SELECT message_id, seq, dead_letter_reason, dead_letter_description, body,
     properties, enqueued_at, delivery_count FROM messages WHERE state = 'dead_letter'
     ORDER BY dead_lettered_at, seq LIMIT ?"""
-_RESUBMIT = """INSERT INTO messages (message_id, body, properties, state, enqueued_at)
-    SELECT message_id, body, properties, 'active', ? FROM messages
+_RESUBMIT = """INSERT INTO messages (message_id, body, properties, state, enqueued_at,
+    reply_to)
+    SELECT message_id, body, properties, 'active', ?, reply_to FROM messages
     WHERE seq = ? AND state = 'dead_letter' RETURNING message_id"""
 
 
@@ -170,9 +195,13 @@ class LocalQueue:
 
     def __init__(self, *, path: Path, name: str = "fanout", lock_duration: float = 60.0,
                  max_delivery_count: int = 10,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 duplicate_window: float | None = None) -> None:
         if lock_duration <= 0 or max_delivery_count < 1:
             raise ValueError("lock_duration must be > 0 and max_delivery_count >= 1")
+        if duplicate_window is not None and duplicate_window <= 0:
+            raise ValueError("duplicate_window must be > 0 (or None: no duplicate detection)")
+        self._duplicate_window = duplicate_window
         self._path = path
         self._name = name
         self._lock_duration = lock_duration
@@ -199,17 +228,37 @@ class LocalQueue:
         """Seconds a ``receive`` locks a message for."""
         return self._lock_duration
 
+    @property
+    def duplicate_window(self) -> float | None:
+        """Seconds a message id is remembered for duplicate detection (None: off)."""
+        return self._duplicate_window
+
     # -- the Source protocol ---------------------------------------------------
 
     async def send(self, body: bytes, *, message_id: str | None = None,
                    properties: Mapping[str, str] | None = None,
-                   scheduled_at: datetime | None = None) -> str:
-        """Enqueue a message (delivered no earlier than ``scheduled_at``); return its id."""
+                   scheduled_at: datetime | None = None, reply_to: str | None = None) -> str:
+        """Enqueue a message (delivered no earlier than ``scheduled_at``); return its id.
+
+        With duplicate detection on, a message id already sent within the window is
+        accepted (its id returned) and dropped; :meth:`sent` tells the two apart.
+        """
         message_id = message_id or uuid.uuid4().hex
+        await self._send(body, message_id, properties, scheduled_at, reply_to)
+        return message_id
+
+    async def sent(self, body: bytes, *, message_id: str,
+                   properties: Mapping[str, str] | None = None,
+                   scheduled_at: datetime | None = None, reply_to: str | None = None) -> bool:
+        """Like :meth:`send`; True if the message was enqueued, False if it was dropped
+        as a duplicate."""
+        return await self._send(body, message_id, properties, scheduled_at, reply_to)
+
+    async def _send(self, body: bytes, message_id: str, properties: Mapping[str, str] | None,
+                    scheduled_at: datetime | None, reply_to: str | None) -> bool:
         props = json.dumps(dict(properties or {}), separators=(",", ":"))
         due = scheduled_at.timestamp() if scheduled_at is not None else None
-        await self._call(self._send_sync, message_id, bytes(body), props, due)
-        return message_id
+        return await self._call(self._send_sync, message_id, bytes(body), props, due, reply_to)
 
     async def receive(self, max_messages: int, max_wait: float) -> list[Received]:
         """Lock and return up to ``max_messages``, polling for at most ``max_wait`` s."""
@@ -250,6 +299,18 @@ class LocalQueue:
         """Message counts: ``active`` (including locked), ``dead_letter``, ``scheduled``."""
         active, dead, scheduled = await self._call(self._depth_sync)
         return {"active": active, "dead_letter": dead, "scheduled": scheduled}
+
+    async def peek(self, limit: int = 100, *,
+                   from_sequence: int | None = None) -> list[Received]:
+        """Up to ``limit`` active messages (locked ones included), oldest first, from
+        sequence number ``from_sequence`` on, without locking or counting a delivery.
+
+        The results carry no lock (``locked_until`` and ``handle`` are None): they
+        cannot be settled.
+        """
+        if limit < 1:
+            return []
+        return await self._call(self._peek_sync, limit, from_sequence or 0)
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLettered]:
         """Dead-lettered messages, oldest first, without locking anything."""
@@ -319,6 +380,12 @@ class LocalQueue:
         with _immediate(db):
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
+            # Migrate a file created before reply_to existed (CREATE TABLE IF NOT
+            # EXISTS left its messages table as it was). Under the write lock, so two
+            # processes opening the same old file cannot both add the column.
+            columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+            if "reply_to" not in columns:
+                db.execute("ALTER TABLE messages ADD COLUMN reply_to TEXT")
 
     def _held(self, msg: Received) -> dict[str, Any]:
         """Parameters naming the lock a settlement must still hold."""
@@ -329,11 +396,21 @@ class LocalQueue:
     # -- the SQLite work itself (runs on the queue's thread) -------------------
 
     def _send_sync(self, db: sqlite3.Connection, message_id: str, body: bytes, props: str,
-                   due: float | None) -> None:
+                   due: float | None, reply_to: str | None) -> bool:
         now = self._clock()
         state = "scheduled" if due is not None and due > now else "active"
-        with _durable(db):
-            db.execute(_INSERT, (message_id, body, props, state, now, due))
+        row = (message_id, body, props, state, now, due, reply_to)
+        if self._duplicate_window is None:
+            with _durable(db):
+                db.execute(_INSERT, row)
+            return True
+        with _durable(db), _immediate(db):
+            db.execute(_FORGET, (now - self._duplicate_window,))
+            if db.execute(_REMEMBER, (message_id, now)).rowcount == 0:
+                log.debug("queue.duplicate_dropped", queue=self._name, message_id=message_id)
+                return False
+            db.execute(_INSERT, row)
+        return True
 
     async def _lock_batch(self, n: int) -> list[Received]:
         """One locking attempt; if cancelled mid-flight, give back what it locked."""
@@ -358,10 +435,11 @@ class LocalQueue:
 
     @staticmethod
     def _received(row: tuple[Any, ...]) -> Received:
-        seq, message_id, body, props, enqueued_at, count, token, until = row
+        seq, message_id, body, props, enqueued_at, count, token, until, reply_to = row
         return Received(body=bytes(body), message_id=message_id, delivery_count=count,
                         locked_until=_utc(until), properties=_props(props),
-                        sequence_number=seq, enqueued_time=_utc(enqueued_at), handle=token)
+                        sequence_number=seq, enqueued_time=_utc(enqueued_at),
+                        reply_to=reply_to, handle=token)
 
     def _unlock_unclaimed(self, job: Future[list[Received]]) -> None:
         """Release locks taken for a receive whose caller was cancelled (no delivery).
@@ -393,6 +471,13 @@ class LocalQueue:
     def _depth_sync(self, db: sqlite3.Connection) -> tuple[int, int, int]:
         active, dead, scheduled = db.execute(_DEPTH, {"now": self._clock()}).fetchone()
         return int(active), int(dead), int(scheduled)
+
+    def _peek_sync(self, db: sqlite3.Connection, limit: int, start: int) -> list[Received]:
+        rows = db.execute(_PEEK, {"start": start, "now": self._clock(), "limit": limit})
+        return [Received(body=bytes(body), message_id=mid, delivery_count=count,
+                         locked_until=None, properties=_props(props), sequence_number=seq,
+                         enqueued_time=_utc(enq), reply_to=reply_to)
+                for seq, mid, body, props, enq, count, reply_to in rows.fetchall()]
 
     def _dead_letters_sync(self, db: sqlite3.Connection, limit: int) -> list[DeadLettered]:
         rows = db.execute(_DEAD_LETTERS, (limit,)).fetchall()

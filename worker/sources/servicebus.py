@@ -72,7 +72,8 @@ if TYPE_CHECKING:
     from azure.servicebus import ServiceBusReceivedMessage
     from azure.servicebus.aio import ServiceBusReceiver, ServiceBusSender
 
-__all__ = ["ServiceBusSource", "classify_error", "to_received"]
+__all__ = ["ServiceBusSource", "classify_error", "default_credential", "describe_error",
+           "new_client", "to_received"]
 
 log = structlog.get_logger(__name__)
 
@@ -156,6 +157,7 @@ def to_received(message: ServiceBusReceivedMessage, handle: Any = None) -> Recei
         properties=_properties(message.application_properties),
         sequence_number=message.sequence_number,
         enqueued_time=message.enqueued_time_utc,
+        reply_to=message.reply_to or None,
         handle=handle,
     )
 
@@ -179,6 +181,31 @@ def _namespace_host(namespace: str) -> str:
     host = urlsplit(namespace).hostname if "://" in namespace else namespace.strip().strip("/")
     host = host or namespace
     return host if "." in host else f"{host}.servicebus.windows.net"
+
+
+#: ``TypeName: message`` of an SDK error, keys and signatures masked (for other modules).
+describe_error = _describe
+
+
+def default_credential(config: ServiceBusConfig) -> AsyncTokenCredential:
+    """The Entra ID credential for ``[servicebus]``: ``DefaultAzureCredential``."""
+    from azure.identity.aio import DefaultAzureCredential
+
+    # DefaultAzureCredential covers workload identity (AKS), managed identity (a
+    # user-assigned one by client id when configured), environment and CLI.
+    return DefaultAzureCredential(managed_identity_client_id=config.managed_identity_client_id)
+
+
+def new_client(config: ServiceBusConfig, options: Mapping[str, Any],
+               credential: Callable[[], AsyncTokenCredential]) -> ServiceBusClient:
+    """An async client: from the connection string when one is set, else on the
+    namespace with ``credential()`` (called only then)."""
+    secret = config.connection_string
+    if secret is not None:
+        return ServiceBusClient.from_connection_string(secret.get_secret_value(), **options)
+    if config.namespace is None:
+        raise SettingsError("servicebus: set namespace (Entra ID) or connection_string")
+    return ServiceBusClient(_namespace_host(config.namespace), credential(), **options)
 
 
 class _EmulatorTransport(AioHttpTransport):  # type: ignore[misc]
@@ -360,12 +387,14 @@ class ServiceBusSource:
                 + (props.transfer_dead_letter_message_count or 0)}
 
     async def send(self, body: bytes, *, message_id: str | None = None,
-                   properties: Mapping[str, str] | None = None) -> str:
-        """Enqueue a message (to the topic, for a subscription); return its message id."""
+                   properties: Mapping[str, str] | None = None,
+                   reply_to: str | None = None) -> str:
+        """Enqueue a message (to the topic, for a subscription) with an optional
+        ``ReplyTo``; return its message id."""
         message_id = message_id or uuid.uuid4().hex
         application_properties: dict[str | bytes, Any] = {
             k: v for k, v in (properties or {}).items()}
-        await self._send(ServiceBusMessage(body, message_id=message_id,
+        await self._send(ServiceBusMessage(body, message_id=message_id, reply_to=reply_to,
                                            application_properties=application_properties))
         return message_id
 
@@ -442,26 +471,14 @@ class ServiceBusSource:
 
     def _token_credential(self) -> AsyncTokenCredential:
         if self._credential is None:
-            from azure.identity.aio import DefaultAzureCredential
-
-            # DefaultAzureCredential covers workload identity (AKS), managed identity
-            # (a user-assigned one by client id when configured), environment and CLI.
-            self._credential = DefaultAzureCredential(
-                managed_identity_client_id=self._config.managed_identity_client_id)
+            self._credential = default_credential(self._config)
         return self._credential
 
     def _sb_client(self) -> ServiceBusClient:
         if self._closed:
             raise SystemFault("service bus source is closed")
         if self._client is None:
-            secret = self._config.connection_string
-            if secret is not None:
-                self._client = ServiceBusClient.from_connection_string(
-                    secret.get_secret_value(), **self._options)
-            else:
-                assert self._config.namespace is not None
-                self._client = ServiceBusClient(_namespace_host(self._config.namespace),
-                                                self._token_credential(), **self._options)
+            self._client = new_client(self._config, self._options, self._token_credential)
         return self._client
 
     def _admin_client(self) -> ServiceBusAdministrationClient:
@@ -634,7 +651,8 @@ class ServiceBusSource:
         return ServiceBusMessage(
             _body(message), message_id=_message_id(message),
             application_properties=properties, content_type=message.content_type,
-            correlation_id=message.correlation_id, subject=message.subject)
+            correlation_id=message.correlation_id, subject=message.subject,
+            reply_to=message.reply_to)
 
     # ---------------------------------------------------------------- helpers
 
