@@ -218,6 +218,31 @@ class AzureBlobStorage:
             except ResourceNotFoundError:
                 raise FileNotFoundError(f"blob {ref} does not exist") from None
 
+    def read_tail(self, ref: BlobRef, max_bytes: int) -> bytes | None:
+        """The last ``max_bytes`` of a blob: its size from Get Blob Properties, then one
+        ranged Get Blob (``download_blob(offset, length)``, sent as ``x-ms-range``);
+        never the whole blob. None when the blob does not exist. A blob that shrank
+        between the two calls (HTTP 416) is measured and read once more."""
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be 0 or more, not {max_bytes}")
+        ref = make_ref(ref.container, ref.blob)
+        with _faults(f"tail of {ref}"):
+            blob = self._service.get_blob_client(ref.container, ref.blob)
+            for attempt in (1, 2):
+                try:
+                    size = int(blob.get_blob_properties().size or 0)
+                    if size == 0 or max_bytes == 0:
+                        return b""
+                    offset = max(0, size - max_bytes)
+                    return bytes(blob.download_blob(offset=offset,
+                                                    length=size - offset).readall())
+                except ResourceNotFoundError:
+                    return None
+                except HttpResponseError as exc:
+                    if exc.status_code != 416 or attempt == 2:
+                        raise
+        return None  # pragma: no cover - the loop returns or raises
+
     def exists(self, ref: BlobRef) -> bool:
         """True when the blob exists."""
         ref = make_ref(ref.container, ref.blob)

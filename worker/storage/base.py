@@ -39,3 +39,8 @@ class Storage(Protocol):
     def download(self, ref: BlobRef) -> bytes:
         """Read a blob (for ``fanout`` tooling and tests)."""
         ...
+
+    def read_tail(self, ref: BlobRef, max_bytes: int) -> bytes | None:
+        """The last ``max_bytes`` of a blob (all of it when smaller), read with a range
+        read, never the whole blob; None when there is no such blob."""
+        ...

@@ -161,6 +161,18 @@ class LocalStorage:
             raise FileNotFoundError(f"blob {ref} does not exist")
         return target.read_bytes()
 
+    def read_tail(self, ref: BlobRef, max_bytes: int) -> bytes | None:
+        """The last ``max_bytes`` of a blob's file (a seek from its end); None if absent."""
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be 0 or more, not {max_bytes}")
+        try:
+            with self.path(ref).open("rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                handle.seek(max(0, size - max_bytes))
+                return handle.read(max_bytes)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+
     def exists(self, ref: BlobRef) -> bool:
         """True when the blob's file exists."""
         return self.path(ref).is_file()

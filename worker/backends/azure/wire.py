@@ -10,12 +10,29 @@ building the bodies as dicts and reading the answers with ``json.loads`` costs a
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from handlers.base import JobSpec, OutputFile, ResourceFile, TaskSpec
-from worker.backends.base import AddResult, TaskError
+from handlers.base import (
+    ExitConditions,
+    ExitOptions,
+    JobSpec,
+    OutputFile,
+    ResourceFile,
+    TaskEnd,
+    TaskSpec,
+)
+from worker.backends.base import (
+    META_HANDLER,
+    AddResult,
+    FailedTask,
+    FailureCategory,
+    JobRecord,
+    TaskCounts,
+    TaskError,
+)
 
 #: The REST api-version; passed to ``BatchClient`` too so both agree.
 API_VERSION = "2025-06-01"
@@ -25,7 +42,7 @@ JSON_CONTENT_TYPE = "application/json; odata=minimalmetadata"
 MAX_TASKS_PER_REQUEST = 100
 MAX_BODY_BYTES = 1024 * 1024
 #: Job metadata that marks a job as fanout's (the worker sets it to the handler's name).
-FANOUT_METADATA_KEY = "fanout-handler"
+FANOUT_METADATA_KEY = META_HANDLER
 
 _UPLOAD_CONDITION = {"success": "tasksuccess", "failure": "taskfailure",
                      "completion": "taskcompletion"}
@@ -60,6 +77,8 @@ def job_body(job: JobSpec, pool: str) -> dict[str, Any]:
         body["metadata"] = [{"name": k, "value": v} for k, v in job.metadata.items()]
     if job.uses_task_dependencies:
         body["usesTaskDependencies"] = True
+    if job.on_task_failure != "noaction":
+        body["onTaskFailure"] = job.on_task_failure
     return body
 
 
@@ -89,6 +108,8 @@ def task_body(task: TaskSpec) -> dict[str, Any]:
         body["requiredSlots"] = task.required_slots
     if task.container_image:
         body["containerSettings"] = {"imageName": task.container_image}
+    if task.exit_conditions is not None:
+        body["exitConditions"] = exit_conditions_body(task.exit_conditions)
     return body
 
 
@@ -192,3 +213,290 @@ def _constraints(retries: int | None, wall_clock: timedelta | None,
     if retention is not None:
         out["retentionTime"] = iso_duration(retention)
     return out
+
+
+# -- exit conditions ---------------------------------------------------------------------
+
+#: Serialized ``exitConditions`` by ``id()`` of the (frozen) ``ExitConditions`` object,
+#: with the object itself so an id reused after garbage collection never matches: a
+#: sweep shares one object across its 100,000 tasks, so each task costs one dict lookup
+#: and an identity check, not a walk of the conditions (nor hashing them).
+_EXIT_CACHE: dict[int, tuple[ExitConditions, dict[str, Any]]] = {}
+_EXIT_CACHE_MAX = 256
+
+
+def exit_conditions_body(conditions: ExitConditions) -> dict[str, Any]:
+    """Batch's task ``exitConditions`` (``ExitConditions`` in BatchService.json,
+    api-version 2025-06-01): ``exitCodes`` ``[{code, exitOptions}]``, ``exitCodeRanges``
+    ``[{start, end, exitOptions}]``, ``preProcessingError``, ``fileUploadError`` and
+    ``default``, each only when set; ``exitOptions`` holds ``jobAction`` and
+    ``dependencyAction`` only when set.
+
+    The dict is cached per object and shared by every task body that carries it:
+    callers must not mutate it (``json.dumps`` does not).
+    """
+    hit = _EXIT_CACHE.get(id(conditions))
+    if hit is not None and hit[0] is conditions:
+        return hit[1]
+    body: dict[str, Any] = {}
+    if conditions.exit_codes:
+        body["exitCodes"] = [{"code": code, "exitOptions": _exit_options(options)}
+                             for code, options in conditions.exit_codes]
+    if conditions.exit_code_ranges:
+        body["exitCodeRanges"] = [{"start": lo, "end": hi, "exitOptions": _exit_options(options)}
+                                  for lo, hi, options in conditions.exit_code_ranges]
+    for key, options in (("preProcessingError", conditions.pre_processing_error),
+                         ("fileUploadError", conditions.file_upload_error),
+                         ("default", conditions.default)):
+        if options is not None:
+            body[key] = _exit_options(options)
+    if len(_EXIT_CACHE) >= _EXIT_CACHE_MAX:
+        _EXIT_CACHE.clear()
+    _EXIT_CACHE[id(conditions)] = (conditions, body)
+    return body
+
+
+def _exit_options(options: ExitOptions) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if options.job_action is not None:
+        out["jobAction"] = options.job_action
+    if options.dependency_action is not None:
+        out["dependencyAction"] = options.dependency_action
+    return out
+
+
+_JOB_ACTIONS = {"none": "none", "disable": "disable", "terminate": "terminate"}
+_DEPENDENCY_ACTIONS = {"satisfy": "satisfy", "block": "block"}
+
+
+def exit_conditions(payload: Any) -> ExitConditions | None:
+    """Parse a task's ``exitConditions`` as the service returns it (None when absent).
+
+    The service fills in ``default`` on tasks that had none (Azure/Batch#51 shows a
+    listed task with ``default: {dependencyAction: block}``); that is Batch's default
+    anyway, so parsing it changes nothing :meth:`ExitConditions.options_for` decides.
+    """
+    if not isinstance(payload, Mapping):
+        return None
+    codes = tuple((int(item["code"]), _parse_options(item.get("exitOptions")))
+                  for item in payload.get("exitCodes") or []
+                  if isinstance(item, Mapping) and item.get("code") is not None)
+    ranges = tuple((int(item["start"]), int(item["end"]), _parse_options(item.get("exitOptions")))
+                   for item in payload.get("exitCodeRanges") or []
+                   if isinstance(item, Mapping) and item.get("start") is not None
+                   and item.get("end") is not None)
+
+    def one(key: str) -> ExitOptions | None:
+        value = payload.get(key)
+        return _parse_options(value) if isinstance(value, Mapping) else None
+
+    return ExitConditions(exit_codes=codes, exit_code_ranges=ranges,
+                          pre_processing_error=one("preProcessingError"),
+                          file_upload_error=one("fileUploadError"), default=one("default"))
+
+
+def _parse_options(payload: Any) -> ExitOptions:
+    if not isinstance(payload, Mapping):
+        return ExitOptions()
+    job = str(payload.get("jobAction") or "").lower()
+    dep = str(payload.get("dependencyAction") or "").lower()
+    return ExitOptions(job_action=_JOB_ACTIONS.get(job),  # type: ignore[arg-type]
+                       dependency_action=_DEPENDENCY_ACTIONS.get(dep))  # type: ignore[arg-type]
+
+
+# -- listing jobs --------------------------------------------------------------------------
+
+#: Every job state of api-version 2025-06-01 (``BatchJobState``) but ``completed``.
+#: The list-jobs filter allows only ``eq`` on ``state`` ("OData filters in Batch",
+#: section "List jobs": ``state | eq``), so "not completed" is spelled out with them.
+NOT_COMPLETED_JOB_STATES = ("active", "disabling", "disabled", "enabling", "terminating",
+                            "deleting")
+#: The job fields the monitor reads (``$select``).
+JOB_RECORD_SELECT = ("id,state,metadata,poolInfo,creationTime,stateTransitionTime,"
+                     "executionInfo")
+
+
+def odata_string(value: str) -> str:
+    """An OData string literal: single quotes, a quote inside doubled."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def odata_datetime(when: datetime) -> str:
+    """An OData (v2, as Batch's filters take it) DateTime literal in UTC, e.g.
+    ``datetime'2026-11-24T10:00:00.000000Z'``; a naive time is taken as UTC."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return "datetime'" + when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ") + "'"
+
+
+def fanout_jobs_filter(completed_since: datetime | None,
+                       prefixes: Sequence[str] = ()) -> str | None:
+    """The list-jobs ``$filter`` of :meth:`AzureBatchBackend.list_fanout_jobs`.
+
+    Properties and operators are those "OData filters in Batch" documents for List
+    jobs: ``state`` (eq), ``stateTransitionTime`` (eq, ne, ge, gt, le, lt) and ``id``
+    (startswith, eq, ...). Metadata cannot be filtered on, so the caller keeps only
+    jobs with ``fanout-handler`` metadata itself. None: no filter (every job).
+    """
+    clauses: list[str] = []
+    if completed_since is not None:
+        states = " or ".join(f"state eq '{s}'" for s in NOT_COMPLETED_JOB_STATES)
+        clauses.append(f"({states} or (state eq 'completed' and stateTransitionTime ge "
+                       f"{odata_datetime(completed_since)}))")
+    if prefixes:
+        clauses.append("(" + " or ".join(f"startswith(id, {odata_string(p)})"
+                                          for p in prefixes) + ")")
+    return " and ".join(clauses) or None
+
+
+_FRACTION = re.compile(r"\.(\d+)")
+
+
+def parse_time(value: Any) -> datetime | None:
+    """A Batch timestamp (``2026-11-24T10:00:00.1234567Z``: up to 7 fractional digits)
+    as an aware UTC datetime; None when absent or unreadable."""
+    if not isinstance(value, str) or not value:
+        return None
+    text = _FRACTION.sub(lambda m: "." + m.group(1)[:6].ljust(6, "0"), value, count=1)
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def job_record(job: Mapping[str, Any]) -> JobRecord:
+    """A listed (or read) job as the monitor's :class:`JobRecord`."""
+    info = job.get("executionInfo") or {}
+    pool = (job.get("poolInfo") or {}).get("poolId") or info.get("poolId")
+    return JobRecord(
+        id=str(job.get("id")), state=str(job.get("state") or "unknown"),
+        metadata=metadata(job.get("metadata")), pool=str(pool) if pool else None,
+        created=parse_time(job.get("creationTime")), start_time=parse_time(info.get("startTime")),
+        end_time=parse_time(info.get("endTime")),
+        terminate_reason=str(info["terminateReason"]) if info.get("terminateReason") else None,
+        state_changed=parse_time(job.get("stateTransitionTime")))
+
+
+def task_counts_record(payload: Any) -> TaskCounts:
+    """The task counts API's answer as :class:`TaskCounts`."""
+    return TaskCounts(**task_counts(payload))
+
+
+# -- failed tasks ------------------------------------------------------------------------
+
+#: Batch's task ``failureInfo.code`` values -> (fanout's category, the exit condition
+#: Batch applies to that end). Codes from the Batch SDKs' ``TaskFailureInformationCodes``
+#: (Azure/azure-sdk-for-net ``sdk/batch/Microsoft.Azure.Batch/src/Common/
+#: BatchErrorCodeStrings.cs``; Azure/azure-sdk-for-java ``TaskFailureInformationCodes``),
+#: ``FailureExitCode`` as the task complete event documents it (azure-docs
+#: ``articles/batch/batch-task-complete-event.md``), ``FileUploadMiscError`` as
+#: Azure/Batch#68 and #171 show it. Resource files, application packages and the
+#: container or command that would not launch are *pre-processing errors* ("the task
+#: could not be started", ``exitConditions.preProcessingError``); output uploads are
+#: ``fileUploadError``. ``TaskEnded`` ("the task ended") is what a terminated task
+#: carries, by a job terminate or by its max wall clock: see :func:`failure_category`.
+FAILURE_CODES: Mapping[str, tuple[FailureCategory, TaskEnd]] = {
+    "FailureExitCode": ("exit_code", "exit"),
+    "TaskEnded": ("cancelled", "exit"),
+    # resource files and packages: the task never started
+    "BlobAccessDenied": ("resource_file_failure", "pre_processing_error"),
+    "BlobDownloadMiscError": ("resource_file_failure", "pre_processing_error"),
+    "BlobDownloadTimedOut": ("resource_file_failure", "pre_processing_error"),
+    "BlobNotFound": ("resource_file_failure", "pre_processing_error"),
+    "DiskFull": ("resource_file_failure", "pre_processing_error"),
+    "ResourceDirectoryCreateFailed": ("resource_file_failure", "pre_processing_error"),
+    "ResourceFileCreateFailed": ("resource_file_failure", "pre_processing_error"),
+    "ResourceFileWriteFailed": ("resource_file_failure", "pre_processing_error"),
+    "ResourceContainerAccessDenied": ("resource_file_failure", "pre_processing_error"),
+    "ResourceContainerNotFound": ("resource_file_failure", "pre_processing_error"),
+    "ResourceContainerListTimedOut": ("resource_file_failure", "pre_processing_error"),
+    "ResourceContainerListMiscError": ("resource_file_failure", "pre_processing_error"),
+    "ApplicationPackageError": ("resource_file_failure", "pre_processing_error"),
+    # the process could not be started on the node
+    "CommandLaunchFailed": ("start_task_failed", "pre_processing_error"),
+    "CommandProgramNotFound": ("start_task_failed", "pre_processing_error"),
+    "ContainerInvalidImage": ("start_task_failed", "pre_processing_error"),
+    "ContainerInvalidRegistry": ("start_task_failed", "pre_processing_error"),
+    "ContainerInvalidSettings": ("start_task_failed", "pre_processing_error"),
+    "ContainerMiscError": ("start_task_failed", "pre_processing_error"),
+    "MountConfigurationError": ("start_task_failed", "pre_processing_error"),
+    # output files
+    "FileUploadAccessDenied": ("output_upload_failure", "file_upload_error"),
+    "FileUploadContainerNotFound": ("output_upload_failure", "file_upload_error"),
+    "FileUploadConflict": ("output_upload_failure", "file_upload_error"),
+    "FileUploadTimedOut": ("output_upload_failure", "file_upload_error"),
+    "FileUploadMiscError": ("output_upload_failure", "file_upload_error"),
+}
+_CODES_LOWER = {k.lower(): v for k, v in FAILURE_CODES.items()}
+#: What a failure message says when the task's max wall clock ended it.
+_WALL_CLOCK = re.compile(r"wall\s*clock|maxwallclock", re.IGNORECASE)
+#: The task fields ``failed_tasks`` reads.
+FAILED_TASK_SELECT = "id,executionInfo,constraints"
+
+
+def failure_category(info: Mapping[str, Any], constraints: Any = None
+                     ) -> tuple[FailureCategory, TaskEnd]:
+    """Why a failed task failed, and which exit condition Batch applied, from its
+    ``executionInfo`` (``failureInfo.code``/``category``, ``exitCode``).
+
+    ``TaskEnded`` is ``wall_clock_timeout`` when its message names the wall clock or
+    the task ran at least its ``constraints.maxWallClockTime``, else ``cancelled`` (a
+    job terminate ended it). An unknown code is ``node_unusable`` when Batch files it
+    under ``servererror``, else ``exit_code``. (Batch requeues, rather than fails, the
+    tasks of a preempted or unusable node, so ``preempted`` never comes from here.)
+    """
+    failure = info.get("failureInfo") or {}
+    code = str(failure.get("code") or "")
+    known = _CODES_LOWER.get(code.lower())
+    if known is not None:
+        if known[0] == "cancelled" and _timed_out(info, failure, constraints):
+            return "wall_clock_timeout", "exit"
+        return known
+    if str(failure.get("category") or "").lower() == "servererror":
+        return "node_unusable", "exit"
+    return "exit_code", "exit"
+
+
+def _timed_out(info: Mapping[str, Any], failure: Mapping[str, Any], constraints: Any) -> bool:
+    if _WALL_CLOCK.search(str(failure.get("message") or "")):
+        return True
+    limit = parse_duration((constraints or {}).get("maxWallClockTime")
+                           if isinstance(constraints, Mapping) else None)
+    start, end = parse_time(info.get("startTime")), parse_time(info.get("endTime"))
+    return limit is not None and start is not None and end is not None and end - start >= limit
+
+
+_DURATION = re.compile(r"^P(?:(\d+(?:\.\d+)?)D)?(?:T(?:(\d+(?:\.\d+)?)H)?(?:(\d+(?:\.\d+)?)M)?"
+                       r"(?:(\d+(?:\.\d+)?)S)?)?$")
+
+
+def parse_duration(value: Any) -> timedelta | None:
+    """An ISO 8601 duration as Batch writes it (``PT2H0M0S``, ``P10675199DT2H48M5.4775807S``)."""
+    if not isinstance(value, str):
+        return None
+    match = _DURATION.match(value)
+    if match is None:
+        return None
+    days, hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    try:
+        return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    except OverflowError:
+        return timedelta.max
+
+
+def failed_task(task: Mapping[str, Any], logs: str | None = None) -> FailedTask:
+    """A listed failed task as :class:`FailedTask`."""
+    info = task.get("executionInfo") or {}
+    failure = info.get("failureInfo") or {}
+    category, _end = failure_category(info, task.get("constraints"))
+    exit_code = info.get("exitCode")
+    return FailedTask(
+        id=str(task.get("id")), category=category,
+        exit_code=int(exit_code) if isinstance(exit_code, int) else None,
+        failure_code=str(failure["code"]) if failure.get("code") else None,
+        failure_message=str(failure["message"]) if failure.get("message") else None,
+        start_time=parse_time(info.get("startTime")), end_time=parse_time(info.get("endTime")),
+        retry_count=int(info.get("retryCount") or 0), logs=logs)
