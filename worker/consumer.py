@@ -29,9 +29,16 @@ from typing import Any
 
 import structlog
 
-from worker.backends.base import Backend
+from worker.backends.base import META_HANDLER, REASON_CANCELLED, Backend
 from worker.config import Settings
-from worker.errors import ConfigFault, LockLost, MaxDeliveryExceeded, MessageFault, SystemFault
+from worker.errors import (
+    ConfigFault,
+    LockLost,
+    MaxDeliveryExceeded,
+    MessageFault,
+    SystemFault,
+    UnknownJob,
+)
 from worker.logs import redact
 from worker.metrics import Health, Metrics
 from worker.plan import Planner
@@ -186,7 +193,11 @@ class Consumer:
         """Plan and submit one message's jobs (runs in a worker thread)."""
         handler = "none"
         try:
-            plan = self.planner.plan(msg.body, msg.properties, message_id=msg.message_id)
+            plan = self.planner.plan(msg.body, msg.properties, message_id=msg.message_id,
+                                     reply_to=msg.reply_to)
+            for job_id in plan.cancels:
+                handler = "cancel"
+                self.cancel(job_id)
             results = []
             for planned in plan.jobs:
                 handler = planned.handler
@@ -213,6 +224,20 @@ class Consumer:
                 return Outcome("dead_letter", handler=handler, reason=final.reason,
                                description=final.description)
             return Outcome("abandon", handler=handler, description=description)
+
+    def cancel(self, job_id: str) -> None:
+        """Terminate one of fanout's jobs (outcome ``cancelled``); ``UnknownJob`` when
+        there is no such job or fanout did not create it."""
+        job = self.backend.get_job(job_id)
+        if job is None or META_HANDLER not in job.metadata:
+            raise UnknownJob(f"no job {job_id!r} of fanout's exists to cancel"
+                             + (" (that job was not created by fanout)" if job else ""))
+        if job.state == "completed":
+            log.info("job.cancel_too_late", job_id=job_id, note="the job had already ended")
+            return
+        self.backend.terminate_job(job_id, REASON_CANCELLED)
+        self.metrics.jobs_terminated.labels(REASON_CANCELLED).inc()
+        log.info("job.cancelled", job_id=job_id)
 
     async def _settle(self, msg: Received, outcome: Outcome) -> None:
         """Apply the outcome to the queue; a lost lock is logged and counted, not raised."""

@@ -4,6 +4,8 @@ Two shapes of body arrive on the queue:
 
 - an envelope, ``{"handler": "sweep", "id": "...", "job": {...}, "params": {...}}``
   (the handler may instead come from the application property ``handler``);
+- a cancel request, ``{"cancel": "<job id>"}`` or ``{"cancel": {"id": "<idempotency
+  key>", "handler": "sweep"}}``: the job is terminated, outcome ``cancelled``;
 - Storage events that Event Grid delivers: one ``Microsoft.Storage.BlobCreated``
   event per body in the Event Grid schema or the CloudEvents 1.0 schema, or a JSON
   array of them (some producers batch).
@@ -54,6 +56,25 @@ class _EnvelopeModel(BaseModel):
     id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     job: JobOptions = Field(default_factory=JobOptions)
     params: dict[str, Any] = Field(default_factory=dict)
+    reply_to: Annotated[str, Field(min_length=1, max_length=260)] | None = None
+
+
+_JOB_ID = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class _CancelTarget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job: Annotated[str, Field(pattern=_JOB_ID)] | None = None
+    id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    handler: Annotated[str, Field(min_length=1, max_length=64,
+                                  pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
+
+
+class _CancelModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cancel: Annotated[str, Field(pattern=_JOB_ID)] | _CancelTarget
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +85,17 @@ class Envelope:
     id: str | None
     job: JobOptions
     params: dict[str, Any]
+    reply_to: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """A request to terminate a job: by its id, or by the idempotency key and handler
+    of the message that created it."""
+
+    job_id: str | None = None
+    key: str | None = None
+    handler: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +126,7 @@ class BlobEvent:
         return not self.is_gen2 or self.api == "FlushWithClose"
 
 
-Parsed = Envelope | list[BlobEvent]
+Parsed = Envelope | Cancel | list[BlobEvent]
 
 
 def parse_body(body: bytes, properties: Mapping[str, str] | None = None, *,
@@ -110,6 +142,8 @@ def parse_body(body: bytes, properties: Mapping[str, str] | None = None, *,
     if not isinstance(data, dict):
         raise InvalidEnvelope(f"the body is a JSON {_json_type(data)}; expected an object "
                               'such as {"handler": "sweep", "params": {...}}')
+    if "cancel" in data:
+        return parse_cancel(data)
     if "handler" not in data and props.get("handler"):
         data = {**data, "handler": props["handler"]}
     if "handler" not in data:
@@ -119,7 +153,25 @@ def parse_body(body: bytes, properties: Mapping[str, str] | None = None, *,
         model = _EnvelopeModel.model_validate(data)
     except ValidationError as exc:
         raise InvalidEnvelope(describe_validation(exc)) from None
-    return Envelope(handler=model.handler, id=model.id, job=model.job, params=model.params)
+    return Envelope(handler=model.handler, id=model.id, job=model.job, params=model.params,
+                    reply_to=model.reply_to)
+
+
+def parse_cancel(data: dict[str, Any]) -> Cancel:
+    """``{"cancel": "<job id>"}`` or ``{"cancel": {"job"} | {"id", "handler"}}``."""
+    try:
+        model = _CancelModel.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidEnvelope("cancel: " + describe_validation(exc)) from None
+    target = model.cancel
+    if isinstance(target, str):
+        return Cancel(job_id=target)
+    if target.job:
+        return Cancel(job_id=target.job)
+    if target.id and target.handler:
+        return Cancel(key=target.id, handler=target.handler)
+    raise InvalidEnvelope('cancel: name the job ({"cancel": "<job id>"}) or the message '
+                          'that created it ({"cancel": {"id": "<key>", "handler": "<name>"}})')
 
 
 def decode_json(body: bytes) -> Any:

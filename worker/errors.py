@@ -29,6 +29,8 @@ __all__ = [
     "BudgetExceeded",
     "ConfigFault",
     "FanoutError",
+    "IdempotencyConflict",
+    "UnknownJob",
     "ForeignStorage",
     "InvalidEnvelope",
     "InvalidJson",
@@ -84,3 +86,16 @@ class MaxDeliveryExceeded(MessageFault):
     """Raised when a message has failed its maximum number of deliveries."""
 
     reason = "MaxDeliveryExceeded"
+
+
+class IdempotencyConflict(MessageFault):
+    """Raised when a message's idempotency key names an existing job that was built
+    from a different request (handler, params or job options)."""
+
+    reason = "IdempotencyConflict"
+
+
+class UnknownJob(MessageFault):
+    """Raised when a cancel message names a job that does not exist."""
+
+    reason = "UnknownJob"

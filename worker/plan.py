@@ -6,12 +6,23 @@ sees exactly the jobs (and the faults) a real run would.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
-from handlers.base import BuildRequest, JobSpec
+from handlers.base import BuildRequest, JobSpec, OutputFile, TaskSpec
+from worker.backends.base import (
+    META_KEY,
+    META_LOGS,
+    META_MESSAGE_ID,
+    META_OUTPUTS,
+    META_REPLY_TO,
+    META_REQUEST,
+)
 from worker.config import Settings
 from worker.context import WorkerContext, apply_job_options, job_id_for
 from worker.envelope import parse_body
@@ -29,13 +40,32 @@ class PlannedJob:
     key: str
     job: JobSpec
 
+    @property
+    def request_hash(self) -> str:
+        return self.job.metadata.get(META_REQUEST, "")
+
 
 @dataclass(slots=True)
 class Plan:
-    """Every job one message asks for, and the events it leaves alone."""
+    """Every job one message asks for, the events it leaves alone, and the jobs a
+    cancel message asks to terminate."""
 
     jobs: list[PlannedJob] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    cancels: list[str] = field(default_factory=list)
+
+
+#: Longest metadata value fanout writes (keys, reply-to and outputs are cut to it).
+MAX_METADATA_VALUE = 1024
+
+
+def request_hash(handler: str, params: Mapping[str, Any], options: Any) -> str:
+    """A digest of what a message asks for: the same idempotency key with a different
+    request is an ``IdempotencyConflict``."""
+    dumped = options.model_dump(mode="json", exclude_none=True) if options is not None else {}
+    text = json.dumps({"handler": handler, "params": params, "job": dumped},
+                      sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
 class Planner:
@@ -48,15 +78,18 @@ class Planner:
         self._programs = settings.program_specs()
 
     def plan(self, body: bytes, properties: Mapping[str, str] | None = None, *,
-             message_id: str | None = None) -> Plan:
-        """Parse, route and build; each job's tasks are still a lazy iterator."""
+             message_id: str | None = None, reply_to: str | None = None) -> Plan:
+        """Parse, route and build; each job's tasks are still a lazy iterator.
+
+        ``reply_to`` is the queue's ReplyTo; an envelope's ``reply_to`` wins over it."""
         parsed = parse_body(body, properties,
                             max_bytes=self.settings.queue.max_message_bytes)
         routed = self.router.route(parsed, message_id=message_id)
-        plan = Plan(ignored=list(routed.ignored))
+        plan = Plan(ignored=list(routed.ignored), cancels=list(routed.cancels))
         for work in routed.works:
-            plan.jobs.append(PlannedJob(work.handler_name, work.key,
-                                        self.build(work, properties or {})))
+            job = self.build(work, properties or {})
+            job.metadata.update(_origin(work, message_id, work.reply_to or reply_to))
+            plan.jobs.append(PlannedJob(work.handler_name, work.key, job))
         return plan
 
     def build(self, work: Work, properties: Mapping[str, str]) -> JobSpec:
@@ -74,5 +107,57 @@ class Planner:
         job = work.handler.build(request, ctx)
         apply_job_options(job, work.job, job_id=job_id, default_pool=self.settings.default_pool,
                           limits=limits, handler=work.handler_name)
+        if job.max_wall_clock is None:
+            job.max_wall_clock = self.settings.jobs.max_wall_clock
+        job.metadata[META_REQUEST] = request_hash(work.handler_name, work.params, work.job)
+        if job.outputs:
+            outputs = json.dumps([[o.name, o.location] for o in job.outputs],
+                                 separators=(",", ":"))
+            job.metadata[META_OUTPUTS] = _fit_outputs(outputs, job)
+        self._upload_logs(job)
         log.info("job.built", tasks=job.task_count, pool=job.pool)
         return job
+
+    def _upload_logs(self, job: JobSpec) -> None:
+        """On Azure, every task uploads its stdout.txt and stderr.txt to
+        ``<jobs.logs_container>/<job>/<task>/`` (on failure by default), so the logs
+        outlive nodes that scale to zero; locally they stay in the task directory."""
+        jobs = self.settings.jobs
+        if self.settings.backend_kind != "azure" or jobs.log_upload == "never":
+            return
+        url = self.storage.output_container_url(jobs.logs_container, job.id)
+        condition: Any = "failure" if jobs.log_upload == "failure" else "completion"
+        job.metadata[META_LOGS] = f"{jobs.logs_container}/{job.id}/"
+        job.tasks = _with_logs(job.tasks, url, job.id, condition)
+
+
+def _origin(work: Work, message_id: str | None, reply_to: str | None) -> dict[str, str]:
+    """Who asked for the job, kept in its metadata for the monitor's event."""
+    meta = {META_KEY: work.key[:MAX_METADATA_VALUE]}
+    if message_id:
+        meta[META_MESSAGE_ID] = message_id[:MAX_METADATA_VALUE]
+    if reply_to:
+        meta[META_REPLY_TO] = reply_to[:MAX_METADATA_VALUE]
+    return meta
+
+
+def _fit_outputs(text: str, job: JobSpec) -> str:
+    """The outputs JSON, trimmed by whole entries to fit a metadata value."""
+    outputs = list(job.outputs)
+    while len(text) > MAX_METADATA_VALUE and outputs:
+        outputs.pop()
+        text = json.dumps([[o.name, o.location] for o in outputs], separators=(",", ":"))
+    return text
+
+
+def _with_logs(tasks: Iterable[TaskSpec], container_url: str, job_id: str,
+               condition: Any) -> Iterator[TaskSpec]:
+    """Add the log upload to each task as it streams past (one shared pattern)."""
+    for task in tasks:
+        task.output_files = [*task.output_files, OutputFile(
+            file_pattern="../std*.txt", container_url=container_url,
+            path=f"{job_id}/{task.id}", upload_condition=condition)]
+        yield task
+
+
+

@@ -24,7 +24,8 @@ from pydantic import ValidationError
 from handlers.base import BlobRef, Handler
 from handlers.errors import InvalidEnvelope, NoRoute, UnknownHandler, describe_validation
 from worker.config import RouteConfig
-from worker.envelope import BlobEvent, Envelope, JobOptions, Parsed
+from worker.context import job_id_for
+from worker.envelope import BlobEvent, Cancel, Envelope, JobOptions, Parsed
 from worker.errors import SettingsError
 from worker.storage.base import Storage
 
@@ -101,14 +102,17 @@ class Work:
     params: Mapping[str, Any]
     key: str
     job: JobOptions
+    reply_to: str | None = None
 
 
 @dataclass(slots=True)
 class Routed:
-    """What one message asks for; ``ignored`` lists events left alone, with why."""
+    """What one message asks for; ``ignored`` lists events left alone, with why;
+    ``cancels`` the ids of jobs a cancel message asks to terminate."""
 
     works: list[Work] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    cancels: list[str] = field(default_factory=list)
 
 
 class Router:
@@ -127,13 +131,20 @@ class Router:
 
     def route(self, parsed: Parsed, *, message_id: str | None) -> Routed:
         """The work a parsed message asks for; raises a ``MessageFault``."""
+        if isinstance(parsed, Cancel):
+            if parsed.job_id:
+                return Routed(cancels=[parsed.job_id])
+            assert parsed.key is not None and parsed.handler is not None
+            self.registry.get(parsed.handler)  # UnknownHandler for a name not installed
+            return Routed(cancels=[job_id_for(parsed.handler, parsed.key)])
         if isinstance(parsed, Envelope):
             key = parsed.id or message_id
             if not key:
                 raise InvalidEnvelope("no idempotency key: give \"id\" in the body "
                                       "(the queue supplied no message id)")
             handler = self.registry.get(parsed.handler)
-            return Routed(works=[Work(parsed.handler, handler, parsed.params, key, parsed.job)])
+            return Routed(works=[Work(parsed.handler, handler, parsed.params, key, parsed.job,
+                                      parsed.reply_to)])
         routed = Routed()
         for event in parsed:
             self._route_event(event, routed)

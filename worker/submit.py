@@ -7,9 +7,15 @@ bound. Submission is idempotent: the job id and task ids are derived, and
 "already exists" counts as success, so a message delivered twice or a worker
 killed mid-submit ends with one job and one copy of each task.
 
-Lifecycle (ARCHITECTURE.md): create the job with on-all-tasks-complete = no
+Lifecycle (docs/azure-batch.md): create the job with on-all-tasks-complete = no
 action, add every task, then seal it (terminate when all tasks complete). A job an
 earlier delivery already sealed has every task: nothing is added again.
+
+Every job ends: a submission that stops for good (the service rejects a task, the
+handler yields a bad task) terminates the job it created (``FanoutSubmitFailed``), so
+it never holds one of the account's active-job slots; the job monitor then reports it
+as ``failed``. A job that exists already was built from the same request, or the
+message is an ``IdempotencyConflict`` (the request hash kept in the job's metadata).
 """
 
 from __future__ import annotations
@@ -27,9 +33,9 @@ from typing import TypeVar
 import structlog
 
 from handlers.base import JobSpec, TaskSpec
-from worker.backends.base import AddResult, Backend
+from worker.backends.base import META_REQUEST, REASON_SUBMIT_FAILED, AddResult, Backend
 from worker.config import SubmitConfig
-from worker.errors import BatchRejected, SystemFault
+from worker.errors import BatchRejected, ConfigFault, IdempotencyConflict, SystemFault
 from worker.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -76,19 +82,51 @@ class Submitter:
         started = time.monotonic()
         result = SubmitResult(job_id=job.id)
         state = self._retrying(lambda: self.backend.create_job(job), stop, result)
+        if state != "created":
+            self._check_same_request(job, stop, result)
         if state == "sealed":
             result.already_sealed = True
             result.existed = job.task_count
             log.info("job.already_sealed", job_id=job.id, tasks=job.task_count)
             return result
-        self._add_all(job, handler, stop, result)
-        self._retrying(lambda: self.backend.seal_job(job.id), stop, result)
+        try:
+            self._add_all(job, handler, stop, result)
+            self._retrying(lambda: self.backend.seal_job(job.id), stop, result)
+        except (SystemFault, ConfigFault):
+            raise  # a redelivery goes on where this one stopped
+        except Exception as exc:
+            self._terminate(job.id, exc)
+            raise
         result.seconds = time.monotonic() - started
         self.metrics.submit_seconds.labels(handler).observe(result.seconds)
         log.info("job.submitted", job_id=job.id, added=result.added, existed=result.existed,
                  requests=result.requests, retries=result.retries,
                  seconds=round(result.seconds, 3))
         return result
+
+    def _check_same_request(self, job: JobSpec, stop: threading.Event,
+                            result: SubmitResult) -> None:
+        """``IdempotencyConflict`` when the existing job came from another request."""
+        wanted = job.metadata.get(META_REQUEST)
+        existing = self._retrying(lambda: self.backend.get_job(job.id), stop, result)
+        had = existing.metadata.get(META_REQUEST) if existing is not None else None
+        if wanted and had and had != wanted:
+            raise IdempotencyConflict(
+                f"job {job.id} already exists for this idempotency key, built from a "
+                f"different request (request hash {had}, this message's {wanted}); "
+                "send it with a new id to run it as a new job")
+
+    def _terminate(self, job_id: str, cause: BaseException) -> None:
+        """End a job whose submission stopped for good; never raises."""
+        try:
+            self.backend.terminate_job(job_id, REASON_SUBMIT_FAILED)
+        except Exception as exc:  # the job's wall clock still ends it
+            log.warning("job.terminate_failed", job_id=job_id, error=str(exc),
+                        note="the job's max wall clock ends it")
+            return
+        self.metrics.jobs_terminated.labels(REASON_SUBMIT_FAILED).inc()
+        log.warning("job.terminated", job_id=job_id, reason=REASON_SUBMIT_FAILED,
+                    cause=f"{type(cause).__name__}: {cause}"[:300])
 
     def _add_all(self, job: JobSpec, handler: str, stop: threading.Event,
                  result: SubmitResult) -> None:

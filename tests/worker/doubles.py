@@ -8,8 +8,19 @@ import threading
 import time
 from collections.abc import Sequence
 
+from datetime import UTC, datetime
+
 from handlers.base import JobSpec, TaskSpec
-from worker.backends.base import AddResult, BackendStats, JobState, JobStatus, TaskError
+from worker.backends.base import (
+    AddResult,
+    BackendStats,
+    FailedTask,
+    JobRecord,
+    JobState,
+    JobStatus,
+    TaskCounts,
+    TaskError,
+)
 from worker.errors import BatchRejected, ConfigFault, SystemFault
 
 
@@ -34,6 +45,9 @@ class MemoryBackend:
         self.create_delay = create_delay
         self.add_delay = add_delay
         self.reject_ids: set[str] = set()
+        #: Jobs terminated, with the reason given, in call order.
+        self.terminated: list[tuple[str, str]] = []
+        self.metadata: dict[str, dict[str, str]] = {}
         self._concurrent = 0
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -60,6 +74,7 @@ class MemoryBackend:
                 return "exists"
             self.jobs[job.id] = job
             self.tasks[job.id] = {}
+            self.metadata[job.id] = dict(job.metadata)
             return "created"
 
     def add_tasks(self, job_id: str, tasks: Sequence[TaskSpec]) -> AddResult:
@@ -103,6 +118,43 @@ class MemoryBackend:
 
     def list_jobs(self, limit: int = 50) -> list[JobStatus]:
         return [s for j in list(self.jobs)[:limit] if (s := self.job_status(j))]
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        if job_id not in self.jobs:
+            return None
+        done = any(j == job_id for j, _ in self.terminated)
+        return JobRecord(id=job_id, state="completed" if done else "active",
+                         metadata=dict(self.metadata[job_id]), pool=self.jobs[job_id].pool,
+                         created=datetime.now(UTC), sealed=job_id in self.sealed,
+                         terminate_reason=next((r for j, r in self.terminated if j == job_id),
+                                               None))
+
+    def list_fanout_jobs(self, *, completed_since: datetime | None = None) -> list[JobRecord]:
+        return [r for j in list(self.jobs) if (r := self.get_job(j)) is not None]
+
+    def task_counts(self, job_id: str) -> TaskCounts | None:
+        return TaskCounts(active=len(self.tasks[job_id])) if job_id in self.jobs else None
+
+    def failed_tasks(self, job_id: str, limit: int) -> list[FailedTask]:
+        return []
+
+    def blocked_tasks(self, job_id: str, limit: int) -> list[str] | None:
+        return []
+
+    def terminate_job(self, job_id: str, reason: str) -> None:
+        with self._lock:
+            self.terminated.append((job_id, reason))
+
+    def delete_job(self, job_id: str) -> None:
+        with self._lock:
+            self.jobs.pop(job_id, None)
+
+    def update_job_metadata(self, job_id: str, metadata: dict[str, str]) -> None:
+        self.metadata[job_id] = dict(metadata)
+
+    def task_log_tail(self, job_id: str, task_id: str, name: str = "stderr.txt",
+                      max_bytes: int = 4096) -> str | None:
+        return None
 
     def stats(self) -> BackendStats:
         return BackendStats(pool_nodes={("mem", "idle"): 1}, active_jobs=len(self.jobs))

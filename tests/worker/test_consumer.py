@@ -245,3 +245,40 @@ def test_event_loop_stays_free_while_100k_tasks_are_built(
     assert w.sample("fanout_messages_total", {"handler": "sweep", "outcome": "completed"}) == 1
     assert w.sample("fanout_lock_lost_total") == 0
     assert max(beats) < w.app.settings.consumer.heartbeat_timeout
+
+
+def test_same_key_different_params_is_dead_lettered_as_a_conflict(
+        worker: Callable[..., RunningWorker]) -> None:
+    """A second message with the key of an existing job but other params is an
+    IdempotencyConflict naming that job; the first job keeps its 20 tasks."""
+    w = worker()
+    w.send({**SWEEP, "id": "nightly-7"})
+    w.wait_idle(1)
+    other = json.loads(json.dumps(SWEEP))
+    other["params"]["parameters"]["samples"] = [200]
+    w.send({**other, "id": "nightly-7"})
+    w.wait_idle(2)
+    (dead,) = w.dead_letters()
+    backend = w.app.backend
+    assert isinstance(backend, MemoryBackend)
+    (job_id,) = backend.jobs
+    assert dead.reason == "IdempotencyConflict" and job_id in (dead.description or "")
+    assert len(backend.tasks[job_id]) == 20
+
+
+def test_cancel_message_terminates_the_job(worker: Callable[..., RunningWorker]) -> None:
+    """{"cancel": <job id>} terminates that job as cancelled; an unknown job is
+    dead-lettered as UnknownJob."""
+    w = worker()
+    w.send({**SWEEP, "id": "to-cancel"})
+    w.wait_idle(1)
+    backend = w.app.backend
+    assert isinstance(backend, MemoryBackend)
+    (job_id,) = backend.jobs
+    w.send({"cancel": job_id})
+    w.send({"cancel": {"id": "to-cancel", "handler": "sweep"}})
+    w.send({"cancel": "no-such-job"})
+    w.wait_idle(4)
+    assert backend.terminated == [(job_id, "FanoutCancelled")]
+    (dead,) = w.dead_letters()
+    assert dead.reason == "UnknownJob"

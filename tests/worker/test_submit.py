@@ -139,3 +139,46 @@ def test_handler_count_mismatch_is_an_error(metrics: Metrics) -> None:
     with pytest.raises(RuntimeError, match="declared 11"):
         submitter(backend, metrics).submit(job, handler="sweep")
     assert "job-1" not in backend.sealed
+
+
+def test_a_rejected_task_terminates_the_job_it_created(metrics: Metrics) -> None:
+    """A submission that stops for good leaves no active job: it is terminated."""
+    backend = MemoryBackend()
+    backend.reject_ids = {"150"}
+    with pytest.raises(BatchRejected):
+        submitter(backend, metrics).submit(make_job(300), handler="sweep")
+    assert backend.terminated == [("job-1", "FanoutSubmitFailed")]
+    assert "job-1" not in backend.sealed
+    assert metrics.registry.get_sample_value(
+        "fanout_jobs_terminated_total", {"reason": "FanoutSubmitFailed"}) == 1
+
+
+def test_a_transient_fault_leaves_the_job_for_the_redelivery(metrics: Metrics) -> None:
+    """A system fault that outlasts the retries does not terminate: the redelivery
+    adds the rest of the tasks to the same job."""
+    backend = MemoryBackend()
+
+    def unavailable(job_id: str, tasks: list[TaskSpec]) -> AddResult:
+        raise SystemFault("injected 503")
+
+    backend.add_tasks = unavailable  # type: ignore[method-assign]
+    with pytest.raises(SystemFault):
+        submitter(backend, metrics, max_retries=1).submit(make_job(10), handler="sweep")
+    assert backend.terminated == []
+
+
+def test_same_key_with_another_request_is_a_conflict(metrics: Metrics) -> None:
+    """The job exists with another request hash: IdempotencyConflict names the job."""
+    from worker.errors import IdempotencyConflict
+
+    backend = MemoryBackend()
+    first = make_job(5)
+    first.metadata["fanout-request"] = "aaaa"
+    submitter(backend, metrics).submit(first, handler="sweep")
+    again = make_job(5)
+    again.metadata["fanout-request"] = "aaaa"
+    assert submitter(backend, metrics).submit(again, handler="sweep").already_sealed
+    other = make_job(5)
+    other.metadata["fanout-request"] = "bbbb"
+    with pytest.raises(IdempotencyConflict, match="job-1 already exists"):
+        submitter(backend, metrics).submit(other, handler="sweep")

@@ -1,0 +1,149 @@
+"""Completion events: what a terminal job's CloudEvents 1.0 event says, and its outcome.
+
+One event per job fanout created, ``type`` ``fanout.job.completed``, published by the
+job monitor (``worker/monitor.py``) in structured JSON mode. Its ``id`` derives from
+the job id alone, so every replica that reports the same job builds the same id; the
+id is also the Service Bus message id, and duplicate detection drops repeats. The
+schema ships as ``worker/schemas/job-completed.schema.json`` (documented in
+docs/events.md).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+
+from worker.backends.base import (
+    META_HANDLER,
+    META_KEY,
+    META_MESSAGE_ID,
+    META_OUTPUTS,
+    REASON_CANCELLED,
+    REASON_USER,
+    REASON_WALL_CLOCK,
+    FailedTask,
+    JobOutcome,
+    JobRecord,
+    TaskCounts,
+)
+
+EVENT_TYPE = "fanout.job.completed"
+SPEC_VERSION = "1.0"
+#: The namespace of event ids: ``uuid5(EVENT_NAMESPACE, job id)``.
+EVENT_NAMESPACE = uuid.UUID("5d1f4a36-2d0e-4c1e-9f7a-6a3c2b8f0e51")
+#: The longest stderr tail an event carries, whatever the configuration says.
+MAX_STDERR_TAIL = 64 * 1024
+
+
+def event_id(job_id: str) -> str:
+    """The deterministic event id of a job's completion event (a UUID, 36 characters,
+    well within Service Bus's 128-character message id limit)."""
+    return str(uuid.uuid5(EVENT_NAMESPACE, job_id.lower()))
+
+
+def outcome_of(job: JobRecord, counts: TaskCounts) -> JobOutcome:
+    """``succeeded`` only when every task succeeded; a job ended by its max wall clock
+    ``timed_out``; one ended by ``fanout cancel`` (or a user, in the portal)
+    ``cancelled``; anything else ``failed``."""
+    reason = job.terminate_reason or ""
+    if reason == REASON_WALL_CLOCK:
+        return "timed_out"
+    if reason in (REASON_CANCELLED, REASON_USER):
+        return "cancelled"
+    if counts.failed == 0 and counts.succeeded == counts.total:
+        return "succeeded"
+    return "failed"
+
+
+def outputs_of(metadata: Mapping[str, str]) -> list[dict[str, str]]:
+    """The outputs a handler declared, from the job's metadata."""
+    raw = metadata.get(META_OUTPUTS)
+    if not raw:
+        return []
+    try:
+        items = json.loads(raw)
+    except ValueError:
+        return []
+    return [{"name": str(n), "location": str(loc)} for n, loc in items
+            if isinstance(n, str) and isinstance(loc, str)]
+
+
+@dataclass(slots=True)
+class JobReport:
+    """Everything an event says about one terminal job."""
+
+    job: JobRecord
+    counts: TaskCounts
+    failed: Sequence[FailedTask]
+    failed_omitted: int = 0
+
+
+def build_event(report: JobReport, *, source: str,
+                now: datetime | None = None) -> dict[str, Any]:
+    """The CloudEvents 1.0 event (a JSON-ready dict) for one terminal job."""
+    job, counts = report.job, report.counts
+    end = job.end_time or job.state_changed or now or datetime.now(UTC)
+    start = job.start_time or job.created
+    meta = job.metadata
+    data: dict[str, Any] = {
+        "job_id": job.id,
+        "message_id": meta.get(META_MESSAGE_ID),
+        "idempotency_key": meta.get(META_KEY),
+        "handler": meta.get(META_HANDLER),
+        "outcome": outcome_of(job, counts),
+        "terminate_reason": job.terminate_reason,
+        "tasks": {"total": counts.total, "succeeded": counts.succeeded,
+                  "failed": counts.failed,
+                  "not_run": max(0, counts.total - counts.succeeded - counts.failed)},
+        "failed_tasks": [failed_json(f) for f in report.failed],
+        "failed_tasks_omitted": report.failed_omitted,
+        "outputs": outputs_of(meta),
+        "pool": job.pool,
+        "start_time": _iso(start),
+        "end_time": _iso(end),
+        "duration_seconds": (round((end - start).total_seconds(), 3)
+                             if start is not None else None),
+    }
+    return {
+        "specversion": SPEC_VERSION, "type": EVENT_TYPE, "source": source,
+        "id": event_id(job.id), "subject": job.id, "time": _iso(end),
+        "datacontenttype": "application/json", "data": data,
+    }
+
+
+def failed_json(task: FailedTask) -> dict[str, Any]:
+    """One failed task as the event (and ``fanout status --json``) shows it."""
+    tail = task.stderr_tail
+    return {
+        "task_id": task.id, "category": task.category, "exit_code": task.exit_code,
+        "failure_code": task.failure_code, "failure_message": task.failure_message,
+        "retry_count": task.retry_count, "start_time": _iso(task.start_time),
+        "end_time": _iso(task.end_time), "logs": task.logs,
+        "stderr_tail": tail[-MAX_STDERR_TAIL:] if tail is not None else None,
+    }
+
+
+def encode(event: Mapping[str, Any]) -> bytes:
+    """The event as compact UTF-8 JSON (structured content mode)."""
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of ``fanout.job.completed`` events."""
+    text = resources.files("worker").joinpath("schemas/job-completed.schema.json").read_text(
+        encoding="utf-8")
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+def _iso(when: datetime | None) -> str | None:
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC).isoformat().replace("+00:00", "Z")

@@ -1,0 +1,274 @@
+"""The job monitor: the second loop. It follows every job fanout created to its end.
+
+A peer of the consumer, not part of it: it reads the backend and writes events, and
+never touches messages. Each poll (``jobs.poll_interval``):
+
+1. one listing of fanout's jobs (a ``$filter``ed, ``$select``ed page per 1,000 jobs on
+   Azure): every job not yet completed, and the completed ones whose state changed
+   within ``jobs.lookback`` (every ``jobs.full_sweep_interval``: every completed one);
+2. per active job, one task-counts request; when no task runs, some failed and some
+   are still active, one look at the active tasks: if every one is blocked by a
+   failed dependency the job can never end by itself, so it is terminated
+   (``FanoutBlocked``, outcome ``failed``);
+3. per completed job without the ``fanout-reported`` marker: its final counts (read
+   after the job is terminal: counts are eventually consistent), its failed tasks
+   (one filtered listing, only when the counts show failures) with their stderr
+   tails, then one completion event, then the marker patched onto the job;
+4. in a full sweep, reported jobs whose end lies ``jobs.retention`` back are deleted,
+   at most ``jobs.delete_batch`` a poll.
+
+State lives in the jobs, not here: any replica can report any job, and one killed
+mid-report leaves the job to the next poll of any replica. Events therefore go out at
+least once; their id derives from the job id and is the Service Bus message id, so
+the events queue's duplicate detection drops repeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+
+from worker.backends.base import (
+    META_HANDLER,
+    META_REPLY_TO,
+    META_REPORTED,
+    REASON_ALL_COMPLETE,
+    REASON_BLOCKED,
+    Backend,
+    FailedTask,
+    JobRecord,
+    TaskCounts,
+)
+from worker.config import EventsConfig, JobsConfig
+from worker.errors import ConfigFault, SystemFault
+from worker.events import JobReport, build_event, encode, event_id, outcome_of
+from worker.logs import redact
+from worker.metrics import Metrics
+from worker.sinks.base import EventSink
+
+log = structlog.get_logger(__name__)
+
+#: How long after a job's end its counts may still be settling (Batch's task counts
+#: are eventually consistent); a job ended by "all tasks complete" whose counts still
+#: show unfinished tasks is re-read on the next poll until this has passed.
+COUNTS_SETTLE = timedelta(minutes=2)
+
+
+@dataclass(slots=True)
+class PollResult:
+    """What one poll did, for logs and tests."""
+
+    listed: int = 0
+    active: int = 0
+    reported: list[str] = field(default_factory=list)
+    terminated: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    requests: Counter[str] = field(default_factory=Counter)
+    errors: int = 0
+
+
+class JobMonitor:
+    """Polls the backend for fanout's jobs; terminates, reports and deletes them."""
+
+    def __init__(self, *, backend: Backend, sink: EventSink | None, jobs: JobsConfig,
+                 events: EventsConfig, metrics: Metrics, interval: float | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.backend = backend
+        self.sink = sink if events.enabled else None
+        self.jobs = jobs
+        self.events = events
+        self.metrics = metrics
+        self.interval = interval if interval is not None else jobs.poll_interval
+        self._clock = clock
+        self._last_full: float | None = None
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Poll until ``stop()`` (or cancelled); a failed poll is logged and counted."""
+        # Replicas start together on a rollout: a random first delay spreads their polls.
+        await self._sleep(random.uniform(0, min(self.interval, 5.0)))
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            try:
+                result = await self.poll()
+                if result.reported or result.terminated or result.deleted:
+                    log.info("monitor.poll", listed=result.listed, active=result.active,
+                             reported=len(result.reported), terminated=len(result.terminated),
+                             deleted=len(result.deleted), requests=sum(result.requests.values()))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.metrics.monitor_errors.inc()
+                log.warning("monitor.poll_failed", error=_describe(exc),
+                            retry_in=self.interval)
+            await self._sleep(max(0.0, self.interval - (time.monotonic() - started)))
+
+    async def poll(self) -> PollResult:
+        """One poll over every job of fanout's (see the module docstring)."""
+        result = PollResult()
+        now = self._clock()
+        full = self._last_full is None or (
+            time.monotonic() - self._last_full >= self.jobs.full_sweep_interval.total_seconds())
+        since = None if full else now - self.jobs.lookback
+        records = await self._call(result, "list_jobs", self.backend.list_fanout_jobs,
+                                   completed_since=since)
+        if full:
+            self._last_full = time.monotonic()
+        result.listed = len(records)
+        unreported = 0
+        for job in records:
+            try:
+                unreported += await self._follow(job, now, full, result)
+            except (SystemFault, ConfigFault, OSError) as exc:
+                result.errors += 1
+                self.metrics.monitor_errors.inc()
+                log.warning("monitor.job_failed", job_id=job.id, error=_describe(exc))
+        self.metrics.jobs_monitored.set(unreported)
+        return result
+
+    async def _follow(self, job: JobRecord, now: datetime, full: bool,
+                      result: PollResult) -> int:
+        """One job's step; returns 1 while the job is still unreported."""
+        if job.state != "completed":
+            result.active += 1
+            await self._check_active(job, result)
+            return 1
+        if META_REPORTED not in job.metadata:
+            return 0 if await self._report(job, now, result) else 1
+        if full and len(result.deleted) < self.jobs.delete_batch:
+            ended = job.end_time or job.state_changed
+            if ended is not None and now - ended >= self.jobs.retention:
+                await self._call(result, "delete_job", self.backend.delete_job, job.id)
+                result.deleted.append(job.id)
+                self.metrics.jobs_deleted.inc()
+                log.info("monitor.job_deleted", job_id=job.id, ended=ended.isoformat())
+        return 0
+
+    async def _check_active(self, job: JobRecord, result: PollResult) -> None:
+        """Terminate the job when every task still to run is blocked for good."""
+        if job.state != "active" or not job.sealed:
+            return  # terminating, disabled, or still being filled by its submitter
+        counts = await self._call(result, "task_counts", self.backend.task_counts, job.id)
+        if counts is None or counts.running or not counts.failed or not counts.active:
+            return
+        if counts.active > self.jobs.blocked_check_limit:
+            return
+        blocked = await self._call(result, "blocked_tasks", self.backend.blocked_tasks,
+                                   job.id, self.jobs.blocked_check_limit)
+        if blocked is None or len(blocked) < counts.active:
+            return
+        await self._call(result, "terminate_job", self.backend.terminate_job, job.id,
+                         REASON_BLOCKED)
+        result.terminated.append(job.id)
+        self.metrics.jobs_terminated.labels(REASON_BLOCKED).inc()
+        log.warning("monitor.job_blocked", job_id=job.id, blocked=blocked[:10],
+                    failed=counts.failed,
+                    detail="every remaining task waits on a failed dependency; terminated")
+
+    async def _report(self, job: JobRecord, now: datetime, result: PollResult) -> bool:
+        """Publish the job's event and mark it reported; False to try again later."""
+        counts = await self._call(result, "task_counts", self.backend.task_counts, job.id)
+        if counts is None:
+            return True  # deleted meanwhile: nothing left to report on
+        ended = job.end_time or job.state_changed or now
+        if (job.terminate_reason in (None, REASON_ALL_COMPLETE)
+                and counts.active + counts.running and now - ended < COUNTS_SETTLE):
+            return False  # the job is complete but its counts have not caught up yet
+        failed = await self._failed(job, counts, result)
+        report = JobReport(job=job, counts=counts, failed=failed,
+                           failed_omitted=max(0, counts.failed - len(
+                               [f for f in failed if f.category != "dependency_failed"])))
+        event = build_event(report, source=self.events.source, now=now)
+        if not await self._publish(job, event):
+            return False
+        marked = {**job.metadata, META_REPORTED: event["id"]}
+        await self._call(result, "update_metadata", self.backend.update_job_metadata,
+                         job.id, marked)
+        self._count(job, counts, failed, ended)
+        result.reported.append(job.id)
+        log.info("monitor.job_reported", job_id=job.id, outcome=event["data"]["outcome"],
+                 failed=counts.failed, event_id=event["id"])
+        return True
+
+    async def _failed(self, job: JobRecord, counts: TaskCounts,
+                      result: PollResult) -> list[FailedTask]:
+        """The failed tasks an event lists, with stderr tails; blocked ones too."""
+        limit = self.events.max_failed_tasks
+        failed: list[FailedTask] = []
+        if counts.failed and limit:
+            failed = await self._call(result, "failed_tasks", self.backend.failed_tasks,
+                                      job.id, limit)
+        if counts.active and job.terminate_reason == REASON_BLOCKED and len(failed) < limit:
+            blocked = await self._call(result, "blocked_tasks", self.backend.blocked_tasks,
+                                       job.id, limit - len(failed))
+            failed += [FailedTask(id=t, category="dependency_failed",
+                                  failure_message="a dependency failed; never ran")
+                       for t in blocked or ()]
+        if self.events.stderr_tail_bytes:
+            for task in failed:
+                if task.category != "dependency_failed":
+                    task.stderr_tail = await self._call(
+                        result, "log_tail", self.backend.task_log_tail, job.id, task.id,
+                        "stderr.txt", self.events.stderr_tail_bytes)
+        return failed
+
+    async def _publish(self, job: JobRecord, event: dict[str, Any]) -> bool:
+        """Send the event to the configured destination and an allowed reply-to."""
+        if self.sink is None:
+            return True
+        body = encode(event)
+        props = {"job_id": job.id, "outcome": event["data"]["outcome"]}
+        targets: list[tuple[str, str | None]] = [("configured", None)]
+        reply_to = job.metadata.get(META_REPLY_TO)
+        if reply_to and reply_to in self.events.allowed_reply_to:
+            targets.append(("reply_to", reply_to))
+        for kind, to in targets:
+            try:
+                await self.sink.publish(body, message_id=event_id(job.id), to=to,
+                                        properties=props)
+            except (SystemFault, ConfigFault, OSError) as exc:
+                self.metrics.event_publish_errors.inc()
+                log.warning("monitor.publish_failed", job_id=job.id, to=to or "configured",
+                            error=_describe(exc), note="retried on the next poll")
+                return False
+            self.metrics.events_published.labels(kind).inc()
+        return True
+
+    def _count(self, job: JobRecord, counts: TaskCounts, failed: list[FailedTask],
+               ended: datetime) -> None:
+        handler = job.metadata.get(META_HANDLER, "unknown")
+        self.metrics.jobs_completed.labels(handler, outcome_of(job, counts)).inc()
+        start = job.start_time or job.created
+        if start is not None:
+            self.metrics.job_duration.labels(handler).observe(
+                max(0.0, (ended - start).total_seconds()))
+        for task in failed:
+            self.metrics.tasks_failed.labels(handler, task.category).inc()
+
+    async def _call(self, result: PollResult, operation: str, fn: Callable[..., Any],
+                    *args: Any, **kwargs: Any) -> Any:
+        """One backend call in a worker thread, counted by operation."""
+        result.requests[operation] += 1
+        self.metrics.monitor_requests.labels(operation).inc()
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+
+def _describe(exc: BaseException) -> str:
+    text = getattr(exc, "description", None) or str(exc) or type(exc).__name__
+    return redact(f"{type(exc).__name__}: {text}")[:500]
