@@ -8,7 +8,8 @@ Params (validated once, at the message boundary)::
       "frames_per_task": 10,                           # default 1
       "output": {"container": "renders", "prefix": "shot-042"},
       "profile": "blender",                            # a renderer profile from config
-      "encode": {"fps": 24, "codec": "libx264"}        # optional: merge into a video
+      "encode": {"fps": 24, "codec": "libx264",        # optional: merge into a video
+                 "on_dependency_failure": "skip"}       # skip (default) | run
     }
 
 Each render task stages the scene as ``scene<ext>`` in its working directory and
@@ -25,6 +26,16 @@ would pass that. The merge task stages every frame with one container resource
 file (``storage_container_url`` + ``blob_prefix``: Batch downloads each blob under
 the prefix, keeping its full name under ``in/``), runs ffmpeg on them in name
 order and uploads ``<prefix>/video.<format>``.
+
+``encode.on_dependency_failure`` says what a failed render task does to the merge:
+``skip`` (the default: a video with missing frames is wrong) leaves Batch's default,
+so the merge stays blocked and fanout's job monitor ends the job as failed; ``run``
+gives every render task exit conditions that satisfy the merge however they end,
+so the merge encodes whatever frames exist. The merge sees ``FANOUT_FAN_IN_RANGE``
+(``0-<N-1>``) and ``FANOUT_ON_DEPENDENCY_FAILURE``.
+
+Outputs (``JobSpec.outputs``): ``frames`` (``<container>/<prefix>/frames/``) and, with
+``encode``, ``video`` (``<container>/<prefix>/video.<format>``).
 
 Profiles are command templates in ``[handlers.render.profiles]``: a string, or a
 table with ``command`` and optional ``extension`` (of the frames, default ``png``),
@@ -60,10 +71,14 @@ from pydantic import (
 from handlers.base import (
     BuildContext,
     BuildRequest,
+    DependencyFailure,
+    ExitConditions,
+    JobOutput,
     JobSpec,
     OutputFile,
     ResourceFile,
     TaskSpec,
+    fan_in_exit_conditions,
 )
 from handlers.commands import CommandTemplate, sh
 from handlers.errors import BudgetExceeded, InvalidParams, describe_validation
@@ -163,6 +178,7 @@ class Encode(BaseModel):
     fps: Annotated[float, Field(gt=0, le=240)] = 24
     codec: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")] = "libx264"
     format: Literal["mp4", "mov", "mkv", "webm"] = "mp4"
+    on_dependency_failure: DependencyFailure = "skip"
 
 
 class RenderParams(BaseModel):
@@ -200,17 +216,23 @@ class RenderHandler:
                               default_container=opts.output_container,
                               default_prefix=blob_stem(scene.blob))
         layout = Layout(dest=dest, frames=params.frames, extension=profile.extension)
+        conditions = (fan_in_exit_conditions(params.encode.on_dependency_failure)
+                      if params.encode else None)
         render = Render(params=params, profile=profile, layout=layout, chunks=chunks,
                         scene_url=ctx.input_url(scene),
-                        scene_local="scene" + safe_extension(scene.blob))
+                        scene_local="scene" + safe_extension(scene.blob),
+                        exit_conditions=conditions)
         tasks: Iterator[TaskSpec] = render.tasks()
+        outputs = [JobOutput("frames", f"{dest.container}/{layout.frames_prefix}")]
         if params.encode:
             frames_url = ctx.input_container_url(dest.container, layout.frames_prefix)
             merge = merge_task(params.encode, layout, frames_url, chunks,
                                command_words(opts.ffmpeg, what="handlers.render.ffmpeg"))
             tasks = itertools.chain(tasks, [merge])
+            outputs.append(JobOutput("video", f"{dest.container}/{merge.output_files[0].path}"))
         return JobSpec(tasks=tasks, task_count=total, uses_task_dependencies=bool(params.encode),
-                       metadata={"fanout-frames": f"{params.frames.start}-{params.frames.end}"})
+                       metadata={"fanout-frames": f"{params.frames.start}-{params.frames.end}"},
+                       outputs=outputs)
 
 
 def parse_params(raw: Any) -> RenderParams:
@@ -257,6 +279,8 @@ class Render:
     chunks: int
     scene_url: str
     scene_local: str
+    #: What each render task's end does to the merge (None: Batch's default).
+    exit_conditions: ExitConditions | None = None
 
     def tasks(self) -> Iterator[TaskSpec]:
         """Task ``k`` renders frames ``start + k * per * step`` onwards, ``per`` of them."""
@@ -285,6 +309,7 @@ class Render:
                 required_slots=self.profile.required_slots,
                 container_image=self.profile.container_image,
                 display_name=f"frames {first}-{last}",
+                exit_conditions=self.exit_conditions,
             )
 
 
@@ -312,6 +337,8 @@ def merge_task(encode: Encode, layout: Layout, frames_url: str, chunks: int,
                                      blob_prefix=layout.frames_prefix)],
         output_files=[OutputFile(file_pattern=video, container_url=layout.dest.container_url,
                                  path=layout.dest.blob(video))],
+        environment={"FANOUT_FAN_IN_RANGE": f"0-{chunks - 1}",
+                     "FANOUT_ON_DEPENDENCY_FAILURE": encode.on_dependency_failure},
         depends_on_ranges=((0, chunks - 1),),
         display_name=f"encode {video}",
     )

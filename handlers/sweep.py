@@ -8,7 +8,8 @@ Params (validated once, at the message boundary)::
                      "beta": {"start": 0, "stop": 10, "step": 2}},  # ...or a range
       "mode": "product",                          # product | zip | combinations | random
       "repeat": 1,                                # run each point N times
-      "aggregate": {"program": "reduce"},         # optional final task after all others
+      "aggregate": {"program": "reduce",          # optional final task after all others
+                    "on_dependency_failure": "run"},  # run | skip when a task fails
       "task": {"max_task_retries": 1, "max_wall_clock": "PT1H"}
     }
 
@@ -22,6 +23,19 @@ Each task's command is the program's template with every value shell-quoted, and
 each task sees its values in the environment as ``FANOUT_PARAM_<NAME>`` with
 ``FANOUT_TASK_INDEX`` and ``FANOUT_REPEAT_INDEX``. Task ids are the task's index
 (``"0"``, ``"1"``...), so the aggregate task depends on one id range, never a list.
+
+The aggregate's ``on_dependency_failure`` says what a failed sweep task does to it:
+``run`` (the default) gives every sweep task exit conditions that satisfy their
+dependents however they end, so the aggregate runs once all have ended and must
+find out itself which results are missing; ``skip`` leaves Batch's default, so one
+failed task blocks the aggregate (and fanout's job monitor ends the job as failed).
+The aggregate sees ``FANOUT_TASK_COUNT``, ``FANOUT_FAN_IN_RANGE`` (the id range it
+depends on, ``0-19``) and ``FANOUT_ON_DEPENDENCY_FAILURE``. A sweep without an
+aggregate sets no exit conditions (Batch refuses dependency actions on a job that
+does not use task dependencies).
+
+Outputs: a sweep has no output location of its own (its programs write wherever
+they write), so it declares no ``JobSpec.outputs``.
 """
 
 from __future__ import annotations
@@ -36,7 +50,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from handlers.base import BuildContext, BuildRequest, JobSpec, Program, TaskSpec
+from handlers.base import (
+    BuildContext,
+    BuildRequest,
+    DependencyFailure,
+    ExitConditions,
+    JobSpec,
+    Program,
+    TaskSpec,
+    fan_in_exit_conditions,
+)
 from handlers.commands import CommandTemplate, as_text, quote, sh, sh_escape, sh_format
 from handlers.errors import BudgetExceeded, InvalidParams, describe_validation
 
@@ -67,12 +90,14 @@ class TaskOptions(BaseModel):
 
 
 class Aggregate(BaseModel):
-    """The optional final task; it runs once every sweep task has succeeded."""
+    """The optional final task; it runs once every sweep task has ended (``run``) or
+    only if every one succeeded (``skip``)."""
 
     model_config = ConfigDict(extra="forbid")
 
     program: str | None = None
     command: str | None = None
+    on_dependency_failure: DependencyFailure = "run"
 
 
 class SweepParams(BaseModel):
@@ -127,11 +152,16 @@ class SweepHandler:
                 f"program {program.name!r} needs {', '.join(lacking)}, "
                 "which the sweep's parameters do not give"
             )
-        tasks = _tasks(params, points, program, template)
+        conditions: ExitConditions | None = None
+        aggregate: TaskSpec | None = None
         if params.aggregate:
             agg = params.aggregate
             agg_program = resolve_program(ctx, agg.program, agg.command, "aggregate")
-            tasks = itertools.chain(tasks, [_aggregate_task(agg_program, total)])
+            aggregate = _aggregate_task(agg_program, total, agg.on_dependency_failure)
+            conditions = fan_in_exit_conditions(agg.on_dependency_failure)
+        tasks = _tasks(params, points, program, template, conditions)
+        if aggregate is not None:
+            tasks = itertools.chain(tasks, [aggregate])
         return JobSpec(
             tasks=tasks,
             task_count=total + extra,
@@ -284,14 +314,15 @@ def _unrank(index: int, axes: list[list[str]]) -> tuple[str, ...]:
     return tuple(reversed(out))
 
 
-def _tasks(params: SweepParams, grid: Grid, program: Program,
-           template: CommandTemplate) -> Iterator[TaskSpec]:
+def _tasks(params: SweepParams, grid: Grid, program: Program, template: CommandTemplate,
+           conditions: ExitConditions | None = None) -> Iterator[TaskSpec]:
     """Stream the sweep's tasks; values are quoted once per distinct value, not per task,
-    and each command line is one ``str.format`` call (``sh_format``)."""
+    and each command line is one ``str.format`` call (``sh_format``). Every task gets
+    the same ``conditions`` object (one attribute store per task, no copy)."""
     fields = grid.fields
     shell_line = sh_format(template, [*fields, *BUILTIN_FIELDS])
     if shell_line is None:
-        yield from _tasks_generic(params, grid, program, template)
+        yield from _tasks_generic(params, grid, program, template, conditions)
         return
     fmt = shell_line.format
     escaped = {v: sh_escape(quote(v)) for axis in grid.axes.values() for v in axis}
@@ -318,6 +349,8 @@ def _tasks(params: SweepParams, grid: Grid, program: Program,
         if not plain:
             task.max_task_retries, task.max_wall_clock, task.retention = retries, wall, retention
             task.required_slots, task.container_image = slots, image
+        if conditions is not None:
+            task.exit_conditions = conditions
         yield task
 
 
@@ -330,7 +363,8 @@ def _with_repeats(rows: Iterator[Sequence[str]],
 
 
 def _tasks_generic(params: SweepParams, grid: Grid, program: Program,
-                   template: CommandTemplate) -> Iterator[TaskSpec]:
+                   template: CommandTemplate,
+                   conditions: ExitConditions | None) -> Iterator[TaskSpec]:
     """``_tasks`` for the rare template whose literal text needs no shell quoting."""
     fields = grid.fields
     env_keys = [f"FANOUT_PARAM_{name.upper()}" for name in fields]
@@ -362,11 +396,12 @@ def _tasks_generic(params: SweepParams, grid: Grid, program: Program,
                 retention=opts.retention,
                 required_slots=program.required_slots,
                 container_image=program.container_image,
+                exit_conditions=conditions,
             )
             index += 1
 
 
-def _aggregate_task(program: Program, total: int) -> TaskSpec:
+def _aggregate_task(program: Program, total: int, policy: DependencyFailure) -> TaskSpec:
     template = CommandTemplate(program.command)
     values = {"task_count": total}
     lacking = template.missing(values)
@@ -375,6 +410,8 @@ def _aggregate_task(program: Program, total: int) -> TaskSpec:
                             f"{{task_count}}, not {', '.join(lacking)}")
     env = dict(program.environment)
     env["FANOUT_TASK_COUNT"] = str(total)
+    env["FANOUT_FAN_IN_RANGE"] = f"0-{total - 1}"
+    env["FANOUT_ON_DEPENDENCY_FAILURE"] = policy
     return TaskSpec(
         id=AGGREGATE_ID,
         command_line=sh(template.render(values)),

@@ -9,7 +9,8 @@ Params (validated once, at the message boundary)::
       "output": {"container": "renditions", "prefix": "web"},
       "thumbnail": true,                     # or {"at": 2.5} (seconds into the video)
       "manifest": true,                      # a JSON manifest per input, after all tasks
-      "hls": true                            # HLS variants + a master playlist per input
+      "hls": true,                           # HLS variants + a master playlist per input
+      "on_dependency_failure": "run"         # run (default) | skip: the fan-in after a failure
     }
 
 A route rule puts the blob of a BlobCreated event under ``input`` (the rule's
@@ -27,8 +28,26 @@ a short alphanumeric extension, folders, spaces and unicode kept)::
 Task ids are integers: input ``i`` and rendition ``r`` make task ``i * R + r``;
 thumbnails follow (``I * R + i``). The fan-in task ``manifest`` depends on the one
 id range of all of them, and writes the manifests and master playlists, whose
-content is known when the job is planned; it runs only if every task succeeded, so
-a manifest's presence means the input's renditions are complete.
+content is known when the job is planned, less what failed:
+
+- ``on_dependency_failure = "run"`` (the default): every rendition and thumbnail
+  task carries exit conditions that satisfy the fan-in however it ends, and on
+  success also uploads an empty marker ``<prefix>/.fanout/<job id>/<task id>``. The
+  fan-in stages those markers (one container resource file) and lists in each
+  manifest only the renditions (and thumbnail) whose marker exists, the others
+  under ``"missing"``, with ``"complete": true`` only when none is missing; each
+  master playlist names only the variants that exist.
+- ``"skip"``: no exit conditions, no markers; a failed task blocks the fan-in
+  (Batch's default) and fanout's job monitor ends the job as failed, so a manifest
+  present means the input's renditions are complete.
+
+The fan-in sees ``FANOUT_FAN_IN_RANGE`` (``0-<N-1>``) and ``FANOUT_ON_DEPENDENCY_FAILURE``.
+
+``JobSpec.outputs``: for one to six inputs, per input ``renditions`` (its folder,
+``<container>/<folder>/``) and, with a fan-in, ``manifest`` (and ``master`` with
+``hls``), suffixed ``-<input index>`` when there are several inputs; for more
+inputs one ``renditions`` entry for the output prefix (each folder under it holds
+its input's files).
 
 Operator configuration, ``[handlers.transcode]``: ``ffmpeg`` (the command, default
 ``ffmpeg``), ``output_container`` (the default output container), ``presets`` (a
@@ -58,10 +77,14 @@ from handlers.base import (
     BlobRef,
     BuildContext,
     BuildRequest,
+    DependencyFailure,
+    ExitConditions,
+    JobOutput,
     JobSpec,
     OutputFile,
     ResourceFile,
     TaskSpec,
+    fan_in_exit_conditions,
 )
 from handlers.commands import sh
 from handlers.errors import BudgetExceeded, InvalidParams, describe_validation
@@ -80,6 +103,12 @@ MANIFEST_ID = "manifest"
 #: Largest manifest text the fan-in task carries in its command line (Batch takes at
 #: most 1 MB per add-task request).
 MAX_FANIN_TEXT = 256 * 1024
+#: The empty file a task writes (and uploads on success) for the fan-in to find.
+MARKER = "fanout-ok"
+#: Where the fan-in task stages the markers.
+MARKER_DIR = "done"
+#: Up to this many inputs, outputs are declared per input; above, by prefix.
+OUTPUTS_PER_INPUT_LIMIT = 6
 _BITRATE = r"^[1-9][0-9]*(\.[0-9]+)?[kM]?$"
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$"
 _CODEC = r"^[A-Za-z0-9_.-]{1,32}$"
@@ -157,6 +186,7 @@ class TranscodeParams(BaseModel):
     thumbnail: bool | Thumbnail = False
     manifest: bool = False
     hls: bool = False
+    on_dependency_failure: DependencyFailure = "run"
 
     @model_validator(mode="after")
     def _one_input_form(self) -> TranscodeParams:
@@ -212,15 +242,23 @@ class TranscodeHandler:
         dest = resolve_output(ctx, params.output, handler="transcode",
                               default_container=opts.output_container)
         sources = resolve_sources(ctx, refs, dest)
+        markers = None
+        if fanin and params.on_dependency_failure == "run":
+            prefix = dest.blob(".fanout", ctx.job_id) + "/"
+            markers = Markers(prefix=prefix,
+                              container_url=ctx.input_container_url(dest.container, prefix))
         plan = Plan(opts=opts, params=params, renditions=renditions, dest=dest,
-                    sources=sources)
+                    sources=sources, markers=markers,
+                    exit_conditions=(fan_in_exit_conditions(params.on_dependency_failure)
+                                     if fanin else None))
         tasks: Iterator[TaskSpec] = plan.rendition_tasks()
         if params.thumb:
             tasks = itertools.chain(tasks, plan.thumbnail_tasks(params.thumb))
         if fanin:
             tasks = itertools.chain(tasks, [plan.fanin_task(numbered, ctx.job_id)])
         return JobSpec(tasks=tasks, task_count=total, uses_task_dependencies=fanin,
-                       metadata={"fanout-renditions": ",".join(renditions)})
+                       metadata={"fanout-renditions": ",".join(renditions)},
+                       outputs=plan.outputs())
 
 
 def parse_params(raw: Any) -> TranscodeParams:
@@ -262,6 +300,21 @@ def resolve_sources(ctx: BuildContext, refs: Sequence[Any], dest: Destination) -
     return sources
 
 
+@dataclass(frozen=True, slots=True)
+class Markers:
+    """Where tasks leave their success markers for the fan-in (policy ``run``)."""
+
+    prefix: str
+    container_url: str
+
+    def blob(self, task_id: int) -> str:
+        return f"{self.prefix}{task_id}"
+
+    def local(self, task_id: int) -> str:
+        """Where the fan-in finds the marker (Batch keeps the full blob name)."""
+        return f"{MARKER_DIR}/{self.prefix}{task_id}"
+
+
 @dataclass(slots=True)
 class Plan:
     """Everything the task builders share for one job."""
@@ -271,6 +324,35 @@ class Plan:
     renditions: list[str]
     dest: Destination
     sources: list[Source]
+    #: Success markers for the fan-in (None: policy ``skip`` or no fan-in).
+    markers: Markers | None = None
+    #: The exit conditions of every task the fan-in depends on.
+    exit_conditions: ExitConditions | None = None
+
+    def outputs(self) -> list[JobOutput]:
+        """Where the results land (see the module docstring)."""
+        container = self.dest.container
+        if len(self.sources) > OUTPUTS_PER_INPUT_LIMIT:
+            top = f"{self.dest.prefix}/" if self.dest.prefix else ""
+            return [JobOutput("renditions", f"{container}/{top}")]
+        fanin = self.params.manifest or self.params.hls
+        out: list[JobOutput] = []
+        for source in self.sources:
+            suffix = f"-{source.index}" if len(self.sources) > 1 else ""
+            out.append(JobOutput(f"renditions{suffix}", f"{container}/{source.folder}/"))
+            if fanin:
+                out.append(JobOutput(f"manifest{suffix}",
+                                     f"{container}/{source.folder}/manifest.json"))
+            if self.params.hls:
+                out.append(JobOutput(f"master{suffix}",
+                                     f"{container}/{source.folder}/master.m3u8"))
+        return out
+
+    def _marked(self, task_id: int, steps: list[str], outputs: list[OutputFile]) -> None:
+        """Add the success marker to a task the fan-in depends on (policy ``run``)."""
+        if self.markers is not None:
+            steps.append(f": > {MARKER}")
+            outputs.append(self._output(MARKER, self.markers.blob(task_id)))
 
     @property
     def ffmpeg(self) -> list[str]:
@@ -293,6 +375,7 @@ class Plan:
             steps += ["mkdir -p hls",
                       shell_join(hls_argv(ffmpeg, self.opts.hls_segment_seconds))]
             outputs.append(self._output("hls/*", f"{source.folder}/{name}/"))
+        self._marked(task_id, steps, outputs)
         return TaskSpec(
             id=str(task_id),
             command_line=sh(" && ".join(steps)),
@@ -301,6 +384,7 @@ class Plan:
             output_files=outputs,
             container_image=self.opts.container_image,
             display_name=_display(f"{name} of {source.ref}"),
+            exit_conditions=self.exit_conditions,
         )
 
     def thumbnail_tasks(self, thumb: Thumbnail) -> Iterator[TaskSpec]:
@@ -310,41 +394,111 @@ class Plan:
         for source in self.sources:
             argv = [*ffmpeg, "-hide_banner", "-nostdin", "-y", "-ss", _seconds(thumb.at),
                     "-i", source.local, "-frames:v", "1", "-q:v", "3", "thumbnail.jpg"]
+            # ffmpeg exits 0 writing nothing when `at` is past the end: fail instead
+            steps = [shell_join(argv), "test -s thumbnail.jpg"]
+            outputs = [self._output("thumbnail.jpg", f"{source.folder}/thumbnail.jpg")]
+            self._marked(first + source.index, steps, outputs)
             yield TaskSpec(
                 id=str(first + source.index),
-                # ffmpeg exits 0 writing nothing when `at` is past the end: fail instead
-                command_line=sh(shell_join(argv) + " && test -s thumbnail.jpg"),
+                command_line=sh(" && ".join(steps)),
                 environment=_environment(source, "thumbnail"),
                 resource_files=[ResourceFile(http_url=source.url, file_path=source.local)],
-                output_files=[self._output("thumbnail.jpg", f"{source.folder}/thumbnail.jpg")],
+                output_files=outputs,
                 container_image=self.opts.container_image,
                 display_name=_display(f"thumbnail of {source.ref}"),
+                exit_conditions=self.exit_conditions,
             )
 
     def fanin_task(self, numbered: int, job_id: str) -> TaskSpec:
-        """The ``manifest`` task: writes each input's manifest (and master playlist)."""
-        files: list[tuple[str, str, str]] = []  # (local name, blob name, content)
+        """The ``manifest`` task: writes each input's manifest (and master playlist);
+        with markers, only what exists, the rest listed as missing."""
+        files: list[tuple[str, str, str]] = []  # (local name, blob name, shell statement)
+        size = 0
         for source in self.sources:
+            local = f"manifest-{source.index}.json"
             manifest = self.manifest(source, job_id)
-            files.append((f"manifest-{source.index}.json", f"{source.folder}/manifest.json",
-                          json.dumps(manifest, ensure_ascii=False) + "\n"))
+            size += len(json.dumps(manifest, ensure_ascii=False)) + 1
+            files.append((local, f"{source.folder}/manifest.json",
+                          self._manifest_statement(source, manifest, local)))
             if self.params.hls:
-                files.append((f"master-{source.index}.m3u8", f"{source.folder}/master.m3u8",
-                              self.master_playlist()))
-        size = sum(len(content) for _, _, content in files)
+                local = f"master-{source.index}.m3u8"
+                size += len(self.master_playlist())
+                files.append((local, f"{source.folder}/master.m3u8",
+                              self._master_statement(source, local)))
         if size > MAX_FANIN_TEXT:
             raise BudgetExceeded(f"the manifests come to {size} characters, over the "
                                  f"{MAX_FANIN_TEXT} one task may carry: send fewer inputs")
-        steps = [f"printf '%s' {shell_join([content])} > {shell_join([local])}"
-                 for local, _, content in files]
+        resources = []
+        if self.markers is not None:
+            resources.append(ResourceFile(http_url="", file_path=MARKER_DIR,
+                                          storage_container_url=self.markers.container_url,
+                                          blob_prefix=self.markers.prefix))
         return TaskSpec(
             id=MANIFEST_ID,
-            command_line=sh(" && ".join(steps)),
+            command_line=sh(" && ".join(statement for _, _, statement in files)),
+            environment={"FANOUT_FAN_IN_RANGE": f"0-{numbered - 1}",
+                         "FANOUT_ON_DEPENDENCY_FAILURE": self.params.on_dependency_failure},
+            resource_files=resources,
             output_files=[self._output(local, blob) for local, blob, _ in files],
             depends_on_ranges=((0, numbered - 1),),
             container_image=self.opts.container_image,
             display_name="manifest",
         )
+
+    def _task_ids(self, source: Source) -> list[tuple[str, int]]:
+        """(what, task id) of every task of ``source`` the fan-in depends on."""
+        count = len(self.renditions)
+        ids = [(name, source.index * count + r) for r, name in enumerate(self.renditions)]
+        if self.params.thumb:
+            ids.append(("thumbnail", len(self.sources) * count + source.index))
+        return ids
+
+    def _manifest_statement(self, source: Source, manifest: dict[str, Any], local: str) -> str:
+        """Shell writing ``manifest`` to ``local``; with markers, only what exists."""
+        if self.markers is None:
+            # policy skip: the fan-in runs only when every task succeeded
+            complete = {**manifest, "missing": [], "complete": True}
+            content = json.dumps(complete, ensure_ascii=False) + "\n"
+            return f"{_printf(content)} > {shell_join([local])}"
+        head = {k: v for k, v in manifest.items() if k not in ("renditions", "thumbnail", "hls")}
+        entries = dict(zip(self.renditions, manifest["renditions"], strict=True))
+        ids = self._task_ids(source)
+        steps = [_printf(json.dumps(head, ensure_ascii=False)[:-1] + ', "renditions": ['),
+                 "s="]
+        for what, task_id in ids:
+            if what in entries:
+                steps.append(f"if {self._exists(task_id)}; then printf '%s%s' \"$s\" "
+                             f"{shell_join([json.dumps(entries[what], ensure_ascii=False)])}; "
+                             "s=', '; fi")
+        steps.append(_printf("]"))
+        for what, task_id in ids:
+            if what == "thumbnail":
+                field = ', "thumbnail": ' + json.dumps(manifest[what], ensure_ascii=False)
+                steps.append(f"if {self._exists(task_id)}; then {_printf(field)}; fi")
+        if self.params.hls:
+            steps.append(_printf(', "hls": ' + json.dumps(manifest["hls"], ensure_ascii=False)))
+        steps += [_printf(', "missing": ['), "s=", "c=true"]
+        for what, task_id in ids:
+            steps.append(f"if ! {self._exists(task_id)}; then printf '%s%s' \"$s\" "
+                         f"{shell_join([json.dumps(what)])}; s=', '; c=false; fi")
+        steps += [_printf('], "complete": '), "printf '%s' \"$c\"", _printf("}\n")]
+        return "{ " + " && ".join(steps) + "; } > " + shell_join([local])
+
+    def _master_statement(self, source: Source, local: str) -> str:
+        """Shell writing the master playlist; with markers, only variants that exist."""
+        if self.markers is None:
+            return f"{_printf(self.master_playlist())} > {shell_join([local])}"
+        steps = [_printf("#EXTM3U\n#EXT-X-VERSION:3\n")]
+        count = len(self.renditions)
+        for r, name in enumerate(self.renditions):
+            variant = self._variant(name)
+            steps.append(f"if {self._exists(source.index * count + r)}; then "
+                         f"{_printf(variant)}; fi")
+        return "{ " + " && ".join(steps) + "; } > " + shell_join([local])
+
+    def _exists(self, task_id: int) -> str:
+        assert self.markers is not None
+        return f"[ -e {shell_join([self.markers.local(task_id)])} ]"
 
     def manifest(self, source: Source, job_id: str) -> dict[str, Any]:
         """What one input's ``manifest.json`` says."""
@@ -369,12 +523,12 @@ class Plan:
 
     def master_playlist(self) -> str:
         """An HLS master playlist naming each rendition's ``<name>/index.m3u8``."""
-        lines = ["#EXTM3U", "#EXT-X-VERSION:3"]
-        for name in self.renditions:
-            preset = self.opts.ladder[name]
-            lines += [f'#EXT-X-STREAM-INF:BANDWIDTH={preset.max_bits()},NAME="{name}"',
-                      f"{name}/index.m3u8"]
-        return "\n".join(lines) + "\n"
+        return "#EXTM3U\n#EXT-X-VERSION:3\n" + "".join(map(self._variant, self.renditions))
+
+    def _variant(self, name: str) -> str:
+        preset = self.opts.ladder[name]
+        return (f'#EXT-X-STREAM-INF:BANDWIDTH={preset.max_bits()},NAME="{name}"\n'
+                f"{name}/index.m3u8\n")
 
     def _output(self, pattern: str, blob: str) -> OutputFile:
         return OutputFile(file_pattern=pattern, container_url=self.dest.container_url,
@@ -414,6 +568,11 @@ def bits(rate: str) -> int:
         raise ValueError(f"bitrate {rate!r} is not a number with an optional k or M")
     scale = {"": 1, "k": 1000, "M": 1000_000}[match[2]]
     return int(float(match[1]) * scale)
+
+
+def _printf(text: str) -> str:
+    """A shell statement printing ``text`` exactly (no format directives apply)."""
+    return f"printf '%s' {shell_join([text])}"
 
 
 def _seconds(value: float) -> str:
