@@ -3,8 +3,16 @@
 ``python -m worker.demo pi --samples N --seed S`` estimates pi by throwing N
 random darts at the unit square, prints the estimate and writes it to the node's
 shared directory; ``python -m worker.demo summary`` averages every estimate of
-its job. Both read the Batch environment variables, so they behave the same
-locally and on an Azure Batch node.
+its job. Both read the Batch environment variables (``AZ_BATCH_NODE_SHARED_DIR``,
+``AZ_BATCH_JOB_ID``, ``AZ_BATCH_TASK_ID``), so they behave the same locally and on
+an Azure Batch node.
+
+As a sweep's aggregate, ``summary`` also gets ``FANOUT_FAN_IN_RANGE`` (the task ids
+it depends on, ``0-19``): it then reports which estimates are missing (tasks that
+failed, or ran on another node: the shared directory is per node) and exits 0 if
+at least one estimate exists::
+
+    pi ~ 3.141200 averaged over 19 of 20 tasks; missing: 7
 """
 
 from __future__ import annotations
@@ -12,7 +20,12 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
+from collections.abc import Iterable
 from pathlib import Path
+
+#: Missing task ids listed in full up to this many ranges, then "and N more".
+MAX_SHOWN = 20
 
 
 def _results_dir() -> Path:
@@ -30,6 +43,69 @@ def estimate_pi(samples: int, seed: int) -> float:
     return 4.0 * inside / samples
 
 
+def parse_ranges(text: str) -> list[tuple[int, int]]:
+    """``"0-19"`` or ``"0-4,7,9-10"`` as inclusive ranges; ValueError when malformed."""
+    out: list[tuple[int, int]] = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:-(\d+))?\s*", part)
+        if match is None:
+            raise ValueError(f"FANOUT_FAN_IN_RANGE: {text!r} is not like 0-19")
+        lo = int(match[1])
+        hi = int(match[2]) if match[2] is not None else lo
+        if hi < lo:
+            raise ValueError(f"FANOUT_FAN_IN_RANGE: {part.strip()!r} ends before it starts")
+        out.append((lo, hi))
+    return out
+
+
+def describe_ids(ids: Iterable[int]) -> str:
+    """``[1, 2, 3, 7]`` as ``1-3, 7`` (at most MAX_SHOWN runs, then "and N more")."""
+    runs: list[list[int]] = []
+    for i in sorted(ids):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    shown = [str(a) if a == b else f"{a}-{b}" for a, b in runs[:MAX_SHOWN]]
+    rest = sum(b - a + 1 for a, b in runs[MAX_SHOWN:])
+    return ", ".join(shown) + (f" and {rest} more" if rest else "")
+
+
+def summary() -> int:
+    """Average the job's estimates; name the missing ones when the range is known."""
+    found: dict[str, float] = {}
+    for path in sorted(_results_dir().glob("*.txt")):
+        try:
+            found[path.stem] = float(path.read_text())
+        except (OSError, ValueError):
+            continue  # a half-written or foreign file is not an estimate
+    spec = os.environ.get("FANOUT_FAN_IN_RANGE", "").strip()
+    if not spec:
+        values = list(found.values())
+        if not values:
+            print("no estimates found")
+            return 1
+        print(f"pi ~ {sum(values) / len(values):.6f} averaged over {len(values)} tasks")
+        return 0
+    try:
+        ranges = parse_ranges(spec)
+    except ValueError as exc:
+        print(exc)
+        return 2
+    expected = sum(hi - lo + 1 for lo, hi in ranges)
+    have = {int(k) for k in found if k.isdigit() and any(lo <= int(k) <= hi
+                                                          for lo, hi in ranges)}
+    values = [found[str(i)] for i in sorted(have)]
+    missing = (i for lo, hi in ranges for i in range(lo, hi + 1) if i not in have)
+    note = f"; missing: {describe_ids(missing)}" if len(have) < expected else ""
+    if not values:
+        print(f"no estimates found of {expected} tasks{note}")
+        return 1
+    print(f"pi ~ {sum(values) / len(values):.6f} averaged over {len(values)} of "
+          f"{expected} tasks{note}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.demo")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -44,12 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         (_results_dir() / f"{task}.txt").write_text(f"{value}\n")
         print(f"pi ~ {value:.6f} from {args.samples} samples (seed {args.seed})")
         return 0
-    values = [float(p.read_text()) for p in sorted(_results_dir().glob("*.txt"))]
-    if not values:
-        print("no estimates found")
-        return 1
-    print(f"pi ~ {sum(values) / len(values):.6f} averaged over {len(values)} tasks")
-    return 0
+    return summary()
 
 
 if __name__ == "__main__":
