@@ -426,11 +426,14 @@ def test_from_config_uses_the_shared_key(peer: BatchPeer) -> None:
 
 def test_job_status_and_list_jobs_use_task_counts(peer: BatchPeer,
                                                   make_backend: MakeBackend) -> None:
-    """Status comes from the task counts API; list_jobs is newest first."""
+    """Status comes from the task counts API; list_jobs is fanout's jobs, newest first,
+    one request per page and no task counts per job."""
     backend = make_backend()
     backend.create_job(job_spec("older", metadata={"fanout-handler": "sweep"}))
     time.sleep(0.002)  # distinct creation times (millisecond resolution)
-    backend.create_job(job_spec("newer", display_name="n"))
+    backend.create_job(job_spec("newer", display_name="n", metadata={"fanout-handler": "x"}))
+    time.sleep(0.002)
+    backend.create_job(job_spec("foreign"))  # not fanout's: no fanout-handler metadata
     backend.add_tasks("older", tasks(4))
     peer.set_task_state("older", "t0", "running")
     peer.set_task_state("older", "t1", "completed", exit_code=2)
@@ -440,8 +443,14 @@ def test_job_status_and_list_jobs_use_task_counts(peer: BatchPeer,
     assert (status.succeeded, status.failed, status.pool) == (0, 1, "fanout")
     assert status.metadata == {"fanout-handler": "sweep"}
     assert backend.job_status("absent") is None
-    assert [j.id for j in backend.list_jobs()] == ["newer", "older"]
+    counts_before = sum(n for (op, _), n in peer.requests.items() if op == "get_task_counts")
+    listed = backend.list_jobs()
+    assert [j.id for j in listed] == ["newer", "older"]
+    assert [(j.counts, j.display_name, j.metadata) for j in listed] == [
+        ({}, "n", {"fanout-handler": "x"}), ({}, None, {"fanout-handler": "sweep"})]
     assert [j.id for j in backend.list_jobs(limit=1)] == ["newer"]
+    counts_after = sum(n for (op, _), n in peer.requests.items() if op == "get_task_counts")
+    assert counts_after == counts_before  # listing read no task counts
     # only jobs and task counts were read: no task was ever listed
     assert {op for op, _ in peer.requests} == {"get_pool", "create_job", "add_task_collection",
                                               "get_job", "list_jobs", "get_task_counts"}

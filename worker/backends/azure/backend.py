@@ -11,20 +11,32 @@ backoff.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import structlog
 from azure.core.credentials import AzureNamedKeyCredential, TokenCredential
 
-from handlers.base import JobSpec, TaskSpec
+from handlers.base import BlobRef, ExitConditions, JobSpec, TaskSpec
 from worker.backends.azure import wire
 from worker.backends.azure.rest import Rest, ServiceError, account_name, classify, make_client, path
-from worker.backends.base import AddResult, BackendStats, JobState, JobStatus
-from worker.config import BatchConfig, SubmitConfig
+from worker.backends.base import (
+    META_HANDLER,
+    AddResult,
+    BackendStats,
+    FailedTask,
+    JobRecord,
+    JobState,
+    JobStatus,
+    TaskCounts,
+)
+from worker.config import BatchConfig, JobsConfig, SubmitConfig
 from worker.errors import BatchRejected, ConfigFault, SettingsError, SystemFault
+from worker.storage.base import Storage
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +44,15 @@ log = structlog.get_logger(__name__)
 POOL_CHECK_TTL = 60.0
 #: The job fields ``job_status`` and ``list_jobs`` read.
 _JOB_SELECT = "id,state,poolInfo,displayName,creationTime,metadata"
+#: The most items one list request returns (jobs and tasks: "Common Parameters and
+#: Headers", maxresults).
+MAX_RESULTS = 1000
+#: Log files a task uploads, the ones ``task_log_tail`` reads.
+LOG_NAMES = frozenset({"stdout.txt", "stderr.txt"})
+#: Codes that mean the job is already past what a terminate or delete asks for.
+_JOB_GONE = frozenset({"JobNotFound"})
+_JOB_DONE = frozenset({"JobCompleted", "JobBeingDeleted"})
+_INT_ID = re.compile(r"^[0-9]+$")
 
 
 class AzureBatchBackend:
@@ -41,13 +62,22 @@ class AzureBatchBackend:
                  default_pool: str | None = None, pools: Sequence[str] = (),
                  connections: int = 10, read_timeout: float = 60.0,
                  max_jobs_per_poll: int = 50, max_body_bytes: int = wire.MAX_BODY_BYTES,
-                 insecure_bearer: bool = False) -> None:
+                 insecure_bearer: bool = False, storage: Storage | None = None,
+                 logs_container: str | None = None, job_prefixes: Sequence[str] = ()) -> None:
         """``default_pool`` takes jobs whose spec names none and is what ``probe`` reads;
         ``pools`` (plus the pools of jobs created) are what ``stats`` reports, every
         pool of the account when both are empty; ``connections`` sizes the HTTP
         connection pool (the submit concurrency plus the poller's).
         ``insecure_bearer`` lets Entra ID tokens go to an ``http://`` endpoint (tests
-        only); otherwise that is a ``SettingsError``."""
+        only); otherwise that is a ``SettingsError``.
+
+        ``storage`` and ``logs_container`` are where tasks upload their logs
+        (``<logs_container>/<job>/<task>/stdout.txt``, ``stderr.txt``): failed tasks
+        point there and ``task_log_tail`` reads there; None when logs are not
+        uploaded. ``job_prefixes``, when given, narrows ``list_fanout_jobs`` and
+        ``list_jobs`` on the service to job ids starting with one of them (the
+        list-jobs filter supports ``startswith`` on ``id``); fanout's own jobs are
+        still told apart by their metadata."""
         bearer = not isinstance(credential, AzureNamedKeyCredential)
         if bearer and not insecure_bearer and not endpoint.lower().startswith("https://"):
             raise SettingsError(f"batch.account_url {endpoint!r} must be https:// to send "
@@ -63,18 +93,27 @@ class AzureBatchBackend:
         self._max_body_bytes = max_body_bytes
         self._lock = threading.Lock()
         self._pool_checked: dict[str, float] = {}
+        self._storage = storage
+        self._logs_container = logs_container
+        self._job_prefixes = tuple(job_prefixes)
 
     @classmethod
-    def from_config(cls, batch: BatchConfig,
-                    submit: SubmitConfig | None = None) -> AzureBatchBackend:
+    def from_config(cls, batch: BatchConfig, submit: SubmitConfig | None = None, *,
+                    storage: Storage | None = None,
+                    jobs: JobsConfig | None = None) -> AzureBatchBackend:
         """Build from ``[batch]``: shared key when ``account_key`` is set, else Entra ID
         through azure-identity's DefaultAzureCredential (see :func:`make_credential`);
-        the connection pool holds the submit concurrency plus two."""
+        the connection pool holds the submit concurrency plus two. With ``storage`` and
+        ``[jobs]`` (``logs_container``; ``log_upload`` other than ``never``), failed
+        tasks name their logs and ``task_log_tail`` reads them."""
         if not batch.account_url:
             raise SettingsError("batch.account_url is not set")
         concurrency = submit.concurrency if submit is not None else 8
+        logs = (jobs.logs_container if jobs is not None and jobs.log_upload != "never"
+                else None)
         return cls(endpoint=batch.account_url, credential=make_credential(batch),
-                   default_pool=batch.pool, connections=concurrency + 2)
+                   default_pool=batch.pool, connections=concurrency + 2,
+                   storage=storage, logs_container=logs)
 
     # -- Backend protocol ---------------------------------------------------------------
 
@@ -125,11 +164,16 @@ class AzureBatchBackend:
         return total
 
     def seal_job(self, job_id: str) -> None:
-        """Set on-all-tasks-complete = terminate job."""
+        """Set on-all-tasks-complete = terminate job. A 409 ``JobCompleted`` means an
+        earlier attempt (whose answer was lost) took effect and the job has completed
+        since: done."""
         body = _dumps({"onAllTasksComplete": "terminatejob"})
         try:
             self._rest.call("PATCH", path("jobs", job_id), body=body)
         except ServiceError as err:
+            if err.code == "JobCompleted":
+                log.info("batch.job_sealed", job_id=job_id, already="completed")
+                return
             raise self._job_fault(err, f"seal job {job_id}") from None
         log.info("batch.job_sealed", job_id=job_id)
 
@@ -145,13 +189,20 @@ class AzureBatchBackend:
         return self._with_counts(reply.body)
 
     def list_jobs(self, limit: int = 50) -> list[JobStatus]:
-        """The newest ``limit`` jobs with their task counts."""
+        """fanout's newest ``limit`` jobs (those with ``fanout-handler`` metadata): one
+        request per page of the job listing and none per job, so ``counts`` stays empty
+        here (``job_status`` reads one job's counts)."""
+        params: dict[str, str | int] = {"$select": _JOB_SELECT, "maxresults": MAX_RESULTS}
+        narrow = wire.fanout_jobs_filter(None, self._job_prefixes)
+        if narrow:
+            params["$filter"] = narrow
         try:
-            items = self._rest.get_pages("/jobs", {"$select": _JOB_SELECT})
+            items = self._rest.get_pages("/jobs", params)
         except ServiceError as err:
             raise classify(err, what="list jobs") from None
-        items.sort(key=lambda j: str(j.get("creationTime") or ""), reverse=True)
-        return [self._with_counts(item) for item in items[:limit]]
+        ours = [j for j in items if META_HANDLER in wire.metadata(j.get("metadata"))]
+        ours.sort(key=lambda j: wire.parse_time(j.get("creationTime")) or _EPOCH, reverse=True)
+        return [_status(item) for item in ours[:limit]]
 
     def stats(self) -> BackendStats:
         """Pool node counts and sizes, active jobs, and task counts of fanout's active
@@ -165,6 +216,160 @@ class AzureBatchBackend:
         except ServiceError as err:
             raise classify(err, what="read pool and job stats") from None
         return stats
+
+    # -- what the job monitor needs ---------------------------------------------------
+
+    def list_fanout_jobs(self, *, completed_since: datetime | None = None
+                         ) -> list[JobRecord]:
+        """fanout's jobs: every one not completed, and the completed ones whose state
+        changed at or after ``completed_since`` (all when None).
+
+        One ``GET /jobs`` per page with ``$filter`` (see :func:`wire.fanout_jobs_filter`:
+        the documented list-jobs properties; metadata is not one of them, so jobs
+        without ``fanout-handler`` metadata are dropped here) and ``$select``.
+        """
+        params: dict[str, str | int] = {"$select": wire.JOB_RECORD_SELECT,
+                                        "maxresults": MAX_RESULTS}
+        text = wire.fanout_jobs_filter(completed_since, self._job_prefixes)
+        if text:
+            params["$filter"] = text
+        try:
+            items = self._rest.get_pages("/jobs", params)
+        except ServiceError as err:
+            raise classify(err, what="list fanout jobs") from None
+        records = [wire.job_record(j) for j in items]
+        return [r for r in records if META_HANDLER in r.metadata]
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        """One job (``GET /jobs/{id}`` with ``$select``), None when there is none."""
+        try:
+            reply = self._rest.call("GET", path("jobs", job_id),
+                                    params={"$select": wire.JOB_RECORD_SELECT})
+        except ServiceError as err:
+            if err.status == 404:
+                return None
+            raise classify(err, what=f"get job {job_id}") from None
+        return wire.job_record(reply.body or {})
+
+    def task_counts(self, job_id: str) -> TaskCounts | None:
+        """``GET /jobs/{id}/taskcounts``; None when there is no such job."""
+        try:
+            reply = self._rest.call("GET", path("jobs", job_id, "taskcounts"))
+        except ServiceError as err:
+            if err.status == 404:
+                return None
+            raise classify(err, what=f"task counts of job {job_id}") from None
+        return wire.task_counts_record(reply.body)
+
+    def failed_tasks(self, job_id: str, limit: int) -> list[FailedTask]:
+        """Up to ``limit`` failed tasks from ONE page of ``GET /jobs/{id}/tasks`` with
+        ``$filter=executionInfo/result eq 'failure'`` (the list-tasks filter allows
+        ``eq`` on ``executionInfo/result``), ``$select`` and ``maxresults`` (at most
+        1000); a category each from :data:`wire.FAILURE_CODES`. None of a job that is
+        gone: an empty list."""
+        if limit <= 0:
+            return []
+        params: dict[str, str | int] = {
+            "$filter": "executionInfo/result eq 'failure'",
+            "$select": wire.FAILED_TASK_SELECT, "maxresults": min(limit, MAX_RESULTS)}
+        try:
+            reply = self._rest.call("GET", path("jobs", job_id, "tasks"), params=params)
+        except ServiceError as err:
+            if err.status == 404:
+                return []
+            raise classify(err, what=f"list failed tasks of job {job_id}") from None
+        items = (reply.body or {}).get("value") or []
+        return [wire.failed_task(t, self._logs_prefix(job_id, str(t.get("id"))))
+                for t in items[:limit]]
+
+    def blocked_tasks(self, job_id: str, limit: int) -> list[str] | None:
+        """The active tasks that wait on a dependency that can never be satisfied.
+
+        Lists the active tasks (``$filter=state eq 'active'``, ``$select=id,dependsOn``,
+        up to ``limit + 1``: None when there are more than ``limit``); when any has
+        dependencies, lists the failed tasks (``$select=id,exitConditions,
+        executionInfo``). A failed task blocks its dependents when its exit options
+        for how it ended (:meth:`ExitConditions.options_for`: a pre-processing error
+        when it could not start, a file upload error, else its exit code) give
+        dependency action ``block``; an active task is blocked when one of its
+        dependencies (``taskIds``, or ``taskIdRanges`` over integer ids) is such a
+        task, or is itself a blocked active task.
+        """
+        wanted = min(limit + 1, MAX_RESULTS)
+        try:
+            active = self._rest.get_pages(
+                path("jobs", job_id, "tasks"),
+                {"$filter": "state eq 'active'", "$select": "id,dependsOn",
+                 "maxresults": wanted}, max_items=limit + 1)
+        except ServiceError as err:
+            if err.status == 404:
+                return []
+            raise classify(err, what=f"list active tasks of job {job_id}") from None
+        if len(active) > limit:
+            return None
+        waiting = [t for t in active if t.get("dependsOn")]
+        if not waiting:
+            return []
+        try:
+            failed = self._rest.get_pages(
+                path("jobs", job_id, "tasks"),
+                {"$filter": "executionInfo/result eq 'failure'",
+                 "$select": "id,exitConditions,executionInfo", "maxresults": MAX_RESULTS})
+        except ServiceError as err:
+            if err.status == 404:
+                return []
+            raise classify(err, what=f"list failed tasks of job {job_id}") from None
+        blocking = {str(t.get("id")).lower() for t in failed if _blocks(t)}
+        return _blocked(waiting, blocking)
+
+    def terminate_job(self, job_id: str, reason: str) -> None:
+        """``POST /jobs/{id}/terminate`` with ``terminateReason``; a job already
+        completed (409 ``JobCompleted``), being deleted or gone (404) is left alone."""
+        body = _dumps({"terminateReason": reason})
+        try:
+            self._rest.call("POST", path("jobs", job_id, "terminate"), body=body)
+        except ServiceError as err:
+            if err.code in _JOB_DONE or err.code in _JOB_GONE or err.status == 404:
+                log.info("batch.job_terminate_skipped", job_id=job_id, code=err.code)
+                return
+            raise classify(err, what=f"terminate job {job_id}") from None
+        log.info("batch.job_terminated", job_id=job_id, reason=reason)
+
+    def delete_job(self, job_id: str) -> None:
+        """``DELETE /jobs/{id}``; a job gone (404) or already being deleted is done."""
+        try:
+            self._rest.call("DELETE", path("jobs", job_id))
+        except ServiceError as err:
+            if err.status == 404 or err.code == "JobBeingDeleted":
+                log.info("batch.job_delete_skipped", job_id=job_id, code=err.code)
+                return
+            raise classify(err, what=f"delete job {job_id}") from None
+        log.info("batch.job_deleted", job_id=job_id)
+
+    def update_job_metadata(self, job_id: str, metadata: dict[str, str]) -> None:
+        """``PATCH /jobs/{id}`` with the whole ``metadata`` list (Job - Update replaces
+        it; allowed on a completed job). A job gone (404) is logged and left."""
+        body = _dumps({"metadata": [{"name": k, "value": v} for k, v in metadata.items()]})
+        try:
+            self._rest.call("PATCH", path("jobs", job_id), body=body)
+        except ServiceError as err:
+            if err.status == 404:
+                log.info("batch.job_metadata_skipped", job_id=job_id, code=err.code)
+                return
+            raise classify(err, what=f"update metadata of job {job_id}") from None
+
+    def task_log_tail(self, job_id: str, task_id: str, name: str = "stderr.txt",
+                      max_bytes: int = 4096) -> str | None:
+        """The last ``max_bytes`` of ``<logs_container>/<job>/<task>/<name>`` through
+        ``Storage.read_tail`` (a range read); None without storage or logs, or when the
+        task uploaded none. Bytes cut mid-character are replaced, not an error."""
+        if name not in LOG_NAMES:
+            raise ValueError(f"unknown log file {name!r}: one of {sorted(LOG_NAMES)}")
+        if self._storage is None or not self._logs_container:
+            return None
+        ref = BlobRef(container=self._logs_container, blob=f"{job_id}/{task_id}/{name}")
+        data = self._storage.read_tail(ref, max_bytes)
+        return None if data is None else data.decode("utf-8", errors="replace")
 
     def close(self) -> None:
         self._rest.close()
@@ -201,7 +406,16 @@ class AzureBatchBackend:
         if err.code == "JobNotFound":
             # deleted since it was created: a redelivery creates it again
             return SystemFault(f"{what}: JobNotFound: {err.message}")
+        if err.code == "JobCompleted":
+            # terminated (cancelled, or sealed and done): no task can be added any more
+            return BatchRejected(f"{what}: the job is completed: {err.message}",
+                                 reason="JobCompleted")
         return classify(err, what=what)
+
+    def _logs_prefix(self, job_id: str, task_id: str) -> str | None:
+        if not self._logs_container:
+            return None
+        return f"{self._logs_container}/{job_id}/{task_id}/"
 
     def _existing_job_state(self, job_id: str) -> JobState:
         try:
@@ -324,6 +538,55 @@ def make_credential(batch: BatchConfig) -> AzureNamedKeyCredential | TokenCreden
         return DefaultAzureCredential(managed_identity_client_id=client_id,
                                       workload_identity_client_id=client_id)
     return DefaultAzureCredential()
+
+
+_EPOCH = datetime.fromtimestamp(0).astimezone()
+
+
+def _status(job: dict[str, Any]) -> JobStatus:
+    """A listed job as a :class:`JobStatus` without counts."""
+    return JobStatus(id=str(job.get("id")), state=str(job.get("state", "unknown")),
+                     pool=(job.get("poolInfo") or {}).get("poolId"),
+                     display_name=job.get("displayName"), created=job.get("creationTime"),
+                     metadata=wire.metadata(job.get("metadata")))
+
+
+def _blocks(task: dict[str, Any]) -> bool:
+    """True when a failed task's exit options block its dependents."""
+    info = task.get("executionInfo") or {}
+    _category, end = wire.failure_category(info)
+    exit_code = info.get("exitCode")
+    conditions = wire.exit_conditions(task.get("exitConditions")) or ExitConditions()
+    _job, dependency = conditions.options_for(
+        end, exit_code if isinstance(exit_code, int) else None)
+    return dependency == "block"
+
+
+def _blocked(waiting: list[dict[str, Any]], blocking: set[str]) -> list[str]:
+    """The waiting tasks that depend, directly or through other waiting tasks, on a
+    blocking task (ids compared case-insensitively, as Batch does)."""
+    bad = set(blocking)
+    bad_ints = {int(i) for i in bad if _INT_ID.match(i)}
+    deps = {str(t.get("id")): t.get("dependsOn") or {} for t in waiting}
+    blocked: list[str] = []
+    pending = dict(deps)
+    changed = True
+    while changed and pending:
+        changed = False
+        for task_id, depends in list(pending.items()):
+            ids = (str(d).lower() for d in depends.get("taskIds") or [])
+            hit = any(d in bad for d in ids) or any(
+                int(r.get("start", 0)) <= n <= int(r.get("end", -1))
+                for r in depends.get("taskIdRanges") or [] for n in bad_ints)
+            if hit:
+                blocked.append(task_id)
+                del pending[task_id]
+                bad.add(task_id.lower())
+                if _INT_ID.match(task_id):
+                    bad_ints.add(int(task_id))
+                changed = True
+    order = {task_id: i for i, task_id in enumerate(deps)}
+    return sorted(blocked, key=order.__getitem__)
 
 
 def _merge(total: AddResult, more: AddResult) -> AddResult:
