@@ -18,10 +18,19 @@ from worker.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
+PROMETHEUS_RULE = ROOT / "deploy" / "k8s" / "prometheusrule.yaml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "fanout-dashboard.json"
 RULE_TESTS = Path(__file__).with_name("alerts_test.yaml")
 METRIC = re.compile(r"\bfanout_[a-z0-9_]+")
 RECORDED = re.compile(r"\bfanout:[a-z0-9_:]+")
+#: What the job monitor exports: the dashboard's Jobs row shows every one of them.
+JOB_MONITOR_METRICS = (
+    "fanout_jobs_completed_total", "fanout_job_duration_seconds_bucket",
+    "fanout_tasks_failed_total", "fanout_jobs_monitored", "fanout_events_published_total",
+    "fanout_event_publish_errors_total", "fanout_monitor_requests_total",
+    "fanout_monitor_errors_total", "fanout_jobs_terminated_total", "fanout_jobs_deleted_total")
+JOB_MONITOR_ALERTS = ("FanoutJobFailureRatioHigh", "FanoutEventsNotPublished",
+                      "FanoutMonitorErrors")
 
 needs_promtool = pytest.mark.skipif(
     shutil.which("promtool") is None,
@@ -70,12 +79,46 @@ def test_every_metric_the_dashboard_uses_is_exported() -> None:
     assert used - exported_names() == set()
 
 
+def test_the_job_monitor_metrics_are_exported_and_on_the_dashboard() -> None:
+    """Every job-monitor metric exists in worker/metrics.py and is queried by a panel."""
+    assert set(JOB_MONITOR_METRICS) - exported_names() == set()
+    used = {m for expr in dashboard_exprs() for m in METRIC.findall(expr)}
+    assert set(JOB_MONITOR_METRICS) - used == set()
+
+
 def test_recording_rules_the_dashboard_and_alerts_use_are_defined() -> None:
     """fanout:* series used anywhere are recorded by alerts.yaml."""
     recorded = {r["record"] for r in alert_rules() if "record" in r}
     used = {m for e in dashboard_exprs() + [r["expr"] for r in alert_rules()]
             for m in RECORDED.findall(e)}
     assert used and used <= recorded
+
+
+def _rule_groups(path: Path) -> list[dict[str, Any]]:
+    data = yaml.safe_load(path.read_text())
+    return data["spec"]["groups"] if data.get("kind") == "PrometheusRule" else data["groups"]
+
+
+def test_the_prometheus_rule_has_the_same_rules_as_alerts_yaml() -> None:
+    """deploy/k8s/prometheusrule.yaml carries alerts.yaml's groups, rule for rule."""
+    plain, operator = _rule_groups(ALERTS), _rule_groups(PROMETHEUS_RULE)
+    assert [g["name"] for g in operator] == [g["name"] for g in plain]
+    for ours, theirs in zip(plain, operator, strict=True):
+        assert theirs == ours, f"group {ours['name']} differs between the two files"
+
+
+def test_every_alert_says_what_it_means_and_what_to_check() -> None:
+    """Each alert has a severity, a summary and a description; the job-monitor alerts a
+    runbook hint naming what to look at."""
+    alerts = {r["alert"]: r for r in alert_rules() if "alert" in r}
+    assert set(JOB_MONITOR_ALERTS) <= set(alerts)
+    for name, rule in alerts.items():
+        assert rule["labels"]["severity"] in {"critical", "warning", "info"}, name
+        assert rule["annotations"]["summary"].strip(), name
+        assert rule["annotations"]["description"].strip(), name
+    for name in JOB_MONITOR_ALERTS:
+        runbook = alerts[name]["annotations"]["runbook"]
+        assert "`fanout status`" in runbook and "logs" in runbook, name
 
 
 def test_the_name_check_catches_a_made_up_metric() -> None:
@@ -95,16 +138,74 @@ def test_the_dashboard_has_the_panels_operators_need() -> None:
         "Submission latency": "fanout_submit_duration_seconds_bucket",
         "Pool nodes by state": "fanout_pool_nodes",
         "Active jobs against quota": "fanout:active_jobs_quota",
+        "Jobs completed by outcome": "fanout_jobs_completed_total",
+        "Job failure ratio": 'fanout_jobs_completed_total{outcome="failed"}',
+        "Job duration": "fanout_job_duration_seconds_bucket",
+        "Failed tasks by category": "fanout_tasks_failed_total",
+        "Jobs monitored": "fanout_jobs_monitored",
+        "Completion events": "fanout_event_publish_errors_total",
+        "Monitor requests and errors": "fanout_monitor_errors_total",
+        "Jobs terminated and deleted": "fanout_jobs_terminated_total",
     }
     for title, needle in wanted.items():
         assert title in panels, title
         assert any(needle in t["expr"] for t in panels[title]["targets"]), title
     latency = " ".join(t["expr"] for t in panels["Submission latency"]["targets"])
     assert "histogram_quantile(0.5," in latency and "histogram_quantile(0.95," in latency
+    duration = " ".join(t["expr"] for t in panels["Job duration"]["targets"])
+    assert "histogram_quantile(0.5," in duration and "histogram_quantile(0.95," in duration
+    assert duration.count("by (le, handler)") == 2
+    events = " ".join(t["expr"] for t in panels["Completion events"]["targets"])
+    assert "fanout_events_published_total" in events
+    monitor = " ".join(t["expr"] for t in panels["Monitor requests and errors"]["targets"])
+    assert "sum by (operation) (rate(fanout_monitor_requests_total" in monitor
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
+    assert all(p["datasource"]["uid"] == "${datasource}" for p in panels.values())
     assert all(t["datasource"]["uid"] == "${datasource}"
                for p in panels.values() for t in p["targets"])
+    assert all(len({t["refId"] for t in p["targets"]}) == len(p["targets"])
+               for p in panels.values())
+
+
+def test_the_jobs_row_holds_the_job_panels() -> None:
+    """A "Jobs" row comes after the others and the job-monitor panels sit under it."""
+    dash = json.loads(DASHBOARD.read_text())
+    rows = [p for p in dash["panels"] if p["type"] == "row"]
+    assert rows[-1]["title"] == "Jobs"
+    under = [p for p in dash["panels"] if p["gridPos"]["y"] > rows[-1]["gridPos"]["y"]]
+    used = {m for p in under for t in p["targets"] for m in METRIC.findall(t["expr"])}
+    assert set(JOB_MONITOR_METRICS) - used == set()
+
+
+def _overlaps(panels: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Pairs of panels whose gridPos rectangles share a cell, or that leave the 24 columns."""
+    found = []
+    for i, a in enumerate(panels):
+        ga = a["gridPos"]
+        if ga["x"] < 0 or ga["x"] + ga["w"] > 24:
+            found.append((a["title"], "outside the grid"))
+        for b in panels[i + 1:]:
+            gb = b["gridPos"]
+            if (ga["x"] < gb["x"] + gb["w"] and gb["x"] < ga["x"] + ga["w"]
+                    and ga["y"] < gb["y"] + gb["h"] and gb["y"] < ga["y"] + ga["h"]):
+                found.append((a["title"], b["title"]))
+    return found
+
+
+def test_the_dashboard_panels_do_not_overlap() -> None:
+    """No two panels (rows included) share a grid cell; rows span the full width."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    assert _overlaps(panels) == []
+    assert all(p["gridPos"]["w"] == 24 for p in panels if p["type"] == "row")
+
+
+def test_the_overlap_check_catches_a_misplaced_panel() -> None:
+    """The same check flags a panel moved onto its neighbour."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    last = panels[-1]
+    panels.append({**last, "title": "moved", "gridPos": {**last["gridPos"], "x": 6}})
+    assert "moved" in {t for pair in _overlaps(panels) for t in pair}
 
 
 @needs_promtool
@@ -209,6 +310,17 @@ def _live_metrics() -> bytes:
     m.ready.set(1)
     m.heartbeat.set(1.7e9)
     m.poll_errors.labels("backend").inc()
+    m.jobs_completed.labels("sweep", "succeeded").inc(5)
+    m.jobs_completed.labels("sweep", "failed").inc()
+    m.job_duration.labels("sweep").observe(420)
+    m.tasks_failed.labels("sweep", "exit_code").inc(3)
+    m.jobs_monitored.set(3)
+    m.events_published.labels("configured").inc(6)
+    m.event_publish_errors.inc()
+    m.monitor_requests.labels("list_jobs").inc(10)
+    m.monitor_errors.inc()
+    m.jobs_terminated.labels("FanoutBlocked").inc()
+    m.jobs_deleted.inc(2)
     return generate_latest(registry)
 
 
@@ -217,6 +329,7 @@ def test_promtool_accepts_fanouts_real_metrics_output() -> None:
     """promtool check metrics finds no lint problem in what /metrics serves."""
     body = _live_metrics()
     assert b"fanout_messages_total" in body
+    assert b'fanout_jobs_completed_total{handler="sweep",outcome="failed"} 1.0' in body
     out = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True,
                          timeout=60)
     assert out.returncode == 0, (out.stdout + out.stderr).decode()
