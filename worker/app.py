@@ -28,6 +28,8 @@ from worker.storage.base import Storage
 from worker.submit import Submitter
 
 if TYPE_CHECKING:
+    from worker.monitor import JobMonitor
+    from worker.sinks.base import EventSink
     from worker.watch import Watcher
 
 log = structlog.get_logger(__name__)
@@ -63,13 +65,39 @@ def make_backend(settings: Settings, storage: Storage) -> Backend:
     if settings.backend_kind == "azure":
         from worker.backends.azure import AzureBatchBackend
 
-        return AzureBatchBackend.from_config(settings.batch, settings.submit)
+        return AzureBatchBackend.from_config(settings.batch, settings.submit, storage=storage,
+                                             logs_container=settings.jobs.logs_container)
     from worker.backends.local import LocalBackend
 
     settings.home.mkdir(parents=True, exist_ok=True)
     return LocalBackend(home=settings.home, slots=settings.local.slot_count,
                         pool=settings.local.pool, poll_interval=settings.local.poll_interval,
                         storage=storage)
+
+
+def make_sink(settings: Settings) -> EventSink | None:
+    """Where completion events go: the configured Service Bus queue or topic, or the
+    embedded events queue (``<home>/events.db``); None when events are disabled."""
+    events = settings.events
+    if not events.enabled or not (events.queue or events.topic):
+        return None
+    if settings.queue_kind == "servicebus":
+        from worker.sinks.servicebus import ServiceBusEventSink
+
+        return ServiceBusEventSink.from_config(settings.servicebus, events)
+    from worker.sinks.local import LocalEventSink
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    return LocalEventSink(path=settings.home / "events.db", name=events.queue or "fanout.events",
+                          duplicate_window=events.duplicate_window)
+
+
+def monitor_interval(settings: Settings) -> float:
+    """The monitor's poll interval: ``jobs.poll_interval`` on Azure; locally, where a
+    poll costs a few SQLite reads, a tenth of it and at least a second."""
+    if settings.backend_kind == "azure":
+        return settings.jobs.poll_interval
+    return max(1.0, settings.jobs.poll_interval / 10)
 
 
 @dataclass
@@ -87,6 +115,7 @@ class App:
     planner: Planner
     submitter: Submitter
     consumer: Consumer
+    monitor: JobMonitor | None = None
 
     @classmethod
     def build(cls, settings: Settings, *, handlers: HandlerRegistry | None = None,
@@ -130,6 +159,9 @@ class App:
                    asyncio.create_task(self._poll_backend())]
         if watcher is not None:
             pollers.append(asyncio.create_task(watcher.run()))
+        monitor = self._monitor()
+        if monitor is not None:
+            pollers.append(asyncio.create_task(monitor.run()))
         log.info("fanout.started", queue=self.source.name, queue_kind=self.settings.queue_kind,
                  backend=self.settings.backend_kind, storage=self.settings.storage_kind,
                  metrics=f"http://{self.settings.metrics.bind}:{server.port}/metrics",
@@ -144,11 +176,25 @@ class App:
             for task in pollers:
                 task.cancel()
             await asyncio.gather(*pollers, return_exceptions=True)
+            if monitor is not None and monitor.sink is not None:
+                await monitor.sink.close()
             await self.source.close()
             self.submitter.close()
             self.backend.close()
             server.stop()
             log.info("fanout.stopped")
+
+    def _monitor(self) -> JobMonitor | None:
+        """The job monitor (``jobs.monitor``), publishing to the configured sink."""
+        if not self.settings.jobs.monitor:
+            return None
+        from worker.monitor import JobMonitor
+
+        self.monitor = JobMonitor(backend=self.backend, sink=make_sink(self.settings),
+                                  jobs=self.settings.jobs, events=self.settings.events,
+                                  metrics=self.metrics,
+                                  interval=monitor_interval(self.settings))
+        return self.monitor
 
     def _watcher(self) -> Watcher | None:
         """The local blob-upload trigger, when ``[watch]`` names containers."""

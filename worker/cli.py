@@ -1,8 +1,9 @@
-"""The ``fanout`` command: run, send, plan, status, dlq.
+"""The ``fanout`` command: run, send, plan, status, cancel, events, dlq.
 
-Exit codes: 0 success; 1 an error of the system (queue or backend unreachable);
-2 a usage or configuration error; 3 a message that would be dead-lettered (``plan``
-prints its reason code).
+Exit codes: 0 success; 1 an error of the system (queue or backend unreachable), or
+no such job; 2 a usage or configuration error; 3 a message that would be
+dead-lettered (``plan`` prints its reason code); 4 ``status --watch JOB`` saw the
+job end without succeeding (failed, cancelled or timed out).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from worker.config import Settings, load_settings
 from worker.errors import MessageFault, SettingsError
 
 EXIT_BAD_MESSAGE = 3
+EXIT_JOB_FAILED = 4
 # Off a terminal (pipes, CI logs) tables keep their full width instead of 80 columns.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)
@@ -132,28 +134,65 @@ def _pairs(items: tuple[str, ...]) -> dict[str, Any]:
 
 @main.command()
 @_message_options
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"message_id": ..., "jobs": [...]} as JSON.')
 @pass_ctx
 def send(ctx: Ctx, file: Any, handler: str | None, params: tuple[str, ...],
-         job_opts: tuple[str, ...], message_key: str | None, props: tuple[str, ...]) -> None:
-    """Put a message on the queue; prints its message id.
+         job_opts: tuple[str, ...], message_key: str | None, props: tuple[str, ...],
+         as_json: bool) -> None:
+    """Put a message on the queue; prints its message id and the job ids it creates.
 
     \b
     fanout send message.json
     fanout send -H sweep -p program=pi -p parameters.seed='{"start":0,"stop":20}' \\
                 -p parameters.samples=[100000]
     """
+    import uuid
+
     body = _read_message(file, handler, params, job_opts, message_key)
     properties = {k: str(v) for k, v in _pairs(props).items()}
+    message_id = message_key or uuid.uuid4().hex
+    jobs, problem = _jobs_of(ctx.settings, body, properties, message_id)
     from worker.app import make_source
 
     async def go() -> str:
         source = make_source(ctx.settings)
         try:
-            return await source.send(body, message_id=message_key, properties=properties)
+            return await source.send(body, message_id=message_id, properties=properties)
         finally:
             await source.close()
 
-    click.echo(_system_call(go))
+    sent = _system_call(go)
+    if as_json:
+        click.echo(json.dumps({"message_id": sent, "jobs": jobs}))
+    else:
+        click.echo(f"message {sent}")
+        for job_id in jobs:
+            click.echo(f"job     {job_id}")
+    if problem:
+        err.print(f"warning: this message will be dead-lettered: {problem}", markup=False,
+                  highlight=False)
+
+
+def _jobs_of(settings: Settings, body: bytes, properties: dict[str, str],
+             message_id: str) -> tuple[list[str], str | None]:
+    """The job ids a message will create (routing only: no task is built), or the
+    reason it will be dead-lettered."""
+    from worker.app import make_storage
+    from worker.context import job_id_for
+    from worker.envelope import parse_body
+    from worker.routing import HandlerRegistry, Router
+
+    try:
+        router = Router(registry=HandlerRegistry.from_entry_points(), routes=settings.routes,
+                        storage=make_storage(settings),
+                        drop_unrouted=settings.events.unrouted == "drop")
+        routed = router.route(parse_body(body, properties,
+                                         max_bytes=settings.queue.max_message_bytes),
+                              message_id=message_id)
+    except MessageFault as fault:
+        return [], str(fault)
+    return [job_id_for(w.handler_name, w.key) for w in routed.works], None
 
 
 @main.command()
@@ -265,35 +304,243 @@ def _duration(value: Any) -> float | None:
 
 @main.command()
 @click.argument("job_id", required=False)
-@click.option("--watch", "-w", is_flag=True, help="Live progress bars until jobs finish.")
+@click.option("--watch", "-w", is_flag=True,
+              help="Live progress until the job (or every listed job) ends.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--limit", default=20, show_default=True, help="How many recent jobs.")
 @pass_ctx
 def status(ctx: Ctx, job_id: str | None, watch: bool, as_json: bool, limit: int) -> None:
-    """Jobs and their task counts by state."""
-    from worker.app import make_backend, make_storage
-
-    settings = ctx.settings
-    backend = make_backend(settings, make_storage(settings))
-
-    def fetch() -> list[JobStatus]:
+    """fanout's jobs and their task counts; with JOB (a job id or an idempotency
+    key), that job's outcome, failed tasks (category, exit code, stderr tail) and
+    outputs. ``--watch JOB`` returns when the job ends: exit 0 if it succeeded, 4 if
+    it failed, was cancelled or timed out."""
+    with _backend(ctx) as backend:
         if job_id:
-            one = backend.job_status(job_id)
-            if one is None:
-                err.print(f"no job {job_id!r}")
-                raise SystemExit(1)
-            return [one]
-        return backend.list_jobs(limit)
+            _status_one(ctx, backend, job_id, watch=watch, as_json=as_json)
+            return
 
-    try:
+        def fetch() -> list[JobStatus]:
+            return backend.list_jobs(limit)
+
         if watch:
             _watch(fetch)
         elif as_json:
             click.echo(json.dumps([_status_json(j) for j in fetch()], indent=2))
         else:
             _print_status(fetch())
-    finally:
-        backend.close()
+
+
+@main.command()
+@click.argument("job_id")
+@pass_ctx
+def cancel(ctx: Ctx, job_id: str) -> None:
+    """Terminate a job (a job id or an idempotency key): running tasks stop, the job's
+    outcome is ``cancelled``, and its completion event says so."""
+    from worker.backends.base import REASON_CANCELLED
+
+    with _backend(ctx) as backend:
+        job = _resolve(ctx, backend, job_id)
+        if job.state == "completed":
+            out.print(f"job {job.id} had already ended ({job.terminate_reason or 'completed'})",
+                      highlight=False, markup=False)
+            return
+        _backend_call(lambda: backend.terminate_job(job.id, REASON_CANCELLED))
+        out.print(f"cancelled {job.id}", highlight=False, markup=False)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of the events.")
+@click.option("--follow", "-f", is_flag=True,
+              help="Stream new events as JSON lines until interrupted.")
+@click.option("--limit", default=100, show_default=True, help="How many events to show.")
+@pass_ctx
+def events(ctx: Ctx, as_json: bool, follow: bool, limit: int) -> None:
+    """Completion events on the events queue, oldest first, without consuming them."""
+    from worker.app import make_sink
+
+    sink = make_sink(ctx.settings)
+    if sink is None:
+        err.print("completion events are disabled (events.enabled or events.queue/topic)")
+        raise SystemExit(2)
+
+    async def go() -> None:
+        try:
+            found = await sink.peek(limit)
+            if follow:
+                await _follow(sink, found)
+            elif as_json:
+                click.echo(json.dumps([_event_json(p.body) for p in found], indent=2))
+            else:
+                _print_events(found)
+        finally:
+            await sink.close()
+
+    _system_call(go)
+
+
+async def _follow(sink: Any, found: list[Any]) -> None:
+    """Print events as JSON lines; poll for newer ones once a second."""
+    last = None
+    while True:
+        for item in found:
+            click.echo(json.dumps(_event_json(item.body)))
+            last = item.sequence_number if item.sequence_number is not None else last
+        await asyncio.sleep(1.0)
+        found = await sink.peek(100, from_sequence=None if last is None else last + 1)
+
+
+def _event_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return {"unreadable": body.decode("utf-8", "replace")[:200]}
+
+
+def _print_events(found: list[Any]) -> None:
+    if not found:
+        out.print("no completion events yet")
+        return
+    table = Table("time", "job", "handler", "outcome", "total", "succeeded", "failed")
+    for item in found:
+        event = _event_json(item.body)
+        data = event.get("data") or {}
+        tasks = data.get("tasks") or {}
+        table.add_row(str(event.get("time", "")), str(data.get("job_id", "")),
+                      str(data.get("handler", "")), str(data.get("outcome", "")),
+                      str(tasks.get("total", "")), str(tasks.get("succeeded", "")),
+                      str(tasks.get("failed", "")))
+    out.print(table)
+
+
+class _backend:  # noqa: N801 - used as a context manager
+    """The configured backend for one command, closed afterwards."""
+
+    def __init__(self, ctx: Ctx) -> None:
+        from worker.app import make_backend, make_storage
+
+        self.backend = make_backend(ctx.settings, make_storage(ctx.settings))
+
+    def __enter__(self) -> Any:
+        return self.backend
+
+    def __exit__(self, *exc: object) -> None:
+        self.backend.close()
+
+
+def _backend_call(fn: Any) -> Any:
+    """A backend call; a fault of the system is one line on stderr and exit 1."""
+    from worker.errors import ConfigFault, SystemFault
+
+    try:
+        return fn()
+    except (SystemFault, ConfigFault, OSError) as exc:
+        err.print(f"error: {logs.redact(str(exc))}", markup=False, highlight=False)
+        raise SystemExit(1) from None
+
+
+def _resolve(ctx: Ctx, backend: Any, ref: str) -> Any:
+    """The fanout job named by a job id, or by the idempotency key of its message."""
+    from worker.backends.base import META_HANDLER
+    from worker.context import job_id_for
+    from worker.routing import HandlerRegistry
+
+    job = _backend_call(lambda: backend.get_job(ref)) if _is_job_id(ref) else None
+    if job is None:
+        for name in HandlerRegistry.from_entry_points().names:
+            job = _backend_call(lambda n=name: backend.get_job(job_id_for(n, ref)))
+            if job is not None:
+                break
+    if job is None or META_HANDLER not in job.metadata:
+        err.print(f"no job of fanout's is named {ref!r} (by job id or idempotency key)",
+                  markup=False, highlight=False)
+        raise SystemExit(1)
+    return job
+
+
+def _is_job_id(ref: str) -> bool:
+    from handlers.base import ID_PATTERN
+
+    return bool(ID_PATTERN.match(ref))
+
+
+def _status_one(ctx: Ctx, backend: Any, ref: str, *, watch: bool, as_json: bool) -> None:
+    """One job in detail; with ``watch``, a progress bar until it ends."""
+    job = _resolve(ctx, backend, ref)
+    if watch:
+        job = _watch_one(backend, job)
+    detail = _job_detail(ctx.settings, backend, job)
+    if as_json:
+        click.echo(json.dumps(detail, indent=2))
+    else:
+        _print_detail(detail)
+    if watch and detail["outcome"] != "succeeded":
+        raise SystemExit(EXIT_JOB_FAILED)
+
+
+def _watch_one(backend: Any, job: Any) -> Any:
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[detail]}"), console=out, transient=True)
+    with progress:
+        bar = progress.add_task(job.id, total=None, detail="")
+        job_id = job.id
+        while job.state != "completed":
+            counts = _backend_call(lambda: backend.task_counts(job_id))
+            if counts is not None:
+                progress.update(bar, total=counts.total, completed=counts.completed,
+                                detail=f"running {counts.running}  failed {counts.failed}")
+            time.sleep(1.0)
+            job = _backend_call(lambda: backend.get_job(job_id)) or job
+    return job
+
+
+def _job_detail(settings: Settings, backend: Any, job: Any) -> dict[str, Any]:
+    """What ``status JOB`` shows: the completion event's data, for an active job too."""
+    from worker.backends.base import TaskCounts
+    from worker.events import JobReport, build_event
+    from worker.monitor import collect_failed
+
+    counts = _backend_call(lambda: backend.task_counts(job.id)) or TaskCounts()
+    failed = _backend_call(lambda: collect_failed(
+        backend, job, counts, limit=settings.events.max_failed_tasks,
+        tail_bytes=settings.events.stderr_tail_bytes))
+    data: dict[str, Any] = build_event(JobReport(job=job, counts=counts, failed=failed))["data"]
+    data["state"] = job.state
+    data["counts"] = {"active": counts.active, "running": counts.running,
+                      "completed": counts.completed}
+    if job.state != "completed":
+        data["outcome"] = None
+        data["end_time"] = data["duration_seconds"] = None
+    return data
+
+
+def _print_detail(d: dict[str, Any]) -> None:
+    say = lambda text: out.print(text, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
+    tasks = d["tasks"]
+    state = d["state"] + (f" ({d['outcome']})" if d["outcome"] else "")
+    say(f"job       {d['job_id']}")
+    say(f"handler   {d['handler']}    pool {d['pool']}")
+    say(f"state     {state}" + (f"    reason {d['terminate_reason']}"
+                                 if d["terminate_reason"] else ""))
+    say(f"tasks     {tasks['total']} total: {tasks['succeeded']} succeeded, "
+        f"{tasks['failed']} failed, {d['counts']['running']} running, "
+        f"{d['counts']['active']} waiting")
+    if d["duration_seconds"] is not None:
+        say(f"duration  {d['duration_seconds']:.1f} s ({d['start_time']} to {d['end_time']})")
+    if d["failed_tasks"]:
+        say("failed tasks")
+    for f in d["failed_tasks"]:
+        code = "" if f["exit_code"] is None else f"exit {f['exit_code']}  "
+        say(f"  {f['task_id']}  {f['category']}  {code}{f['failure_code'] or ''}: "
+            f"{f['failure_message'] or ''}")
+        if f["stderr_tail"]:
+            for line in f["stderr_tail"].rstrip().splitlines()[-10:]:
+                say(f"      | {line}")
+        if f["logs"]:
+            say(f"      logs: {f['logs']}")
+    if d["failed_tasks_omitted"]:
+        say(f"  ... and {d['failed_tasks_omitted']} more failed tasks")
+    for o in d["outputs"]:
+        say(f"output    {o['name']}: {o['location']}")
 
 
 def _status_json(job: JobStatus) -> dict[str, Any]:

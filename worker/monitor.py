@@ -204,25 +204,14 @@ class JobMonitor:
 
     async def _failed(self, job: JobRecord, counts: TaskCounts,
                       result: PollResult) -> list[FailedTask]:
-        """The failed tasks an event lists, with stderr tails; blocked ones too."""
-        limit = self.events.max_failed_tasks
-        failed: list[FailedTask] = []
-        if counts.failed and limit:
-            failed = await self._call(result, "failed_tasks", self.backend.failed_tasks,
-                                      job.id, limit)
-        if counts.active and job.terminate_reason == REASON_BLOCKED and len(failed) < limit:
-            blocked = await self._call(result, "blocked_tasks", self.backend.blocked_tasks,
-                                       job.id, limit - len(failed))
-            failed += [FailedTask(id=t, category="dependency_failed",
-                                  failure_message="a dependency failed; never ran")
-                       for t in blocked or ()]
-        if self.events.stderr_tail_bytes:
-            for task in failed:
-                if task.category != "dependency_failed":
-                    task.stderr_tail = await self._call(
-                        result, "log_tail", self.backend.task_log_tail, job.id, task.id,
-                        "stderr.txt", self.events.stderr_tail_bytes)
-        return failed
+        """The failed tasks an event lists (see :func:`collect_failed`)."""
+        def count(operation: str) -> None:
+            result.requests[operation] += 1
+            self.metrics.monitor_requests.labels(operation).inc()
+
+        return await asyncio.to_thread(
+            collect_failed, self.backend, job, counts, limit=self.events.max_failed_tasks,
+            tail_bytes=self.events.stderr_tail_bytes, count=count)
 
     async def _publish(self, job: JobRecord, event: dict[str, Any]) -> bool:
         """Send the event to the configured destination and an allowed reply-to."""
@@ -267,6 +256,33 @@ class JobMonitor:
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+
+def collect_failed(backend: Backend, job: JobRecord, counts: TaskCounts, *, limit: int,
+                   tail_bytes: int, count: Callable[[str], None] = lambda op: None
+                   ) -> list[FailedTask]:
+    """Up to ``limit`` failed tasks with their stderr tails, read with range reads; a
+    job the monitor terminated for blocked tasks lists those as ``dependency_failed``.
+
+    One failed-tasks listing only when the counts show failures; ``count`` is told of
+    every backend request, by operation."""
+    failed: list[FailedTask] = []
+    if counts.failed and limit:
+        count("failed_tasks")
+        failed = backend.failed_tasks(job.id, limit)
+    if counts.active and job.terminate_reason == REASON_BLOCKED and len(failed) < limit:
+        count("blocked_tasks")
+        blocked = backend.blocked_tasks(job.id, limit - len(failed))
+        failed += [FailedTask(id=t, category="dependency_failed",
+                              failure_message="a dependency failed, so it never ran")
+                   for t in blocked or ()]
+    if tail_bytes:
+        for task in failed:
+            if task.category != "dependency_failed":
+                count("log_tail")
+                task.stderr_tail = backend.task_log_tail(job.id, task.id, "stderr.txt",
+                                                         tail_bytes)
+    return failed
 
 
 def _describe(exc: BaseException) -> str:

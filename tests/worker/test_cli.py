@@ -30,7 +30,9 @@ def test_send_builds_an_envelope_from_flags(cli: CliRunner, tmp_path: Path) -> N
                                "-p", "parameters.seed=[1,2]", "-j", "priority=5",
                                "--id", "k1", "--property", "team=render"])
     assert result.exit_code == 0, result.output
-    assert result.output.strip() == "k1"
+    from worker.context import job_id_for
+
+    assert result.output.splitlines() == ["message k1", f"job     {job_id_for('sweep', 'k1')}"]
 
     async def read() -> tuple[bytes, dict[str, str]]:
         q = queue(tmp_path)
@@ -45,9 +47,37 @@ def test_send_builds_an_envelope_from_flags(cli: CliRunner, tmp_path: Path) -> N
 
 
 def test_send_from_stdin(cli: CliRunner) -> None:
-    """A file or stdin is sent as is."""
+    """A file or stdin is sent as is; the message id is generated and named."""
     result = cli.invoke(main, ["send", "-"], input='{"handler": "sweep"}')
-    assert result.exit_code == 0 and len(result.output.strip()) == 32
+    assert result.exit_code == 0
+    first = result.output.splitlines()[0]
+    assert first.startswith("message ") and len(first.split()[1]) == 32
+
+
+def test_send_json_names_the_message_and_its_job(cli: CliRunner, tmp_path: Path) -> None:
+    """send --json prints the message id and the job id the message will create, the
+    same job id the worker derives from the key."""
+    from worker.context import job_id_for
+
+    result = cli.invoke(main, ["send", "--json", "-H", "sweep", "-p", "program=pi"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["jobs"] == [job_id_for("sweep", data["message_id"])]
+
+    async def read() -> str | None:
+        q = queue(tmp_path)
+        (msg,) = await q.receive(1, 1)
+        await q.close()
+        return msg.message_id
+
+    assert asyncio.run(read()) == data["message_id"]
+
+
+def test_send_warns_when_the_message_will_be_dead_lettered(cli: CliRunner) -> None:
+    """A message no handler takes is still sent, with a warning naming the reason."""
+    result = cli.invoke(main, ["send", "--json", "-"], input='{"handler": "nope"}')
+    assert result.exit_code == 0
+    assert "UnknownHandler" in result.output
 
 
 def test_plan_json_lists_every_task(cli: CliRunner) -> None:
