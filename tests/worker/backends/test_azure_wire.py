@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from email.utils import format_datetime
+from typing import Any
 
 import pytest
 from azure.batch import models as m
 
-from handlers.base import JobSpec, OutputFile, ResourceFile, TaskSpec
+from handlers.base import (
+    SATISFY_DEPENDENTS,
+    ExitConditions,
+    ExitOptions,
+    JobSpec,
+    OutputFile,
+    ResourceFile,
+    TaskSpec,
+)
 from worker.backends.azure import wire
 from worker.backends.azure.rest import ServiceError, _retry_after, account_name, classify
+from worker.backends.base import FAILURE_CATEGORIES, JobRecord
 from worker.errors import BatchRejected, ConfigFault, SystemFault
 
 
@@ -129,3 +139,157 @@ def test_retry_after_forms() -> None:
 def test_account_name_comes_from_the_url() -> None:
     """The shared-key account defaults to the first label of the account URL's host."""
     assert account_name("https://batchfanout.westeurope.batch.azure.com/") == "batchfanout"
+
+
+# -- the job monitor's shapes -----------------------------------------------------------
+
+_BLOCK = ExitOptions(dependency_action="block")
+_CONDITIONS = ExitConditions(
+    exit_codes=((0, ExitOptions(job_action="none")), (3, ExitOptions(job_action="terminate",
+                                                                       dependency_action="block"))),
+    exit_code_ranges=((10, 20, ExitOptions(dependency_action="satisfy")),),
+    pre_processing_error=_BLOCK, file_upload_error=ExitOptions(job_action="disable"),
+    default=ExitOptions(dependency_action="satisfy"))
+
+
+def test_exit_conditions_json_exactly() -> None:
+    """exitConditions carries every field set, exitOptions only the actions set, as
+    BatchService.json names them; an unset part is left out; the SDK reads it back."""
+    task = TaskSpec(id="t", command_line="x", exit_conditions=_CONDITIONS)
+    body = json.loads(wire.collection_body([task]))["value"][0]
+    assert body["exitConditions"] == {
+        "exitCodes": [{"code": 0, "exitOptions": {"jobAction": "none"}},
+                      {"code": 3, "exitOptions": {"jobAction": "terminate",
+                                                  "dependencyAction": "block"}}],
+        "exitCodeRanges": [{"start": 10, "end": 20,
+                            "exitOptions": {"dependencyAction": "satisfy"}}],
+        "preProcessingError": {"dependencyAction": "block"},
+        "fileUploadError": {"jobAction": "disable"},
+        "default": {"dependencyAction": "satisfy"},
+    }
+    model = m.BatchTaskCreateOptions(body)
+    assert model.exit_conditions is not None and model.exit_conditions.exit_code_ranges
+    assert model.exit_conditions.exit_code_ranges[0].exit_options.dependency_action == "satisfy"
+    assert wire.task_body(TaskSpec(id="u", command_line="x",
+                                   exit_conditions=SATISFY_DEPENDENTS))["exitConditions"] == {
+        "preProcessingError": {"dependencyAction": "satisfy"},
+        "fileUploadError": {"dependencyAction": "satisfy"},
+        "default": {"dependencyAction": "satisfy"}}
+    assert "exitConditions" not in wire.task_body(TaskSpec(id="v", command_line="x"))
+
+
+def test_exit_conditions_are_serialized_once_per_object() -> None:
+    """Tasks sharing one ExitConditions object share one serialized dict; an equal but
+    distinct object is serialized on its own (the cache is by identity)."""
+    a = wire.task_body(TaskSpec(id="a", command_line="x", exit_conditions=_CONDITIONS))
+    b = wire.task_body(TaskSpec(id="b", command_line="x", exit_conditions=_CONDITIONS))
+    assert a["exitConditions"] is b["exitConditions"]
+    twin = ExitConditions(default=ExitOptions(dependency_action="satisfy"))
+    other = ExitConditions(default=ExitOptions(dependency_action="block"))
+    assert wire.exit_conditions_body(twin) == {"default": {"dependencyAction": "satisfy"}}
+    assert wire.exit_conditions_body(other) == {"default": {"dependencyAction": "block"}}
+
+
+def test_exit_conditions_round_trip_through_the_parser() -> None:
+    """The parser reads back what task_body sends (enum values in any case), and None
+    for a task without exit conditions."""
+    assert wire.exit_conditions(wire.exit_conditions_body(_CONDITIONS)) == _CONDITIONS
+    assert wire.exit_conditions({"default": {"dependencyAction": "Block",
+                                             "jobAction": "None"}}) == ExitConditions(
+        default=ExitOptions(job_action="none", dependency_action="block"))
+    assert wire.exit_conditions(None) is None
+
+
+def test_job_body_sends_on_task_failure_only_when_it_acts() -> None:
+    """onTaskFailure is sent for performexitoptionsjobaction, never for the default."""
+    spec = JobSpec(tasks=[], task_count=0, id="j", max_wall_clock=timedelta(hours=1))
+    assert "onTaskFailure" not in wire.job_body(spec, "p")
+    spec.on_task_failure = "performexitoptionsjobaction"
+    body = wire.job_body(spec, "p")
+    assert body["onTaskFailure"] == "performexitoptionsjobaction"
+    assert body["constraints"] == {"maxWallClockTime": "PT1H0M0S"}
+    assert m.BatchJobCreateOptions(body).task_failure_mode == "performexitoptionsjobaction"
+
+
+def test_fanout_jobs_filter_uses_only_documented_operators() -> None:
+    """No filter for every job; with completed_since, every non-completed state by eq
+    (list-jobs allows only eq on state) or completed since a DateTime literal; prefixes
+    as startswith on id, quotes doubled."""
+    assert wire.fanout_jobs_filter(None) is None
+    since = datetime(2026, 11, 24, 11, 30, 5, 250000, tzinfo=timezone(timedelta(hours=1)))
+    text = wire.fanout_jobs_filter(since, ["fo-", "o'k"])
+    assert text == (
+        "(state eq 'active' or state eq 'disabling' or state eq 'disabled' or "
+        "state eq 'enabling' or state eq 'terminating' or state eq 'deleting' or "
+        "(state eq 'completed' and stateTransitionTime ge "
+        "datetime'2026-11-24T10:30:05.250000Z')) and "
+        "(startswith(id, 'fo-') or startswith(id, 'o''k'))")
+    assert " ne " not in text
+    assert wire.fanout_jobs_filter(None, ["x"]) == "(startswith(id, 'x'))"
+
+
+def test_job_record_and_times() -> None:
+    """A listed job maps to a JobRecord with aware UTC times (7 fractional digits read)."""
+    record = wire.job_record({
+        "id": "j", "state": "completed", "poolInfo": {"poolId": "p"},
+        "metadata": [{"name": "fanout-handler", "value": "sweep"}],
+        "creationTime": "2026-11-24T10:00:00.1234567Z",
+        "stateTransitionTime": "2026-11-24T10:05:00Z",
+        "executionInfo": {"startTime": "2026-11-24T10:00:01.5Z",
+                          "endTime": "2026-11-24T10:05:00.000Z",
+                          "terminateReason": "AllTasksComplete"}})
+    assert record == JobRecord(
+        id="j", state="completed", metadata={"fanout-handler": "sweep"}, pool="p",
+        created=datetime(2026, 11, 24, 10, 0, 0, 123456, tzinfo=UTC),
+        start_time=datetime(2026, 11, 24, 10, 0, 1, 500000, tzinfo=UTC),
+        end_time=datetime(2026, 11, 24, 10, 5, tzinfo=UTC), terminate_reason="AllTasksComplete",
+        state_changed=datetime(2026, 11, 24, 10, 5, tzinfo=UTC))
+    assert wire.parse_time("garbage") is None and wire.parse_time(None) is None
+    assert wire.job_record({"id": "k", "state": "active"}).terminate_reason is None
+
+
+@pytest.mark.parametrize(("info", "constraints", "expected"), [
+    ({"exitCode": 3, "failureInfo": {"category": "usererror", "code": "FailureExitCode"}},
+     None, ("exit_code", "exit")),
+    ({"failureInfo": {"category": "usererror", "code": "BlobNotFound"}},
+     None, ("resource_file_failure", "pre_processing_error")),
+    ({"failureInfo": {"category": "usererror", "code": "ResourceContainerAccessDenied"}},
+     None, ("resource_file_failure", "pre_processing_error")),
+    ({"failureInfo": {"category": "usererror", "code": "CommandProgramNotFound"}},
+     None, ("start_task_failed", "pre_processing_error")),
+    ({"exitCode": 0, "failureInfo": {"category": "usererror", "code": "FileUploadMiscError"}},
+     None, ("output_upload_failure", "file_upload_error")),
+    ({"exitCode": 137, "failureInfo": {"category": "usererror", "code": "TaskEnded",
+                                       "message": "Task Was Ended by User Request"}},
+     None, ("cancelled", "exit")),
+    ({"exitCode": 137, "failureInfo": {"code": "TaskEnded",
+                                       "message": "The task exceeded its max wall clock time"}},
+     None, ("wall_clock_timeout", "exit")),
+    ({"exitCode": 137, "startTime": "2026-11-24T10:00:00Z", "endTime": "2026-11-24T11:00:01Z",
+      "failureInfo": {"code": "TaskEnded", "message": "ended"}},
+     {"maxWallClockTime": "PT1H0M0S"}, ("wall_clock_timeout", "exit")),
+    ({"exitCode": 137, "startTime": "2026-11-24T10:00:00Z", "endTime": "2026-11-24T10:10:00Z",
+      "failureInfo": {"code": "TaskEnded", "message": "ended"}},
+     {"maxWallClockTime": "PT1H0M0S"}, ("cancelled", "exit")),
+    ({"failureInfo": {"category": "servererror", "code": "SomethingNew"}},
+     None, ("node_unusable", "exit")),
+    ({"exitCode": 1}, None, ("exit_code", "exit")),
+])
+def test_failure_categories(info: dict[str, Any], constraints: Any,
+                            expected: tuple[str, str]) -> None:
+    """Batch's failureInfo codes map to fanout's categories and to the exit condition
+    Batch applied (the table in wire.FAILURE_CODES)."""
+    assert wire.failure_category(info, constraints) == expected
+
+
+def test_failure_table_uses_known_categories() -> None:
+    """Every category in the table is one fanout reports."""
+    assert {c for c, _ in wire.FAILURE_CODES.values()} <= set(FAILURE_CATEGORIES)
+
+
+def test_durations_read_back() -> None:
+    """Batch's ISO 8601 durations, including its 'unlimited' one."""
+    assert wire.parse_duration("PT2H0M0S") == timedelta(hours=2)
+    assert wire.parse_duration("P1DT0H0M3.25S") == timedelta(days=1, seconds=3.25)
+    assert wire.parse_duration("P10675199DT2H48M5.4775807S") is not None
+    assert wire.parse_duration("soon") is None

@@ -356,3 +356,35 @@ def test_against_the_official_azurite_image(tmp_path: Any) -> None:
             assert response.read() == b"docker"
         assert storage.parse_url(url.partition("?")[0]) == BlobRef("videos", "a b.mp4")
         storage.close()
+
+
+def test_read_tail_is_a_range_read(azurite: Azurite, make_azure: Make,
+                                   new_container: Callable[[], str]) -> None:
+    """read_tail gets the blob's size, then downloads only the last bytes with a range
+    header; a smaller blob whole, b"" for 0 bytes, None for a missing blob or container."""
+    ranges: list[str | None] = []
+
+    def record(request: Any) -> None:
+        if request.http_request.method == "GET":
+            ranges.append(request.http_request.headers.get("x-ms-range"))
+
+    storage = AzureBlobStorage(
+        config=BlobConfig(account_url=azurite.account_url, account_key=ACCOUNT_KEY),
+        client_options={"raw_request_hook": record})
+    container = new_container()
+    ref = BlobRef(container, "job-1/t1/stderr.txt")
+    data = b"".join(b"line %05d\n" % i for i in range(5000))  # 55,000 bytes
+    storage.upload(ref, data)
+    try:
+        assert storage.read_tail(ref, 4096) == data[-4096:]
+    finally:
+        storage.close()
+    assert ranges == [f"bytes={len(data) - 4096}-{len(data) - 1}"]
+    storage = make_azure(azurite)
+    assert storage.read_tail(ref, 10**6) == data
+    assert storage.read_tail(ref, 0) == b""
+    assert storage.read_tail(BlobRef(container, "job-1/t2/stderr.txt"), 10) is None
+    assert storage.read_tail(BlobRef(f"c{uuid.uuid4().hex[:20]}", "x.txt"), 10) is None
+    empty = BlobRef(container, "empty.txt")
+    storage.upload(empty, b"")
+    assert storage.read_tail(empty, 10) == b""

@@ -175,3 +175,46 @@ def test_file_url_path_refuses_non_local_urls() -> None:
         file_url_path("https://example.com/a")
     with pytest.raises(ValueError):
         file_url_path("file://server/share/a")
+
+
+def test_read_tail_reads_the_end_only(local_storage: LocalStorage) -> None:
+    """read_tail returns the last bytes, all of a smaller blob, b"" for 0, None if absent."""
+    ref = BlobRef("logs", "job/t1/stderr.txt")
+    local_storage.upload(ref, b"0123456789")
+    assert local_storage.read_tail(ref, 4) == b"6789"
+    assert local_storage.read_tail(ref, 100) == b"0123456789"
+    assert local_storage.read_tail(ref, 0) == b""
+    assert local_storage.read_tail(BlobRef("logs", "job/t2/stderr.txt"), 4) is None
+    assert local_storage.read_tail(BlobRef("nocontainer", "x.txt"), 4) is None
+    with pytest.raises(ValueError, match="max_bytes"):
+        local_storage.read_tail(ref, -1)
+
+
+def test_read_tail_never_reads_the_whole_file(local_storage: LocalStorage,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only max_bytes are read from the file, after a seek near its end."""
+    ref = BlobRef("logs", "big.txt")
+    local_storage.upload(ref, b"x" * 100_000 + b"tail")
+    reads: list[int] = []
+    real_open = Path.open
+
+    def spy_open(self: Path, *args: object, **kwargs: object) -> object:
+        handle = real_open(self, *args, **kwargs)  # type: ignore[call-overload]
+        real_read = handle.read
+
+        def read(size: int = -1) -> bytes:
+            reads.append(size)
+            return bytes(real_read(size))
+
+        handle.read = read
+        return handle
+
+    monkeypatch.setattr(Path, "open", spy_open)
+    assert local_storage.read_tail(ref, 4) == b"tail"
+    assert reads == [4]
+
+
+def test_read_tail_stays_inside_the_root(local_storage: LocalStorage) -> None:
+    """A traversal name is refused, as for every other operation."""
+    with pytest.raises((InvalidParams, ForeignStorage)):
+        local_storage.read_tail(BlobRef("logs", "../../etc/passwd"), 10)
