@@ -12,9 +12,16 @@ claims a task that fits the free slots, runs it, records the outcome and claims 
 next, without handing work between threads (a thread per task cost more than a
 trivial task itself). The scheduler thread does what no runner is there to do: it
 notices tasks added while runners sleep (woken by ``add_tasks`` and ``seal_job``,
-or every ``poll_interval`` for other processes' additions), re-checks dependencies
-and purges old task directories. Only one process may run the scheduler on a home
-(an exclusive lock on ``<home>/executor.lock``).
+or every ``poll_interval`` for other processes' additions), re-checks dependencies,
+terminates jobs whose max wall clock has passed, stops tasks whose job another
+process terminated or deleted, and purges old task directories. Only one process may
+run the scheduler on a home (an exclusive lock on ``<home>/executor.lock``).
+
+Job outcomes follow Batch: a task's exit conditions decide whether its dependents may
+run and, on a job with ``on_task_failure = "performexitoptionsjobaction"``, whether
+its end terminates the job (``TaskFailed``); a job's max wall clock counts from its
+creation (``MaxWallClockTimeExpiry``); terminating a job ends its running tasks as
+``TaskEnded`` and leaves its active ones active, never to run.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -34,7 +42,17 @@ from typing import IO
 import structlog
 
 from handlers.base import JobSpec, TaskSpec
-from worker.backends.base import AddResult, BackendStats, JobState, JobStatus
+from worker.backends.base import (
+    REASON_TASK_FAILED,
+    REASON_WALL_CLOCK,
+    AddResult,
+    BackendStats,
+    FailedTask,
+    JobRecord,
+    JobState,
+    JobStatus,
+    TaskCounts,
+)
 from worker.backends.local import process
 from worker.backends.local.runner import Node, Outcome, ProcessTable, run_attempt
 from worker.backends.local.store import Store, TaskInfo, TaskRun
@@ -71,6 +89,9 @@ class LocalBackend:
         #: Runners with nothing to claim wait here; notified when work may have appeared.
         self._work = threading.Condition(self._lock)
         self._busy = 0
+        #: The seqs of the attempts under way (a deletion waits for its tasks' to end).
+        self._inflight: set[int] = set()
+        self._settled = threading.Condition(self._lock)
         self._runners: list[threading.Thread] = []
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -128,6 +149,91 @@ class LocalBackend:
             active_jobs=active,
             job_tasks=counts,
         )
+
+    # -- what the job monitor needs ---------------------------------------------------
+
+    def list_fanout_jobs(self, *, completed_since: datetime | None = None
+                         ) -> list[JobRecord]:
+        """fanout's jobs: every one not completed, and the completed ones whose state
+        changed at or after ``completed_since`` (all of them when it is None)."""
+        return self.store.fanout_jobs(
+            None if completed_since is None else completed_since.timestamp())
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        """One job, None if there is no such job."""
+        return self.store.job_record(job_id)
+
+    def task_counts(self, job_id: str) -> TaskCounts | None:
+        """The job's task counts (``running`` includes ``preparing``), or None."""
+        return self.store.task_counts(job_id)
+
+    def failed_tasks(self, job_id: str, limit: int) -> list[FailedTask]:
+        """Up to ``limit`` failed tasks with their category and failure info; ``logs``
+        is the task's directory (``stdout.txt``, ``stderr.txt``, ``fanout.txt``)."""
+        stored, failed = self.store.failed_tasks(job_id, limit)
+        for task in failed:
+            task.logs = str(self._node.task_dir(stored, task.id))
+        return failed
+
+    def blocked_tasks(self, job_id: str, limit: int) -> list[str] | None:
+        """Active tasks that can never run (a dependency ended with ``block``, directly
+        or through another blocked task); None past ``limit`` active tasks."""
+        return self.store.blocked_tasks(job_id, limit)
+
+    def terminate_job(self, job_id: str, reason: str) -> None:
+        """Complete the job now with ``reason``: its running tasks are stopped (their
+        process groups get SIGTERM, then SIGKILL after the kill grace) and complete as
+        ``TaskEnded``; its active tasks stay active and never run. A completed or
+        missing job is left as it is."""
+        ended = self.store.terminate_job(job_id, reason)
+        self._end(ended)
+        log.info("job.terminated", job_id=job_id, reason=reason, tasks_ended=len(ended))
+
+    def delete_job(self, job_id: str) -> None:
+        """Stop the job's running tasks, delete its records and its task directories
+        (``<home>/tasks/<job>/``); a missing job is no error."""
+        deleted = self.store.delete_job(job_id)
+        if deleted is None:
+            return
+        stored, running = deleted
+        self._end(running)
+        # Let the stopped attempts finish with their files before the directory goes.
+        deadline = time.monotonic() + self._node.kill_grace + 2.0
+        with self._settled:
+            while (self._inflight.intersection(running)
+                   and (left := deadline - time.monotonic()) > 0):
+                self._settled.wait(left)
+        shutil.rmtree(self.home / "tasks" / stored, ignore_errors=True)
+        log.info("job.deleted", job_id=stored, tasks_ended=len(running))
+
+    def update_job_metadata(self, job_id: str, metadata: dict[str, str]) -> None:
+        """Replace the job's metadata (completed jobs too)."""
+        self.store.update_metadata(job_id, metadata)
+
+    def task_log_tail(self, job_id: str, task_id: str, name: str = "stderr.txt",
+                      max_bytes: int = 4096) -> str | None:
+        """The last ``max_bytes`` of one of the task's files (``stdout.txt``,
+        ``stderr.txt``, ``fanout.txt``), read from its end; None where there is none."""
+        if not name or name != Path(name).name or name in (".", ".."):
+            raise ValueError(f"{name!r} is not a file name")
+        ids = self.store.task_ids(job_id, task_id)
+        if ids is None or max_bytes <= 0:
+            return None
+        try:
+            with open(self._node.task_dir(*ids) / name, "rb") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                start = max(0, size - max_bytes)
+                fh.seek(start)
+                data = fh.read(max_bytes)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        if start:
+            # The cut may fall inside a character: drop its continuation bytes.
+            skip = 0
+            while skip < min(3, len(data)) and data[skip] & 0xC0 == 0x80:
+                skip += 1
+            data = data[skip:]
+        return data.decode("utf-8", errors="replace")
 
     def close(self) -> None:
         """Stop the scheduler (running tasks are killed and go back to ``active``)
@@ -221,11 +327,18 @@ class LocalBackend:
             self._wake.wait(self.poll_interval)
 
     def _tick(self) -> None:
-        """One scheduling round: purge, unblock dependents, wake a runner if work waits."""
+        """One scheduling round: purge, end jobs past their max wall clock and tasks
+        ended elsewhere, unblock dependents, wake a runner if work waits."""
         now = time.time()
         if now - self._last_purge >= self.purge_interval:
             self._last_purge = now
             self._purge(now)
+        for job_id in self.store.expired_jobs(now):
+            self.terminate_job(job_id, REASON_WALL_CLOCK)
+        if running := self._table.running():
+            # Another process (``fanout cancel``, the monitor) may have terminated or
+            # deleted the job of a task this one runs: only this process can stop it.
+            self._table.end(self.store.ended_among(running), pending=False)
         self.store.evaluate_waiting()
         with self._lock:
             free = self.slots - self._busy
@@ -288,6 +401,8 @@ class LocalBackend:
     def _attempt(self, run: TaskRun) -> None:
         """One attempt, then its outcome recorded; a fault puts the task back to active."""
         started = time.monotonic()
+        with self._lock:
+            self._inflight.add(run.seq)
         try:
             outcome = run_attempt(run, self._node, self._table,
                                   lambda pid, start: self._running(run, pid, start))
@@ -297,13 +412,32 @@ class LocalBackend:
                           detail="the task goes back to active")
             with contextlib.suppress(Exception):
                 self.store.requeue(run.seq)
+        finally:
+            self._table.forget(run.seq)
+            with self._settled:
+                self._inflight.discard(run.seq)
+                self._settled.notify_all()
 
     def _running(self, run: TaskRun, pid: int, start: int | None) -> None:
         self.store.mark_running(run.seq, pid, start)
         log.debug("task.started", job_id=run.job_id, task_id=run.task_id, pid=pid,
                   retry_count=run.retry_count)
 
+    def _end(self, seqs: Sequence[int]) -> None:
+        """Stop these tasks' processes (SIGTERM, SIGKILL after the kill grace); those
+        not started yet never start."""
+        if not seqs:
+            return
+        self._table.end(seqs)
+        timer = threading.Timer(self._node.kill_grace, self._table.kill, args=(list(seqs),))
+        timer.daemon = True
+        timer.start()
+
     def _record(self, run: TaskRun, outcome: Outcome, duration: float) -> None:
+        if outcome.ended:
+            log.info("task.ended", job_id=run.job_id, task_id=run.task_id,
+                     detail="its job was terminated or deleted")
+            return
         if outcome.interrupted:
             self.store.requeue(run.seq)
             log.info("task.interrupted", job_id=run.job_id, task_id=run.task_id)
@@ -316,9 +450,15 @@ class LocalBackend:
             log.info("task.retrying", job_id=run.job_id, task_id=run.task_id,
                      exit_code=outcome.exit_code, retry_count=run.retry_count + 1)
             return
-        self.store.finish(run.seq, success=outcome.success, exit_code=outcome.exit_code,
-                          failure_code=outcome.failure_code,
-                          failure_message=outcome.failure_message)
+        ended = self.store.finish(run.seq, success=outcome.success,
+                                  exit_code=outcome.exit_code,
+                                  failure_code=outcome.failure_code,
+                                  failure_message=outcome.failure_message, end=outcome.end,
+                                  category=outcome.category)
+        if ended is not None:
+            self._end(ended)
+            log.info("job.terminated", job_id=run.job_id, reason=REASON_TASK_FAILED,
+                     task_id=run.task_id, tasks_ended=len(ended))
         # One line per task would swamp the log of a 100,000-task sweep: successes
         # are debug; failures, which someone must read, are warnings.
         emit = log.debug if outcome.success else log.warning

@@ -4,6 +4,13 @@ The command line runs without a shell, as on Azure Batch: ``shlex.split`` and
 ``Popen`` in a new session, in ``<home>/tasks/<job>/<task>/wd``, with ``stdout.txt``
 and ``stderr.txt`` beside the working directory and Batch's ``AZ_BATCH_*``
 variables in the environment.
+
+How an attempt ended decides which of the task's exit options apply (``Outcome.end``):
+a task that could not start (a resource file failed to stage, the command line does
+not parse, its program is missing or not runnable: Batch reports those as scheduling
+errors such as ``CommandProgramNotFound`` before any process runs) ended with a
+pre-processing error; one whose output files failed to upload with a file upload
+error; any other with its exit code.
 """
 
 from __future__ import annotations
@@ -15,14 +22,16 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
+from handlers.base import TaskEnd
+from worker.backends.base import FailureCategory
 from worker.backends.local import process, transfer
-from worker.backends.local.store import TaskRun
+from worker.backends.local.store import TASK_ENDED, TaskRun
 from worker.storage.base import Storage
 
 log = structlog.get_logger(__name__)
@@ -63,41 +72,70 @@ class Node:
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """How an attempt ended. ``retryable``: its process ran and exited non-zero;
-    ``interrupted``: the executor stopped it (the task goes back to ``active``)."""
+    ``interrupted``: the executor stopped it (the task goes back to ``active``);
+    ``ended``: its job's termination or deletion ended it (already recorded);
+    ``end``: which exit options apply."""
 
     exit_code: int | None
     failure_code: str | None = None
     failure_message: str | None = None
     retryable: bool = False
     interrupted: bool = False
+    end: TaskEnd = "exit"
+    ended: bool = False
 
     @property
     def success(self) -> bool:
         return self.exit_code == 0 and self.failure_code is None
 
+    @property
+    def category(self) -> FailureCategory | None:
+        """Why a failed attempt failed (None for a success)."""
+        if self.success:
+            return None
+        if self.failure_code == TASK_ENDED:
+            return "cancelled"
+        if self.end == "file_upload_error":
+            return "output_upload_failure"
+        if self.end == "pre_processing_error":
+            # A command line that does not parse or a program that cannot start (it
+            # reports a shell's exit code, 127 or 126) is the command's own fault.
+            return ("exit_code" if (self.failure_code or "").startswith("Command")
+                    else "resource_file_failure")
+        if self.failure_code == "MaxWallClockTimeExceeded":
+            return "wall_clock_timeout"
+        return "exit_code"
+
+
+_ENDED = Outcome(None, ended=True)
+
 
 class ProcessTable:
-    """The running task processes, so :meth:`stop` can end them all."""
+    """The running task processes, so :meth:`stop` can end them all, and
+    :meth:`end` those of a terminated or deleted job."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        #: Tasks ended by their job's termination or deletion, until their attempt ends.
+        self._ended: set[int] = set()
         self.stopping = False
 
     def spawn(self, seq: int,
               start: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes] | None:
-        """Start a process unless the executor is stopping (then None).
+        """Start a process unless the executor is stopping or the task was ended
+        (then None).
 
         The process starts outside the lock, so one runner's start (a fork and exec)
-        does not hold up the others; a stop that came meanwhile missed this process,
-        so it is sent the stop's SIGTERM here.
+        does not hold up the others; a stop or end that came meanwhile missed this
+        process, so it is sent the SIGTERM here.
         """
-        if self.stopping:
+        if self.stopping or seq in self._ended:
             return None
         proc = start()
         with self._lock:
             self._procs[seq] = proc
-            missed = self.stopping
+            missed = self.stopping or seq in self._ended
         if missed:
             process.signal_group(proc.pid, signal.SIGTERM)
         return proc
@@ -105,6 +143,37 @@ class ProcessTable:
     def remove(self, seq: int) -> None:
         with self._lock:
             self._procs.pop(seq, None)
+
+    def end(self, seqs: Sequence[int], *, pending: bool = True) -> None:
+        """SIGTERM the process groups of these tasks; with ``pending``, also those
+        not started yet never start (their attempts end as :meth:`ended`)."""
+        with self._lock:
+            procs = [p for s in seqs if (p := self._procs.get(s)) is not None]
+            self._ended.update(s for s in seqs if pending or s in self._procs)
+        for proc in procs:
+            process.signal_group(proc.pid, signal.SIGTERM)
+
+    def kill(self, seqs: Sequence[int]) -> None:
+        """SIGKILL the process groups of those of these tasks still running."""
+        with self._lock:
+            procs = [p for s in seqs if (p := self._procs.get(s)) is not None]
+        for proc in procs:
+            if proc.returncode is None:
+                process.signal_group(proc.pid, signal.SIGKILL)
+
+    def ended(self, seq: int) -> bool:
+        """Whether the task was ended by :meth:`end` during this attempt."""
+        return seq in self._ended
+
+    def forget(self, seq: int) -> None:
+        """The task's attempt is over: drop its end mark."""
+        with self._lock:
+            self._ended.discard(seq)
+
+    def running(self) -> list[int]:
+        """The seqs of the tasks whose processes run."""
+        with self._lock:
+            return list(self._procs)
 
     def signal_all(self, sig: int) -> int:
         """Mark the table stopping and signal every live process group."""
@@ -151,7 +220,9 @@ def run_attempt(run: TaskRun, node: Node, table: ProcessTable,
         transfer.stage(run.resource_files, wd, node.storage)
     except transfer.TransferError as exc:
         _note(task_dir, f"resource files: {exc.message}")
-        return Outcome(None, exc.code, exc.message)
+        return Outcome(None, exc.code, exc.message, end="pre_processing_error")
+    if table.ended(run.seq):
+        return _ENDED
     if table.stopping:
         return Outcome(None, interrupted=True)
     try:
@@ -162,7 +233,7 @@ def run_attempt(run: TaskRun, node: Node, table: ProcessTable,
         problem = "the command line is empty"
     if not argv:
         _note(task_dir, problem)
-        return Outcome(None, "CommandLineInvalid", problem)
+        return Outcome(None, "CommandLineInvalid", problem, end="pre_processing_error")
     if run.container_image:
         log.warning("task.container_ignored", job_id=run.job_id, task_id=run.task_id,
                     image=run.container_image,
@@ -187,8 +258,10 @@ def _start(run: TaskRun, argv: list[str], env: dict[str, str], task_dir: Path, w
             err.write(message.encode() + b"\n")
             return Outcome(_NOT_FOUND if missing else _NOT_RUNNABLE,
                            "CommandProgramNotFound" if missing else "CommandProgramNotStarted",
-                           message)
-    return Outcome(None, interrupted=True) if proc is None else proc
+                           message, end="pre_processing_error")
+    if proc is None:
+        return _ENDED if table.ended(run.seq) else Outcome(None, interrupted=True)
+    return proc
 
 
 def _finish(run: TaskRun, proc: subprocess.Popen[bytes], node: Node, table: ProcessTable,
@@ -211,6 +284,8 @@ def _finish(run: TaskRun, proc: subprocess.Popen[bytes], node: Node, table: Proc
         code = proc.wait()
     log.debug("task.exited", job_id=run.job_id, task_id=run.task_id, exit_code=code,
               duration=round(time.monotonic() - started, 3))
+    if table.ended(run.seq):
+        return _ENDED
     if table.stopping and not timed_out:
         return Outcome(code, interrupted=True)
     if timed_out:
@@ -234,7 +309,8 @@ def _upload(run: TaskRun, outcome: Outcome, task_dir: Path, wd: Path, env: dict[
                         env=env, storage=node.storage)
     except transfer.TransferError as exc:
         _note(task_dir, f"output files: {exc.message}")
-        return Outcome(outcome.exit_code, exc.code, exc.message, retryable=outcome.retryable)
+        return Outcome(outcome.exit_code, exc.code, exc.message, retryable=outcome.retryable,
+                       end="file_upload_error")
     return outcome
 
 

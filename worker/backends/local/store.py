@@ -7,10 +7,19 @@ transaction; writers in one process take turns on a lock first.
 
 Dependencies are checked without re-scanning a job per tick: a task with
 dependencies starts ``waiting``; it is evaluated with indexed counts, and when it is
-not yet satisfied it records how many more successes its job needs at least before
-it could be (``recheck_at`` against the job's ``succeeded`` counter). A failed
-dependency therefore leaves its dependents waiting for ever, as Batch's default
-dependency action ("block") does.
+not yet satisfied it records how many more satisfying ends its job needs at least
+before it could be (``recheck_at`` against the job's ``satisfied`` counter). A task
+*satisfies* its dependents when its exit conditions' dependency action for the way
+it ended is ``satisfy`` (Batch's default: only for success); the finishing
+transaction decides it (``tasks.satisfies``) and bumps the counter. A dependency that
+ended with ``block`` therefore leaves its dependents waiting for ever, as on Batch.
+
+Jobs keep Batch's outcome fields: ``terminate_reason``, ``completed`` (the end
+time) and ``state_changed``; a job's ``deadline`` (creation plus its max wall clock,
+Batch's ``constraints.maxWallClockTime``) is found by an index when it passes.
+
+Schema versions: 1 had no exit conditions and counted successes (``succeeded``);
+opening such a database upgrades it in place to 2 (see ``_MIGRATE_1_TO_2``).
 """
 
 from __future__ import annotations
@@ -19,15 +28,40 @@ import json
 import sqlite3
 import threading
 import time
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from handlers.base import ID_PATTERN, JobSpec, OutputFile, ResourceFile, TaskSpec
-from worker.backends.base import TASK_STATES, AddResult, JobState, JobStatus, TaskError
+from handlers.base import (
+    ID_PATTERN,
+    DependencyAction,
+    ExitConditions,
+    ExitOptions,
+    JobAction,
+    JobSpec,
+    OutputFile,
+    ResourceFile,
+    TaskEnd,
+    TaskSpec,
+)
+from worker.backends.base import (
+    REASON_ALL_COMPLETE,
+    REASON_TASK_FAILED,
+    TASK_STATES,
+    AddResult,
+    FailedTask,
+    FailureCategory,
+    JobRecord,
+    JobState,
+    JobStatus,
+    TaskCounts,
+    TaskError,
+)
 from worker.errors import BatchRejected, SystemFault
 
 #: Batch deletes a task's directory seven days after it completes unless told otherwise.
@@ -36,7 +70,11 @@ DEFAULT_RETENTION = 7 * 24 * 3600.0
 _MAX_NUMERIC_ID_DIGITS = 18
 #: Ids per ``IN (...)`` query when checking a ``depends_on`` list.
 _IN_CHUNK = 500
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
+#: The failure code of a task ended by its job's termination (Batch's ``TaskEnded``).
+TASK_ENDED = "TaskEnded"
+#: ``jobs.on_task_failure``: 1 for Batch's ``performexitoptionsjobaction``.
+_ACTS = "performexitoptionsjobaction"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -51,11 +89,18 @@ CREATE TABLE IF NOT EXISTS jobs (
     uses_dependencies INTEGER NOT NULL DEFAULT 0,
     sealed INTEGER NOT NULL DEFAULT 0,
     state TEXT NOT NULL DEFAULT 'active',
-    succeeded INTEGER NOT NULL DEFAULT 0,
+    satisfied INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL,
-    completed REAL
+    completed REAL,
+    on_task_failure INTEGER NOT NULL DEFAULT 0,
+    deadline REAL,
+    terminate_reason TEXT,
+    state_changed REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs(priority DESC, seq) WHERE state = 'active';
+CREATE INDEX IF NOT EXISTS jobs_deadline ON jobs(deadline)
+    WHERE state = 'active' AND deadline IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_changed ON jobs(state_changed) WHERE state = 'completed';
 CREATE TABLE IF NOT EXISTS tasks (
     seq INTEGER PRIMARY KEY,
     job_seq INTEGER NOT NULL,
@@ -88,6 +133,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     pid INTEGER,
     proc_start INTEGER,
     purge_at REAL,
+    exit_conditions TEXT,
+    satisfies INTEGER,
+    category TEXT,
     UNIQUE (job_seq, id)
 );
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks(job_seq, state, result);
@@ -95,7 +143,8 @@ CREATE INDEX IF NOT EXISTS tasks_ready ON tasks(job_seq)
     WHERE state = 'active' AND waiting = 0;
 CREATE INDEX IF NOT EXISTS tasks_waiting ON tasks(job_seq, recheck_at)
     WHERE state = 'active' AND waiting = 1;
-CREATE INDEX IF NOT EXISTS tasks_num ON tasks(job_seq, num, result) WHERE num IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_range ON tasks(job_seq, num, satisfies)
+    WHERE num IS NOT NULL;
 CREATE INDEX IF NOT EXISTS tasks_purge ON tasks(purge_at) WHERE purge_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS transitions (
     task_seq INTEGER NOT NULL,
@@ -106,17 +155,42 @@ CREATE TABLE IF NOT EXISTS transitions (
 CREATE INDEX IF NOT EXISTS transitions_task ON transitions(task_seq);
 """
 
+#: Version 1 to 2: exit conditions, the satisfied counter (a version-1 task satisfied
+#: its dependents exactly when it succeeded, so the success counter carries over), the
+#: jobs' outcome fields and the failed tasks' categories. Version-1 jobs get no
+#: deadline: their max wall clock was a default for their tasks, not the job's own.
+#: The statements after these are ``_SCHEMA``'s, which add the new indexes.
+_MIGRATE_1_TO_2 = (
+    "DROP INDEX IF EXISTS tasks_num",
+    "ALTER TABLE jobs RENAME COLUMN succeeded TO satisfied",
+    "ALTER TABLE jobs ADD COLUMN on_task_failure INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE jobs ADD COLUMN deadline REAL",
+    "ALTER TABLE jobs ADD COLUMN terminate_reason TEXT",
+    "ALTER TABLE jobs ADD COLUMN state_changed REAL",
+    f"UPDATE jobs SET state_changed = COALESCE(completed, created), terminate_reason ="
+    f" CASE WHEN state = 'completed' THEN '{REASON_ALL_COMPLETE}' END",
+    "ALTER TABLE tasks ADD COLUMN exit_conditions TEXT",
+    "ALTER TABLE tasks ADD COLUMN satisfies INTEGER",
+    "ALTER TABLE tasks ADD COLUMN category TEXT",
+    "UPDATE tasks SET satisfies = (result = 'success') WHERE state = 'completed'",
+    "UPDATE tasks SET category = CASE"
+    " WHEN failure_code = 'MaxWallClockTimeExceeded' THEN 'wall_clock_timeout'"
+    " WHEN failure_code LIKE 'ResourceFile%' THEN 'resource_file_failure'"
+    " WHEN failure_code = 'FileUploadError' THEN 'output_upload_failure'"
+    " ELSE 'exit_code' END WHERE result = 'failure'",
+)
+
 _INSERT_TASK = (
     "INSERT OR IGNORE INTO tasks (job_seq, id, num, display_name, command_line, environment,"
     " resource_files, output_files, depends_on, depends_on_ranges, max_task_retries,"
-    " max_wall_clock, retention, required_slots, container_image, waiting, created)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " max_wall_clock, retention, required_slots, container_image, waiting, created,"
+    " exit_conditions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 _RUN_COLUMNS = (
     "t.seq, j.id, t.id, j.pool, t.command_line, t.environment, t.resource_files,"
     " t.output_files, COALESCE(t.max_task_retries, j.max_task_retries, 0),"
-    " COALESCE(t.max_wall_clock, j.max_wall_clock), t.retry_count, t.required_slots,"
+    " t.max_wall_clock, t.retry_count, t.required_slots,"
     " t.container_image"
 )
 
@@ -254,8 +328,10 @@ class Store:
         if self._schema_version(conn) == _SCHEMA_VERSION:
             return
         with self._write() as tx:
-            if self._schema_version(tx) < _SCHEMA_VERSION:
-                for statement in _SCHEMA.split(";"):
+            version = self._schema_version(tx)
+            if version < _SCHEMA_VERSION:
+                for statement in (*(_MIGRATE_1_TO_2 if version == 1 else ()),
+                                  *_SCHEMA.split(";")):
                     if statement.strip():
                         tx.execute(statement)
                 tx.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
@@ -297,16 +373,19 @@ class Store:
             raise BatchRejected(f"job id {job.id!r} is not 1-64 letters, digits, hyphens or "
                                 "underscores", reason="InvalidPropertyValue")
         wall = job.max_wall_clock.total_seconds() if job.max_wall_clock else None
+        now = time.time()
         with self._write() as conn:
             row = conn.execute("SELECT sealed FROM jobs WHERE id = ?", (job.id,)).fetchone()
             if row is not None:
                 return "sealed" if row[0] else "exists"
             conn.execute(
                 "INSERT INTO jobs (id, pool, priority, display_name, metadata, max_task_retries,"
-                " max_wall_clock, uses_dependencies, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " max_wall_clock, uses_dependencies, created, on_task_failure, deadline,"
+                " state_changed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.id, job.pool or self._pool, job.priority, job.display_name,
                  json.dumps(job.metadata) if job.metadata else None, job.max_task_retries,
-                 wall, int(job.uses_task_dependencies), time.time()),
+                 wall, int(job.uses_task_dependencies), now, int(job.on_task_failure == _ACTS),
+                 None if wall is None else now + wall, now),
             )
         return "created"
 
@@ -336,6 +415,135 @@ class Store:
             rows = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?",
                                 (limit,)).fetchall()
             return [_job_status(conn, row) for row in rows]
+
+    def terminate_job(self, job_id: str, reason: str) -> list[int]:
+        """Complete an active job now with ``reason``; return the seqs of its tasks that
+        were preparing or running (now completed as ended), for the caller to stop.
+        A completed or missing job is left as it is (an empty list)."""
+        with self._write() as conn:
+            row = conn.execute("SELECT seq FROM jobs WHERE id = ? AND state = 'active'",
+                               (job_id,)).fetchone()
+            return [] if row is None else _terminate(conn, row[0], reason, time.time())
+
+    def expired_jobs(self, now: float) -> list[str]:
+        """The active jobs whose max wall clock (from their creation) has passed."""
+        return [r[0] for r in self._conn().execute(
+            "SELECT id FROM jobs WHERE state = 'active' AND deadline IS NOT NULL"
+            " AND deadline <= ?", (now,))]
+
+    def delete_job(self, job_id: str) -> tuple[str, list[int]] | None:
+        """Delete the job with its tasks and their transitions; return its id as stored
+        and the seqs of its tasks that were preparing or running, or None if there is
+        no such job."""
+        with self._write() as conn:
+            row = conn.execute("SELECT seq, id FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            job_seq, stored = row
+            running = [r[0] for r in conn.execute(
+                "SELECT seq FROM tasks WHERE job_seq = ? AND state IN ('preparing', 'running')",
+                (job_seq,))]
+            conn.execute("DELETE FROM transitions WHERE task_seq IN"
+                         " (SELECT seq FROM tasks WHERE job_seq = ?)", (job_seq,))
+            conn.execute("DELETE FROM tasks WHERE job_seq = ?", (job_seq,))
+            conn.execute("DELETE FROM jobs WHERE seq = ?", (job_seq,))
+        return stored, running
+
+    def update_metadata(self, job_id: str, metadata: dict[str, str]) -> None:
+        """Replace the job's metadata (completed jobs too)."""
+        with self._write() as conn:
+            if conn.execute("UPDATE jobs SET metadata = ? WHERE id = ?",
+                            (json.dumps(metadata) if metadata else None, job_id)).rowcount == 0:
+                raise BatchRejected(f"job {job_id!r} does not exist", reason="JobNotFound")
+
+    def job_record(self, job_id: str) -> JobRecord | None:
+        """One job as the monitor reads it, or None."""
+        row = self._conn().execute(f"SELECT {_RECORD_COLUMNS} FROM jobs WHERE id = ?",
+                                   (job_id,)).fetchone()
+        return None if row is None else _job_record(row)
+
+    def fanout_jobs(self, completed_since: float | None) -> list[JobRecord]:
+        """Jobs whose metadata names a fanout handler: every active one, and the
+        completed ones whose state changed at or after ``completed_since`` (all if None)."""
+        rows = self._conn().execute(
+            f"SELECT {_RECORD_COLUMNS} FROM jobs WHERE metadata IS NOT NULL"
+            " AND json_extract(metadata, '$.\"fanout-handler\"') IS NOT NULL"
+            " AND (state != 'completed' OR ? IS NULL OR state_changed >= ?) ORDER BY seq",
+            (completed_since, completed_since)).fetchall()
+        return [_job_record(row) for row in rows]
+
+    def task_counts(self, job_id: str) -> TaskCounts | None:
+        """The job's task counts (``running`` includes ``preparing``), or None."""
+        with self._read() as conn:
+            row = conn.execute("SELECT seq FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            counts = TaskCounts()
+            for state, result, n in conn.execute(
+                "SELECT state, result, count(*) FROM tasks WHERE job_seq = ?"
+                " GROUP BY state, result", (row[0],)
+            ):
+                if state == "active":
+                    counts.active += n
+                elif state == "completed":
+                    counts.completed += n
+                    if result == "success":
+                        counts.succeeded += n
+                    else:
+                        counts.failed += n
+                else:
+                    counts.running += n
+            return counts
+
+    def failed_tasks(self, job_id: str, limit: int) -> tuple[str, list[FailedTask]]:
+        """The job's id as stored and up to ``limit`` of its failed tasks, in insertion
+        order (``logs`` left for the caller, who knows the task directories)."""
+        with self._read() as conn:
+            row = conn.execute("SELECT seq, id FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return job_id, []
+            rows = conn.execute(
+                "SELECT id, category, exit_code, failure_code, failure_message, start_time,"
+                " end_time, retry_count FROM tasks WHERE job_seq = ? AND state = 'completed'"
+                " AND result = 'failure' ORDER BY seq LIMIT ?", (row[0], limit)).fetchall()
+        return row[1], [FailedTask(
+            id=tid, category=cast(FailureCategory, category or category_for(code)),
+            exit_code=exit_code, failure_code=code, failure_message=message,
+            start_time=_aware(start), end_time=_aware(end), retry_count=retries)
+            for tid, category, exit_code, code, message, start, end, retries in rows]
+
+    def blocked_tasks(self, job_id: str, limit: int) -> list[str] | None:
+        """The job's active tasks that can never run: a dependency of theirs completed
+        with dependency action ``block``, or is itself such a task. None when the job
+        has more than ``limit`` active tasks; [] for a missing job."""
+        with self._read() as conn:
+            row = conn.execute("SELECT seq FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return []
+            job_seq = row[0]
+            active = conn.execute(
+                "SELECT id, num, depends_on, depends_on_ranges FROM tasks WHERE job_seq = ?"
+                " AND state = 'active' ORDER BY seq LIMIT ?", (job_seq, limit + 1)).fetchall()
+            if len(active) > limit:
+                return None
+            return _blocked(conn, job_seq, active)
+
+    def task_ids(self, job_id: str, task_id: str) -> tuple[str, str] | None:
+        """The job's and the task's ids as stored (they name its directory), or None."""
+        row = self._conn().execute(
+            "SELECT j.id, t.id FROM tasks t JOIN jobs j ON j.seq = t.job_seq"
+            " WHERE j.id = ? AND t.id = ?", (job_id, task_id)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def ended_among(self, seqs: Sequence[int]) -> list[int]:
+        """Those of ``seqs`` (tasks this process runs) that were completed or deleted
+        meanwhile: by a job's termination or deletion, maybe in another process."""
+        if not seqs:
+            return []
+        live = {r[0] for r in self._conn().execute(
+            f"SELECT seq FROM tasks WHERE seq IN ({','.join('?' * len(seqs))})"
+            " AND state != 'completed'", tuple(seqs))}
+        return [seq for seq in seqs if seq not in live]
 
     def active_summary(self, slots: int) -> tuple[int, dict[str, int], int]:
         """Active jobs, their task counts by state, and the slots their tasks hold."""
@@ -418,17 +626,17 @@ class Store:
         return [Orphan(seq=r[0], pid=r[1], proc_start=r[2]) for r in rows]
 
     def evaluate_waiting(self) -> int:
-        """Check the waiting tasks whose job gained enough successes since their last
-        check; return how many became ready."""
+        """Check the waiting tasks whose job gained enough satisfying ends since their
+        last check; return how many became ready."""
         if self._conn().execute(_DUE_WAITING + " LIMIT 1").fetchone() is None:
             return 0
         # One write transaction, so a concurrent seal_job's reset is never overwritten.
         with self._write() as conn:
-            verdicts = [(seq, succeeded, _missing(conn, job_seq, ids, ranges, bool(sealed)))
-                        for seq, job_seq, ids, ranges, succeeded, sealed
+            verdicts = [(seq, satisfied, _missing(conn, job_seq, ids, ranges, bool(sealed)))
+                        for seq, job_seq, ids, ranges, satisfied, sealed
                         in conn.execute(_DUE_WAITING).fetchall()]
             ready = [(seq,) for seq, _, missing in verdicts if missing == 0]
-            later = [(succeeded + missing, seq) for seq, succeeded, missing in verdicts if missing]
+            later = [(satisfied + missing, seq) for seq, satisfied, missing in verdicts if missing]
             conn.executemany("UPDATE tasks SET waiting = 0 WHERE seq = ?", ready)
             conn.executemany("UPDATE tasks SET recheck_at = ? WHERE seq = ?", later)
         return len(ready)
@@ -474,33 +682,60 @@ class Store:
         )
 
     def mark_running(self, seq: int, pid: int, proc_start: int | None) -> None:
-        """Record that the task's process started (its pid is its process group)."""
+        """Record that the task's process started (its pid is its process group); a
+        task its job's termination already completed is left as it is."""
         now = time.time()
         with self._write() as conn:
-            conn.execute("UPDATE tasks SET state = 'running', pid = ?, proc_start = ?,"
-                         " start_time = ? WHERE seq = ?", (pid, proc_start, now, seq))
-            conn.execute("INSERT INTO transitions VALUES (?, ?, 'running', NULL)", (seq, now))
+            if conn.execute("UPDATE tasks SET state = 'running', pid = ?, proc_start = ?,"
+                            " start_time = ? WHERE seq = ? AND state = 'preparing'",
+                            (pid, proc_start, now, seq)).rowcount:
+                conn.execute("INSERT INTO transitions VALUES (?, ?, 'running', NULL)",
+                             (seq, now))
 
     def finish(self, seq: int, *, success: bool, exit_code: int | None,
                failure_code: str | None, failure_message: str | None,
-               retention: float | None = None) -> None:
-        """Complete the task and, if its job is sealed and done, the job."""
+               end: TaskEnd = "exit", category: FailureCategory | None = None
+               ) -> list[int] | None:
+        """Complete the task, applying its exit conditions for how it ended: whether it
+        satisfies its dependents and what it does to its job (a ``terminate`` job
+        action, on a job whose ``on_task_failure`` lets it act, completes the job as
+        ``TaskFailed``); then complete a sealed job whose tasks are all done.
+
+        Returns None, or when the task's end terminated its job the seqs of the job's
+        other tasks that ended with it, for the caller to stop. A task no longer
+        preparing or running (its job was terminated or deleted meanwhile) is left as
+        it is.
+        """
         now = time.time()
         result = "success" if success else "failure"
         with self._write() as conn:
-            job_seq, keep = conn.execute("SELECT job_seq, retention FROM tasks WHERE seq = ?",
-                                         (seq,)).fetchone()
+            row = conn.execute(
+                "SELECT t.job_seq, t.retention, t.exit_conditions, j.on_task_failure, t.state"
+                " FROM tasks t JOIN jobs j ON j.seq = t.job_seq WHERE t.seq = ?",
+                (seq,)).fetchone()
+            if row is None or row[4] not in ("preparing", "running"):
+                return None
+            job_seq, keep, conditions, acts, _ = row
+            job_action, dependency_action = _options(conditions, end, exit_code, success,
+                                                     bool(acts))
+            satisfies = dependency_action == "satisfy"
             keep = keep if keep is not None else DEFAULT_RETENTION
             conn.execute(
                 "UPDATE tasks SET state = 'completed', result = ?, exit_code = ?, failure_code = ?,"
                 " failure_message = ?, end_time = ?, pid = NULL, proc_start = NULL,"
-                " purge_at = ? WHERE seq = ?",
-                (result, exit_code, failure_code, failure_message, now, now + keep, seq))
+                " purge_at = ?, satisfies = ?, category = ? WHERE seq = ?",
+                (result, exit_code, failure_code, failure_message, now, now + keep,
+                 int(satisfies), None if success else (category or category_for(failure_code)),
+                 seq))
             conn.execute("INSERT INTO transitions VALUES (?, ?, 'completed', ?)",
                          (seq, now, failure_code or result))
-            if success:
-                conn.execute("UPDATE jobs SET succeeded = succeeded + 1 WHERE seq = ?", (job_seq,))
+            if satisfies:
+                conn.execute("UPDATE jobs SET satisfied = satisfied + 1 WHERE seq = ?",
+                             (job_seq,))
+            if job_action == "terminate":
+                return _terminate(conn, job_seq, REASON_TASK_FAILED, now)
             _complete_if_done(conn, job_seq, now)
+        return None
 
     def retry(self, seq: int, *, exit_code: int | None, failure_code: str | None,
               failure_message: str | None) -> None:
@@ -516,13 +751,16 @@ class Store:
                         failure_code: str | None, failure_message: str | None) -> None:
         now = time.time()
         with self._write() as conn:
-            conn.execute(
+            if conn.execute(
                 f"UPDATE tasks SET state = 'active', {counter} = {counter} + 1, pid = NULL,"
                 " proc_start = NULL, exit_code = COALESCE(?, exit_code),"
                 " failure_code = COALESCE(?, failure_code),"
-                " failure_message = COALESCE(?, failure_message), end_time = ? WHERE seq = ?",
-                (exit_code, failure_code, failure_message, now, seq))
-            conn.execute("INSERT INTO transitions VALUES (?, ?, 'active', ?)", (seq, now, reason))
+                " failure_message = COALESCE(?, failure_message), end_time = ? WHERE seq = ?"
+                " AND state IN ('preparing', 'running')",
+                (exit_code, failure_code, failure_message, now, seq)
+            ).rowcount:
+                conn.execute("INSERT INTO transitions VALUES (?, ?, 'active', ?)",
+                             (seq, now, reason))
 
     def purgeable(self, now: float, limit: int = 100) -> list[Purgeable]:
         """Completed tasks whose retention time has passed."""
@@ -557,12 +795,108 @@ _ANY_READY = (
 )
 
 _DUE_WAITING = (
-    "SELECT t.seq, t.job_seq, t.depends_on, t.depends_on_ranges, j.succeeded, j.sealed"
+    "SELECT t.seq, t.job_seq, t.depends_on, t.depends_on_ranges, j.satisfied, j.sealed"
     " FROM tasks t JOIN jobs j ON j.seq = t.job_seq"
-    " WHERE t.state = 'active' AND t.waiting = 1 AND t.recheck_at <= j.succeeded"
+    " WHERE j.state = 'active' AND t.state = 'active' AND t.waiting = 1"
+    " AND t.recheck_at <= j.satisfied"
 )
 
 _JOB_COLUMNS = "seq, id, state, pool, display_name, created, metadata, completed"
+_RECORD_COLUMNS = ("id, state, metadata, pool, created, completed, terminate_reason,"
+                   " state_changed")
+
+
+def _aware(at: float | None) -> datetime | None:
+    return None if at is None else datetime.fromtimestamp(at, UTC)
+
+
+def _job_record(row: tuple[Any, ...]) -> JobRecord:
+    job_id, state, metadata, pool, created, completed, reason, changed = row
+    return JobRecord(id=job_id, state=state, metadata=json.loads(metadata) if metadata else {},
+                     pool=pool, created=_aware(created), start_time=_aware(created),
+                     end_time=_aware(completed), terminate_reason=reason,
+                     state_changed=_aware(changed if changed is not None else created))
+
+
+def category_for(failure_code: str | None) -> FailureCategory:
+    """A failed task's category from its failure code alone (the runner knows better:
+    it passes one to :meth:`Store.finish`; this is the fallback)."""
+    if failure_code == "MaxWallClockTimeExceeded":
+        return "wall_clock_timeout"
+    if failure_code == TASK_ENDED:
+        return "cancelled"
+    if failure_code == "FileUploadError":
+        return "output_upload_failure"
+    if failure_code and failure_code.startswith("ResourceFile"):
+        return "resource_file_failure"
+    return "exit_code"
+
+
+def _terminate(conn: sqlite3.Connection, job_seq: int, reason: str, now: float) -> list[int]:
+    """Complete the job with ``reason``; its preparing and running tasks complete as
+    ended (Batch's ``TaskEnded``); its active ones stay active and never run, as Batch
+    leaves them. Returns the ended tasks' seqs."""
+    ended = [r[0] for r in conn.execute(
+        "SELECT seq FROM tasks WHERE job_seq = ? AND state IN ('preparing', 'running')",
+        (job_seq,))]
+    conn.executemany(
+        "UPDATE tasks SET state = 'completed', result = 'failure', exit_code = NULL,"
+        " failure_code = ?, failure_message = ?, end_time = ?, pid = NULL, proc_start = NULL,"
+        " purge_at = ? + COALESCE(retention, ?), satisfies = 0, category = 'cancelled'"
+        " WHERE seq = ?",
+        [(TASK_ENDED, f"the task was ended because its job was terminated ({reason})", now,
+          now, DEFAULT_RETENTION, seq) for seq in ended])
+    conn.executemany("INSERT INTO transitions VALUES (?, ?, 'completed', ?)",
+                     [(seq, now, TASK_ENDED) for seq in ended])
+    conn.execute("UPDATE jobs SET state = 'completed', completed = ?, state_changed = ?,"
+                 " terminate_reason = ? WHERE seq = ?", (now, now, reason, job_seq))
+    return ended
+
+
+def _options(conditions: str | None, end: TaskEnd, exit_code: int | None, success: bool,
+             acts: bool) -> tuple[JobAction, DependencyAction]:
+    """The job and dependency actions for a task's end (Batch's defaults without exit
+    conditions: satisfy and no action on success; block and, when the job lets exit
+    options act, terminate otherwise)."""
+    if conditions is None:
+        if success:
+            return "none", "satisfy"
+        return ("terminate" if acts else "none"), "block"
+    return _parse_conditions(conditions).options_for(end, exit_code, acts)
+
+
+def _options_json(options: ExitOptions | None) -> list[str | None] | None:
+    return None if options is None else [options.job_action, options.dependency_action]
+
+
+def _options_of(value: list[Any] | None) -> ExitOptions | None:
+    return None if value is None else ExitOptions(job_action=value[0],
+                                                  dependency_action=value[1])
+
+
+@lru_cache(maxsize=256)
+def conditions_json(conditions: ExitConditions) -> str:
+    """Compact JSON of a task's exit conditions (cached: a sweep's tasks share a few)."""
+    return json.dumps({
+        "codes": [[code, *(_options_json(o) or ())] for code, o in conditions.exit_codes],
+        "ranges": [[lo, hi, *(_options_json(o) or ())]
+                   for lo, hi, o in conditions.exit_code_ranges],
+        "pre": _options_json(conditions.pre_processing_error),
+        "upload": _options_json(conditions.file_upload_error),
+        "default": _options_json(conditions.default),
+    }, separators=(",", ":"))
+
+
+@lru_cache(maxsize=256)
+def _parse_conditions(text: str) -> ExitConditions:
+    data = json.loads(text)
+    return ExitConditions(
+        exit_codes=tuple((c[0], ExitOptions(c[1], c[2])) for c in data["codes"]),
+        exit_code_ranges=tuple((r[0], r[1], ExitOptions(r[2], r[3])) for r in data["ranges"]),
+        pre_processing_error=_options_of(data["pre"]),
+        file_upload_error=_options_of(data["upload"]),
+        default=_options_of(data["default"]),
+    )
 
 
 def _job_status(conn: sqlite3.Connection, row: tuple[Any, ...]) -> JobStatus:
@@ -607,9 +941,11 @@ def _pick(conn: sqlite3.Connection, free_slots: int, total_slots: int, limit: in
 
 def _complete_if_done(conn: sqlite3.Connection, job_seq: int, now: float) -> None:
     conn.execute(
-        "UPDATE jobs SET state = 'completed', completed = ? WHERE seq = ? AND sealed = 1"
+        "UPDATE jobs SET state = 'completed', completed = ?, state_changed = ?,"
+        " terminate_reason = ? WHERE seq = ? AND sealed = 1"
         " AND state = 'active' AND NOT EXISTS (SELECT 1 FROM tasks WHERE job_seq = ?"
-        " AND state IN ('active', 'preparing', 'running'))", (now, job_seq, job_seq))
+        " AND state IN ('active', 'preparing', 'running'))",
+        (now, now, REASON_ALL_COMPLETE, job_seq, job_seq))
 
 
 def _numeric_id(task_id: str) -> int | None:
@@ -641,8 +977,12 @@ def _task_rows(job_seq: int, tasks: Sequence[TaskSpec], now: float,
                 errors.append(TaskError(tid, problem[0], problem[1]))
                 continue
             waiting = 1
-        env, rfiles, ofiles, wall, keep = (t.environment, t.resource_files, t.output_files,
-                                           t.max_wall_clock, t.retention)
+        env, rfiles, ofiles, wall, keep, exits = (t.environment, t.resource_files,
+                                                  t.output_files, t.max_wall_clock,
+                                                  t.retention, t.exit_conditions)
+        if exits is not None and _disables(exits):
+            errors.append(TaskError(tid, "InvalidPropertyValue", _NO_DISABLE))
+            continue
         rows.append((
             job_seq, tid, _numeric_id(tid) if tid.isdigit() else None, t.display_name,
             t.command_line, dumps(env) if env else None,
@@ -655,8 +995,23 @@ def _task_rows(job_seq: int, tasks: Sequence[TaskSpec], now: float,
             t.max_task_retries, wall.total_seconds() if wall is not None else None,
             keep.total_seconds() if keep is not None else None, t.required_slots,
             t.container_image, waiting, now,
+            conditions_json(exits) if exits is not None else None,
         ))
     return rows, errors
+
+
+_NO_DISABLE = ("the local executor does not take exit options with job action 'disable' "
+               "(it has no way to enable a job again)")
+
+
+@lru_cache(maxsize=256)
+def _disables(conditions: ExitConditions) -> bool:
+    """Whether any of the exit options has job action ``disable``."""
+    options: list[ExitOptions | None] = [o for _, o in conditions.exit_codes]
+    options += [o for _, _, o in conditions.exit_code_ranges]
+    options += [conditions.pre_processing_error, conditions.file_upload_error,
+                conditions.default]
+    return any(o is not None and o.job_action == "disable" for o in options)
 
 
 def _dependency_problem(ids: Sequence[str], ranges: Sequence[tuple[int, int]],
@@ -672,12 +1027,13 @@ def _dependency_problem(ids: Sequence[str], ranges: Sequence[tuple[int, int]],
 
 def _missing(conn: sqlite3.Connection, job_seq: int, ids_json: str | None,
              ranges_json: str | None, sealed: bool) -> int:
-    """A lower bound on the successes the job still needs before these dependencies
-    are met; 0 when they are met.
+    """A lower bound on the satisfying ends the job still needs before these
+    dependencies are met; 0 when they are met.
 
-    Explicit ids must exist and succeed. Ids of a range must succeed where they exist;
-    until the job is sealed, every id of the range must also exist (so an aggregate
-    added before its range never runs early).
+    Explicit ids must exist and satisfy (succeed, or fail with dependency action
+    ``satisfy``). Ids of a range must satisfy where they exist; until the job is
+    sealed, every id of the range must also exist (so an aggregate added before its
+    range never runs early).
     """
     need = 0
     if ids_json:
@@ -686,13 +1042,49 @@ def _missing(conn: sqlite3.Connection, job_seq: int, ids_json: str | None,
         for start in range(0, len(wanted), _IN_CHUNK):
             part = wanted[start:start + _IN_CHUNK]
             ok += conn.execute(
-                "SELECT count(*) FROM tasks WHERE job_seq = ? AND result = 'success'"
+                "SELECT count(*) FROM tasks WHERE job_seq = ? AND satisfies = 1"
                 f" AND id IN ({','.join('?' * len(part))})", (job_seq, *part)).fetchone()[0]
         need = max(need, len(wanted) - ok)
     for lo, hi in json.loads(ranges_json) if ranges_json else ():
         exist, ok = conn.execute(
-            "SELECT count(*), count(CASE WHEN result = 'success' THEN 1 END) FROM tasks"
+            "SELECT count(*), count(CASE WHEN satisfies = 1 THEN 1 END) FROM tasks"
             " WHERE job_seq = ? AND num IS NOT NULL AND num BETWEEN ? AND ?",
             (job_seq, lo, hi)).fetchone()
         need = max(need, (exist if sealed else hi - lo + 1) - ok)
     return need
+
+
+def _blocked(conn: sqlite3.Connection, job_seq: int,
+             active: Sequence[tuple[str, int | None, str | None, str | None]]) -> list[str]:
+    """Which of the job's ``active`` tasks (all of them) wait on a dependency that
+    completed with dependency action ``block``, directly or through another of them."""
+    deps = [(tid, num, [i.lower() for i in json.loads(ids)] if ids else [],
+             [tuple(r) for r in json.loads(ranges)] if ranges else [])
+            for tid, num, ids, ranges in active if ids or ranges]
+    wanted = sorted({i for _, _, ids, _ in deps for i in ids})
+    blockers: set[str] = set()
+    for start in range(0, len(wanted), _IN_CHUNK):
+        part = wanted[start:start + _IN_CHUNK]
+        blockers.update(r[0].lower() for r in conn.execute(
+            "SELECT id FROM tasks WHERE job_seq = ? AND state = 'completed' AND satisfies = 0"
+            f" AND id IN ({','.join('?' * len(part))})", (job_seq, *part)))
+    blocking_ranges = {r for _, _, _, ranges in deps for r in ranges if conn.execute(
+        "SELECT 1 FROM tasks WHERE job_seq = ? AND num BETWEEN ? AND ?"
+        " AND state = 'completed' AND satisfies = 0 LIMIT 1", (job_seq, *r)).fetchone()}
+    blocked: set[str] = set()
+    nums: list[int] = []  # the blocked tasks' numeric ids, sorted
+    changed = True
+    while changed:  # to a fixed point: a dependent of a blocked task is blocked too
+        changed = False
+        for tid, num, ids, ranges in deps:
+            if tid in blocked:
+                continue
+            if any(i in blockers for i in ids) or any(
+                    r in blocking_ranges or bisect_left(nums, r[0]) < bisect_right(nums, r[1])
+                    for r in ranges):
+                blocked.add(tid)
+                blockers.add(tid.lower())
+                if num is not None:
+                    insort(nums, num)
+                changed = True
+    return [tid for tid, *_ in deps if tid in blocked]
