@@ -23,7 +23,10 @@ from worker.backends.base import (
     META_KEY,
     META_MESSAGE_ID,
     META_OUTPUTS,
+    REASON_BLOCKED,
     REASON_CANCELLED,
+    REASON_SUBMIT_FAILED,
+    REASON_TASK_FAILED,
     REASON_USER,
     REASON_WALL_CLOCK,
     FailedTask,
@@ -49,12 +52,17 @@ def event_id(job_id: str) -> str:
 def outcome_of(job: JobRecord, counts: TaskCounts) -> JobOutcome:
     """``succeeded`` only when every task succeeded; a job ended by its max wall clock
     ``timed_out``; one ended by ``fanout cancel`` (or a user, in the portal)
-    ``cancelled``; anything else ``failed``."""
+    ``cancelled``; anything else ``failed`` -- so is a job whose submission stopped (its
+    added tasks may all have succeeded, but not every task was added), one the monitor
+    ended because its remaining tasks were blocked, and one a task's exit options
+    terminated."""
     reason = job.terminate_reason or ""
     if reason == REASON_WALL_CLOCK:
         return "timed_out"
     if reason in (REASON_CANCELLED, REASON_USER):
         return "cancelled"
+    if reason in (REASON_SUBMIT_FAILED, REASON_BLOCKED, REASON_TASK_FAILED):
+        return "failed"
     if counts.failed == 0 and counts.succeeded == counts.total:
         return "succeeded"
     return "failed"
