@@ -13,7 +13,7 @@ import pytest
 from azure.core.credentials import AzureNamedKeyCredential
 from prometheus_client import CollectorRegistry
 
-from handlers.base import TaskSpec
+from handlers.base import SATISFY_DEPENDENTS, JobOutput, TaskSpec
 from handlers.errors import BudgetExceeded, InvalidParams
 from handlers.render import MERGE_ID
 from tests.fakes.batch_peer import BatchPeer
@@ -220,3 +220,48 @@ def test_commands_quote_hostile_scene_names(planner: PlanHarness) -> None:
         assert task.resource_files[0].file_path == "scene.blend"
     assert [t.id for t in tasks] == ["0", "1"]
     assert tasks[0].output_files[0].path == "x'; rm -rf ~ #/frames"
+
+
+def test_merge_skips_after_a_failure_by_default(planner: PlanHarness) -> None:
+    """Default ``skip``: render tasks carry no exit conditions (Batch blocks the merge
+    when one fails); the merge is told its range and policy."""
+    job, tasks = planner.job(render(frames={"start": 1, "end": 6}, frames_per_task=2,
+                                    encode={}))
+    assert [t.exit_conditions for t in tasks] == [None] * 4
+    merge = tasks[-1]
+    assert merge.environment == {"FANOUT_FAN_IN_RANGE": "0-2",
+                                 "FANOUT_ON_DEPENDENCY_FAILURE": "skip"}
+
+
+def test_merge_run_satisfies_it_whatever_frames_do(planner: PlanHarness) -> None:
+    """``run``: every render task carries the shared SATISFY_DEPENDENTS; the merge none."""
+    _, tasks = planner.job(render(frames={"start": 1, "end": 6}, frames_per_task=2,
+                                  encode={"on_dependency_failure": "run"}))
+    *renders, merge = tasks
+    assert all(t.exit_conditions is SATISFY_DEPENDENTS for t in renders) and len(renders) == 3
+    assert merge.exit_conditions is None
+    assert merge.environment["FANOUT_ON_DEPENDENCY_FAILURE"] == "run"
+
+
+def test_render_without_encode_has_no_exit_conditions(planner: PlanHarness) -> None:
+    """No merge, no dependencies, no exit conditions (Batch would refuse them)."""
+    job, tasks = planner.job(render(frames={"start": 1, "end": 3}))
+    assert not job.uses_task_dependencies
+    assert [t.exit_conditions for t in tasks] == [None, None, None]
+    assert job.outputs == [JobOutput("frames", "renders/shot-042/scene/frames/")]
+
+
+def test_outputs_are_the_frames_prefix_and_the_video(planner: PlanHarness) -> None:
+    """The job declares its frames prefix and video as container/path, no URL or SAS."""
+    job, _ = planner.job(render(frames={"start": 1, "end": 3},
+                                output={"container": "renders", "prefix": "my shot"},
+                                encode={"format": "mkv"}))
+    assert job.outputs == [JobOutput("frames", "renders/my shot/frames/"),
+                           JobOutput("video", "renders/my shot/video.mkv")]
+
+
+def test_on_dependency_failure_is_validated(planner: PlanHarness) -> None:
+    """A value other than run or skip is InvalidParams naming the field."""
+    with pytest.raises(InvalidParams, match=r"encode\.on_dependency_failure.*'run' or 'skip'"):
+        planner.plan(render(frames={"start": 1, "end": 3},
+                            encode={"on_dependency_failure": "continue"}))

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import itertools
+import os
 import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from handlers.base import BuildRequest, JobSpec, TaskSpec
+from handlers.base import SATISFY_DEPENDENTS, BuildRequest, JobSpec, Program, TaskSpec
 from handlers.errors import BudgetExceeded, InvalidParams, MessageFault, UnknownProgram
-from handlers.sweep import SweepHandler
+from handlers.sweep import AGGREGATE_ID, SweepHandler
+from worker.backends.local import LocalBackend
+from worker.config import SubmitConfig
+from worker.metrics import Metrics
+from worker.submit import Submitter
 
 from .conftest import StubContext
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def build(ctx: StubContext, **params: Any) -> tuple[JobSpec, list[TaskSpec]]:
@@ -182,3 +194,127 @@ def test_tasks_stream_lazily(stub_ctx: StubContext) -> None:
     it = iter(job.tasks)
     first = next(it)
     assert first.id == "0" and not isinstance(job.tasks, list)
+
+
+def test_aggregate_runs_after_failures_by_default(stub_ctx: StubContext) -> None:
+    """Default ``run``: every sweep task carries the one shared SATISFY_DEPENDENTS, so a
+    failed task satisfies the aggregate; the aggregate itself carries none."""
+    job, tasks = build(stub_ctx, program="simulate", repeat=2,
+                       parameters={"alpha": [1, 2, 3], "beta": [0]},
+                       aggregate={"program": "reduce"})
+    *sweep, agg = tasks
+    assert len(sweep) == 6
+    assert all(t.exit_conditions is SATISFY_DEPENDENTS for t in sweep)
+    assert agg.exit_conditions is None
+    assert SATISFY_DEPENDENTS.options_for("exit", 1) == ("none", "satisfy")
+    assert SATISFY_DEPENDENTS.options_for("pre_processing_error", None) == ("none", "satisfy")
+    assert agg.environment["FANOUT_FAN_IN_RANGE"] == "0-5"
+    assert agg.environment["FANOUT_ON_DEPENDENCY_FAILURE"] == "run"
+    assert agg.environment["FANOUT_TASK_COUNT"] == "6"
+    assert job.uses_task_dependencies and job.outputs == []
+
+
+def test_aggregate_skip_leaves_batch_default(stub_ctx: StubContext) -> None:
+    """``skip``: no task carries exit conditions, so Batch blocks the aggregate on a failure."""
+    _, tasks = build(stub_ctx, program="simulate", parameters={"alpha": [1, 2], "beta": [0]},
+                     aggregate={"program": "reduce", "on_dependency_failure": "skip"})
+    assert [t.exit_conditions for t in tasks] == [None, None, None]
+    assert tasks[-1].environment["FANOUT_ON_DEPENDENCY_FAILURE"] == "skip"
+    assert tasks[-1].environment["FANOUT_FAN_IN_RANGE"] == "0-1"
+
+
+def test_no_aggregate_no_exit_conditions(stub_ctx: StubContext) -> None:
+    """Without an aggregate the job uses no dependencies, so no task has exit conditions
+    (Batch refuses a dependency action on such a job)."""
+    job, tasks = build(stub_ctx, program="simulate", parameters={"alpha": [1, 2], "beta": [0]})
+    assert not job.uses_task_dependencies
+    assert [t.exit_conditions for t in tasks] == [None, None]
+
+
+def test_generic_path_carries_exit_conditions_too(stub_ctx: StubContext) -> None:
+    """A template whose literal text needs no quoting takes the generic path; it too
+    gives every task the shared exit conditions."""
+    stub_ctx.programs["bare"] = Program(name="bare", command="{alpha}")
+    _, tasks = build(stub_ctx, program="bare", parameters={"alpha": ["true", "false"]},
+                     aggregate={"program": "reduce"})
+    assert argv(tasks[0]) == ["true"]
+    assert [t.exit_conditions for t in tasks] == [SATISFY_DEPENDENTS, SATISFY_DEPENDENTS, None]
+    assert tasks[0].exit_conditions is tasks[1].exit_conditions
+
+
+@pytest.mark.parametrize("value", ["maybe", "", None, True, "RUN"])
+def test_on_dependency_failure_is_run_or_skip(stub_ctx: StubContext, value: Any) -> None:
+    """Any other value is InvalidParams naming the field and the two choices."""
+    with pytest.raises(InvalidParams, match=r"aggregate\.on_dependency_failure.*'run' or 'skip'"):
+        build(stub_ctx, program="simulate", parameters={"alpha": [1], "beta": [0]},
+              aggregate={"program": "reduce", "on_dependency_failure": value})
+
+
+def run_summary(shared: Path, job_id: str, fan_in: str | None) -> subprocess.CompletedProcess[str]:
+    """``python -m worker.demo summary`` as a Batch task of ``job_id`` would run it."""
+    env = {"PATH": os.defpath, "AZ_BATCH_NODE_SHARED_DIR": str(shared),
+           "AZ_BATCH_JOB_ID": job_id, "AZ_BATCH_TASK_ID": "aggregate",
+           "PYTHONPATH": str(REPO)}
+    if fan_in is not None:
+        env["FANOUT_FAN_IN_RANGE"] = fan_in
+    return subprocess.run([sys.executable, "-m", "worker.demo", "summary"], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_demo_summary_reports_missing_estimates(tmp_path: Path) -> None:
+    """The pi summary averages what exists, names the missing ids, and exits 0 if any
+    estimate exists (1 if none); without FANOUT_FAN_IN_RANGE it averages what it finds."""
+    results = tmp_path / "pi" / "job-x"
+    results.mkdir(parents=True)
+    for i in range(20):
+        if i not in (7, 11, 12, 13):
+            (results / f"{i}.txt").write_text("3.0\n" if i % 2 else "3.2\n")
+    (results / "aggregate.txt").write_text("not a number\n")
+    done = run_summary(tmp_path, "job-x", "0-19")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ("pi ~ 3.112500 averaged over 16 of 20 tasks; "
+                           "missing: 7, 11-13\n")
+    whole = run_summary(tmp_path, "job-x", None)
+    assert (whole.returncode, whole.stdout) == (0, "pi ~ 3.112500 averaged over 16 tasks\n")
+    none = run_summary(tmp_path, "job-empty", "0-2")
+    assert (none.returncode, none.stdout) == (1, "no estimates found of 3 tasks; missing: 0-2\n")
+    bad = run_summary(tmp_path, "job-x", "19-0")
+    assert bad.returncode == 2 and "ends before it starts" in bad.stdout
+
+
+def test_aggregate_runs_after_a_failed_task_on_the_local_executor(
+        stub_ctx: StubContext, tmp_path: Path) -> None:
+    """End to end: a pi sweep whose task 1 fails (``--seed bad``) still runs its
+    aggregate, which reports the missing estimate; the job's every task completes."""
+    python = shlex.quote(sys.executable)
+    env = {"PYTHONPATH": str(REPO)}
+    stub_ctx.programs["pi"] = Program(
+        name="pi", command=f"{python} -m worker.demo pi --samples 200 --seed {{seed}}",
+        environment=env)
+    stub_ctx.programs["pi-summary"] = Program(
+        name="pi-summary", command=f"{python} -m worker.demo summary", environment=env)
+    job = SweepHandler().build(BuildRequest("sweep", {
+        "program": "pi", "parameters": {"seed": [0, "bad", 2]},
+        "aggregate": {"program": "pi-summary"}}, "key"), stub_ctx)
+    job.id = "sweep-e2e"
+    backend = LocalBackend(home=tmp_path / "exec", slots=2, poll_interval=0.02)
+    submitter = Submitter(backend=backend, config=SubmitConfig(),
+                          metrics=Metrics(registry=CollectorRegistry()))
+    try:
+        backend.start()
+        assert submitter.submit(job, handler="sweep").added == 4
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            agg = backend.task(job.id, AGGREGATE_ID)
+            if agg is not None and agg.state == "completed":
+                break
+            time.sleep(0.05)
+        failed = backend.task(job.id, "1")
+        assert failed is not None and failed.state == "completed" and failed.exit_code == 2
+        assert agg is not None and agg.state == "completed", agg
+        assert agg.exit_code == 0
+        out = (backend.task_dir(job.id, AGGREGATE_ID) / "stdout.txt").read_text()
+        assert "averaged over 2 of 3 tasks; missing: 1" in out
+    finally:
+        submitter.close()
+        backend.close()

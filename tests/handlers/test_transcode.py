@@ -12,9 +12,9 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from handlers.base import TaskSpec
+from handlers.base import SATISFY_DEPENDENTS, JobOutput, TaskSpec
 from handlers.errors import BudgetExceeded, ForeignStorage, InvalidParams
-from handlers.transcode import DEFAULT_PRESETS, MANIFEST_ID
+from handlers.transcode import DEFAULT_PRESETS, MANIFEST_ID, MARKER
 from tests.handlers.conftest import PlanHarness, inner_argv
 
 DANGEROUS = "my clip; rm -rf ~.mp4"
@@ -107,8 +107,9 @@ def test_commands_run_as_written_by_a_real_shell(planner: PlanHarness, tmp_path:
 
 
 def test_manifest_fan_in_depends_on_one_range(planner: PlanHarness, tmp_path: Path) -> None:
-    """With manifest, a seventh task depends on ids 0..5 and writes each input's manifest."""
-    job, tasks = planner.job(two_inputs(manifest=True))
+    """With manifest, a seventh task depends on ids 0..5 and writes each input's manifest
+    (``skip``: it runs only when all succeeded, so the manifest says complete)."""
+    job, tasks = planner.job(two_inputs(manifest=True, on_dependency_failure="skip"))
     assert job.task_count == 7 and job.uses_task_dependencies
     fanin = tasks[-1]
     assert fanin.id == MANIFEST_ID
@@ -122,11 +123,14 @@ def test_manifest_fan_in_depends_on_one_range(planner: PlanHarness, tmp_path: Pa
     assert [r["blob"] for r in manifest["renditions"]] == [
         f"web/my clip; rm -rf ~/{name}.mp4" for name in HEIGHTS]
     assert manifest["job"] == job.id
+    assert (manifest["missing"], manifest["complete"]) == ([], True)
+    assert fanin.resource_files == []
+    assert all(t.exit_conditions is None and len(t.output_files) == 1 for t in tasks[:6])
 
 
 def test_hls_adds_variants_and_master_playlists(planner: PlanHarness, tmp_path: Path) -> None:
     """With hls, each rendition also uploads hls/* and the fan-in writes master playlists."""
-    _, tasks = planner.job(two_inputs(hls=True))
+    _, tasks = planner.job(two_inputs(hls=True, on_dependency_failure="skip"))
     first = tasks[0]
     steps = shlex.split(first.command_line)[2].split(" && ")
     assert len(steps) == 3 and steps[1] == "mkdir -p hls"
@@ -152,7 +156,7 @@ def test_thumbnail_tasks_follow_the_renditions(planner: PlanHarness) -> None:
     assert [t.id for t in thumbs] == ["6", "7"]
     argv = inner_argv(thumbs[1].command_line)
     assert value_after(argv, "-ss") == "2.5" and value_after(argv, "-i") == "input.mov"
-    assert argv[-4:] == ["&&", "test", "-s", "thumbnail.jpg"]
+    assert argv[-8:] == ["&&", "test", "-s", "thumbnail.jpg", "&&", ":", ">", MARKER]
     assert thumbs[1].output_files[0].path == "web/2026/11/b/thumbnail.jpg"
     assert tasks[8].depends_on_ranges == ((0, 7),)
 
@@ -241,3 +245,102 @@ def test_tasks_are_lazy(planner: PlanHarness) -> None:
     again = planner.plan(two_inputs()).jobs[0].job
     first: TaskSpec = next(iter(again.tasks))
     assert first.id == "0" and not isinstance(again.tasks, list) and job.task_count == 6
+
+
+def markers_for(fanin: TaskSpec, root: Path, task_ids: list[int]) -> None:
+    """Stage the success markers of ``task_ids`` where Batch would put them for ``fanin``."""
+    [rf] = fanin.resource_files
+    assert rf.blob_prefix is not None
+    for task_id in task_ids:
+        marker = root / rf.file_path / f"{rf.blob_prefix}{task_id}"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("")
+
+
+def test_fan_in_runs_after_failures_by_default(planner: PlanHarness) -> None:
+    """Default ``run``: every rendition and thumbnail task carries the shared
+    SATISFY_DEPENDENTS and uploads a success marker; the fan-in stages the markers."""
+    job, tasks = planner.job(two_inputs(manifest=True, thumbnail=True))
+    *numbered, fanin = tasks
+    assert len(numbered) == 8
+    assert all(t.exit_conditions is SATISFY_DEPENDENTS for t in numbered)
+    assert fanin.exit_conditions is None
+    prefix = f"web/.fanout/{job.id}/"
+    for task in numbered:
+        marker = task.output_files[-1]
+        assert (marker.file_pattern, marker.path, marker.upload_condition) == (
+            MARKER, f"{prefix}{task.id}", "success")
+        assert shlex.split(task.command_line)[2].endswith(f" && : > {MARKER}")
+    [staged] = fanin.resource_files
+    assert (staged.blob_prefix, staged.file_path, staged.http_url) == (prefix, "done", "")
+    assert staged.storage_container_url is not None
+    assert fanin.environment == {"FANOUT_FAN_IN_RANGE": "0-7",
+                                 "FANOUT_ON_DEPENDENCY_FAILURE": "run"}
+
+
+def test_manifest_lists_missing_renditions(planner: PlanHarness, tmp_path: Path) -> None:
+    """Run in a shell with some markers absent, the fan-in writes manifests that list
+    only what exists, the rest as missing, and master playlists of existing variants."""
+    _, tasks = planner.job(two_inputs(hls=True, thumbnail=True))
+    fanin = tasks[-1]
+    markers_for(fanin, tmp_path, [0, 2, 3, 4, 5, 7])  # 480p of input 0, its thumbnail fail
+    subprocess.run(shlex.split(fanin.command_line), cwd=tmp_path, check=True, timeout=30)
+    first = json.loads((tmp_path / "manifest-0.json").read_text())
+    assert [r["name"] for r in first["renditions"]] == ["720p", "360p"]
+    assert (first["missing"], first["complete"]) == (["480p", "thumbnail"], False)
+    assert "thumbnail" not in first and first["hls"] == "web/my clip; rm -rf ~/master.m3u8"
+    assert first["input"] == {"container": "videos", "blob": DANGEROUS}
+    second = json.loads((tmp_path / "manifest-1.json").read_text())
+    assert [r["name"] for r in second["renditions"]] == list(HEIGHTS)
+    assert (second["missing"], second["complete"]) == ([], True)
+    assert second["thumbnail"] == "web/2026/11/b/thumbnail.jpg"
+    master = (tmp_path / "master-0.m3u8").read_text().splitlines()
+    assert [line for line in master if not line.startswith("#")] == [
+        "720p/index.m3u8", "360p/index.m3u8"]
+
+
+def test_manifest_with_nothing_rendered_is_still_valid(planner: PlanHarness,
+                                                       tmp_path: Path) -> None:
+    """No marker at all: each manifest is valid JSON with no renditions, all missing."""
+    _, tasks = planner.job(two_inputs(manifest=True))
+    subprocess.run(shlex.split(tasks[-1].command_line), cwd=tmp_path, check=True, timeout=30)
+    manifest = json.loads((tmp_path / "manifest-1.json").read_text())
+    assert manifest["renditions"] == [] and manifest["missing"] == list(HEIGHTS)
+    assert manifest["complete"] is False
+
+
+def test_no_fan_in_no_exit_conditions_no_markers(planner: PlanHarness) -> None:
+    """Without manifest or hls the job has no dependencies, so no exit conditions, and
+    tasks upload only their renditions."""
+    job, tasks = planner.job(two_inputs(thumbnail=True))
+    assert not job.uses_task_dependencies
+    assert all(t.exit_conditions is None for t in tasks)
+    assert all(MARKER not in t.command_line and len(t.output_files) == 1 for t in tasks)
+
+
+def test_outputs_per_input_then_by_prefix(planner: PlanHarness) -> None:
+    """Few inputs: each input's folder, manifest and master playlist, as container/path;
+    many inputs: one entry for the output prefix."""
+    job, _ = planner.job(two_inputs(hls=True))
+    assert job.outputs == [
+        JobOutput("renditions-0", "renditions/web/my clip; rm -rf ~/"),
+        JobOutput("manifest-0", "renditions/web/my clip; rm -rf ~/manifest.json"),
+        JobOutput("master-0", "renditions/web/my clip; rm -rf ~/master.m3u8"),
+        JobOutput("renditions-1", "renditions/web/2026/11/b/"),
+        JobOutput("manifest-1", "renditions/web/2026/11/b/manifest.json"),
+        JobOutput("master-1", "renditions/web/2026/11/b/master.m3u8")]
+    one, _ = planner.job(transcode(input={"container": "videos", "blob": "a.mp4"},
+                                   output={"container": "out"}))
+    assert one.outputs == [JobOutput("renditions", "out/a/")]
+    many, _ = planner.job(transcode(
+        inputs=[{"container": "videos", "blob": f"clip-{i}.mp4"} for i in range(40)],
+        renditions=["360p"], manifest=True, output={"container": "out", "prefix": "batch"}))
+    assert many.outputs == [JobOutput("renditions", "out/batch/")]
+    assert all("?" not in o.location and "://" not in o.location
+               for o in job.outputs + one.outputs + many.outputs)
+
+
+def test_on_dependency_failure_is_validated(planner: PlanHarness) -> None:
+    """A value other than run or skip is InvalidParams naming the field."""
+    with pytest.raises(InvalidParams, match=r"on_dependency_failure.*'run' or 'skip'"):
+        planner.plan(two_inputs(manifest=True, on_dependency_failure="block"))
