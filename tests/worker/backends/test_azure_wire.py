@@ -293,3 +293,12 @@ def test_durations_read_back() -> None:
     assert wire.parse_duration("P1DT0H0M3.25S") == timedelta(days=1, seconds=3.25)
     assert wire.parse_duration("P10675199DT2H48M5.4775807S") is not None
     assert wire.parse_duration("soon") is None
+
+
+def test_job_record_is_sealed_only_once_set_to_terminate() -> None:
+    """The monitor may end a blocked job only once every task was added: sealed means
+    onAllTasksComplete is terminatejob (any case, as the service may answer)."""
+    assert "onAllTasksComplete" in wire.JOB_RECORD_SELECT.split(",")
+    assert wire.job_record({"id": "j", "onAllTasksComplete": "terminateJob"}).sealed
+    assert not wire.job_record({"id": "j", "onAllTasksComplete": "noaction"}).sealed
+    assert not wire.job_record({"id": "j"}).sealed

@@ -313,7 +313,7 @@ NOT_COMPLETED_JOB_STATES = ("active", "disabling", "disabled", "enabling", "term
                             "deleting")
 #: The job fields the monitor reads (``$select``).
 JOB_RECORD_SELECT = ("id,state,metadata,poolInfo,creationTime,stateTransitionTime,"
-                     "executionInfo")
+                     "executionInfo,onAllTasksComplete")
 
 
 def odata_string(value: str) -> str:
@@ -377,7 +377,8 @@ def job_record(job: Mapping[str, Any]) -> JobRecord:
         created=parse_time(job.get("creationTime")), start_time=parse_time(info.get("startTime")),
         end_time=parse_time(info.get("endTime")),
         terminate_reason=str(info["terminateReason"]) if info.get("terminateReason") else None,
-        state_changed=parse_time(job.get("stateTransitionTime")))
+        state_changed=parse_time(job.get("stateTransitionTime")),
+        sealed=str(job.get("onAllTasksComplete") or "").lower() == "terminatejob")
 
 
 def task_counts_record(payload: Any) -> TaskCounts:
