@@ -89,7 +89,8 @@ class LocalBackend:
         #: Runners with nothing to claim wait here; notified when work may have appeared.
         self._work = threading.Condition(self._lock)
         self._busy = 0
-        #: The seqs of the attempts under way (a deletion waits for its tasks' to end).
+        #: The seqs of the attempts under way, from their claim to the end of their
+        #: attempt (a deletion waits for its tasks' to end).
         self._inflight: set[int] = set()
         self._settled = threading.Condition(self._lock)
         self._runners: list[threading.Thread] = []
@@ -338,7 +339,7 @@ class LocalBackend:
         if running := self._table.running():
             # Another process (``fanout cancel``, the monitor) may have terminated or
             # deleted the job of a task this one runs: only this process can stop it.
-            self._table.end(self.store.ended_among(running), pending=False)
+            self._end(self.store.ended_among(running))
         self.store.evaluate_waiting()
         with self._lock:
             free = self.slots - self._busy
@@ -381,6 +382,7 @@ class LocalBackend:
                 if run is not None:
                     need = min(max(run.required_slots, 1), self.slots)
                     self._busy += need
+                    self._inflight.add(run.seq)
                     if self._busy < self.slots:
                         self._work.notify()
                     return run, need
@@ -401,8 +403,6 @@ class LocalBackend:
     def _attempt(self, run: TaskRun) -> None:
         """One attempt, then its outcome recorded; a fault puts the task back to active."""
         started = time.monotonic()
-        with self._lock:
-            self._inflight.add(run.seq)
         try:
             outcome = run_attempt(run, self._node, self._table,
                                   lambda pid, start: self._running(run, pid, start))
@@ -413,8 +413,8 @@ class LocalBackend:
             with contextlib.suppress(Exception):
                 self.store.requeue(run.seq)
         finally:
-            self._table.forget(run.seq)
             with self._settled:
+                self._table.forget(run.seq)
                 self._inflight.discard(run.seq)
                 self._settled.notify_all()
 
@@ -428,7 +428,10 @@ class LocalBackend:
         not started yet never start."""
         if not seqs:
             return
-        self._table.end(seqs)
+        # Only attempts under way are marked: a mark outliving its attempt would stop
+        # a later task that reuses the seq (a deleted job's seqs may be reused).
+        with self._lock:
+            self._table.end([seq for seq in seqs if seq in self._inflight])
         timer = threading.Timer(self._node.kill_grace, self._table.kill, args=(list(seqs),))
         timer.daemon = True
         timer.start()

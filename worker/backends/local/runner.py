@@ -144,12 +144,13 @@ class ProcessTable:
         with self._lock:
             self._procs.pop(seq, None)
 
-    def end(self, seqs: Sequence[int], *, pending: bool = True) -> None:
-        """SIGTERM the process groups of these tasks; with ``pending``, also those
-        not started yet never start (their attempts end as :meth:`ended`)."""
+    def end(self, seqs: Sequence[int]) -> None:
+        """SIGTERM the process groups of these tasks; those not started yet never
+        start (their attempts end as :meth:`ended`). The caller passes only attempts
+        under way, and :meth:`forget` each at its attempt's end."""
         with self._lock:
             procs = [p for s in seqs if (p := self._procs.get(s)) is not None]
-            self._ended.update(s for s in seqs if pending or s in self._procs)
+            self._ended.update(seqs)
         for proc in procs:
             process.signal_group(proc.pid, signal.SIGTERM)
 

@@ -321,7 +321,8 @@ class Store:
                 conn.execute("COMMIT")
 
     def _init_schema(self) -> None:
-        """Create the tables once; a reader of an existing database writes nothing."""
+        """Create the tables once, or upgrade a version-1 database; a reader of an
+        up-to-date database writes nothing."""
         conn = self._conn()
         if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             conn.execute("PRAGMA journal_mode = WAL")
