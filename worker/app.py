@@ -66,7 +66,7 @@ def make_backend(settings: Settings, storage: Storage) -> Backend:
         from worker.backends.azure import AzureBatchBackend
 
         return AzureBatchBackend.from_config(settings.batch, settings.submit, storage=storage,
-                                             logs_container=settings.jobs.logs_container)
+                                             jobs=settings.jobs)
     from worker.backends.local import LocalBackend
 
     settings.home.mkdir(parents=True, exist_ok=True)

@@ -320,7 +320,8 @@ def status(ctx: Ctx, job_id: str | None, watch: bool, as_json: bool, limit: int)
             return
 
         def fetch() -> list[JobStatus]:
-            return backend.list_jobs(limit)
+            jobs: list[JobStatus] = backend.list_jobs(limit)
+            return jobs
 
         if watch:
             _watch(fetch)
@@ -503,7 +504,8 @@ def _job_detail(settings: Settings, backend: Any, job: Any) -> dict[str, Any]:
     failed = _backend_call(lambda: collect_failed(
         backend, job, counts, limit=settings.events.max_failed_tasks,
         tail_bytes=settings.events.stderr_tail_bytes))
-    data: dict[str, Any] = build_event(JobReport(job=job, counts=counts, failed=failed))["data"]
+    report = JobReport(job=job, counts=counts, failed=failed)
+    data: dict[str, Any] = build_event(report, source=settings.events.source)["data"]
     data["state"] = job.state
     data["counts"] = {"active": counts.active, "running": counts.running,
                       "completed": counts.completed}
@@ -514,7 +516,9 @@ def _job_detail(settings: Settings, backend: Any, job: Any) -> dict[str, Any]:
 
 
 def _print_detail(d: dict[str, Any]) -> None:
-    say = lambda text: out.print(text, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
+    def say(text: str) -> None:
+        out.print(text, highlight=False, markup=False, soft_wrap=True)
+
     tasks = d["tasks"]
     state = d["state"] + (f" ({d['outcome']})" if d["outcome"] else "")
     say(f"job       {d['job_id']}")

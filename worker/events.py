@@ -88,7 +88,12 @@ class JobReport:
     job: JobRecord
     counts: TaskCounts
     failed: Sequence[FailedTask]
-    failed_omitted: int = 0
+
+    @property
+    def failed_omitted(self) -> int:
+        """Failed tasks the counts show but the list leaves out (over its limit)."""
+        listed = sum(1 for f in self.failed if f.category != "dependency_failed")
+        return max(0, self.counts.failed - listed)
 
 
 def build_event(report: JobReport, *, source: str,

@@ -187,9 +187,7 @@ class JobMonitor:
                 and counts.active + counts.running and now - ended < COUNTS_SETTLE):
             return False  # the job is complete but its counts have not caught up yet
         failed = await self._failed(job, counts, result)
-        report = JobReport(job=job, counts=counts, failed=failed,
-                           failed_omitted=max(0, counts.failed - len(
-                               [f for f in failed if f.category != "dependency_failed"])))
+        report = JobReport(job=job, counts=counts, failed=failed)
         event = build_event(report, source=self.events.source, now=now)
         if not await self._publish(job, event):
             return False
