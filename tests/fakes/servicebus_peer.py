@@ -2,10 +2,10 @@
 real ``azure-servicebus`` SDK (sync and async clients) to talk to it.
 
 This is a test fixture, not a product and not an emulator: one process, plain TCP, no
-TLS, every SAS token accepted, no sessions, no scheduling, no transactions, no duplicate
-detection, no persistence. It exists so that fanout's Service Bus source can be tested
-through the real SDK in every CI run, offline. The wire facts it relies on are in
-``shared/notes/servicebus-amqp.md``.
+TLS, every SAS token accepted, no sessions, no scheduling, no transactions, no filters,
+no persistence. It exists so that fanout's Service Bus source and event sink can be
+tested through the real SDK in every CI run, offline. The wire facts it relies on are
+given where they are used, each with its source.
 
 Clients connect with::
 
@@ -14,9 +14,23 @@ Clients connect with::
 What it does:
 
 - SASL ANONYMOUS and the ``$cbs`` put-token exchange (always 202).
-- Sender links to queues and topics (a topic copies each message to its subscriptions,
-  addressed ``<topic>/Subscriptions/<sub>``); ``send_messages([...])`` batches
-  (message-format 0x80013700, recognised by their shape since proton hides the format).
+- Sender links to queues and topics. A topic copies each message to every one of its
+  subscriptions (no filter rules: each subscription has the default ``1=1`` filter,
+  https://learn.microsoft.com/azure/service-bus-messaging/topic-filters). The SDK's
+  subscription receiver attaches to ``<topic>/Subscriptions/<subscription>`` (the
+  entity path ``get_subscription_receiver`` builds, and the path the administration
+  API uses); a queue or topic sender to ``<entity>``.
+  ``send_messages([...])`` batches (message-format 0x80013700, recognised by their
+  shape since proton hides the format).
+- Duplicate detection per queue or topic (``requires_duplicate_detection``): a message
+  whose MessageId was sent to the entity within its
+  ``duplicate_detection_history_time_window`` (10 minutes unless given) is accepted
+  and silently dropped; on a topic, before it is copied to any subscription
+  (https://learn.microsoft.com/azure/service-bus-messaging/duplicate-detection).
+- An optional ``max_message_size``: a larger transfer is rejected with
+  ``amqp:link:message-size-exceeded`` (the SDK raises ``MessageSizeExceededError``),
+  as the service does past the tier's limit, 256 KB on Standard
+  (https://learn.microsoft.com/azure/service-bus-messaging/service-bus-quotas).
 - Receiver links in peek-lock (16-byte delivery tags = lock tokens, locked-until and
   sequence-number annotations, an explicit header delivery-count) and in
   receive-and-delete mode; ``<entity>/$DeadLetterQueue`` sub-queues.
@@ -85,6 +99,9 @@ DEAD_LETTER_SUFFIX = "/$DeadLetterQueue"
 MANAGEMENT_SUFFIX = "/$management"
 CBS_NODE = "$cbs"
 TICK = 0.05  # seconds between lock-expiry sweeps
+#: The service's default duplicate detection history time window: 10 minutes
+#: (https://learn.microsoft.com/azure/service-bus-messaging/duplicate-detection).
+DEFAULT_DUPLICATE_WINDOW = 600.0
 
 _HEADER, _DELIVERY_ANNOTATIONS, _MESSAGE_ANNOTATIONS = 0x70, 0x71, 0x72
 _PROPERTIES, _APPLICATION_PROPERTIES = 0x73, 0x74
@@ -118,6 +135,8 @@ class PeerMessage:
     state: str  # active | locked | deferred
     dead_letter_reason: str | None
     dead_letter_description: str | None
+    reply_to: str | None = None
+    content_type: str | None = None
 
 
 @dataclass(slots=True)
@@ -238,11 +257,16 @@ def _encode_for_delivery(stored: _Stored, *, locked: bool) -> bytes:
     return b"".join(parts)
 
 
-def _message_id(stored: _Stored) -> Any:
+def _property(stored: _Stored, index: int) -> Any:
+    """A field of the properties section: 0 message-id, 4 reply-to, 6 content-type."""
     if not stored.properties_raw:
         return None
     fields = _sections(stored.properties_raw)[0][2].value
-    return fields[0] if fields else None
+    return fields[index] if fields and len(fields) > index else None
+
+
+def _message_id(stored: _Stored) -> Any:
+    return _property(stored, 0)
 
 
 def _body_bytes(stored: _Stored) -> bytes:
@@ -263,6 +287,26 @@ def _text(value: Any) -> str | None:
 
 
 # --------------------------------------------------------------------------- entities
+
+
+@dataclass(slots=True)
+class _History:
+    """Duplicate detection of one queue or topic: message ids by when first sent."""
+
+    window: float
+    sent: dict[Any, float] = field(default_factory=dict)
+
+    def seen(self, message_id: Any, now: float) -> bool:
+        """True if ``message_id`` was sent within the window; else log it as sent now.
+
+        A dropped duplicate is not logged again: the window runs from the first send.
+        """
+        for old in [k for k, at in self.sent.items() if at <= now - self.window]:
+            del self.sent[old]
+        if message_id in self.sent:
+            return True
+        self.sent[message_id] = now
+        return False
 
 
 @dataclass(slots=True)
@@ -319,13 +363,20 @@ class ServiceBusPeer:
     ``queues`` are created up front (more with :meth:`create_queue`, or any name on first
     use with ``auto_create``); ``topics`` maps a topic to its subscription names.
     ``lock_duration`` and ``max_delivery_count`` are the entities' (the service's) settings.
+    ``duplicate_detection`` maps queue or topic names to their duplicate detection
+    history window in seconds (None: the service's default, 10 minutes); ``clock``
+    is what that window is measured with. ``max_message_size`` (bytes) rejects larger
+    transfers.
     """
 
     def __init__(self, *, queues: Iterable[str] = ("fanout",),
                  topics: Mapping[str, Sequence[str]] | None = None,
                  lock_duration: float = 30.0, max_delivery_count: int = 10,
                  auto_create: bool = False, host: str = "127.0.0.1", port: int = 0,
-                 admin_port: int | None = 0) -> None:
+                 admin_port: int | None = 0,
+                 duplicate_detection: Mapping[str, float | None] | None = None,
+                 max_message_size: int | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.host = host
         self.port = port
         self.admin_port = admin_port
@@ -337,6 +388,11 @@ class ServiceBusPeer:
         #: (audience, token) of every ``$cbs`` put-token, all accepted.
         self.cbs_tokens: list[tuple[str, str]] = []
         self.connections_opened = 0
+        #: Messages dropped by duplicate detection.
+        self.duplicates_dropped = 0
+        self.max_message_size = max_message_size
+        self.clock = clock
+        self._histories: dict[str, _History] = {}
         self._lock = threading.RLock()
         self._entities: dict[str, _Entity] = {}
         self._topics: dict[str, list[_Entity]] = {}
@@ -353,6 +409,10 @@ class ServiceBusPeer:
             self.create_queue(name)
         for topic, subscriptions in (topics or {}).items():
             self.create_topic(topic, subscriptions)
+        for entity, window in (duplicate_detection or {}).items():
+            if entity.lower() not in self._entities and entity.lower() not in self._topics:
+                raise ValueError(f"duplicate_detection names no queue or topic: {entity}")
+            self._detect_duplicates(entity, True, window)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -411,17 +471,41 @@ class ServiceBusPeer:
     # ---------------------------------------------------------------- entities
 
     def create_queue(self, name: str, *, lock_duration: float | None = None,
-                     max_delivery_count: int | None = None) -> None:
-        """Create a queue (and its dead-letter queue); existing queues are left alone."""
+                     max_delivery_count: int | None = None,
+                     requires_duplicate_detection: bool = False,
+                     duplicate_detection_history_time_window: float | None = None) -> None:
+        """Create a queue (and its dead-letter queue); existing queues are left alone.
+
+        With ``requires_duplicate_detection`` a repeated message id within the window
+        (seconds; 10 minutes by default, as on the service) is accepted and dropped.
+        """
         with self._lock:
             self._create(name, lock_duration, max_delivery_count)
+            self._detect_duplicates(name, requires_duplicate_detection,
+                                    duplicate_detection_history_time_window)
 
-    def create_topic(self, topic: str, subscriptions: Sequence[str]) -> None:
-        """Create a topic whose messages are copied to each ``<topic>/Subscriptions/<sub>``."""
+    def create_topic(self, topic: str, subscriptions: Sequence[str], *,
+                     requires_duplicate_detection: bool = False,
+                     duplicate_detection_history_time_window: float | None = None) -> None:
+        """Create a topic whose messages are copied to each ``<topic>/Subscriptions/<sub>``
+        (subscriptions added to an existing topic); duplicate detection as for queues,
+        on the topic (the service has none on subscriptions)."""
         with self._lock:
             subs = self._topics.setdefault(topic.lower(), [])
             for sub in subscriptions:
-                subs.append(self._create(f"{topic}/Subscriptions/{sub}", None, None))
+                entity = self._create(f"{topic}/Subscriptions/{sub}", None, None)
+                if entity not in subs:
+                    subs.append(entity)
+            self._detect_duplicates(topic, requires_duplicate_detection,
+                                    duplicate_detection_history_time_window)
+
+    def _detect_duplicates(self, entity: str, required: bool, window: float | None) -> None:
+        if not required:
+            return
+        window = DEFAULT_DUPLICATE_WINDOW if window is None else window
+        if window <= 0:
+            raise ValueError("duplicate_detection_history_time_window must be > 0")
+        self._histories[entity.lower()] = _History(window)
 
     def _create(self, path: str, lock_duration: float | None,
                 max_delivery_count: int | None) -> _Entity:
@@ -533,6 +617,7 @@ class ServiceBusPeer:
             properties=dict(props), delivery_count=stored.delivery_count, state=stored.state,
             dead_letter_reason=_text(props.get("DeadLetterReason")),
             dead_letter_description=_text(props.get("DeadLetterErrorDescription")),
+            reply_to=_text(_property(stored, 4)), content_type=_text(_property(stored, 6)),
         )
 
     # ---------------------------------------------------------------- broker logic
@@ -544,8 +629,16 @@ class ServiceBusPeer:
         if targets is None:
             raise KeyError(path)
         parts = _batch_parts(_sections(encoded)) or [encoded]
+        history = self._histories.get(path.lower())
         numbers = []
         for part in parts:
+            if history is not None:
+                message_id = _message_id(_stored_from(part, 0))
+                # The service drops a repeat "instantly" after accepting the send
+                # (docs above); a message without an id is never a duplicate.
+                if message_id is not None and history.seen(message_id, self.clock()):
+                    self.duplicates_dropped += 1
+                    continue
             for entity in targets:
                 self._sequence += 1
                 entity.messages[self._sequence] = _stored_from(part, self._sequence)
@@ -882,6 +975,18 @@ class _Handler(FlowController):
             elif node.endswith(MANAGEMENT_SUFFIX):
                 self._answer_management(link, payload)
             else:
+                limit = self.peer.max_message_size
+                if limit is not None and len(payload) > limit:
+                    # The service's wording for a message over the entity's limit.
+                    delivery.local.condition = Condition(
+                        "amqp:link:message-size-exceeded",
+                        f"The received message (size: {len(payload)} bytes) exceeds the "
+                        f"limit ({limit} bytes) currently allowed on the link.",
+                        # pyamqp indexes the error's info field unconditionally.
+                        {symbol("com.microsoft:tracking-id"): str(uuid.uuid4())})
+                    delivery.update(Delivery.REJECTED)
+                    delivery.settle()
+                    return
                 with self.peer._lock:
                     self.peer._enqueue(node, payload)
                 self.pump()

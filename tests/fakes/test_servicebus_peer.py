@@ -112,3 +112,90 @@ def test_unknown_entity_is_not_found(client: ServiceBusClient) -> None:
     with pytest.raises(MessagingEntityNotFoundError), \
             client.get_queue_receiver("missing") as receiver:
         receiver.receive_messages(1, max_wait_time=1)
+
+
+class FakeClock:
+    """A settable clock for the peer's duplicate detection window."""
+
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_duplicate_detection_drops_a_repeat_within_the_window() -> None:
+    """A repeated message id is accepted and dropped within the window, kept after it;
+    the window runs from the first send, not from the dropped repeat."""
+    clock = FakeClock()
+    with ServiceBusPeer(queues=["q", "plain"], duplicate_detection={"q": 60.0},
+                        clock=clock) as peer, \
+            ServiceBusClient.from_connection_string(peer.connection_string, **OPTIONS) as c:
+        with c.get_queue_sender("q") as sender:
+            sender.send_messages(ServiceBusMessage(b"first", message_id="dup"))
+            clock.now += 59
+            sender.send_messages([ServiceBusMessage(b"again", message_id="dup"),
+                                  ServiceBusMessage(b"other", message_id="other")])
+            clock.now += 2  # 61 s after the first send, 2 s after the dropped repeat
+            sender.send_messages(ServiceBusMessage(b"later", message_id="dup"))
+        with c.get_queue_sender("plain") as sender:
+            sender.send_messages(ServiceBusMessage(b"a", message_id="dup"))
+            sender.send_messages(ServiceBusMessage(b"b", message_id="dup"))
+        assert [(m.message_id, m.body) for m in peer.messages("q")] == [
+            ("dup", b"first"), ("other", b"other"), ("dup", b"later")]
+        assert peer.duplicates_dropped == 1
+        assert [m.body for m in peer.messages("plain")] == [b"a", b"b"]
+
+
+def test_duplicate_detection_default_window_is_ten_minutes() -> None:
+    """Enabled without a window, duplicate detection remembers ids for 600 s."""
+    clock = FakeClock()
+    with ServiceBusPeer(queues=[], clock=clock) as peer:
+        peer.create_queue("q", requires_duplicate_detection=True)
+        peer.put("q", b"1", message_id="m")
+        clock.now += 599
+        peer.put("q", b"2", message_id="m")
+        clock.now += 1.5
+        peer.put("q", b"3", message_id="m")
+        assert [m.body for m in peer.messages("q")] == [b"1", b"3"]
+
+
+def test_topic_duplicate_detection_applies_before_the_copies() -> None:
+    """On a topic with duplicate detection a repeat reaches no subscription; every
+    subscription gets one copy of the first."""
+    with ServiceBusPeer(queues=[], topics={"t": ["a", "b"]},
+                        duplicate_detection={"t": None}) as peer, \
+            ServiceBusClient.from_connection_string(peer.connection_string, **OPTIONS) as c:
+        with c.get_topic_sender("t") as sender:
+            for _ in range(2):
+                sender.send_messages(ServiceBusMessage(b"e", message_id="once"))
+        for sub in ("a", "b"):
+            assert [m.message_id for m in peer.messages(f"t/Subscriptions/{sub}")] == ["once"]
+        assert peer.duplicates_dropped == 1
+
+
+def test_reply_to_and_content_type_are_kept(peer: ServiceBusPeer,
+                                            client: ServiceBusClient) -> None:
+    """The properties section travels unchanged: ReplyTo and ContentType come back."""
+    with client.get_queue_sender("q") as sender:
+        sender.send_messages(ServiceBusMessage(b"{}", message_id="r", reply_to="answers",
+                                               content_type="application/json"))
+    [stored] = peer.messages("q")
+    assert (stored.reply_to, stored.content_type) == ("answers", "application/json")
+    with client.get_queue_receiver("q") as receiver:
+        [msg] = receiver.receive_messages(1, max_wait_time=2)
+        receiver.complete_message(msg)
+    assert (msg.reply_to, msg.content_type) == ("answers", "application/json")
+
+
+def test_message_over_the_size_limit_is_rejected() -> None:
+    """Past ``max_message_size`` the send fails with the SDK's size error; nothing is kept."""
+    from azure.servicebus.exceptions import MessageSizeExceededError
+
+    with ServiceBusPeer(queues=["q"], max_message_size=1024) as peer, \
+            ServiceBusClient.from_connection_string(peer.connection_string, **OPTIONS) as c, \
+            c.get_queue_sender("q") as sender:
+        sender.send_messages(ServiceBusMessage(b"x" * 100, message_id="small"))
+        with pytest.raises(MessageSizeExceededError, match="1024 bytes"):
+            sender.send_messages(ServiceBusMessage(b"x" * 4096, message_id="big"))
+        assert [m.message_id for m in peer.messages("q")] == ["small"]
