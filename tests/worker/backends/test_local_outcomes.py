@@ -535,3 +535,37 @@ def test_terminated_sleep_gets_sigterm_first(make_backend: MakeBackend) -> None:
     wait_for((wd / "trapped").exists, "the task to install its trap")
     backend.terminate_job("j", REASON_USER)
     wait_for((wd / "term.txt").exists, "the task's TERM handler to run")
+
+
+def test_satisfying_failures_keep_readiness_counted(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """An aggregate over 2,000 tasks, half of which fail but satisfy it, is evaluated a
+    handful of times (the satisfied counter), not once per end."""
+    import worker.backends.local.store as store_module
+
+    store = Store(path=tmp_path / "executor.db", pool="local")
+    store.create_job(job("j", uses_task_dependencies=True))
+    store.add_tasks("j", [TaskSpec(id="agg", command_line="true",
+                                   depends_on_ranges=((0, 1999),))])
+    for start in range(0, 2000, 100):
+        store.add_tasks("j", [TaskSpec(id=str(i), command_line="true",
+                                       exit_conditions=SATISFY_DEPENDENTS)
+                              for i in range(start, start + 100)])
+    store.seal_job("j")
+    checks: list[int] = []
+    real = store_module._missing
+
+    def counted(*args: Any) -> int:
+        checks.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(store_module, "_missing", counted)
+    while runs := store.claim(50, 50):
+        for run in runs:
+            ok = run.task_id == "agg" or int(run.task_id) % 2 == 0
+            store.finish(run.seq, success=ok, exit_code=0 if ok else 1,
+                         failure_code=None if ok else "FailureExitCode", failure_message=None)
+        store.evaluate_waiting()
+    assert store.task("j", "agg").result == "success"  # type: ignore[union-attr]
+    assert 1 <= len(checks) <= 3
+    store.close()
