@@ -1,18 +1,38 @@
 """A local HTTP **test peer** that speaks the subset of the Azure Batch REST API fanout calls.
 
-This is a test fixture, not an emulator: one process, plain HTTP, state in memory, no
-scheduling (tasks stay ``active`` until a test moves them with
-:meth:`BatchPeer.set_task_state`). No Batch emulator exists, so this peer lets the
-real ``azure.batch.BatchClient`` (azure-batch 15.x, api-version ``2025-06-01``) talk
-to something over HTTP in every CI run, offline.
+This is a test fixture, not an emulator: one process, plain HTTP, state in memory. By
+default nothing is scheduled (tasks stay ``active`` until a test moves them with
+:meth:`BatchPeer.set_task_state`); in *runner mode* (:class:`Runner`) tasks whose
+dependencies are met run and complete on their own. No Batch emulator exists, so this
+peer lets the real ``azure.batch.BatchClient`` (azure-batch 15.x, api-version
+``2025-06-01``) talk to something over HTTP in every CI run, offline.
 
-Operations (paths and JSON shapes as the SDK sends and reads them):
+Sources, cited where each rule is enforced: the REST spec
+``specification/batch/data-plane/Azure.Batch/stable/2025-06-01/BatchService.json`` in
+github.com/Azure/azure-rest-api-specs (operation and model descriptions), "OData filters
+in Batch" (https://learn.microsoft.com/rest/api/batchservice/odata-filters-in-batch),
+"Create queries to list Batch resources efficiently"
+(https://learn.microsoft.com/azure/batch/batch-efficient-list-queries), "Batch Status and
+Error Codes" (https://learn.microsoft.com/rest/api/batchservice/batch-status-and-error-codes),
+"Error handling and detection in Azure Batch"
+(https://learn.microsoft.com/azure/batch/error-handling), "Create task dependencies"
+(https://learn.microsoft.com/azure/batch/batch-task-dependencies) and the task failure
+codes of the Batch .NET SDK (``TaskFailureInformationCodes`` in
+sdk/batch/Microsoft.Azure.Batch/src/Common/BatchErrorCodeStrings.cs, Azure/azure-sdk-for-net).
 
-- ``POST /jobs`` (create job), ``GET /jobs`` (list, with ``$filter=state eq '...'``,
-  ``$select``, ``maxresults`` and ``odata.nextLink`` paging), ``GET /jobs/{id}``,
-  ``PATCH /jobs/{id}`` (update ``onAllTasksComplete``, ``priority``, ...);
-- ``POST /jobs/{id}/addtaskcollection``, ``GET /jobs/{id}/taskcounts``;
-- ``GET /pools/{id}``, ``GET /nodecounts``.
+Operations (paths and JSON shapes as the SDK sends and reads them; names as in
+:data:`OPERATIONS`):
+
+- ``POST /jobs`` (create_job), ``GET /jobs`` (list_jobs: ``$filter`` over the documented
+  list-jobs properties, ``$select``, ``maxresults`` and ``odata.nextLink`` paging),
+  ``GET /jobs/{id}`` (get_job), ``PATCH /jobs/{id}`` (update_job: omitted properties stay,
+  ``metadata`` replaces the list, conditional headers), ``POST /jobs/{id}/terminate``
+  (terminate_job), ``DELETE /jobs/{id}`` (delete_job);
+- ``POST /jobs/{id}/addtaskcollection`` (add_task_collection), ``GET
+  /jobs/{id}/taskcounts`` (get_task_counts), ``GET /jobs/{id}/tasks`` (list_tasks:
+  ``$filter``, ``$select``, ``maxresults`` <= 1000, paging), ``GET
+  /jobs/{id}/tasks/{id}`` (get_task);
+- ``GET /pools/{id}`` (get_pool), ``GET /nodecounts`` (list_node_counts).
 
 The service's rules it enforces: at most 100 tasks and ``max_body_bytes`` (1 MiB) per
 add-collection request (``RequestBodyTooLarge``, HTTP 413); ids of 1-64 letters,
@@ -20,11 +40,34 @@ digits, hyphens and underscores (``InvalidPropertyValue``, 400); case-insensitiv
 uniqueness (``JobExists`` 409 for jobs; ``TaskExists`` per task inside a 200 answer);
 task dependencies only on jobs that use them (``TaskDependenciesNotSpecifiedOnJob``
 per task) and a ``taskIds`` list of at most 64,000 characters
-(``TaskDependencyListTooLong`` per task); the job must exist (``JobNotFound`` 404) and
-be active (``JobCompleted`` 409); the pool must exist when a job names it
-(``PoolNotFound``, see ``require_pool``); an optional active-job quota
+(``TaskDependencyListTooLong`` per task); exit options: a ``dependencyAction`` on a job
+without ``usesTaskDependencies`` and a ``jobAction`` on a job whose ``onTaskFailure`` is
+``noaction`` are 400 ``InvalidPropertyValue`` per task; the job must exist
+(``JobNotFound`` 404) and be active (``JobCompleted`` 409); the pool must exist when a
+job names it (``PoolNotFound``, see ``require_pool``); an optional active-job quota
 (``ActiveJobAndScheduleQuotaReached``). Errors have the service's body:
 ``{"code", "message": {"lang", "value"}, "values": [{"key", "value"}]}``.
+
+How jobs and tasks move (all times from the peer's clock, see ``clock``):
+
+- a completed task has ``executionInfo`` {startTime, endTime, exitCode, result,
+  retryCount, requeueCount, failureInfo {category, code, message, details}} with the
+  service's failure codes (:data:`FAILURE_KINDS`): ``FailureExitCode`` for a non-zero exit,
+  ``BlobDownloadMiscError`` for a resource file that failed to download (no exit code),
+  ``FileUploadMiscError`` for output files that failed to upload, ``TaskEnded`` (exit code
+  0xC000013A) for a task killed at its max wall clock or ended by job termination;
+- its exit conditions decide its dependency action (``satisfy`` or ``block``; defaults:
+  satisfy for exit code 0, block otherwise) and, on a job with ``onTaskFailure:
+  performexitoptionsjobaction``, its job action (default terminate on failure: the job is
+  terminated with terminateReason ``TaskFailed``);
+- terminate: ``terminating`` then ``completed`` (``terminate_delay``), running tasks end
+  with ``TaskEnded``, active tasks stay active for good, terminateReason as given or
+  ``UserTerminate``; ``constraints.maxWallClockTime`` on a job terminates it with
+  ``MaxWallClockTimeExpiry``; a job with ``onAllTasksComplete: terminatejob`` completes with
+  ``AllTasksComplete``; delete: ``deleting`` (``delete_delay``) then gone;
+- task counts are kept as numbers and may lag the task states (``counts_lag``):
+  "the numbers returned may not always be up to date" (Jobs_GetJobTaskCounts);
+- :meth:`BatchPeer.seed_job` makes big jobs cheaply for request-budget tests.
 
 Every request must carry ``Authorization: SharedKey <account>:<signature>``; the peer
 recomputes the signature as the SDK's ``BatchSharedKeyAuthPolicy`` builds it (method,
@@ -49,9 +92,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import contextlib
 import hashlib
 import hmac
+import itertools
 import json
 import random
 import re
@@ -63,8 +108,8 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from email.utils import format_datetime
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime, parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
@@ -86,8 +131,45 @@ NODE_STATES = ("creating", "idle", "offline", "preempted", "rebooting", "reimagi
                "starting", "startTaskFailed", "leavingPool", "unknown", "unusable",
                "waitingForStartTask", "deallocated", "deallocating", "upgradingOS", "total")
 #: Operation names, for :class:`FaultPlan.operations` and the request record.
-OPERATIONS = ("create_job", "list_jobs", "get_job", "update_job", "add_task_collection",
-              "get_task_counts", "get_pool", "list_node_counts")
+OPERATIONS = ("create_job", "list_jobs", "get_job", "update_job", "terminate_job",
+              "delete_job", "add_task_collection", "get_task_counts", "list_tasks",
+              "get_task", "get_pool", "list_node_counts")
+
+# failureInfo codes, from TaskFailureInformationCodes in the Batch .NET SDK
+# (sdk/batch/Microsoft.Azure.Batch/src/Common/BatchErrorCodeStrings.cs in
+# Azure/azure-sdk-for-net): "The task process exited with a nonzero exit code", "An error
+# occurred when trying to download a resource file required for the task", "The compute
+# node hit an unexpected error when uploading Output Files", "The task ended".
+FAILURE_EXIT_CODE = "FailureExitCode"
+RESOURCE_FILE_FAILURE = "BlobDownloadMiscError"
+FILE_UPLOAD_FAILURE = "FileUploadMiscError"
+TASK_ENDED = "TaskEnded"
+#: "If the maximum duration is exceeded, the task is marked as completed, but the exit
+#: code is set to 0xC000013A and the schedulingError field will be marked as
+#: { category:"ServerError", code="TaskEnded"}" (learn.microsoft.com/azure/batch/
+#: error-handling, "Constraint errors"); the peer uses that exit code for tasks ended by
+#: job termination too ("if the Batch service terminates the Task (due to timeout, or
+#: user termination via the API) you may see an operating system-defined exit code",
+#: BatchTaskExecutionInfo.exitCode in the spec).
+TERMINATED_EXIT_CODE = -1073741510  # 0xC000013A as a signed 32-bit integer
+WALL_CLOCK_MESSAGE = "The task was ended because it exceeded its maximum wall clock time."
+USER_ENDED_MESSAGE = "The task was ended by user request."
+#: How a task can fail, for :class:`Runner` and :meth:`BatchPeer.set_task_state`.
+FAILURE_KINDS = frozenset({"resource_file", "file_upload", "wall_clock"})
+#: terminateReason values the service sets (BatchJobExecutionInfo.terminateReason and
+#: BatchJobTerminateOptions in the spec: "The default is 'UserTerminate'").
+REASON_WALL_CLOCK = "MaxWallClockTimeExpiry"
+REASON_TASK_FAILED = "TaskFailed"
+REASON_ALL_TASKS_COMPLETE = "AllTasksComplete"
+REASON_USER_TERMINATE = "UserTerminate"
+DEFAULT_WALL_CLOCK = "P10675199DT2H48M5.4775807S"
+#: Runner mode never retries a task more often than this (maxTaskRetryCount -1 is
+#: "without limit" on the service).
+MAX_PEER_RETRIES = 100
+
+
+def _new_etag() -> str:
+    return f"0x{secrets.token_hex(8).upper()}"
 
 
 def shared_key_signature(*, account: str, key: str, method: str, path: str, query: str,
@@ -162,14 +244,79 @@ class PeerError(Exception):
         return out
 
 
+@dataclass(frozen=True)
+class Runner:
+    """How tasks move on their own ("runner mode", see :meth:`BatchPeer.set_runner`).
+
+    A task whose dependencies are met goes ``running`` ``delay`` seconds after it became
+    runnable, and its attempt ends ``delay`` seconds later: with the exit code
+    ``exit_codes`` gives for its id (a dict or a callable; 0 when absent), or with the
+    failure ``failures`` gives for it (:data:`FAILURE_KINDS`: ``"resource_file"``,
+    ``"file_upload"``, ``"wall_clock"``). A task whose ``constraints.maxWallClockTime``
+    is shorter than ``delay`` is killed at it, as the service does. Event times derive
+    from when tasks became runnable, not from when the peer noticed, so the outcome does
+    not depend on how often clients poll.
+    """
+
+    delay: float = 0.0
+    exit_codes: Mapping[str, int] | Callable[[str], int] | None = None
+    failures: Mapping[str, str | None] | Callable[[str], str | None] | None = None
+
+    def exit_code(self, task_id: str) -> int:
+        if callable(self.exit_codes):
+            return int(self.exit_codes(task_id))
+        return int((self.exit_codes or {}).get(task_id, 0))
+
+    def failure(self, task_id: str) -> str | None:
+        kind = (self.failures(task_id) if callable(self.failures)
+                else (self.failures or {}).get(task_id))
+        if kind is not None and kind not in FAILURE_KINDS:
+            raise ValueError(f"unknown failure kind {kind!r}: one of {sorted(FAILURE_KINDS)}")
+        return kind
+
+
+class ManualClock:
+    """A clock for :class:`BatchPeer` that moves only when a test says so."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime(2025, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> datetime:
+        self.now += timedelta(seconds=seconds)
+        return self.now
+
+
 @dataclass
 class PeerTask:
     """One accepted task: the JSON as received, and the state the peer keeps for it."""
 
     body: dict[str, Any]
+    created: datetime = field(default_factory=lambda: datetime.now(UTC))
     state: str = "active"
     exit_code: int | None = None
-    etag: str = field(default_factory=lambda: f"0x{secrets.token_hex(8).upper()}")
+    etag: str = field(default_factory=_new_etag)
+    state_changed: datetime | None = None
+    previous_state: str | None = None
+    previous_changed: datetime | None = None
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    result: str | None = None
+    failure_info: dict[str, Any] | None = None
+    retry_count: int = 0
+    last_retry_time: datetime | None = None
+    #: ``satisfy`` or ``block``, decided when the task completes (its exit options).
+    dependency_action: str | None = None
+    #: Runner mode: when the current attempt ends, and how.
+    run_end: datetime | None = None
+    run_kind: str | None = None
+    run_exit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.state_changed is None:
+            self.state_changed = self.created
 
     @property
     def id(self) -> str:
@@ -178,6 +325,11 @@ class PeerTask:
     @property
     def slots(self) -> int:
         return int(self.body.get("requiredSlots") or 1)
+
+    @property
+    def int_id(self) -> int | None:
+        """The id as an integer, for ``taskIdRanges`` (leading zeroes do not count)."""
+        return int(self.id) if self.id.isdigit() else None
 
 
 @dataclass
@@ -189,8 +341,35 @@ class PeerJob:
     state: str = "active"
     on_all_tasks_complete: str = "noaction"
     tasks: dict[str, PeerTask] = field(default_factory=dict)  # keyed by lower-case id
-    etag: str = field(default_factory=lambda: f"0x{secrets.token_hex(8).upper()}")
+    etag: str = field(default_factory=_new_etag)
     last_modified: datetime = field(default_factory=lambda: datetime.now(UTC))
+    state_changed: datetime | None = None
+    previous_state: str | None = None
+    previous_changed: datetime | None = None
+    end_time: datetime | None = None
+    terminate_reason: str | None = None
+    #: ``terminating`` ends at this time, ``deleting`` (the job is gone) at ``gone_at``.
+    complete_at: datetime | None = None
+    gone_at: datetime | None = None
+    #: Task counts by active/running/completed/succeeded/failed, kept as tasks move.
+    counts: Counter[str] = field(default_factory=Counter)
+    slot_counts: Counter[str] = field(default_factory=Counter)
+    #: (time, counts, slot counts) after every change, for ``counts_lag``.
+    history: list[tuple[datetime, dict[str, int], dict[str, int]]] = field(default_factory=list)
+    history_times: list[datetime] = field(default_factory=list)
+    #: Tasks not completed yet, and tasks by integer id (``taskIdRanges``).
+    pending: dict[str, PeerTask] = field(default_factory=dict)
+    by_int: dict[int, list[PeerTask]] = field(default_factory=dict)
+    #: A job made by :meth:`BatchPeer.seed_job`: counts of tasks held as numbers only,
+    #: keyed active/running/succeeded/failed (ids ``seed0``, ``seed1``, ...).
+    virtual: dict[str, int] | None = None
+    max_wall_clock: timedelta | None = None
+
+    def __post_init__(self) -> None:
+        if self.state_changed is None:
+            self.state_changed = self.created
+        self.max_wall_clock = _parse_duration(
+            (self.body.get("constraints") or {}).get("maxWallClockTime"))
 
     @property
     def id(self) -> str:
@@ -204,6 +383,14 @@ class PeerJob:
     @property
     def uses_task_dependencies(self) -> bool:
         return bool(self.body.get("usesTaskDependencies"))
+
+    @property
+    def on_task_failure(self) -> str:
+        return str(self.body.get("onTaskFailure") or "noaction").lower()
+
+    @property
+    def total(self) -> int:
+        return self.counts["active"] + self.counts["running"] + self.counts["completed"]
 
 
 @dataclass
@@ -230,9 +417,18 @@ class BatchPeer:
                  max_tasks: int = MAX_TASKS_PER_REQUEST, max_body_bytes: int = MAX_BODY_BYTES,
                  require_pool: bool = True, max_active_jobs: int | None = None,
                  bearer_token: str | None = None, faults: FaultPlan | None = None,
-                 task_rule: Callable[[dict[str, Any]], PeerError | None] | None = None) -> None:
+                 task_rule: Callable[[dict[str, Any]], PeerError | None] | None = None,
+                 runner: Runner | None = None, counts_lag: float = 0.0,
+                 terminate_delay: float = 0.0, delete_delay: float = 0.0,
+                 clock: Callable[[], datetime] | None = None) -> None:
         """``task_rule`` is an extra rule of the service for tests: a task it returns
-        an error for is answered with that error (per task, ``clientError``)."""
+        an error for is answered with that error (per task, ``clientError``).
+
+        ``runner`` makes tasks move on their own (:class:`Runner`); ``counts_lag``
+        makes the task counts answer show the tasks as they were that many seconds
+        ago; ``terminate_delay`` and ``delete_delay`` keep a job ``terminating`` or
+        ``deleting`` that long; ``clock`` (e.g. a :class:`ManualClock`) replaces the
+        wall clock for every time the peer keeps."""
         self.account = account
         self.key = key or base64.b64encode(secrets.token_bytes(64)).decode("ascii")
         self.api_version = api_version
@@ -242,6 +438,12 @@ class BatchPeer:
         self.max_active_jobs = max_active_jobs
         self.bearer_token = bearer_token
         self.task_rule = task_rule
+        self.counts_lag = counts_lag
+        self.terminate_delay = terminate_delay
+        self.delete_delay = delete_delay
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._runner = runner
+        self._runner_since = self._clock()
         self._host, self._port = host, port
         self._lock = threading.RLock()
         self._jobs: dict[str, PeerJob] = {}
@@ -249,6 +451,7 @@ class BatchPeer:
         self._faults = faults or FaultPlan()
         self._rng = random.Random(self._faults.seed)
         self._order_rng = random.Random(self._faults.seed)  # apart, so faults stay seeded
+        self._headers: Mapping[str, str] = {}
         #: Requests by outcome: ok, throttled, unavailable, dropped, dropped_after,
         #: too_large, auth_failed, or the error code answered.
         self.outcomes: Counter[str] = Counter()
@@ -318,6 +521,27 @@ class BatchPeer:
             self._faults = faults
             self._rng = random.Random(faults.seed)
 
+    @property
+    def runner(self) -> Runner | None:
+        return self._runner
+
+    def set_runner(self, runner: Runner | None) -> None:
+        """Turn runner mode on (tasks already waiting count as runnable from now) or off
+        (None: tasks stay where they are until :meth:`set_task_state` moves them)."""
+        with self._lock:
+            self._advance()
+            self._runner = runner
+            self._runner_since = self._clock()
+
+    def set_counts_lag(self, seconds: float) -> None:
+        """Task counts answer with the task states as they were ``seconds`` ago."""
+        with self._lock:
+            self.counts_lag = seconds
+
+    def now(self) -> datetime:
+        """The peer's clock."""
+        return self._clock()
+
     def add_pool(self, pool_id: str, *, dedicated: Mapping[str, int] | None = None,
                  low_priority: Mapping[str, int] | None = None,
                  target_dedicated: int | None = None, target_low_priority: int | None = None,
@@ -341,17 +565,60 @@ class BatchPeer:
             self._pools[pool_id.lower()] = pool
         return pool
 
+    def seed_job(self, job_id: str, pool: str = "fanout", *, tasks: int = 0,
+                 counts: Mapping[str, int] | None = None,
+                 metadata: Mapping[str, str] | None = None, state: str = "active",
+                 on_all_tasks_complete: str = "noaction", on_task_failure: str = "noaction",
+                 terminate_reason: str | None = None, created: datetime | None = None,
+                 end_time: datetime | None = None) -> PeerJob:
+        """Create a job with many tasks in memory, without HTTP and without task bodies.
+
+        Its tasks are numbers only (``counts``: active, running, succeeded, failed;
+        default all ``tasks`` active, or all succeeded for a completed job); they do not
+        move on their own, list as ``seed0``, ``seed1``, ... and running ones end when
+        the job is terminated. ``state`` is ``active`` or ``completed`` (then with
+        ``terminate_reason``, default ``AllTasksComplete``, and ``end_time``)."""
+        if state not in ("active", "completed", "disabled"):
+            raise ValueError(f"a seeded job is active, disabled or completed, not {state!r}")
+        with self._lock:
+            now = self._clock()
+            made = created or now
+            virtual = {k: 0 for k in ("active", "running", "succeeded", "failed")}
+            given = dict(counts) if counts is not None else (
+                {"active": tasks} if state != "completed" else {"succeeded": tasks})
+            unknown = set(given) - set(virtual)
+            if unknown:
+                raise ValueError(f"unknown task count keys {sorted(unknown)}")
+            virtual.update({k: int(v) for k, v in given.items()})
+            body: dict[str, Any] = {"id": job_id, "poolInfo": {"poolId": pool},
+                                    "onAllTasksComplete": on_all_tasks_complete,
+                                    "onTaskFailure": on_task_failure}
+            if metadata:
+                body["metadata"] = [{"name": k, "value": v} for k, v in metadata.items()]
+            job = PeerJob(body=body, created=made, state=state, last_modified=made,
+                          on_all_tasks_complete=on_all_tasks_complete, virtual=virtual)
+            job.counts.update({"active": virtual["active"], "running": virtual["running"],
+                               "completed": virtual["succeeded"] + virtual["failed"],
+                               "succeeded": virtual["succeeded"], "failed": virtual["failed"]})
+            job.slot_counts.update(job.counts)
+            if state == "completed":
+                job.end_time = end_time or now
+                job.terminate_reason = terminate_reason or REASON_ALL_TASKS_COMPLETE
+                job.state_changed = job.end_time
+            self._snapshot(job, made)
+            self._jobs[job_id.lower()] = job
+            return job
+
     def job(self, job_id: str) -> PeerJob | None:
         """The job with this id (any case), or None."""
         with self._lock:
-            job = self._jobs.get(job_id.lower())
-            if job is not None:
-                self._settle(job)
-            return job
+            self._advance()
+            return self._jobs.get(job_id.lower())
 
     def jobs(self) -> list[PeerJob]:
         """Every job, in creation order."""
         with self._lock:
+            self._advance()
             return list(self._jobs.values())
 
     def tasks(self, job_id: str) -> list[dict[str, Any]]:
@@ -360,21 +627,54 @@ class BatchPeer:
             job = self._jobs.get(job_id.lower())
             return [] if job is None else [t.body for t in job.tasks.values()]
 
+    def task(self, job_id: str, task_id: str) -> PeerTask:
+        """One task's state (raises KeyError for an unknown job or task)."""
+        with self._lock:
+            self._advance()
+            return self._jobs[job_id.lower()].tasks[task_id.lower()]
+
+    def task_json(self, job_id: str, task_id: str) -> dict[str, Any]:
+        """One task as the service reports it (``GET /jobs/{id}/tasks/{id}``)."""
+        with self._lock:
+            self._advance()
+            job = self._jobs[job_id.lower()]
+            return self._task_json(job, job.tasks[task_id.lower()])
+
     def set_task_state(self, job_id: str, task_id: str, state: str, *,
-                       exit_code: int = 0) -> None:
-        """Move a task to ``active``, ``preparing``, ``running`` or ``completed``."""
+                       exit_code: int = 0, failure: str | None = None) -> None:
+        """Move a task to ``active``, ``preparing``, ``running`` or ``completed``.
+
+        A completed task gets the exit code (and, with ``failure``, one of
+        :data:`FAILURE_KINDS`) with the service's ``executionInfo``; its exit options
+        decide its dependents and, on a job with ``onTaskFailure:
+        performexitoptionsjobaction``, its job."""
         if state not in ("active", "preparing", "running", "completed"):
             raise ValueError(f"unknown task state {state!r}")
+        if failure is not None and failure not in FAILURE_KINDS:
+            raise ValueError(f"unknown failure kind {failure!r}")
         with self._lock:
+            self._advance()
             job = self._jobs[job_id.lower()]
             task = job.tasks[task_id.lower()]
-            task.state = state
-            task.exit_code = exit_code if state == "completed" else None
-            self._settle(job)
+            now = self._clock()
+            if state == "completed":
+                if task.start_time is None and failure != "resource_file":
+                    task.start_time = now
+                self._complete(job, task, now, kind=failure or "exit", exit_code=exit_code)
+            else:
+                if state in ("preparing", "running") and task.start_time is None:
+                    task.start_time = now
+                if state == "active":
+                    task.start_time = task.end_time = task.result = None
+                    task.exit_code = task.failure_info = task.dependency_action = None
+                task.run_end = None
+                self._move(job, task, state, now)
+            self._settle(job, now)
 
     def record(self) -> dict[str, Any]:
         """Everything accepted, as JSON-ready data (jobs with their tasks, outcomes)."""
         with self._lock:
+            self._advance()
             return {
                 "jobs": [{**self._job_json(j), "tasks": [t.body for t in j.tasks.values()]}
                          for j in self._jobs.values()],
@@ -416,30 +716,39 @@ class BatchPeer:
                             {"AuthenticationErrorDetail": "The MAC signature found in the "
                              "HTTP request is not the same as any computed signature."})
 
-    def _route(self, method: str, path: str) -> tuple[str, str | None]:
+    def _route(self, method: str, path: str) -> tuple[str, tuple[str, ...]]:
         parts = [unquote(p) for p in path.strip("/").split("/")]
         match parts:
             case ["jobs"] if method == "POST":
-                return "create_job", None
+                return "create_job", ()
             case ["jobs"] if method == "GET":
-                return "list_jobs", None
+                return "list_jobs", ()
             case ["jobs", job_id] if method == "GET":
-                return "get_job", job_id
+                return "get_job", (job_id,)
             case ["jobs", job_id] if method == "PATCH":
-                return "update_job", job_id
+                return "update_job", (job_id,)
+            case ["jobs", job_id] if method == "DELETE":
+                return "delete_job", (job_id,)
+            case ["jobs", job_id, "terminate"] if method == "POST":
+                return "terminate_job", (job_id,)
             case ["jobs", job_id, "addtaskcollection"] if method == "POST":
-                return "add_task_collection", job_id
+                return "add_task_collection", (job_id,)
             case ["jobs", job_id, "taskcounts"] if method == "GET":
-                return "get_task_counts", job_id
+                return "get_task_counts", (job_id,)
+            case ["jobs", job_id, "tasks"] if method == "GET":
+                return "list_tasks", (job_id,)
+            case ["jobs", job_id, "tasks", task_id] if method == "GET":
+                return "get_task", (job_id, task_id)
             case ["pools", pool_id] if method == "GET":
-                return "get_pool", pool_id
+                return "get_pool", (pool_id,)
             case ["nodecounts"] if method == "GET":
-                return "list_node_counts", None
+                return "list_node_counts", ()
         raise PeerError(400, "InvalidUri", f"The requested URI {method} {path} does not "
                         "represent any resource on the server.")
 
-    def _dispatch(self, operation: str, arg: str | None, params: Mapping[str, str],
-                  body: bytes) -> tuple[int, Any, dict[str, str]]:
+    def _dispatch(self, operation: str, args: tuple[str, ...] | str | None,
+                  params: Mapping[str, str], body: bytes,
+                  headers: Mapping[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
         if params.get("api-version") != self.api_version:
             raise PeerError(400, "InvalidQueryParameterValue",
                             "Value for one of the query parameters specified in the request "
@@ -447,11 +756,17 @@ class BatchPeer:
                             {"QueryParameterName": "api-version",
                              "QueryParameterValue": params.get("api-version", ""),
                              "Reason": f"only {self.api_version} is supported"})
+        if args is None:
+            args = ()
+        elif isinstance(args, str):
+            args = (args,)
         handler = getattr(self, f"_op_{operation}")
         with self._lock:
-            if arg is None:
-                return handler(params, body)  # type: ignore[no-any-return]
-            return handler(arg, params, body)  # type: ignore[no-any-return]
+            self._headers = headers or {}
+            self._advance()
+            return handler(*args, params, body)  # type: ignore[no-any-return]
+
+    # -- jobs ----------------------------------------------------------------------------
 
     def _op_create_job(self, params: Mapping[str, str],
                        body: bytes) -> tuple[int, Any, dict[str, str]]:
@@ -463,10 +778,15 @@ class BatchPeer:
         mode = str(data.get("onAllTasksComplete") or "noaction").lower()
         if mode not in ("noaction", "terminatejob"):
             raise _invalid("onAllTasksComplete", mode, "must be noaction or terminatejob")
+        failure_mode = str(data.get("onTaskFailure") or "noaction").lower()
+        if failure_mode not in ("noaction", "performexitoptionsjobaction"):
+            raise _invalid("onTaskFailure", failure_mode,
+                           "must be noaction or performexitoptionsjobaction")
         priority = data.get("priority", 0)
         if not isinstance(priority, int) or not -1000 <= priority <= 1000:
             raise _invalid("priority", str(priority), "must be an integer in -1000..1000")
         _check_constraints(data.get("constraints"), "constraints")
+        _check_metadata(data.get("metadata"))
         if job_id.lower() in self._jobs:
             raise PeerError(409, "JobExists", "The specified job already exists.")
         if pool_id and self.require_pool and pool_id.lower() not in self._pools:
@@ -476,9 +796,11 @@ class BatchPeer:
             raise PeerError(409, "ActiveJobAndScheduleQuotaReached",
                             "The specified account has reached the maximum number of "
                             "active jobs and job schedules.")
-        job = PeerJob(body=data, created=datetime.now(UTC), on_all_tasks_complete=mode)
+        now = self._clock()
+        job = PeerJob(body=data, created=now, on_all_tasks_complete=mode, last_modified=now)
+        self._snapshot(job, now)
         self._jobs[job_id.lower()] = job
-        self._settle(job)
+        self._settle(job, now)
         return 201, None, {**self._entity_headers(job.etag, job.last_modified),
                            "DataServiceId": f"{self._base()}/jobs/{job_id}",
                            "Location": f"{self._base()}/jobs/{job_id}"}
@@ -486,58 +808,154 @@ class BatchPeer:
     def _op_get_job(self, job_id: str, params: Mapping[str, str],
                     body: bytes) -> tuple[int, Any, dict[str, str]]:
         job = self._need_job(job_id)
-        self._settle(job)
         return 200, _select(self._job_json(job), params), self._entity_headers(
             job.etag, job.last_modified)
 
     def _op_update_job(self, job_id: str, params: Mapping[str, str],
                        body: bytes) -> tuple[int, Any, dict[str, str]]:
+        """``PATCH /jobs/{id}`` ("Jobs_UpdateJob" in BatchService.json): properties the
+        body leaves out stay as they are; ``metadata`` replaces the whole list.
+
+        ``onAllTasksComplete`` may not go from terminatejob back to noaction (400
+        InvalidPropertyValue, per the spec's BatchJobUpdateOptions). On a job that is
+        no longer active only ``metadata`` may change: a patch changing anything else
+        answers 409 ``JobCompleted`` (``JobBeingTerminated``/``JobBeingDeleted`` while
+        terminating or deleting: "All update operations on a Job that is in deleting
+        state will fail with status code 409", Jobs_DeleteJob in the spec).
+        ``If-Match``/``If-None-Match``/``If-(Un)Modified-Since`` are honoured (412
+        ``ConditionNotMet``)."""
         job = self._need_job(job_id)
+        self._check_conditions(job)
         data = _json_body(body)
+        if job.state == "deleting":
+            raise _being_deleted()
+        changes: dict[str, Any] = {}
         if "onAllTasksComplete" in data:
             mode = str(data["onAllTasksComplete"]).lower()
             if mode not in ("noaction", "terminatejob"):
                 raise _invalid("onAllTasksComplete", mode, "must be noaction or terminatejob")
-            if job.state != "active" and mode != job.on_all_tasks_complete:
+            if job.on_all_tasks_complete == "terminatejob" and mode == "noaction":
+                raise _invalid("onAllTasksComplete", mode, "once terminatejob is set it "
+                               "cannot go back to noaction")
+            if mode != job.on_all_tasks_complete:
+                changes["onAllTasksComplete"] = mode
+        if "priority" in data:
+            priority = data["priority"]
+            if not isinstance(priority, int) or not -1000 <= priority <= 1000:
+                raise _invalid("priority", str(priority), "must be an integer in -1000..1000")
+        if "maxParallelTasks" in data:
+            value = data["maxParallelTasks"]
+            if not isinstance(value, int) or not (value == -1 or value > 0):
+                raise _invalid("maxParallelTasks", str(value), "must be -1 or more than 0")
+        if "constraints" in data:
+            _check_constraints(data["constraints"], "constraints")
+        if "metadata" in data:
+            _check_metadata(data["metadata"])
+        if "poolInfo" in data and job.state != "disabled":
+            raise PeerError(409, "JobNotDisabled" if job.state == "active" else "JobCompleted",
+                            "The pool of a job may change only while the job is disabled.")
+        for key in ("priority", "constraints", "maxParallelTasks", "allowTaskPreemption",
+                    "poolInfo", "networkConfiguration"):
+            if key in data and data[key] != job.body.get(key):
+                changes[key] = data[key]
+        if job.state != "active" and changes:
+            if job.state == "terminating":
+                raise _being_terminated()
+            if job.state == "completed":
                 raise PeerError(409, "JobCompleted", "The specified job is already in a "
                                 "completed state.")
-            job.on_all_tasks_complete = mode
-            job.body["onAllTasksComplete"] = mode
-        for key in ("priority", "constraints", "metadata", "maxParallelTasks"):
-            if key in data:
-                job.body[key] = data[key]
-        job.etag = f"0x{secrets.token_hex(8).upper()}"
-        job.last_modified = datetime.now(UTC)
-        self._settle(job)
+        if "metadata" in data:
+            changes["metadata"] = data["metadata"]
+        for key, value in changes.items():
+            job.body[key] = value
+        if "onAllTasksComplete" in changes:
+            job.on_all_tasks_complete = changes["onAllTasksComplete"]
+        if "constraints" in changes:
+            job.max_wall_clock = _parse_duration(
+                (job.body.get("constraints") or {}).get("maxWallClockTime"))
+        now = self._clock()
+        self._touch(job, now)
+        self._settle(job, now)
+        self._advance()
         return 200, None, {**self._entity_headers(job.etag, job.last_modified),
                            "DataServiceId": f"{self._base()}/jobs/{job.id}"}
 
+    def _op_terminate_job(self, job_id: str, params: Mapping[str, str],
+                          body: bytes) -> tuple[int, Any, dict[str, str]]:
+        """``POST /jobs/{id}/terminate`` ("Jobs_TerminateJob"): 202, the job goes
+        ``terminating`` then ``completed``; running tasks are ended (failureInfo
+        ``TaskEnded``); "If there are any Tasks in the Job in the active state, they
+        will remain in the active state" (the spec's description): they stay active and
+        are never scheduled. ``terminateReason`` defaults to ``UserTerminate``
+        (BatchJobTerminateOptions). The ``force`` query parameter (bool) is accepted; the
+        peer has no nodes to wait for. A completed job answers 409 ``JobCompleted``."""
+        job = self._need_job(job_id)
+        self._check_conditions(job)
+        force = params.get("force")
+        if force is not None and force.lower() not in ("true", "false"):
+            raise PeerError(400, "InvalidQueryParameterValue", "Value for one of the query "
+                            "parameters specified in the request URI is invalid.",
+                            {"QueryParameterName": "force", "QueryParameterValue": force})
+        data = _json_body(body) if body else {}
+        reason = data.get("terminateReason")
+        if reason is not None and not isinstance(reason, str):
+            raise _invalid("terminateReason", str(reason), "must be a string")
+        if job.state == "completed":
+            raise PeerError(409, "JobCompleted", "The specified job is already in a "
+                            "completed state.")
+        if job.state == "terminating":
+            raise _being_terminated()
+        if job.state == "deleting":
+            raise _being_deleted()
+        now = self._clock()
+        self._terminate(job, reason or REASON_USER_TERMINATE, now)
+        return 202, None, {**self._entity_headers(job.etag, job.last_modified),
+                           "DataServiceId": f"{self._base()}/jobs/{job.id}"}
+
+    def _op_delete_job(self, job_id: str, params: Mapping[str, str],
+                       body: bytes) -> tuple[int, Any, dict[str, str]]:
+        """``DELETE /jobs/{id}`` ("Jobs_DeleteJob"): 202; the job is ``deleting`` for
+        ``delete_delay`` seconds (0: gone at once), then gone (404 ``JobNotFound``)."""
+        job = self._need_job(job_id)
+        self._check_conditions(job)
+        if job.state == "deleting":
+            raise _being_deleted()
+        now = self._clock()
+        self._job_state(job, "deleting", now)
+        job.gone_at = now + timedelta(seconds=self.delete_delay)
+        if self.delete_delay <= 0:
+            del self._jobs[job.id.lower()]
+        return 202, None, {}
+
     def _op_list_jobs(self, params: Mapping[str, str],
                       body: bytes) -> tuple[int, Any, dict[str, str]]:
-        state = _state_filter(params.get("$filter"))
-        jobs = list(self._jobs.values())
-        for job in jobs:
-            self._settle(job)
-        if state is not None:
-            jobs = [j for j in jobs if j.state == state]
-        return 200, self._page([self._job_json(j) for j in jobs], params, "/jobs", 1000), {}
+        """``GET /jobs``: ``$filter`` over the properties the "List jobs" table of
+        "OData filters in Batch" lists (:data:`JOB_FILTERS`), ``$select``, paging."""
+        text = params.get("$filter")
+        keep = _compile_filter(text, JOB_FILTERS) if text else None
+        items = [self._job_json(j) for j in self._jobs.values()]
+        if keep is not None:
+            items = [item for item in items if keep(item)]
+        return 200, self._page(items, params, "/jobs", 1000, limit=1000), {}
 
     def _op_get_task_counts(self, job_id: str, params: Mapping[str, str],
                             body: bytes) -> tuple[int, Any, dict[str, str]]:
+        """Task counts ("Jobs_GetJobTaskCounts"): "Tasks in the preparing state are
+        counted as running. Note that the numbers returned may not always be up to
+        date." With ``counts_lag`` the answer is the counts as they were that long ago."""
         job = self._need_job(job_id)
-        counts = Counter[str]()
-        slots = Counter[str]()
-        for task in job.tasks.values():
-            state = "running" if task.state == "preparing" else task.state
-            keys = [state]
-            if state == "completed":
-                keys.append("succeeded" if task.exit_code == 0 else "failed")
-            for key in keys:
-                counts[key] += 1
-                slots[key] += task.slots
+        counts: Mapping[str, int] = job.counts
+        slots: Mapping[str, int] = job.slot_counts
+        if self.counts_lag > 0 and job.history:
+            when = self._clock() - timedelta(seconds=self.counts_lag)
+            index = bisect.bisect_right(job.history_times, when) - 1
+            _, counts, slots = job.history[max(index, 0)] if index >= 0 else (
+                when, {}, {})
         names = ("active", "running", "completed", "succeeded", "failed")
-        return 200, {"taskCounts": {n: counts[n] for n in names},
-                     "taskSlotCounts": {n: slots[n] for n in names}}, {}
+        return 200, {"taskCounts": {n: int(counts.get(n, 0)) for n in names},
+                     "taskSlotCounts": {n: int(slots.get(n, 0)) for n in names}}, {}
+
+    # -- tasks ---------------------------------------------------------------------------
 
     def _op_add_task_collection(self, job_id: str, params: Mapping[str, str],
                                 body: bytes) -> tuple[int, Any, dict[str, str]]:
@@ -556,7 +974,8 @@ class BatchPeer:
                            f"a collection holds at most {self.max_tasks} tasks")
         for index, task in enumerate(tasks):
             _check_task(task, f"value[{index}]")
-        self._settle(job)
+        if job.state == "deleting":
+            raise _being_deleted()
         if job.state != "active":
             raise PeerError(409, "JobCompleted",
                             "The specified job is already in a completed state.")
@@ -568,8 +987,9 @@ class BatchPeer:
     def _add_one(self, job: PeerJob, task: dict[str, Any]) -> dict[str, Any]:
         task_id = str(task["id"])
         depends = task.get("dependsOn") or {}
+        actions = _exit_actions(task.get("exitConditions"))
         error: PeerError | None = None
-        if task_id.lower() in job.tasks:
+        if task_id.lower() in job.tasks or _is_seeded_id(job, task_id):
             error = PeerError(409, "TaskExists", "The specified task already exists.")
         elif self.task_rule is not None and (ruled := self.task_rule(task)) is not None:
             error = ruled
@@ -580,15 +1000,58 @@ class BatchPeer:
             error = PeerError(400, "TaskDependencyListTooLong",
                               "The task depends on too many other tasks: use task id "
                               "ranges instead.")
+        elif "dependencyAction" in actions and not job.uses_task_dependencies:
+            # ExitOptions.dependencyAction: "If the Job's usesTaskDependencies property is
+            # set to false, then specifying the dependencyAction property returns an error
+            # and the add Task request fails with an invalid property value error ... 400"
+            error = _invalid("exitConditions.dependencyAction", actions["dependencyAction"],
+                             "the job does not use task dependencies")
+        elif "jobAction" in actions and job.on_task_failure == "noaction":
+            # ExitOptions.jobAction (BatchService.json): "If the Job's onTaskFailed
+            # property is noaction, then specifying this property returns an error and
+            # the add Task request fails with an invalid property value error ... 400"
+            error = _invalid("exitConditions.jobAction", actions["jobAction"],
+                             "the job's onTaskFailure is noaction")
         if error is not None:
             self.task_outcomes[error.code] += 1
             return {"status": "clientError", "taskId": task_id, "error": error.body()}
-        added = PeerTask(body=task)
+        now = self._clock()
+        added = PeerTask(body=task, created=now)
         job.tasks[task_id.lower()] = added
+        if added.int_id is not None:
+            job.by_int.setdefault(added.int_id, []).append(added)
+        self._count_in(job, added, +1)
+        job.pending[task_id.lower()] = added
+        self._snapshot(job, now)
         self.task_outcomes["added"] += 1
         return {"status": "success", "taskId": task_id, "eTag": added.etag,
-                "lastModified": _rfc3339(datetime.now(UTC)),
+                "lastModified": _rfc3339(now),
                 "location": f"{self._base()}/jobs/{job.id}/tasks/{task_id}"}
+
+    def _op_list_tasks(self, job_id: str, params: Mapping[str, str],
+                       body: bytes) -> tuple[int, Any, dict[str, str]]:
+        """``GET /jobs/{id}/tasks`` ("Tasks_ListTasks"): ``$filter`` over the "List
+        tasks" properties of "OData filters in Batch" (:data:`TASK_FILTERS`),
+        ``$select`` of top-level properties, ``maxresults`` 1..1000 (default 1000) and
+        ``odata.nextLink`` paging."""
+        job = self._need_job(job_id)
+        text = params.get("$filter")
+        keep = _compile_filter(text, TASK_FILTERS) if text else None
+        items: Iterator[dict[str, Any]] = itertools.chain(
+            (self._task_json(job, t) for t in job.tasks.values()), self._virtual_tasks(job))
+        chosen = [item for item in items if keep is None or keep(item)]
+        return 200, self._page(chosen, params, f"/jobs/{job.id}/tasks", 1000, limit=1000), {}
+
+    def _op_get_task(self, job_id: str, task_id: str, params: Mapping[str, str],
+                     body: bytes) -> tuple[int, Any, dict[str, str]]:
+        job = self._need_job(job_id)
+        task = job.tasks.get(task_id.lower())
+        if task is None:
+            raise PeerError(404, "TaskNotFound", "The specified task does not exist.")
+        return 200, _select(self._task_json(job, task), params), self._entity_headers(
+            task.etag, task.state_changed or task.created)
+
+    # -- pools ---------------------------------------------------------------------------
 
     def _op_get_pool(self, pool_id: str, params: Mapping[str, str],
                      body: bytes) -> tuple[int, Any, dict[str, str]]:
@@ -620,7 +1083,7 @@ class BatchPeer:
                  for p in self._pools.values() if wanted is None or p.id.lower() == wanted]
         return 200, self._page(items, params, "/nodecounts", 10), {}
 
-    # -- helpers -------------------------------------------------------------------------
+    # -- state machine -------------------------------------------------------------------
 
     def _need_job(self, job_id: str) -> PeerJob:
         job = self._jobs.get(job_id.lower())
@@ -628,31 +1091,355 @@ class BatchPeer:
             raise PeerError(404, "JobNotFound", "The specified job does not exist.")
         return job
 
-    def _settle(self, job: PeerJob) -> None:
+    def _check_conditions(self, job: PeerJob) -> None:
+        """The conditional headers of a write (the spec lists If-Match, If-None-Match,
+        If-Modified-Since and If-Unmodified-Since on job updates, terminate and delete):
+        412 ``ConditionNotMet`` when one does not hold ("Batch Status and Error Codes")."""
+        headers = {k.lower(): v for k, v in self._headers.items()}
+        failed = False
+        if (match := headers.get("if-match")) is not None:
+            failed |= match != "*" and match.strip('"') != job.etag.strip('"')
+        if (none_match := headers.get("if-none-match")) is not None:
+            failed |= none_match == "*" or none_match.strip('"') == job.etag.strip('"')
+        modified = job.last_modified.replace(microsecond=0)
+        if (since := headers.get("if-modified-since")) is not None:
+            failed |= modified <= parsedate_to_datetime(since)
+        if (unmodified := headers.get("if-unmodified-since")) is not None:
+            failed |= modified > parsedate_to_datetime(unmodified)
+        if failed:
+            raise PeerError(412, "ConditionNotMet", "The condition specified using HTTP "
+                            "conditional header(s) is not met.")
+
+    def _touch(self, job: PeerJob, now: datetime) -> None:
+        job.etag = _new_etag()
+        job.last_modified = max(now, job.last_modified)
+
+    def _job_state(self, job: PeerJob, state: str, at: datetime) -> None:
+        job.previous_state, job.previous_changed = job.state, job.state_changed
+        job.state, job.state_changed = state, at
+        self._touch(job, at)
+
+    def _snapshot(self, job: PeerJob, at: datetime) -> None:
+        if job.history_times and at < job.history_times[-1]:
+            at = job.history_times[-1]
+        job.history.append((at, dict(job.counts), dict(job.slot_counts)))
+        job.history_times.append(at)
+
+    @staticmethod
+    def _count_keys(task: PeerTask) -> tuple[str, ...]:
+        if task.state == "completed":
+            return ("completed", "succeeded" if task.result == "success" else "failed")
+        return ("running",) if task.state in ("preparing", "running") else ("active",)
+
+    def _count_in(self, job: PeerJob, task: PeerTask, sign: int) -> None:
+        for key in self._count_keys(task):
+            job.counts[key] += sign
+            job.slot_counts[key] += sign * task.slots
+
+    def _move(self, job: PeerJob, task: PeerTask, state: str, at: datetime) -> None:
+        """Every task state change goes through here: counts, history, pending set."""
+        self._count_in(job, task, -1)
+        task.previous_state, task.previous_changed = task.state, task.state_changed
+        task.state, task.state_changed = state, at
+        task.etag = _new_etag()
+        self._count_in(job, task, +1)
+        if state == "completed":
+            job.pending.pop(task.id.lower(), None)
+        else:
+            job.pending[task.id.lower()] = task
+        self._snapshot(job, at)
+
+    def _complete(self, job: PeerJob, task: PeerTask, at: datetime, *, kind: str,
+                  exit_code: int | None) -> None:
+        """End a task as the service reports it (``executionInfo``, ``failureInfo``),
+        then apply its exit options: its dependency action, and its job action."""
+        end = "exit"
+        failure: dict[str, Any] | None = None
+        if kind == "exit":
+            if exit_code:
+                failure = _failure_info(FAILURE_EXIT_CODE)
+        elif kind == "resource_file":
+            end, exit_code = "pre_processing_error", None
+            failure = _failure_info(RESOURCE_FILE_FAILURE)
+        elif kind == "file_upload":
+            end = "file_upload_error"
+            failure = _failure_info(FILE_UPLOAD_FAILURE)
+        elif kind == "wall_clock":
+            exit_code = TERMINATED_EXIT_CODE
+            failure = _failure_info(TASK_ENDED, WALL_CLOCK_MESSAGE, "servererror")
+        elif kind == "job_terminated":
+            exit_code = TERMINATED_EXIT_CODE
+            failure = _failure_info(TASK_ENDED, USER_ENDED_MESSAGE, "usererror")
+        else:
+            raise ValueError(f"unknown task end {kind!r}")
+        task.exit_code, task.failure_info, task.end_time = exit_code, failure, at
+        task.result = "failure" if failure else "success"
+        task.run_end = task.run_kind = None
+        acts = job.on_task_failure == "performexitoptionsjobaction"
+        job_action, task.dependency_action = _exit_options(
+            task.body.get("exitConditions"), end, exit_code, acts)
+        self._move(job, task, "completed", at)
+        if failure is None or kind == "job_terminated" or job.state != "active":
+            return
+        if job_action == "terminate":
+            self._terminate(job, REASON_TASK_FAILED, at)
+        elif job_action == "disable":
+            self._job_state(job, "disabled", at)
+
+    def _terminate(self, job: PeerJob, reason: str, at: datetime) -> None:
+        """Terminate: running tasks end (``TaskEnded``), active ones stay active."""
+        self._job_state(job, "terminating", at)
+        job.terminate_reason = reason
+        for task in list(job.pending.values()):
+            if task.state in ("preparing", "running"):
+                self._complete(job, task, at, kind="job_terminated", exit_code=None)
+        if job.virtual and job.virtual["running"]:
+            ended = job.virtual["running"]
+            job.virtual["running"] = 0
+            job.virtual["failed"] += ended
+            for counts in (job.counts, job.slot_counts):
+                counts["running"] -= ended
+                counts["completed"] += ended
+                counts["failed"] += ended
+            self._snapshot(job, at)
+        job.complete_at = at + timedelta(seconds=self.terminate_delay)
+        if self.terminate_delay <= 0:
+            self._finish_terminate(job)
+
+    def _finish_terminate(self, job: PeerJob) -> None:
+        assert job.complete_at is not None
+        job.end_time = job.complete_at
+        self._job_state(job, "completed", job.complete_at)
+
+    def _settle(self, job: PeerJob, at: datetime) -> None:
         """A job set to terminate completes once every task has completed."""
         if (job.state == "active" and job.on_all_tasks_complete == "terminatejob"
-                and all(t.state == "completed" for t in job.tasks.values())):
-            job.state = "completed"
+                and job.counts["completed"] == job.total):
+            ends = [t.end_time for t in job.tasks.values() if t.end_time is not None]
+            self._terminate(job, REASON_ALL_TASKS_COMPLETE, min(max(ends), at) if ends else at)
+
+    def _advance(self) -> None:
+        """Bring every job up to the clock: runner events, job max wall clock,
+        terminating and deleting jobs. Cheap for jobs with nothing to do."""
+        now = self._clock()
+        for job in list(self._jobs.values()):
+            if job.state in ("completed",):
+                continue
+            if job.state == "deleting":
+                if job.gone_at is not None and job.gone_at <= now:
+                    del self._jobs[job.id.lower()]
+                continue
+            if job.state == "terminating":
+                if job.complete_at is not None and job.complete_at <= now:
+                    self._finish_terminate(job)
+                continue
+            deadline = (job.created + job.max_wall_clock
+                        if job.max_wall_clock is not None else None)
+            until = now if deadline is None else min(now, deadline)
+            if self._runner is not None and job.pending:
+                self._run_tasks(job, until)
+            if deadline is not None and deadline <= now and job.state in ("active",
+                                                                          "disabled"):
+                # BatchJobConstraints.maxWallClockTime: "If the Job does not complete
+                # within the time limit, the Batch service terminates it and any Tasks
+                # that are still running ... the termination reason will be
+                # MaxWallClockTimeExpiry."
+                self._terminate(job, REASON_WALL_CLOCK, deadline)
+                continue
+            if job.state == "terminating" and job.complete_at is not None \
+                    and job.complete_at <= now:
+                self._finish_terminate(job)
+            self._settle(job, until)
+
+    def _run_tasks(self, job: PeerJob, until: datetime) -> None:
+        """Runner mode: start runnable tasks and end attempts, in event-time order."""
+        runner = self._runner
+        assert runner is not None
+        delay = timedelta(seconds=runner.delay)
+        changed = True
+        while changed:
+            changed = False
+            events: list[tuple[datetime, int, PeerTask]] = []
+            for order, task in enumerate(job.pending.values()):
+                if task.state == "active" and job.state == "active":
+                    ready = self._deps_ready(job, task)
+                    if ready is not None:
+                        start = max(ready, task.created, self._runner_since) + delay
+                        events.append((start, order, task))
+                elif task.state in ("running", "preparing") and task.run_end is not None:
+                    events.append((task.run_end, order, task))
+            events.sort(key=lambda e: (e[0], e[1]))
+            for when, _, task in events:
+                if when > until or job.state != "active":
+                    break
+                if task.state == "active":
+                    self._start(job, task, when, runner)
+                    changed = True
+                elif task.state in ("running", "preparing") and task.run_end == when:
+                    self._end_attempt(job, task, when)
+                    changed = True
+                    if job.uses_task_dependencies or job.state != "active":
+                        break  # its end may unblock dependents earlier than later events
+
+    def _start(self, job: PeerJob, task: PeerTask, at: datetime, runner: Runner) -> None:
+        kind = runner.failure(task.id) or "exit"
+        duration = timedelta(seconds=runner.delay)
+        limit = _parse_duration((task.body.get("constraints") or {}).get("maxWallClockTime"))
+        if kind == "wall_clock":
+            duration = limit if limit is not None else duration
+        elif kind in ("exit", "file_upload") and limit is not None and limit < duration:
+            kind, duration = "wall_clock", limit
+        task.run_kind, task.run_exit = kind, runner.exit_code(task.id)
+        task.start_time, task.run_end = at, at + duration
+        self._move(job, task, "running", at)
+
+    def _end_attempt(self, job: PeerJob, task: PeerTask, at: datetime) -> None:
+        kind, code = task.run_kind or "exit", task.run_exit or 0
+        retries = _max_retries(task.body, job.body)
+        if kind == "exit" and code != 0 and (retries == -1 or task.retry_count < retries) \
+                and task.retry_count < MAX_PEER_RETRIES:
+            # BatchTaskExecutionInfo.retryCount: "Task application failures (non-zero exit
+            # code) are retried, pre-processing errors ... and file upload errors are not"
+            task.retry_count += 1
+            task.last_retry_time = task.start_time = at
+            assert self._runner is not None
+            task.run_end = at + timedelta(seconds=self._runner.delay)
+            task.etag = _new_etag()
+            return
+        self._complete(job, task, at, kind=kind, exit_code=code)
+        self._settle(job, at)
+
+    def _deps_ready(self, job: PeerJob, task: PeerTask) -> datetime | None:
+        """When the task's dependencies were all met (None: not yet, or never).
+
+        ``dependsOn.taskIds``: each must exist, be completed, and have satisfied its
+        dependents. ``taskIdRanges``: the tasks whose ids are integers in the range
+        ("only tasks with IDs representing integer values will be selected by the range
+        ... Leading zeroes are not significant ... the first one to complete will
+        satisfy the dependency", learn.microsoft.com/azure/batch/batch-task-dependencies).
+        """
+        depends = task.body.get("dependsOn") or {}
+        latest = task.created
+        for dep_id in depends.get("taskIds") or []:
+            dep = job.tasks.get(str(dep_id).lower())
+            if dep is None or dep.state != "completed" or dep.dependency_action != "satisfy":
+                return None
+            assert dep.end_time is not None
+            latest = max(latest, dep.end_time)
+        for rng in depends.get("taskIdRanges") or []:
+            start, end = int(rng["start"]), int(rng["end"])
+            if end - start < len(job.by_int):
+                groups = (job.by_int[v] for v in range(start, end + 1) if v in job.by_int)
+            else:
+                groups = (g for v, g in job.by_int.items() if start <= v <= end)
+            for group in groups:
+                done = [t.end_time for t in group if t.state == "completed"
+                        and t.dependency_action == "satisfy" and t.end_time is not None]
+                if not done:
+                    return None
+                latest = max(latest, min(done))
+        return latest
+
+    # -- JSON ----------------------------------------------------------------------------
 
     def _job_json(self, job: PeerJob) -> dict[str, Any]:
         data = {k: v for k, v in job.body.items() if k != "id"}
-        return {
+        execution: dict[str, Any] = {"startTime": _rfc3339(job.created), "poolId": job.pool}
+        if job.state == "completed":
+            if job.end_time is not None:
+                execution["endTime"] = _rfc3339(job.end_time)
+            if job.terminate_reason is not None:
+                execution["terminateReason"] = job.terminate_reason
+        out = {
             "id": job.id, "url": f"{self._base()}/jobs/{job.id}", "eTag": job.etag,
             "lastModified": _rfc3339(job.last_modified),
             "creationTime": _rfc3339(job.created), "state": job.state,
-            "stateTransitionTime": _rfc3339(job.last_modified),
+            "stateTransitionTime": _rfc3339(job.state_changed or job.created),
             "priority": 0, "maxParallelTasks": -1, "allowTaskPreemption": False,
             "usesTaskDependencies": False, "onTaskFailure": "noaction",
-            "constraints": {"maxWallClockTime": "P10675199DT2H48M5.4775807S",
-                            "maxTaskRetryCount": 0},
             **data,
+            "constraints": {"maxWallClockTime": DEFAULT_WALL_CLOCK, "maxTaskRetryCount": 0,
+                            **(data.get("constraints") or {})},
             "onAllTasksComplete": job.on_all_tasks_complete,
-            "executionInfo": {"startTime": _rfc3339(job.created), "poolId": job.pool},
+            "executionInfo": execution,
         }
+        if job.previous_state is not None and job.previous_changed is not None:
+            out["previousState"] = job.previous_state
+            out["previousStateTransitionTime"] = _rfc3339(job.previous_changed)
+        return out
+
+    def _task_json(self, job: PeerJob, task: PeerTask) -> dict[str, Any]:
+        data = {k: v for k, v in task.body.items() if k != "id"}
+        changed = task.state_changed or task.created
+        out: dict[str, Any] = {
+            "id": task.id, "url": f"{self._base()}/jobs/{job.id}/tasks/{task.id}",
+            "eTag": task.etag, "creationTime": _rfc3339(task.created),
+            "lastModified": _rfc3339(changed), "state": task.state,
+            "stateTransitionTime": _rfc3339(changed),
+            **data,
+            "constraints": {"maxWallClockTime": DEFAULT_WALL_CLOCK, "retentionTime": "P7D",
+                            "maxTaskRetryCount": 0, **(data.get("constraints") or {})},
+            "requiredSlots": task.slots,
+        }
+        if task.previous_state is not None and task.previous_changed is not None:
+            out["previousState"] = task.previous_state
+            out["previousStateTransitionTime"] = _rfc3339(task.previous_changed)
+        if task.state == "completed" or task.start_time is not None:
+            info: dict[str, Any] = {"retryCount": task.retry_count, "requeueCount": 0}
+            if task.start_time is not None:
+                info["startTime"] = _rfc3339(task.start_time)
+            if task.last_retry_time is not None:
+                info["lastRetryTime"] = _rfc3339(task.last_retry_time)
+            if task.state == "completed":
+                if task.end_time is not None:
+                    info["endTime"] = _rfc3339(task.end_time)
+                if task.exit_code is not None:
+                    info["exitCode"] = task.exit_code
+                info["result"] = task.result
+                if task.failure_info is not None:
+                    info["failureInfo"] = task.failure_info
+            out["executionInfo"] = info
+        return out
+
+    def _virtual_tasks(self, job: PeerJob) -> Iterator[dict[str, Any]]:
+        """The tasks of a seeded job, made up as they are listed."""
+        if not job.virtual:
+            return
+        made = _rfc3339(job.created)
+        index = 0
+        for state in ("active", "running", "succeeded", "failed"):
+            for _ in range(job.virtual[state]):
+                task_id = f"seed{index}"
+                index += 1
+                out: dict[str, Any] = {
+                    "id": task_id, "url": f"{self._base()}/jobs/{job.id}/tasks/{task_id}",
+                    "eTag": "0x8DD00000000001", "creationTime": made, "lastModified": made,
+                    "state": state if state in ("active", "running") else "completed",
+                    "stateTransitionTime": made, "commandLine": "true", "requiredSlots": 1}
+                if state != "active":
+                    info: dict[str, Any] = {"startTime": made, "retryCount": 0,
+                                            "requeueCount": 0}
+                    if state != "running":
+                        info.update(endTime=made, exitCode=0 if state == "succeeded" else 1,
+                                    result="success" if state == "succeeded" else "failure")
+                        if state == "failed":
+                            info["failureInfo"] = _failure_info(FAILURE_EXIT_CODE)
+                    out["executionInfo"] = info
+                yield out
 
     def _page(self, items: list[dict[str, Any]], params: Mapping[str, str], path: str,
-              default_size: int) -> dict[str, Any]:
-        size = int(params.get("maxresults") or default_size)
+              default_size: int, limit: int | None = None) -> dict[str, Any]:
+        raw = params.get("maxresults")
+        try:
+            size = int(raw) if raw else default_size
+        except ValueError:
+            size = 0
+        if limit is not None and not 1 <= size <= limit:
+            raise PeerError(400, "InvalidQueryParameterValue", "Value for one of the query "
+                            "parameters specified in the request URI is invalid.",
+                            {"QueryParameterName": "maxresults",
+                             "QueryParameterValue": str(raw),
+                             "Reason": f"must be between 1 and {limit}"})
         start = int(params.get("$skiptoken") or 0)
         page = [_select(item, params) for item in items[start:start + size]]
         out: dict[str, Any] = {"odata.metadata": f"{self._base()}/$metadata", "value": page}
@@ -667,7 +1454,6 @@ class BatchPeer:
 
     def _base(self) -> str:
         return self.url
-
 
 class _Handler(BaseHTTPRequestHandler):
     peer: BatchPeer
@@ -701,6 +1487,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PATCH(self) -> None:
         self._handle()
 
+    def do_DELETE(self) -> None:
+        self._handle()
+
     def _handle(self) -> None:
         peer = self.peer
         length = int(self.headers.get("Content-Length") or 0)
@@ -729,7 +1518,8 @@ class _Handler(BaseHTTPRequestHandler):
                                 "receive requests. Please retry your request.",
                                 headers={"Retry-After": str(faults.retry_after)})
             peer._check_auth(self.command, split.path, split.query, self.headers)
-            status, payload, headers = peer._dispatch(operation, arg, params, body)
+            status, payload, headers = peer._dispatch(operation, arg, params, body,
+                                                     dict(self.headers))
         except PeerError as err:
             outcome = {429: "throttled", 503: "unavailable", 413: "too_large",
                        403: "auth_failed", 401: "auth_failed"}.get(err.status, err.code)
@@ -853,15 +1643,325 @@ def _select(item: dict[str, Any], params: Mapping[str, str]) -> dict[str, Any]:
     return {k: v for k, v in item.items() if k in keys}
 
 
-def _state_filter(text: str | None) -> str | None:
+def _being_deleted() -> PeerError:
+    return PeerError(409, "JobBeingDeleted", "The specified job has been marked for "
+                     "deletion and is being deleted.")
+
+
+def _being_terminated() -> PeerError:
+    return PeerError(409, "JobBeingTerminated", "The specified job is in the process of "
+                     "being terminated.")
+
+
+def _check_metadata(value: Any) -> None:
+    """``metadata`` is a list of ``{"name", "value"}``; an empty name is an error
+    (``EmptyMetadataKey`` in the Batch .NET SDK's BatchErrorCodeStrings)."""
+    if value is None:
+        return
+    if not isinstance(value, list):
+        raise _invalid("metadata", str(value), "a list of name-value pairs")
+    for item in value:
+        if not isinstance(item, dict) or "value" not in item:
+            raise _invalid("metadata", str(item), "a name-value pair")
+        if not item.get("name"):
+            raise PeerError(400, "EmptyMetadataKey", "An add or update request specified a "
+                            "metadata item whose key is an empty string.")
+
+
+def _is_seeded_id(job: PeerJob, task_id: str) -> bool:
+    if not job.virtual or not task_id.lower().startswith("seed"):
+        return False
+    rest = task_id[4:]
+    return rest.isdigit() and int(rest) < sum(job.virtual.values())
+
+
+_DURATION_PARTS = re.compile(r"^P(?:(?P<d>\d+(?:\.\d+)?)D)?(?:T(?:(?P<h>\d+(?:\.\d+)?)H)?"
+                             r"(?:(?P<m>\d+(?:\.\d+)?)M)?(?:(?P<s>\d+(?:\.\d+)?)S)?)?$")
+
+
+def _parse_duration(text: Any) -> timedelta | None:
+    """An ISO 8601 duration; None when absent or beyond a century (the service's default
+    maxWallClockTime, ``P10675199DT2H48M5.4775807S``, means no limit)."""
     if not text:
         return None
-    match = re.fullmatch(r"\s*state\s+eq\s+'(\w+)'\s*", text)
+    match = _DURATION_PARTS.match(str(text))
     if match is None:
-        raise PeerError(400, "InvalidQueryParameterValue", "The peer supports only "
-                        "$filter=state eq '<state>' on jobs.",
-                        {"QueryParameterName": "$filter", "QueryParameterValue": text})
-    return match.group(1)
+        return None
+    value = timedelta(days=float(match["d"] or 0), hours=float(match["h"] or 0),
+                      minutes=float(match["m"] or 0), seconds=float(match["s"] or 0))
+    return None if value > timedelta(days=36_500) else value
+
+
+def _max_retries(task: Mapping[str, Any], job: Mapping[str, Any]) -> int:
+    for source in (task, job):
+        value = (source.get("constraints") or {}).get("maxTaskRetryCount")
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _failure_info(code: str, message: str | None = None,
+                  category: str = "usererror") -> dict[str, Any]:
+    messages = {FAILURE_EXIT_CODE: "The task exited with an exit code representing a "
+                "failure",
+                RESOURCE_FILE_FAILURE: "Miscellaneous error encountered while downloading "
+                "one of the specified Azure Blob(s)",
+                FILE_UPLOAD_FAILURE: "Miscellaneous error encountered while uploading one "
+                "of the output files"}
+    return {"category": category, "code": code,
+            "message": message or messages.get(code, code), "details": []}
+
+
+_EXIT_OPTION_KEYS = ("preProcessingError", "fileUploadError", "default")
+
+
+def _iter_exit_options(conditions: Any) -> Iterator[Mapping[str, Any]]:
+    if not isinstance(conditions, Mapping):
+        return
+    for mapping in list(conditions.get("exitCodes") or []) + list(
+            conditions.get("exitCodeRanges") or []):
+        if isinstance(mapping, Mapping) and isinstance(mapping.get("exitOptions"), Mapping):
+            yield mapping["exitOptions"]
+    for key in _EXIT_OPTION_KEYS:
+        if isinstance(conditions.get(key), Mapping):
+            yield conditions[key]
+
+
+def _exit_actions(conditions: Any) -> dict[str, str]:
+    """The first ``jobAction`` and ``dependencyAction`` the exit conditions set."""
+    found: dict[str, str] = {}
+    for options in _iter_exit_options(conditions):
+        for key in ("jobAction", "dependencyAction"):
+            if options.get(key) is not None:
+                found.setdefault(key, str(options[key]))
+    return found
+
+
+def _exit_options(conditions: Any, end: str, exit_code: int | None,
+                  job_acts: bool) -> tuple[str, str]:
+    """The (jobAction, dependencyAction) for one task end, defaults filled in.
+
+    As ExitConditions in the spec: ``exitCodes`` then ``exitCodeRanges`` (inclusive)
+    match the exit code; "If the Task exited with an exit code that was specified via
+    exitCodes or exitCodeRanges, and then encountered a file upload error, then the
+    action specified by the exit code takes precedence"; ``preProcessingError`` and
+    ``fileUploadError`` apply to those ends; ``default`` to everything else. Defaults
+    (ExitOptions): jobAction none for exit code 0 and terminate otherwise, only on a
+    job with onTaskFailure performexitoptionsjobaction; dependencyAction satisfy for
+    exit code 0 and block otherwise. ``end`` is exit, pre_processing_error or
+    file_upload_error."""
+    conditions = conditions if isinstance(conditions, Mapping) else {}
+    chosen: Mapping[str, Any] | None = None
+    if exit_code is not None and end in ("exit", "file_upload_error"):
+        for mapping in conditions.get("exitCodes") or []:
+            if mapping.get("code") == exit_code:
+                chosen = mapping.get("exitOptions") or {}
+                break
+        else:
+            for mapping in conditions.get("exitCodeRanges") or []:
+                if int(mapping.get("start", 0)) <= exit_code <= int(mapping.get("end", -1)):
+                    chosen = mapping.get("exitOptions") or {}
+                    break
+    if chosen is None:
+        key = {"pre_processing_error": "preProcessingError",
+               "file_upload_error": "fileUploadError"}.get(end)
+        chosen = (conditions.get(key) if key else None) or conditions.get("default") or {}
+    ok = end == "exit" and exit_code == 0
+    job_action = str(chosen.get("jobAction") or ("none" if ok else "terminate")).lower()
+    dependency = str(chosen.get("dependencyAction") or ("satisfy" if ok else "block")).lower()
+    return (job_action if job_acts else "none"), dependency
+
+
+# -- OData $filter ------------------------------------------------------------------------
+
+_ALL_OPS = frozenset({"startswith", "eq", "ne", "ge", "gt", "le", "lt"})
+_CMP_OPS = frozenset({"eq", "ne", "ge", "gt", "le", "lt"})
+_EQ_OPS = frozenset({"eq", "ne"})
+#: The "List jobs" properties of "OData filters in Batch"
+#: (learn.microsoft.com/rest/api/batchservice/odata-filters-in-batch): property ->
+#: (operators allowed, type).
+JOB_FILTERS: dict[str, tuple[frozenset[str], str]] = {
+    "id": (_ALL_OPS, "string"),
+    "state": (_EQ_OPS, "string"),
+    "stateTransitionTime": (_CMP_OPS, "datetime"),
+    "creationTime": (_CMP_OPS, "datetime"),
+    "lastModified": (_CMP_OPS, "datetime"),
+    "executionInfo/startTime": (_CMP_OPS, "datetime"),
+    "executionInfo/endTime": (_CMP_OPS, "datetime"),
+    "executionInfo/poolId": (_ALL_OPS, "string"),
+}
+#: The "List tasks" properties of the same page.
+TASK_FILTERS: dict[str, tuple[frozenset[str], str]] = {
+    "id": (_ALL_OPS, "string"),
+    "state": (_EQ_OPS, "string"),
+    "stateTransitionTime": (_CMP_OPS, "datetime"),
+    "creationTime": (_CMP_OPS, "datetime"),
+    "lastModified": (_CMP_OPS, "datetime"),
+    "executionInfo/startTime": (_CMP_OPS, "datetime"),
+    "executionInfo/endTime": (_CMP_OPS, "datetime"),
+    "executionInfo/exitCode": (_CMP_OPS, "int"),
+    "executionInfo/result": (_EQ_OPS, "string"),
+    "executionInfo/retryCount": (_CMP_OPS, "int"),
+    "executionInfo/requeueCount": (_CMP_OPS, "int"),
+}
+_FILTER_TOKEN = re.compile(
+    r"\s*(?:(?P<lp>\()|(?P<rp>\))|(?P<comma>,)"
+    r"|(?i:datetime)'(?P<dt>[^']*)'"
+    r"|'(?P<str>(?:[^']|'')*)'"
+    r"|(?P<num>-?\d+)(?![\w'])"
+    r"|(?P<word>[A-Za-z_][A-Za-z0-9_/]*))")
+
+Predicate = Callable[[Mapping[str, Any]], bool]
+
+
+def _bad_filter(text: str, reason: str) -> PeerError:
+    """"If an invalid property or operator is specified, a 400 (Bad Request) error will
+    result" (batch-efficient-list-queries); the code as in "Batch Status and Error Codes"."""
+    return PeerError(400, "InvalidQueryParameterValue", "Value for one of the query "
+                     "parameters specified in the request URI is invalid.",
+                     {"QueryParameterName": "$filter", "QueryParameterValue": text,
+                      "Reason": reason})
+
+
+def _parse_filter_time(text: str) -> datetime | None:
+    """A ``DateTime'...'`` literal: "Date/time strings can be one of two formats, and must
+    be preceded with DateTime": W3C-DTF (``DateTime'2011-05-08T08:49:37Z'``) or RFC 1123
+    (``DateTime'Sun, 08 May 2011 08:49:37 GMT'``) (batch-efficient-list-queries)."""
+    try:
+        if re.match(r"^\d{4}-\d{2}-\d{2}T", text):
+            when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        else:
+            when = parsedate_to_datetime(text)
+    except (ValueError, TypeError):
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _value_at(item: Mapping[str, Any], path: str) -> Any:
+    value: Any = item
+    for part in path.split("/"):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _compare(left: Any, op: str, right: Any) -> bool:
+    if left is None:
+        return op == "ne"
+    if op == "startswith":
+        return str(left).startswith(right)
+    return {"eq": left == right, "ne": left != right, "gt": left > right,
+            "ge": left >= right, "lt": left < right, "le": left <= right}[op]
+
+
+def _compile_filter(text: str, table: Mapping[str, tuple[frozenset[str], str]]) -> Predicate:
+    """An OData ``$filter`` over ``table``'s properties: comparisons
+    ``<property> <op> <literal>``, ``startswith(<property>, '<prefix>')``, ``and``,
+    ``or`` and parentheses ("Filter conditions can be combined using the "AND" and "OR"
+    operators", odata-filters-in-batch). String values compare case-insensitively ("All
+    property names are case-sensitive, but property values are case insensitive",
+    batch-efficient-list-queries). Anything else is 400 InvalidQueryParameterValue."""
+    tokens: list[tuple[str, str]] = []
+    pos = 0
+    while pos < len(text):
+        if text[pos:].strip() == "":
+            break
+        match = _FILTER_TOKEN.match(text, pos)
+        if match is None or match.end() == pos:
+            raise _bad_filter(text, f"cannot read the filter at {text[pos:pos + 20]!r}")
+        kind = match.lastgroup or ""
+        value = match.group(kind) if kind else ""
+        tokens.append((kind, value))
+        pos = match.end()
+    index = 0
+
+    def peek() -> tuple[str, str]:
+        return tokens[index] if index < len(tokens) else ("end", "")
+
+    def take(kind: str | None = None) -> tuple[str, str]:
+        nonlocal index
+        token = peek()
+        if token[0] == "end" or (kind is not None and token[0] != kind):
+            raise _bad_filter(text, f"expected {kind or 'more'}, found {token[1] or 'the end'}")
+        index += 1
+        return token
+
+    def literal(prop: str, kind_wanted: str) -> Any:
+        kind, value = take()
+        if kind_wanted == "string" and kind == "str":
+            return value.replace("''", "'").lower()
+        if kind_wanted == "int" and kind == "num":
+            return int(value)
+        if kind_wanted == "datetime" and kind == "dt":
+            when = _parse_filter_time(value)
+            if when is not None:
+                return when
+        raise _bad_filter(text, f"{prop} needs a {kind_wanted} literal, not {value!r}")
+
+    def prop_of(name: str, op: str) -> str:
+        if name not in table:
+            raise _bad_filter(text, f"{name} cannot be filtered on")
+        if op not in table[name][0]:
+            raise _bad_filter(text, f"{op} is not allowed on {name}")
+        return table[name][1]
+
+    def getter(name: str, kind: str) -> Callable[[Mapping[str, Any]], Any]:
+        def get(item: Mapping[str, Any]) -> Any:
+            value = _value_at(item, name)
+            if value is None:
+                return None
+            if kind == "string":
+                return str(value).lower()
+            if kind == "datetime":
+                return _parse_filter_time(str(value))
+            return int(value)
+        return get
+
+    def primary() -> Predicate:
+        kind, value = take()
+        if kind == "lp":
+            inner = disjunction()
+            take("rp")
+            return inner
+        if kind == "word" and value == "startswith" and peek()[0] == "lp":
+            take("lp")
+            name = take("word")[1]
+            prop_kind = prop_of(name, "startswith")
+            take("comma")
+            prefix = literal(name, prop_kind)
+            take("rp")
+            get = getter(name, prop_kind)
+            return lambda item: _compare(get(item), "startswith", prefix)
+        if kind != "word":
+            raise _bad_filter(text, f"expected a property, found {value!r}")
+        op = take("word")[1]
+        if op not in _CMP_OPS:
+            raise _bad_filter(text, f"unknown operator {op!r}")
+        prop_kind = prop_of(value, op)
+        right = literal(value, prop_kind)
+        get = getter(value, prop_kind)
+        return lambda item: _compare(get(item), op, right)
+
+    def conjunction() -> Predicate:
+        parts = [primary()]
+        while peek() == ("word", "and"):
+            take()
+            parts.append(primary())
+        return parts[0] if len(parts) == 1 else (lambda item: all(p(item) for p in parts))
+
+    def disjunction() -> Predicate:
+        parts = [conjunction()]
+        while peek() == ("word", "or"):
+            take()
+            parts.append(conjunction())
+        return parts[0] if len(parts) == 1 else (lambda item: any(p(item) for p in parts))
+
+    predicate = disjunction()
+    if index != len(tokens):
+        raise _bad_filter(text, f"unexpected {tokens[index][1]!r}")
+    return predicate
+
 
 
 def _pool_filter(text: str | None) -> str | None:
