@@ -13,7 +13,12 @@ Clients connect with::
 
 What it does:
 
-- SASL ANONYMOUS and the ``$cbs`` put-token exchange (always 202).
+- SASL ANONYMOUS and the ``$cbs`` put-token exchange: every token is accepted (202),
+  but a token for an entity that does not exist is answered 404 "The messaging entity
+  '...' could not be found", as the service does: that is where a client first learns
+  of a missing entity (the SDK raises ``ServiceBusAuthenticationError`` carrying the
+  404; https://learn.microsoft.com/azure/service-bus-messaging/service-bus-messaging-exceptions
+  under MessagingEntityNotFoundException).
 - Sender links to queues and topics. A topic copies each message to every one of its
   subscriptions (no filter rules: each subscription has the default ``1=1`` filter,
   https://learn.microsoft.com/azure/service-bus-messaging/topic-filters). The SDK's
@@ -529,6 +534,13 @@ class ServiceBusPeer:
             entity = self._entities.get(path.lower())
         return entity
 
+    def _known(self, path: str) -> bool:
+        """Whether a token audience's path names an entity (or the namespace itself)."""
+        for suffix in (MANAGEMENT_SUFFIX, DEAD_LETTER_SUFFIX):
+            if path.lower().endswith(suffix.lower()):
+                path = path[: -len(suffix)]
+        return not path or path.lower() in self._topics or self._entity(path) is not None
+
     def _targets(self, path: str) -> list[_Entity] | None:
         """Where a message sent to ``path`` goes: the queue, or the topic's subscriptions."""
         topic = self._topics.get(path.lower())
@@ -969,6 +981,11 @@ class _Handler(FlowController):
         payload = bytes(link.recv(delivery.pending) or b"")  # copy at once: proton reuses it
         link.advance()
         node = link.node
+        if link.state & Endpoint.LOCAL_CLOSED:
+            # A transfer on a link the peer refused (e.g. no such entity) that crossed
+            # the detach: left unanswered, the sender fails with the detach's error, as
+            # with the service.
+            return
         try:
             if node == CBS_NODE:
                 self._answer_cbs(link, payload)
@@ -1079,7 +1096,13 @@ class _Handler(FlowController):
         audience = _text((request.properties or {}).get("name")) or ""
         with self.peer._lock:
             self.peer.cbs_tokens.append((audience, _text(request.body) or ""))
-        self._reply(link, CBS_NODE, request, 202, "Accepted", None, None)
+            known = self.peer._known(_path(audience))
+        if known:
+            self._reply(link, CBS_NODE, request, 202, "Accepted", None, None)
+        else:
+            self._reply(link, CBS_NODE, request, 404,
+                        f"The messaging entity '{audience}' could not be found. To know "
+                        "more visit https://aka.ms/sbResourceMgrExceptions.", None, None)
 
     def _answer_management(self, link: Link, payload: bytes) -> None:
         request = Message()

@@ -14,7 +14,10 @@ from azure.servicebus import (
     ServiceBusMessage,
     ServiceBusReceiveMode,
 )
-from azure.servicebus.exceptions import MessagingEntityNotFoundError
+from azure.servicebus.exceptions import (
+    MessagingEntityNotFoundError,
+    ServiceBusAuthenticationError,
+)
 
 from tests.fakes.servicebus_peer import ServiceBusPeer
 
@@ -107,11 +110,32 @@ def test_topic_copies_to_each_subscription(peer: ServiceBusPeer,
     assert peer.counts("t/Subscriptions/b")["active"] == 0
 
 
-def test_unknown_entity_is_not_found(client: ServiceBusClient) -> None:
-    """Attaching to a queue that does not exist fails with the SDK's not-found error."""
-    with pytest.raises(MessagingEntityNotFoundError), \
+def test_unknown_entity_is_not_found(peer: ServiceBusPeer, client: ServiceBusClient) -> None:
+    """A queue that does not exist is refused at put-token with 404, as by the service;
+    the SDK reports the failed put-token as an authentication error naming the entity."""
+    with pytest.raises(ServiceBusAuthenticationError) as caught, \
             client.get_queue_receiver("missing") as receiver:
         receiver.receive_messages(1, max_wait_time=1)
+    inner = caught.value.inner_exception
+    assert getattr(inner, "status_code", None) == 404
+    assert "/missing' could not be found" in str(inner)
+    audiences = [audience for audience, _ in peer.cbs_tokens]
+    assert any(audience.endswith("/missing") for audience in audiences)
+
+
+def test_link_to_unknown_entity_is_not_found(peer: ServiceBusPeer) -> None:
+    """Past put-token (a token for another entity), attaching to a missing entity is
+    refused with amqp:not-found, which the SDK raises as MessagingEntityNotFoundError."""
+    with peer._lock:
+        known = peer._known
+        peer._known = lambda path: True  # type: ignore[method-assign]
+    try:
+        with ServiceBusClient.from_connection_string(peer.connection_string, **OPTIONS) as c, \
+                pytest.raises(MessagingEntityNotFoundError), \
+                c.get_queue_receiver("missing") as receiver:
+            receiver.receive_messages(1, max_wait_time=1)
+    finally:
+        peer._known = known  # type: ignore[method-assign]
 
 
 class FakeClock:

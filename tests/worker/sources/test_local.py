@@ -488,3 +488,104 @@ def test_concurrent_coroutines_on_one_queue(make_queue: MakeQueue) -> None:
 
     run(scenario())
     assert seen == collections.Counter(str(i) for i in range(total))
+
+
+# ------------------------------------------------------------- reply-to, duplicates, peek
+
+
+def test_reply_to_round_trip_and_resubmit(make_queue: MakeQueue) -> None:
+    """send(reply_to=...) comes back on Received.reply_to, also after a dead-letter and
+    resubmit; a message sent without one has None."""
+    queue = make_queue()
+    run(queue.send(b"a", message_id="with", reply_to="answers"))
+    run(queue.send(b"b", message_id="without"))
+    first, second = run(queue.receive(2, 0))
+    assert (first.reply_to, second.reply_to) == ("answers", None)
+    run(queue.dead_letter(first, "R", "d"))
+    assert run(queue.resubmit(first.sequence_number)) == "with"
+    run(queue.complete(second))
+    assert receive_one(queue).reply_to == "answers"
+
+
+def test_duplicate_window_drops_repeats_within_it(make_queue: MakeQueue,
+                                                  clock: FakeClock) -> None:
+    """Within the window a repeated id is accepted (its id returned) and dropped; the
+    window runs from the first send; after it the id is kept again."""
+    queue = make_queue(duplicate_window=10.0)
+    assert run(queue.sent(b"1", message_id="m")) is True
+    clock.advance(9)
+    assert run(queue.send(b"2", message_id="m")) == "m"
+    assert run(queue.sent(b"other", message_id="o")) is True
+    clock.advance(1.5)  # 10.5 s after the first send
+    assert run(queue.sent(b"3", message_id="m")) is True
+    assert [m.body for m in run(queue.peek())] == [b"1", b"other", b"3"]
+
+
+def test_no_duplicate_window_keeps_repeats(make_queue: MakeQueue) -> None:
+    """Without a window (the default) a repeated id is a new message."""
+    queue = make_queue()
+    run(queue.send(b"1", message_id="m"))
+    assert run(queue.sent(b"2", message_id="m")) is True
+    assert [m.body for m in run(queue.peek())] == [b"1", b"2"]
+
+
+def test_peek_locks_nothing(make_queue: MakeQueue) -> None:
+    """peek returns active messages from a sequence number on, locked ones included,
+    without locking or counting a delivery; dead-lettered ones are not shown."""
+    queue = make_queue()
+    for i in range(4):
+        run(queue.send(f"{i}".encode(), message_id=f"p{i}", properties={"i": str(i)},
+                       reply_to="r" if i == 0 else None))
+    locked = receive_one(queue)  # p0, now locked
+    dead = receive_one(queue)
+    run(queue.dead_letter(dead, "R", "d"))  # p1 leaves the active messages
+    peeked = run(queue.peek())
+    assert [(m.message_id, m.delivery_count, m.locked_until) for m in peeked] == [
+        ("p0", 0, None), ("p2", 0, None), ("p3", 0, None)]
+    assert peeked[0].reply_to == "r" and peeked[0].properties == {"i": "0"}
+    assert [m.message_id for m in run(queue.peek(1, from_sequence=peeked[1].sequence_number))
+            ] == ["p2"]
+    assert [m.message_id for m in run(queue.receive(10, 0))] == ["p2", "p3"]
+    run(queue.complete(locked))  # still held: peek took no lock
+
+
+_OLD_SCHEMA = """
+CREATE TABLE messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    properties TEXT NOT NULL DEFAULT '{}',
+    state TEXT NOT NULL CHECK (state IN ('active', 'dead_letter', 'scheduled')),
+    enqueued_at REAL NOT NULL,
+    scheduled_at REAL,
+    delivery_count INTEGER NOT NULL DEFAULT 0,
+    expired_count INTEGER NOT NULL DEFAULT 0,
+    lock_token TEXT,
+    locked_until REAL,
+    dead_letter_reason TEXT,
+    dead_letter_description TEXT,
+    dead_lettered_at REAL
+);
+"""
+
+
+def test_file_from_before_reply_to_is_migrated(tmp_path: Path, make_queue: MakeQueue) -> None:
+    """A queue.db written before reply_to and duplicate detection existed opens: its
+    message is received (reply_to None) and new sends keep reply_to and deduplicate."""
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(_OLD_SCHEMA)
+    db.execute("INSERT INTO messages (message_id, body, state, enqueued_at) "
+               "VALUES ('old', x'6f6c64', 'active', ?)", (START,))
+    db.commit()
+    db.close()
+    queue = make_queue(path=path, duplicate_window=60.0)
+    old = receive_one(queue)
+    assert (old.message_id, old.body, old.reply_to) == ("old", b"old", None)
+    run(queue.send(b"new", message_id="n", reply_to="answers"))
+    run(queue.send(b"again", message_id="n"))
+    run(queue.complete(old))
+    [new] = run(queue.receive(10, 0))
+    assert (new.body, new.reply_to) == (b"new", "answers")
+    columns = {row[1] for row in sqlite3.connect(path).execute("PRAGMA table_info(messages)")}
+    assert "reply_to" in columns

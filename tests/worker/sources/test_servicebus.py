@@ -537,3 +537,24 @@ def test_source_needs_a_namespace_or_connection_string() -> None:
         ServiceBusSource(servicebus=ServiceBusConfig(namespace="ns", topic="t"),
                          queue=QueueConfig())
 
+
+
+# --------------------------------------------------------------------------- reply-to
+
+
+def test_reply_to_round_trip(peer: ServiceBusPeer) -> None:
+    """send(reply_to=...) sets the message's ReplyTo and receive
+    fills Received.reply_to from it; without one it is None."""
+    peer.put(QUEUE, b"plain", message_id="r-0")
+
+    async def scenario() -> list[Received]:
+        async with open_source(peer) as source:
+            await source.send(b"{}", message_id="r-1", reply_to="answers")
+            got = await source.receive(2, 3.0)
+            for msg in got:
+                await source.complete(msg)
+            return got
+
+    assert [m.message_id for m in peer.messages(QUEUE)] == ["r-0"]
+    got = run(scenario())
+    assert [(m.message_id, m.reply_to) for m in got] == [("r-0", None), ("r-1", "answers")]
