@@ -770,9 +770,10 @@ def test_close_requeues_running_tasks(make_backend: MakeBackend, tmp_path: Path)
     assert info and info.pid is not None
     backend.close()
     assert not alive(info.pid)
-    again = make_backend()
+    again = make_backend(start=False)  # started after the look, or it may claim first
     stopped = again.task("j", "t")
     assert stopped is not None and (stopped.state, stopped.requeue_count) == ("active", 1)
+    again.start()
     gate.touch()
     wait_for(settled(again, "j", 1), "the task to run again")
     done = again.task("j", "t")
