@@ -641,24 +641,31 @@ class BatchPeer:
             return self._task_json(job, job.tasks[task_id.lower()])
 
     def set_task_state(self, job_id: str, task_id: str, state: str, *,
-                       exit_code: int = 0, failure: str | None = None) -> None:
+                       exit_code: int | None = 0, failure: str | None = None,
+                       failure_code: str | None = None,
+                       failure_message: str | None = None) -> None:
         """Move a task to ``active``, ``preparing``, ``running`` or ``completed``.
 
         A completed task gets the exit code (and, with ``failure``, one of
         :data:`FAILURE_KINDS`) with the service's ``executionInfo``; its exit options
         decide its dependents and, on a job with ``onTaskFailure:
-        performexitoptionsjobaction``, its job."""
+        performexitoptionsjobaction``, its job. ``failure_code`` sets any failureInfo
+        code instead (a ``Blob*``/``Resource*`` code is a pre-processing error, a
+        ``FileUpload*`` one a file upload error, ``TaskEnded`` a servererror)."""
         if state not in ("active", "preparing", "running", "completed"):
             raise ValueError(f"unknown task state {state!r}")
         if failure is not None and failure not in FAILURE_KINDS:
             raise ValueError(f"unknown failure kind {failure!r}")
+        if failure_code is not None:
+            failure = "code:" + failure_code + "\n" + (failure_message or "")
         with self._lock:
             self._advance()
             job = self._jobs[job_id.lower()]
             task = job.tasks[task_id.lower()]
             now = self._clock()
             if state == "completed":
-                if task.start_time is None and failure != "resource_file":
+                if task.start_time is None and failure != "resource_file" and not (
+                        failure or "").startswith(("code:Blob", "code:Resource")):
                     task.start_time = now
                 self._complete(job, task, now, kind=failure or "exit", exit_code=exit_code)
             else:
@@ -1170,6 +1177,14 @@ class BatchPeer:
         elif kind == "job_terminated":
             exit_code = TERMINATED_EXIT_CODE
             failure = _failure_info(TASK_ENDED, USER_ENDED_MESSAGE, "usererror")
+        elif kind.startswith("code:"):  # set_task_state(failure_code=...)
+            code, _, message = kind[5:].partition("\n")
+            if code.startswith(("Blob", "Resource", "Command", "Container", "DiskFull")):
+                end = "pre_processing_error"
+            elif code.startswith("FileUpload"):
+                end = "file_upload_error"
+            failure = _failure_info(code, message or None,
+                                    "servererror" if code == TASK_ENDED else "usererror")
         else:
             raise ValueError(f"unknown task end {kind!r}")
         task.exit_code, task.failure_info, task.end_time = exit_code, failure, at
