@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from worker.app import App
 from worker.backends.base import Backend
 from worker.config import Settings
+from worker.routing import HandlerRegistry
 from worker.sources.base import DeadLettered, Source
 
 T = TypeVar("T")
@@ -21,8 +22,8 @@ class RunningWorker:
     """An App running `run()` in a background thread; call `stop()` to drain it."""
 
     def __init__(self, settings: Settings, *, backend: Backend | None = None,
-                 source: Source | None = None) -> None:
-        self.app = App.build(settings, backend=backend, source=source)
+                 source: Source | None = None, handlers: HandlerRegistry | None = None) -> None:
+        self.app = App.build(settings, backend=backend, source=source, handlers=handlers)
         self.loop = asyncio.new_event_loop()
         self._done = threading.Event()
         self._started = threading.Event()

@@ -804,7 +804,7 @@ _DUE_WAITING = (
 
 _JOB_COLUMNS = "seq, id, state, pool, display_name, created, metadata, completed"
 _RECORD_COLUMNS = ("id, state, metadata, pool, created, completed, terminate_reason,"
-                   " state_changed")
+                   " state_changed, sealed")
 
 
 def _aware(at: float | None) -> datetime | None:
@@ -812,11 +812,12 @@ def _aware(at: float | None) -> datetime | None:
 
 
 def _job_record(row: tuple[Any, ...]) -> JobRecord:
-    job_id, state, metadata, pool, created, completed, reason, changed = row
+    job_id, state, metadata, pool, created, completed, reason, changed, sealed = row
     return JobRecord(id=job_id, state=state, metadata=json.loads(metadata) if metadata else {},
                      pool=pool, created=_aware(created), start_time=_aware(created),
                      end_time=_aware(completed), terminate_reason=reason,
-                     state_changed=_aware(changed if changed is not None else created))
+                     state_changed=_aware(changed if changed is not None else created),
+                     sealed=bool(sealed))
 
 
 def category_for(failure_code: str | None) -> FailureCategory:
