@@ -1,7 +1,10 @@
 // fanout's Azure infrastructure, in one resource group:
 //   az deployment group create -g <rg> -f deploy/bicep/main.bicep -p aksOidcIssuer=<url>
-// - Service Bus namespace + queue (duplicate detection, dead-lettering on expiry);
-// - storage account with input and output containers;
+// - Service Bus namespace + queue (duplicate detection, dead-lettering on expiry),
+//   and the events queue fanout's job monitor publishes completion events to (also
+//   with duplicate detection), plus any reply-to queues messages may name;
+// - storage account with input, output and task-log containers, and a lifecycle rule
+//   deleting task logs after logRetentionDays;
 // - Event Grid system topic on the storage account, BlobCreated in the input
 //   container delivered to the queue (CloudEvents 1.0), as fanout's blob events;
 // - Batch account with a CPU pool and a GPU pool (autoscaled, spot first, to zero);
@@ -30,6 +33,25 @@ param inputContainerName string = 'input'
 
 @description('Container tasks write their outputs to.')
 param outputContainerName string = 'output'
+
+@description('Queue the job monitor publishes completion events (CloudEvents 1.0, fanout.job.completed) to: fanout\'s [events] queue.')
+param eventsQueueName string = 'fanout-events'
+
+@description('Extra queues on the namespace that a message may name as its reply-to ([events] allowed_reply_to); each is created like the events queue, and fanout may send to it.')
+param replyToQueueNames array = []
+
+@description('Container tasks upload stdout.txt and stderr.txt to (<job>/<task>/): fanout\'s [jobs] logs_container.')
+param logsContainerName string = 'fanout-logs'
+
+@minValue(1)
+@description('Days after upload that task logs are deleted by the storage lifecycle rule. Keep it at or above jobRetention\'s days, so a job\'s logs outlive the job.')
+param logRetentionDays int = 14
+
+@description('Longest a job may run ([jobs] max_wall_clock, ISO 8601): Batch terminates it then.')
+param jobMaxWallClock string = 'P1D'
+
+@description('How long after their end fanout deletes its terminal jobs ([jobs] retention, ISO 8601).')
+param jobRetention string = 'P7D'
 
 @description('VM size of the CPU pool.')
 param cpuVmSize string = 'Standard_D4as_v5'
@@ -153,6 +175,36 @@ resource queue 'Microsoft.ServiceBus/namespaces/queues@2021-11-01' = {
   }
 }
 
+// The events queue (and reply-to queues). Event ids are deterministic (derived from
+// the job id) and are the message ids: when two replicas' monitors, or one retrying
+// after a crash between publish and marking the job reported, send the same event,
+// duplicate detection drops the repeat. Repeats come within a poll or two, so one
+// hour is ample. Consumers of the events have two weeks to read them; expired ones
+// are dead-lettered, not lost silently.
+var eventQueueProperties = {
+  lockDuration: 'PT1M'
+  maxDeliveryCount: 10
+  requiresDuplicateDetection: true
+  duplicateDetectionHistoryTimeWindow: 'PT1H'
+  deadLetteringOnMessageExpiration: true
+  defaultMessageTimeToLive: 'P14D'
+  requiresSession: false
+  enableBatchedOperations: true
+  maxSizeInMegabytes: 1024
+}
+
+resource eventsQueue 'Microsoft.ServiceBus/namespaces/queues@2021-11-01' = {
+  parent: serviceBus
+  name: eventsQueueName
+  properties: eventQueueProperties
+}
+
+resource replyQueues 'Microsoft.ServiceBus/namespaces/queues@2021-11-01' = [for replyTo in replyToQueueNames: {
+  parent: serviceBus
+  name: replyTo
+  properties: eventQueueProperties
+}]
+
 // ---------------------------------------------------------------- storage
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
@@ -190,6 +242,54 @@ resource outputContainer 'Microsoft.Storage/storageAccounts/blobServices/contain
   name: outputContainerName
   properties: {
     publicAccess: 'None'
+  }
+}
+
+// Tasks upload their stdout.txt and stderr.txt here through a write SAS fanout signs
+// (user delegation, scoped to the job's prefix); the monitor range-reads the tail of
+// stderr.txt for the completion event with the worker identity's blob role.
+resource logsContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
+  parent: blobService
+  name: logsContainerName
+  properties: {
+    publicAccess: 'None'
+  }
+}
+
+// Task logs are for diagnosis, not an archive: delete them logRetentionDays after
+// upload. Lifecycle rules run about once a day, so a blob may outlive this by a day.
+resource logsLifecycle 'Microsoft.Storage/storageAccounts/managementPolicies@2023-05-01' = {
+  parent: storage
+  name: 'default'
+  properties: {
+    policy: {
+      rules: [
+        {
+          name: 'delete-task-logs'
+          enabled: true
+          type: 'Lifecycle'
+          definition: {
+            filters: {
+              blobTypes: [
+                'blockBlob'
+                'appendBlob'
+              ]
+              // A prefix match starts with the container name.
+              prefixMatch: [
+                '${logsContainerName}/'
+              ]
+            }
+            actions: {
+              baseBlob: {
+                delete: {
+                  daysAfterModificationGreaterThan: logRetentionDays
+                }
+              }
+            }
+          }
+        }
+      ]
+    }
   }
 }
 
@@ -321,9 +421,12 @@ module gpuPool 'modules/batch-pool.bicep' = {
 }
 
 // ---------------------------------------------------------------- role assignments
-// fanout's identity: receive and send on the queue only; read/write blobs and sign
-// user delegation SAS on the storage account; manage jobs and tasks on the Batch
-// account. KEDA's identity: the Manage right on the queue only, for its length.
+// fanout's identity: receive and send on the queue only; send on the events queue
+// (and the reply-to queues), and receive on the events queue only so that `fanout
+// events` can peek it (Service Bus serves peeks to the Listen right, which only
+// the Receiver role carries; fanout never consumes an event); read/write blobs and
+// sign user delegation SAS on the storage account; manage jobs and tasks on the
+// Batch account. KEDA's identity: the Manage right on the queue only, for its length.
 
 resource workerReceives 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(queue.id, workerIdentity.id, roles.serviceBusDataReceiver)
@@ -344,6 +447,36 @@ resource workerSends 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
     principalType: 'ServicePrincipal'
   }
 }
+
+resource workerSendsEvents 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(eventsQueue.id, workerIdentity.id, roles.serviceBusDataSender)
+  scope: eventsQueue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataSender)
+    principalId: workerIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource workerPeeksEvents 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(eventsQueue.id, workerIdentity.id, roles.serviceBusDataReceiver)
+  scope: eventsQueue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataReceiver)
+    principalId: workerIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource workerSendsReplies 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for i in range(0, length(replyToQueueNames)): {
+  name: guid(replyQueues[i].id, workerIdentity.id, roles.serviceBusDataSender)
+  scope: replyQueues[i]
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataSender)
+    principalId: workerIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}]
 
 resource workerReadsQueue 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (workerReadsQueueDepth) {
   name: guid(queue.id, workerIdentity.id, roles.serviceBusDataOwner)
@@ -400,6 +533,8 @@ resource scalerReadsQueue 'Microsoft.Authorization/roleAssignments@2022-04-01' =
 var serviceBusFqdn = '${serviceBus.name}.servicebus.windows.net'
 var batchAccountUrl = 'https://${batch.properties.accountEndpoint}'
 var blobAccountUrl = storage.properties.primaryEndpoints.blob
+// A JSON array of strings is a TOML array too.
+var allowedReplyTo = string(replyToQueueNames)
 
 output serviceBusNamespaceName string = serviceBus.name
 output serviceBusFqdn string = serviceBusFqdn
@@ -412,6 +547,9 @@ output blobAccountUrl string = blobAccountUrl
 output storageAccountName string = storage.name
 output inputContainerName string = inputContainer.name
 output outputContainerName string = outputContainer.name
+output eventsQueueName string = eventsQueue.name
+output replyToQueueNames array = replyToQueueNames
+output logsContainerName string = logsContainer.name
 output workerClientId string = workerIdentity.properties.clientId
 output workerIdentityId string = workerIdentity.id
 output scalerClientId string = scalerIdentity.properties.clientId
@@ -428,5 +566,14 @@ output fanoutToml string = join([
   ''
   '[blob]'
   'account_url = "${blobAccountUrl}"'
+  ''
+  '[events]'
+  'queue = "${eventsQueue.name}"'
+  'allowed_reply_to = ${allowedReplyTo}'
+  ''
+  '[jobs]'
+  'logs_container = "${logsContainer.name}"'
+  'max_wall_clock = "${jobMaxWallClock}"'
+  'retention = "${jobRetention}"'
   ''
 ], '\n')

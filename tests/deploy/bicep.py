@@ -166,3 +166,30 @@ def interpolate(line: str, values: dict[str, str]) -> str:
         return values[match.group(1)]
 
     return re.sub(r"\$\{([\w.]+)\}", value, line)
+
+
+def static_values(decls: list[Declaration]) -> dict[str, str]:
+    """Values known before a deployment, for ``interpolate``: each param's default, and
+    ``<symbol>.name`` of each resource whose name is a param or a string literal."""
+    values = param_defaults(decls)
+    for decl in decls:
+        if decl.keyword != "resource":
+            continue
+        match = re.search(r"^\s*name:\s*(\S+)\s*$", decl.body, re.M)
+        if not match:
+            continue
+        name = match.group(1)
+        if re.fullmatch(r"'[^'$]*'", name):
+            values[f"{decl.name}.name"] = name.strip("'")
+        elif name in values:
+            values[f"{decl.name}.name"] = values[name]
+    return values
+
+
+def fanout_toml(text: str, runtime: dict[str, str]) -> str:
+    """main.bicep's ``fanoutToml`` output as the deployment would print it, with the
+    values only Azure knows (endpoints, pool names) taken from ``runtime``."""
+    decls = declarations(text)
+    lines = join_lines(by_name(decls, "output")["fanoutToml"].body)
+    values = {**static_values(decls), **runtime}
+    return "\n".join(interpolate(line, values) for line in lines) + "\n"

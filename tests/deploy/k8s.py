@@ -3,8 +3,8 @@
 ``render`` implements the two kustomize features the base uses: ``resources`` (files
 of YAML documents) and ``namespace``. ``problems`` returns every broken promise of
 the manifests (probes, drain, security context, workload identity, selectors, KEDA
-and Prometheus-operator wiring) so tests can show it is empty for the real files and
-non-empty for broken copies.
+and Prometheus-operator wiring, where completion events go) so tests can show it is
+empty for the real files and non-empty for broken copies.
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ def problems(objects: list[Obj]) -> list[str]:
     found += _identity_problems(objects, deployment)
     found += _service_problems(objects, deployment)
     found += _keda_problems(objects, deployment, settings)
+    found += _events_problems(settings)
     namespaces = {o["metadata"].get("namespace") for o in objects
                   if o["kind"] not in CLUSTER_SCOPED}
     if len(namespaces) != 1:
@@ -247,4 +248,17 @@ def _keda_problems(objects: list[Obj], deployment: Obj, settings: Settings) -> l
         found.append("minReplicaCount is above maxReplicaCount")
     if "replicas" in deployment["spec"]:
         found.append("the Deployment sets replicas, which every apply resets under KEDA")
+    return found
+
+
+def _events_problems(settings: Settings) -> list[str]:
+    found = []
+    events = settings.events
+    if not events.enabled or events.topic:
+        return found
+    if not events.queue:
+        found.append("events are enabled but name no queue or topic")
+    elif settings.queue_kind == "servicebus" and events.queue == settings.servicebus.queue:
+        found.append(f"events.queue {events.queue} is the work queue: fanout would receive "
+                     "its own completion events")
     return found

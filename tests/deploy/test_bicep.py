@@ -7,15 +7,18 @@ prove the template deploys (docs/deploy.md says what to run against Azure).
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from pydantic import TypeAdapter
 
 from tests.deploy import bicep
 from tests.deploy.batch_formula import Evaluator, FormulaError, Samples
-from worker.config import QueueConfig, Settings
+from worker.config import EventsConfig, JobsConfig, QueueConfig, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 MAIN = ROOT / "deploy" / "bicep" / "main.bicep"
@@ -127,11 +130,16 @@ def role_assignments(text: str) -> set[tuple[str, str, str]]:
 
 
 def test_identities_get_exactly_the_least_privilege_roles(main_text: str) -> None:
-    """fanout's identity gets queue, blob and Batch data roles on those resources only."""
+    """fanout's identity gets queue, events queue, blob and Batch data roles on those
+    resources only."""
     granted = role_assignments(main_text)
     required = {
         ("queue", "workerIdentity", "serviceBusDataReceiver"),
         ("queue", "workerIdentity", "serviceBusDataSender"),
+        ("eventsQueue", "workerIdentity", "serviceBusDataSender"),
+        # Receive on the events queue is what lets `fanout events` peek it.
+        ("eventsQueue", "workerIdentity", "serviceBusDataReceiver"),
+        ("replyQueues", "workerIdentity", "serviceBusDataSender"),
         ("storage", "workerIdentity", "storageBlobDataContributor"),
         ("storage", "workerIdentity", "storageBlobDelegator"),
         ("batch", "workerIdentity", "batchDataContributor"),
@@ -218,20 +226,211 @@ def test_there_is_a_cpu_pool_and_a_gpu_pool(main_text: str) -> None:
     assert re.match(r"Standard_N", defaults[gpu["vmSize"]])
 
 
+#: What only a deployment knows, as it would fill the fanoutToml output in.
+RUNTIME = {"serviceBusFqdn": "sb-fanout-x.servicebus.windows.net",
+           "batchAccountUrl": "https://bafanoutx.westeurope.batch.azure.com",
+           "cpuPool.outputs.name": "cpu",
+           "blobAccountUrl": "https://stfanoutx.blob.core.windows.net/",
+           "allowedReplyTo": "[]"}
+
+
 def test_the_fanout_toml_output_configures_fanout_for_azure(main_text: str) -> None:
-    """The fanoutToml output, with sample values, loads into Settings as all-Azure."""
-    lines = bicep.join_lines(bicep.by_name(declarations(main_text), "output")["fanoutToml"].body)
-    sample = {"serviceBusFqdn": "sb-fanout-x.servicebus.windows.net", "queue.name": "fanout",
-              "batchAccountUrl": "https://bafanoutx.westeurope.batch.azure.com",
-              "cpuPool.outputs.name": "cpu",
-              "blobAccountUrl": "https://stfanoutx.blob.core.windows.net/"}
-    text = "\n".join(bicep.interpolate(line, sample) for line in lines)
-    settings = Settings(**tomllib.loads(text))
+    """The fanoutToml output, with sample values, loads into Settings as all-Azure, naming
+    the queue, events queue and logs container the template creates."""
+    settings = Settings(**tomllib.loads(bicep.fanout_toml(main_text, RUNTIME)))
     assert (settings.queue_kind, settings.backend_kind, settings.storage_kind) == \
         ("servicebus", "azure", "azure")
     assert settings.servicebus.queue == "fanout" and settings.default_pool == "cpu"
+    defaults = bicep.param_defaults(declarations(main_text))
+    assert settings.events.queue == defaults["eventsQueueName"] == "fanout-events"
+    assert settings.events.queue != settings.servicebus.queue  # never read its own events
+    assert settings.events.topic is None and settings.events.allowed_reply_to == []
+    assert settings.jobs.logs_container == defaults["logsContainerName"] == "fanout-logs"
+    assert settings.jobs.max_wall_clock == timedelta(days=1)
+    assert settings.jobs.retention == timedelta(days=7)
     outputs = bicep.by_name(declarations(main_text), "output")
-    assert {"workerClientId", "scalerClientId", "serviceBusNamespaceName"} <= set(outputs)
+    assert {"workerClientId", "scalerClientId", "serviceBusNamespaceName", "eventsQueueName",
+            "logsContainerName"} <= set(outputs)
+
+
+def test_reply_to_queues_reach_allowed_reply_to(main_text: str) -> None:
+    """Deployed with replyToQueueNames, the output allows exactly those queues (the
+    string() of a Bicep array is JSON, which TOML reads as an array)."""
+    decls = declarations(main_text)
+    assert bicep.by_name(decls, "var")["allowedReplyTo"].body.endswith(
+        "string(replyToQueueNames)")
+    names = ["team-render-events", "team-qa"]
+    text = bicep.fanout_toml(main_text, {**RUNTIME, "allowedReplyTo": json.dumps(names)})
+    assert Settings(**tomllib.loads(text)).events.allowed_reply_to == names
+
+
+def test_the_static_values_resolve_resource_names_from_params(main_text: str) -> None:
+    """The helper behind fanout_toml: names come from param defaults, not guesses."""
+    values = bicep.static_values(declarations(main_text))
+    assert values["eventsQueue.name"] == values["eventsQueueName"] == "fanout-events"
+    assert values["blobService.name"] == "default"
+    assert "serviceBus.name" not in values  # a var built at deployment time
+    changed = main_text.replace("param eventsQueueName string = 'fanout-events'",
+                                "param eventsQueueName string = 'other-events'")
+    assert bicep.static_values(declarations(changed))["eventsQueue.name"] == "other-events"
+
+
+def _duration(value: str | None) -> timedelta:
+    assert value, "no duration"
+    return TypeAdapter(timedelta).validate_python(value)
+
+
+def events_queue_problems(text: str) -> list[str]:
+    """What is wrong with the events queue (and the reply-to queues) of a main.bicep."""
+    found = []
+    decls = declarations(text)
+    queues = resources(text)
+    events, replies = queues.get("eventsQueue"), queues.get("replyQueues")
+    if events is None or replies is None:
+        return ["no eventsQueue or replyQueues resource"]
+    for decl in (events, replies):
+        if bicep.type_and_version(decl)[0] != "Microsoft.ServiceBus/namespaces/queues":
+            found.append(f"{decl.name} is not a Service Bus queue")
+        if _prop(decl.body, "parent") != "serviceBus":
+            found.append(f"{decl.name} is not on the namespace")
+    if _prop(events.body, "name") != "eventsQueueName" or \
+            _prop(replies.body, "name") != "replyTo":
+        found.append("the events queues are not named by their params")
+    # Both take their properties from one var; read it.
+    props_var = {_prop(d.body, "properties") for d in (events, replies)}
+    if len(props_var) != 1:
+        return [*found, f"the events queues differ in properties: {props_var}"]
+    (name,) = props_var
+    body = bicep.by_name(decls, "var").get(name or "")
+    if body is None:
+        return [*found, f"properties {name} is not a var"]
+    props = body.body
+    if _prop(props, "requiresDuplicateDetection") != "true":
+        found.append("no duplicate detection: repeated events from replicas would pass")
+    elif _duration(_prop(props, "duplicateDetectionHistoryTimeWindow")) < timedelta(
+            seconds=EventsConfig().duplicate_window):
+        found.append("duplicate detection window shorter than the embedded queue's")
+    if _prop(props, "deadLetteringOnMessageExpiration") != "true":
+        found.append("expired events are dropped, not dead-lettered")
+    if _duration(_prop(props, "defaultMessageTimeToLive")) < timedelta(days=1):
+        found.append("events expire within a day")
+    if _prop(props, "requiresSession") not in (None, "false"):
+        found.append("sessions on: fanout sends no session id")
+    if bicep.param_defaults(decls).get("eventsQueueName") == bicep.param_defaults(decls).get(
+            "queueName"):
+        found.append("the events queue is the work queue")
+    return found
+
+
+def test_the_events_queue_drops_repeats_and_keeps_expired_events(main_text: str) -> None:
+    """fanout-events has duplicate detection (an hour), dead-lettering on expiry and a
+    two-week time to live; reply-to queues get the same properties."""
+    assert events_queue_problems(main_text) == []
+    props = bicep.by_name(declarations(main_text), "var")["eventQueueProperties"].body
+    assert _duration(_prop(props, "duplicateDetectionHistoryTimeWindow")) == timedelta(hours=1)
+    assert _duration(_prop(props, "defaultMessageTimeToLive")) == timedelta(days=14)
+
+
+EVENTS_BREAKAGES = {
+    "no duplicate detection": ("requiresDuplicateDetection: true\n  duplicateDetectionHistory"
+                               "TimeWindow: 'PT1H'\n  deadLetteringOnMessageExpiration: true\n"
+                               "  defaultMessageTimeToLive: 'P14D'",
+                               "requiresDuplicateDetection: false\n  duplicateDetectionHistory"
+                               "TimeWindow: 'PT1H'\n  deadLetteringOnMessageExpiration: true\n"
+                               "  defaultMessageTimeToLive: 'P14D'"),
+    "a window too short": ("duplicateDetectionHistoryTimeWindow: 'PT1H'\n  deadLetteringOn"
+                           "MessageExpiration: true\n  defaultMessageTimeToLive: 'P14D'",
+                           "duplicateDetectionHistoryTimeWindow: 'PT1M'\n  deadLetteringOn"
+                           "MessageExpiration: true\n  defaultMessageTimeToLive: 'P14D'"),
+    "expiry drops events": ("deadLetteringOnMessageExpiration: true\n  defaultMessageTimeToLive"
+                            ": 'P14D'", "deadLetteringOnMessageExpiration: false\n  default"
+                            "MessageTimeToLive: 'P14D'"),
+    "events expire in an hour": ("defaultMessageTimeToLive: 'P14D'",
+                                 "defaultMessageTimeToLive: 'PT1H'"),
+    "events on the work queue": ("param eventsQueueName string = 'fanout-events'",
+                                 "param eventsQueueName string = 'fanout'"),
+    "reply queues differ": ("  name: replyTo\n  properties: eventQueueProperties",
+                            "  name: replyTo\n  properties: {}"),
+}
+
+
+@pytest.mark.parametrize("breakage", sorted(EVENTS_BREAKAGES))
+def test_each_events_queue_breakage_is_caught(main_text: str, breakage: str) -> None:
+    """An events queue broken in one way has at least one problem."""
+    old, new = EVENTS_BREAKAGES[breakage]
+    assert main_text.count(old) == 1, old
+    assert events_queue_problems(main_text.replace(old, new)), f"{breakage} went unnoticed"
+
+
+def logs_problems(text: str) -> list[str]:
+    """What is wrong with the task-log container and its lifecycle rule."""
+    found = []
+    decls = declarations(text)
+    found_resources = resources(text)
+    defaults = bicep.param_defaults(decls)
+    logs = found_resources.get("logsContainer")
+    if logs is None:
+        return ["no logsContainer"]
+    if _prop(logs.body, "name") != "logsContainerName":
+        found.append("the logs container is not named by logsContainerName")
+    if defaults.get("logsContainerName") != JobsConfig().logs_container:
+        found.append("logsContainerName is not fanout's default [jobs] logs_container")
+    if _prop(logs.body, "publicAccess") != "None":
+        found.append("task logs are public")
+    policies = [d for d in found_resources.values() if bicep.type_and_version(d)[0] ==
+                "Microsoft.Storage/storageAccounts/managementPolicies"]
+    if len(policies) != 1:
+        return [*found, f"{len(policies)} management policies"]
+    (policy,) = policies
+    if _prop(policy.body, "parent") != "storage" or _prop(policy.body, "name") != "default":
+        found.append("the management policy is not the storage account's 'default'")
+    if _prop(policy.body, "enabled") != "true" or _prop(policy.body, "type") != "Lifecycle":
+        found.append("the lifecycle rule is not an enabled Lifecycle rule")
+    prefixes = re.search(r"prefixMatch:\s*\[([^\]]*)\]", policy.body)
+    if not prefixes or [p.strip() for p in prefixes.group(1).split()] != [
+            "'${logsContainerName}/'"]:
+        found.append("the rule does not match exactly the logs container")
+    if "'blockBlob'" not in policy.body:
+        found.append("the rule skips block blobs (what tasks upload)")
+    delete = re.search(r"baseBlob:\s*\{\s*delete:\s*\{\s*daysAfterModificationGreaterThan:"
+                       r"\s*(\w+)\s*\}", policy.body)
+    if not delete or delete.group(1) != "logRetentionDays":
+        found.append("the rule does not delete base blobs after logRetentionDays")
+    days = int(defaults.get("logRetentionDays", "0"))
+    if days < _duration(defaults.get("jobRetention")).days:
+        found.append("logs are deleted before the jobs they belong to")
+    return found
+
+
+def test_task_logs_are_private_and_deleted_after_logRetentionDays(main_text: str) -> None:
+    """fanout-logs exists without public access, and a lifecycle rule deletes blobs under
+    it 14 days (by default) after they were written, no earlier than jobs are deleted."""
+    assert logs_problems(main_text) == []
+    assert bicep.param_defaults(declarations(main_text))["logRetentionDays"] == "14"
+
+
+LOGS_BREAKAGES = {
+    "rule on another container": ("'${logsContainerName}/'", "'${outputContainerName}/'"),
+    "rule on every blob": ("              prefixMatch: [\n                '${logsContainerName}/'"
+                           "\n              ]\n", ""),
+    "rule disabled": ("          enabled: true\n          type: 'Lifecycle'",
+                      "          enabled: false\n          type: 'Lifecycle'"),
+    "fixed days": ("daysAfterModificationGreaterThan: logRetentionDays",
+                   "daysAfterModificationGreaterThan: 14"),
+    "logs gone before jobs": ("param logRetentionDays int = 14", "param logRetentionDays int = 3"),
+    "public logs": ("  name: logsContainerName\n  properties: {\n    publicAccess: 'None'",
+                    "  name: logsContainerName\n  properties: {\n    publicAccess: 'Blob'"),
+    "another container name": ("param logsContainerName string = 'fanout-logs'",
+                               "param logsContainerName string = 'logs'"),
+}
+
+
+@pytest.mark.parametrize("breakage", sorted(LOGS_BREAKAGES))
+def test_each_logs_breakage_is_caught(main_text: str, breakage: str) -> None:
+    """A logs container or lifecycle rule broken in one way has at least one problem."""
+    old, new = LOGS_BREAKAGES[breakage]
+    assert main_text.count(old) == 1, old
+    assert logs_problems(main_text.replace(old, new)), f"{breakage} went unnoticed"
 
 
 # ---------------------------------------------------------------- autoscale formula

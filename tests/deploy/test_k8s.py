@@ -194,6 +194,11 @@ BREAKAGES: dict[str, Callable[[list[Obj]], None]] = {
     "PDB selects nothing": lambda o: k8s.one(o, "PodDisruptionBudget")["spec"]["selector"][
         "matchLabels"].update({"app.kubernetes.io/name": "other"}),
     "replicas fight KEDA": lambda o: _deployment(o)["spec"].update(replicas=2),
+    "events on the work queue": lambda o: _config(o, 'queue = "fanout-events"',
+                                                   'queue = "fanout"'),
+    "events enabled without a destination": lambda o: _config(
+        o, 'queue = "fanout-events"', 'queue = ""'),
+    "invalid [jobs]": lambda o: _config(o, 'retention = "P7D"', 'retention = "a week"'),
 }
 
 
@@ -223,16 +228,16 @@ def _overlay_from_docs() -> str:
 
 def _fanout_toml_from_docs() -> str:
     """The Bicep fanoutToml output (sample values) plus what the docs append to it."""
-    main = bicep.declarations((ROOT / "deploy" / "bicep" / "main.bicep").read_text())
-    lines = bicep.join_lines(bicep.by_name(main, "output")["fanoutToml"].body)
-    sample = {"serviceBusFqdn": "sb-fanout-abc.servicebus.windows.net", "queue.name": "fanout",
-              "batchAccountUrl": "https://bafanoutabc.westeurope.batch.azure.com",
-              "cpuPool.outputs.name": "cpu",
-              "blobAccountUrl": "https://stfanoutabc.blob.core.windows.net/"}
+    runtime = {"serviceBusFqdn": "sb-fanout-abc.servicebus.windows.net",
+               "batchAccountUrl": "https://bafanoutabc.westeurope.batch.azure.com",
+               "cpuPool.outputs.name": "cpu",
+               "blobAccountUrl": "https://stfanoutabc.blob.core.windows.net/",
+               "allowedReplyTo": "[]"}
+    output = bicep.fanout_toml((ROOT / "deploy" / "bicep" / "main.bicep").read_text(), runtime)
     text = (ROOT / "docs" / "deploy.md").read_text()
     match = re.search(r"cat >> \$OVERLAY/fanout\.toml <<'EOF'\n(.*?)\nEOF\n", text, re.S)
     assert match, "docs/deploy.md lost the heredoc that completes fanout.toml"
-    return "\n".join(bicep.interpolate(line, sample) for line in lines) + match.group(1) + "\n"
+    return output + match.group(1) + "\n"
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
