@@ -349,9 +349,13 @@ def test_fast_command_lines_equal_the_generic_quoting(
         return  # a template or values the handler refuses anyway
     program = Program(name="p", command=template, environment=environment,
                       required_slots=2 if options else 1)
-    fast = list(_tasks(params, Grid(params, axes), program, parsed))
-    generic = list(_tasks_generic(params, Grid(params, axes), program, parsed))
+    from handlers.base import SATISFY_DEPENDENTS
+
+    conditions = SATISFY_DEPENDENTS if options else None  # the aggregate's "run" policy
+    fast = list(_tasks(params, Grid(params, axes), program, parsed, conditions))
+    generic = list(_tasks_generic(params, Grid(params, axes), program, parsed, conditions))
     assert fast == generic
+    assert all(t.exit_conditions is conditions for t in fast)
     assert [list(t.environment.items()) for t in fast] == \
         [list(t.environment.items()) for t in generic]
     event("fast path" if sh_format(parsed, ["v", "w", "task_index", "repeat_index"])
