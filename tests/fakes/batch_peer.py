@@ -94,6 +94,7 @@ import argparse
 import base64
 import bisect
 import contextlib
+import functools
 import hashlib
 import hmac
 import itertools
@@ -104,6 +105,7 @@ import secrets
 import socket
 import threading
 import time
+import typing
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -113,6 +115,10 @@ from email.utils import format_datetime, parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+
+from azure.batch import models as _sdk_package
+from azure.batch._utils.model_base import Model as _SdkModel
+from azure.batch.models import _models as _sdk_models
 
 API_VERSION = "2025-06-01"
 MAX_TASKS_PER_REQUEST = 100
@@ -166,6 +172,104 @@ DEFAULT_WALL_CLOCK = "P10675199DT2H48M5.4775807S"
 #: Runner mode never retries a task more often than this (maxTaskRetryCount -1 is
 #: "without limit" on the service).
 MAX_PEER_RETRIES = 100
+
+
+# -- the spec's shapes ------------------------------------------------------------------
+#
+# The property names of every request and answer body, as the REST spec
+# (BatchService.json, api-version 2025-06-01) defines them. They are read from the
+# azure-batch 15.x models (azure/batch/models/_models.py), which are generated from that
+# spec and carry each property's exact REST name (``rest_field(name=...)``), so the
+# tables below are the spec's, not a hand-made list. Pages are not models in the SDK:
+# the spec's list results (BatchJobListResult, BatchTaskListResult,
+# BatchPoolNodeCountsListResult) are ``{"value": [...], "odata.nextLink": "..."}``
+# (``x-ms-pageable: {"nextLinkName": "odata.nextLink"}`` on the list operations).
+
+_PAGES = {"BatchJobListResult": "BatchJob", "BatchTaskListResult": "BatchTask",
+          "BatchPoolNodeCountsListResult": "BatchPoolNodeCounts"}
+#: The request body model of each operation that takes one (the spec's body parameters:
+#: Jobs_CreateJob ``job``, Jobs_UpdateJob ``job``, Jobs_TerminateJob ``parameters``,
+#: Tasks_CreateTaskCollection ``taskCollection``).
+REQUEST_MODELS = {"create_job": "BatchJobCreateOptions", "update_job": "BatchJobUpdateOptions",
+                  "terminate_job": "BatchJobTerminateOptions",
+                  "add_task_collection": "BatchTaskGroup"}
+#: The 200 answer model of each operation that answers with a body.
+ANSWER_MODELS = {"list_jobs": "BatchJobListResult", "get_job": "BatchJob",
+                 "add_task_collection": "BatchCreateTaskCollectionResult",
+                 "get_task_counts": "BatchTaskCountsResult", "list_tasks": "BatchTaskListResult",
+                 "get_task": "BatchTask", "get_pool": "BatchPool",
+                 "list_node_counts": "BatchPoolNodeCountsListResult"}
+#: Every error answer: "default": {"schema": {"$ref": "#/definitions/BatchError"}}.
+ERROR_MODEL = "BatchError"
+
+
+def _model_class(tp: Any) -> type[_SdkModel] | None:
+    """The SDK model inside an annotation (``Optional[list["_models.X"]]`` -> X)."""
+    if isinstance(tp, type) and issubclass(tp, _SdkModel):
+        return tp
+    for arg in typing.get_args(tp):
+        found = _model_class(arg)
+        if found is not None:
+            return found
+    return None
+
+
+@functools.cache
+def spec_shape(model: str) -> dict[str, str | None]:
+    """The REST property names of one spec model -> the model of its value (or of its
+    items, for a list) when that is an object, else None."""
+    if model in _PAGES:
+        return {"value": _PAGES[model], "odata.nextLink": None}
+    cls = getattr(_sdk_models, model)
+    hints = typing.get_type_hints(cls, {**vars(_sdk_models), "_models": _sdk_package})
+    shape: dict[str, str | None] = {}
+    for klass in reversed(cls.__mro__):
+        for attr, value in vars(klass).items():
+            if attr.startswith("_") or not hasattr(value, "_rest_name_input"):
+                continue
+            child = _model_class(hints.get(attr))
+            shape[value._rest_name_input or attr] = child.__name__ if child else None
+    return shape
+
+
+def undocumented(value: Any, model: str, where: str = "") -> list[str]:
+    """The paths of the properties of ``value`` that the spec's ``model`` does not
+    define (names compare case-sensitively, as JSON property names do)."""
+    if not isinstance(value, Mapping):
+        return []
+    shape = spec_shape(model)
+    found: list[str] = []
+    for key, item in value.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in shape:
+            found.append(path)
+            continue
+        child = shape[key]
+        if child is None:
+            continue
+        if isinstance(item, list):
+            for index, element in enumerate(item):
+                found.extend(undocumented(element, child, f"{path}[{index}]"))
+        else:
+            found.extend(undocumented(item, child, path))
+    return found
+
+
+def _check_known(data: Mapping[str, Any], model: str) -> None:
+    """400 ``InvalidRequestBody`` for a property the spec's request model does not have.
+
+    The service reads bodies with OData, which refuses a property its type does not
+    define; the error is the one for a body it cannot read: code ``InvalidRequestBody``,
+    "The specified Request Body is not syntactically valid." with a ``Reason`` detail
+    (as Azure/azure-powershell#12147 shows it for a body the service could not read);
+    the Reason's wording here is ODataLib's for an undeclared property."""
+    unknown = undocumented(data, model)
+    if unknown:
+        raise PeerError(400, "InvalidRequestBody", "The specified Request Body is not "
+                        "syntactically valid.",
+                        {"Reason": f"The property '{unknown[0]}' does not exist on type "
+                         f"'{model}'. Make sure to only use property names that are "
+                         "defined by the type."})
 
 
 def _new_etag() -> str:
@@ -406,6 +510,10 @@ class PeerPool:
     state: str = "active"
     vm_size: str = "standard_d2s_v3"
     created: datetime = field(default_factory=lambda: datetime.now(UTC))
+    #: ``virtualMachineConfiguration.containerConfiguration``: None for a pool without
+    #: one, else its ``type`` and ``containerImageNames``.
+    container_type: str | None = None
+    container_images: tuple[str, ...] = ()
 
 
 class BatchPeer:
@@ -415,13 +523,21 @@ class BatchPeer:
     def __init__(self, *, account: str = "fanoutpeer", key: str | None = None,
                  host: str = "127.0.0.1", port: int = 0, api_version: str = API_VERSION,
                  max_tasks: int = MAX_TASKS_PER_REQUEST, max_body_bytes: int = MAX_BODY_BYTES,
-                 require_pool: bool = True, max_active_jobs: int | None = None,
+                 require_pool: bool = False, max_active_jobs: int | None = None,
                  bearer_token: str | None = None, faults: FaultPlan | None = None,
                  task_rule: Callable[[dict[str, Any]], PeerError | None] | None = None,
                  runner: Runner | None = None, counts_lag: float = 0.0,
                  terminate_delay: float = 0.0, delete_delay: float = 0.0,
                  clock: Callable[[], datetime] | None = None) -> None:
-        """``task_rule`` is an extra rule of the service for tests: a task it returns
+        """``require_pool`` refuses a job naming a missing pool with 404 ``PoolNotFound``;
+        the service does not (off by default): BatchPoolInfo.poolId in the spec: "You
+        must ensure that the Pool referenced by this property exists. If the Pool does not
+        exist at the time the Batch service tries to schedule a Job, no Tasks for the Job
+        will run until you create a Pool with that id. Note that the Batch service will not
+        reject the Job request; it will simply not run Tasks until the Pool exists": the
+        job is accepted and its tasks stay active (runner mode does not start them).
+
+        ``task_rule`` is an extra rule of the service for tests: a task it returns
         an error for is answered with that error (per task, ``clientError``).
 
         ``runner`` makes tasks move on their own (:class:`Runner`); ``counts_lag``
@@ -463,6 +579,9 @@ class BatchPeer:
         self.task_outcomes: Counter[str] = Counter()
         #: Task ids per add-collection request that reached the handler, in order.
         self.add_requests: list[list[str]] = []
+        #: (operation, property path) of every property the peer answered with that the
+        #: spec's answer model does not define: empty unless the peer itself is wrong.
+        self.undocumented: list[tuple[str, str]] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._connections: set[socket.socket] = set()
@@ -545,9 +664,17 @@ class BatchPeer:
     def add_pool(self, pool_id: str, *, dedicated: Mapping[str, int] | None = None,
                  low_priority: Mapping[str, int] | None = None,
                  target_dedicated: int | None = None, target_low_priority: int | None = None,
-                 allocation_state: str = "steady") -> PeerPool:
+                 allocation_state: str = "steady",
+                 container_images: list[str] | tuple[str, ...] | None = None,
+                 container_type: str = "dockerCompatible") -> PeerPool:
         """Create (or replace) a pool with node counts by state; ``total`` and the
-        current sizes follow from the counts, targets default to the current sizes."""
+        current sizes follow from the counts, targets default to the current sizes.
+
+        ``container_images`` (even empty) gives the pool a container configuration
+        (``virtualMachineConfiguration.containerConfiguration`` with ``type`` and
+        ``containerImageNames``); None: a pool without one."""
+        if container_type not in ("dockerCompatible", "criCompatible"):  # ContainerType
+            raise ValueError(f"unknown container type {container_type!r}")
         ded = {k: int(v) for k, v in (dedicated or {}).items()}
         low = {k: int(v) for k, v in (low_priority or {}).items()}
         for counts in (ded, low):
@@ -560,7 +687,9 @@ class BatchPeer:
                         else target_dedicated,
                         target_low_priority=low["total"] if target_low_priority is None
                         else target_low_priority,
-                        allocation_state=allocation_state)
+                        allocation_state=allocation_state, created=self._clock(),
+                        container_type=None if container_images is None else container_type,
+                        container_images=tuple(container_images or ()))
         with self._lock:
             self._pools[pool_id.lower()] = pool
         return pool
@@ -767,11 +896,36 @@ class BatchPeer:
             args = ()
         elif isinstance(args, str):
             args = (args,)
+        if len(body) >= self.max_body_bytes:
+            # Tasks_CreateTaskCollection: "The total serialized size of this collection
+            # must be less than 1MB. If it is greater than 1MB (for example if each Task
+            # has 100's of resource files or environment variables), the request will
+            # fail with code 'RequestBodyTooLarge'" (BatchTaskGroup in the spec); 413 as
+            # "Batch Status and Error Codes" lists it. The peer holds every body to it.
+            raise PeerError(413, "RequestBodyTooLarge",
+                            "The request body is too large and exceeds the maximum "
+                            "permissible limit.",
+                            {"MaxLimit": str(self.max_body_bytes)})
+        model = REQUEST_MODELS.get(operation)
+        if model is not None and body:
+            _check_known(_json_body(body), model)
         handler = getattr(self, f"_op_{operation}")
         with self._lock:
             self._headers = headers or {}
             self._advance()
-            return handler(*args, params, body)  # type: ignore[no-any-return]
+            status, payload, out_headers = handler(*args, params, body)
+            self._check_answer(operation, payload)
+            return status, payload, out_headers
+
+    def _check_answer(self, operation: str, payload: Any, model: str | None = None) -> None:
+        """Record every property of an answer that the spec's answer model lacks
+        (:attr:`undocumented`), so tests can assert fanout reads only documented ones."""
+        model = model or ANSWER_MODELS.get(operation)
+        if model is None or payload is None:
+            return
+        for path in undocumented(payload, model):
+            with self._lock:
+                self.undocumented.append((operation, path))
 
     # -- jobs ----------------------------------------------------------------------------
 
@@ -797,6 +951,8 @@ class BatchPeer:
         if job_id.lower() in self._jobs:
             raise PeerError(409, "JobExists", "The specified job already exists.")
         if pool_id and self.require_pool and pool_id.lower() not in self._pools:
+            # not the service's behaviour (off by default): a job may name a pool that
+            # does not exist, see _run_tasks; only for tests of a PoolNotFound answer
             raise PeerError(404, "PoolNotFound", "The specified pool does not exist.")
         active = sum(1 for j in self._jobs.values() if j.state == "active")
         if self.max_active_jobs is not None and active >= self.max_active_jobs:
@@ -825,10 +981,11 @@ class BatchPeer:
 
         ``onAllTasksComplete`` may not go from terminatejob back to noaction (400
         InvalidPropertyValue, per the spec's BatchJobUpdateOptions). On a job that is
-        no longer active only ``metadata`` may change: a patch changing anything else
-        answers 409 ``JobCompleted`` (``JobBeingTerminated``/``JobBeingDeleted`` while
-        terminating or deleting: "All update operations on a Job that is in deleting
-        state will fail with status code 409", Jobs_DeleteJob in the spec).
+        no longer active only ``metadata`` may change: a patch holding anything else
+        (even the value it has) answers 409 ``JobCompleted``
+        (``JobBeingTerminated``/``JobBeingDeleted`` while terminating or deleting: "All
+        update operations on a Job that is in deleting state will fail with status code
+        409", Jobs_DeleteJob in the spec).
         ``If-Match``/``If-None-Match``/``If-(Un)Modified-Since`` are honoured (412
         ``ConditionNotMet``)."""
         job = self._need_job(job_id)
@@ -841,6 +998,9 @@ class BatchPeer:
             mode = str(data["onAllTasksComplete"]).lower()
             if mode not in ("noaction", "terminatejob"):
                 raise _invalid("onAllTasksComplete", mode, "must be noaction or terminatejob")
+            # BatchJobUpdateOptions.onAllTasksComplete: "You may not change the value from
+            # terminatejob to noaction ... the request fails with an 'invalid property
+            # value' error response; ... the HTTP status code is 400 (Bad Request)."
             if job.on_all_tasks_complete == "terminatejob" and mode == "noaction":
                 raise _invalid("onAllTasksComplete", mode, "once terminatejob is set it "
                                "cannot go back to noaction")
@@ -858,6 +1018,16 @@ class BatchPeer:
             _check_constraints(data["constraints"], "constraints")
         if "metadata" in data:
             _check_metadata(data["metadata"])
+        # the body is checked first (an invalid value is 400 whatever the job's state);
+        # then a completed job takes no more changes but its metadata, even a change to
+        # what it already has (a seal sent again): 409 JobCompleted
+        if job.state in ("terminating", "completed") and any(k != "metadata" for k in data):
+            # a completed job takes no more changes but its metadata, even a change to
+            # what it already has (a seal sent again): 409 JobCompleted
+            if job.state == "terminating":
+                raise _being_terminated()
+            raise PeerError(409, "JobCompleted", "The specified job is already in a "
+                            "completed state.")
         if "poolInfo" in data and job.state != "disabled":
             raise PeerError(409, "JobNotDisabled" if job.state == "active" else "JobCompleted",
                             "The pool of a job may change only while the job is disabled.")
@@ -865,12 +1035,6 @@ class BatchPeer:
                     "poolInfo", "networkConfiguration"):
             if key in data and data[key] != job.body.get(key):
                 changes[key] = data[key]
-        if job.state != "active" and changes:
-            if job.state == "terminating":
-                raise _being_terminated()
-            if job.state == "completed":
-                raise PeerError(409, "JobCompleted", "The specified job is already in a "
-                                "completed state.")
         if "metadata" in data:
             changes["metadata"] = data["metadata"]
         for key, value in changes.items():
@@ -966,11 +1130,6 @@ class BatchPeer:
 
     def _op_add_task_collection(self, job_id: str, params: Mapping[str, str],
                                 body: bytes) -> tuple[int, Any, dict[str, str]]:
-        if len(body) > self.max_body_bytes:
-            raise PeerError(413, "RequestBodyTooLarge",
-                            "The request body is too large and exceeds the maximum "
-                            "permissible limit.",
-                            {"MaxLimit": str(self.max_body_bytes)})
         job = self._need_job(job_id)
         data = _json_body(body)
         tasks = data.get("value")
@@ -1078,6 +1237,7 @@ class BatchPeer:
             "targetDedicatedNodes": pool.target_dedicated,
             "targetLowPriorityNodes": pool.target_low_priority,
             "taskSlotsPerNode": 1,
+            "virtualMachineConfiguration": _vm_configuration(pool),
         }
         return 200, _select(data, params), {}
 
@@ -1271,6 +1431,9 @@ class BatchPeer:
         runner = self._runner
         assert runner is not None
         delay = timedelta(seconds=runner.delay)
+        pool = self._pools.get(job.pool.lower()) if job.pool else None
+        if job.pool and pool is None:
+            return  # BatchPoolInfo.poolId: "it will simply not run Tasks until the Pool exists"
         changed = True
         while changed:
             changed = False
@@ -1279,7 +1442,8 @@ class BatchPeer:
                 if task.state == "active" and job.state == "active":
                     ready = self._deps_ready(job, task)
                     if ready is not None:
-                        start = max(ready, task.created, self._runner_since) + delay
+                        start = max(ready, task.created, self._runner_since,
+                                    pool.created if pool else ready) + delay
                         events.append((start, order, task))
                 elif task.state in ("running", "preparing") and task.run_end is not None:
                     events.append((task.run_end, order, task))
@@ -1297,6 +1461,12 @@ class BatchPeer:
                         break  # its end may unblock dependents earlier than later events
 
     def _start(self, job: PeerJob, task: PeerTask, at: datetime, runner: Runner) -> None:
+        pool = self._pools.get(job.pool.lower()) if job.pool else None
+        mismatch = _container_mismatch(pool, task.body) if pool is not None else None
+        if mismatch is not None:
+            self._complete(job, task, at, kind=mismatch, exit_code=None)
+            self._settle(job, at)
+            return
         kind = runner.failure(task.id) or "exit"
         duration = timedelta(seconds=runner.delay)
         limit = _parse_duration((task.body.get("constraints") or {}).get("maxWallClockTime"))
@@ -1457,7 +1627,7 @@ class BatchPeer:
                              "Reason": f"must be between 1 and {limit}"})
         start = int(params.get("$skiptoken") or 0)
         page = [_select(item, params) for item in items[start:start + size]]
-        out: dict[str, Any] = {"odata.metadata": f"{self._base()}/$metadata", "value": page}
+        out: dict[str, Any] = {"value": page}
         if start + size < len(items):
             query = {k: v for k, v in params.items() if k != "$skiptoken"}
             query["$skiptoken"] = str(start + size)
@@ -1536,6 +1706,7 @@ class _Handler(BaseHTTPRequestHandler):
             status, payload, headers = peer._dispatch(operation, arg, params, body,
                                                      dict(self.headers))
         except PeerError as err:
+            peer._check_answer(operation, err.body(), ERROR_MODEL)
             outcome = {429: "throttled", 503: "unavailable", 413: "too_large",
                        403: "auth_failed", 401: "auth_failed"}.get(err.status, err.code)
             peer._count(operation, outcome)
@@ -1627,9 +1798,11 @@ def _check_task(task: Any, name: str) -> None:
         if not env.get("name"):
             raise _missing(f"{name}.environmentSettings[{i}].name")
     for i, res in enumerate(task.get("resourceFiles") or []):
-        if not (res.get("httpUrl") or res.get("storageContainerUrl")
-                or res.get("autoStorageContainerName")):
-            raise _missing(f"{name}.resourceFiles[{i}].httpUrl")
+        _check_resource_file(res, f"{name}.resourceFiles[{i}]")
+    settings = task.get("containerSettings")
+    if settings is not None and not (isinstance(settings, dict) and settings.get("imageName")):
+        # BatchTaskContainerSettings: imageName is required
+        raise _missing(f"{name}.containerSettings.imageName")
     for i, out in enumerate(task.get("outputFiles") or []):
         cond = str(((out.get("uploadOptions") or {}).get("uploadCondition")) or "").lower()
         if not out.get("filePattern") or cond not in _UPLOAD_CONDITIONS:
@@ -1648,6 +1821,31 @@ def _check_task(task: Any, name: str) -> None:
     slots = task.get("requiredSlots", 1)
     if not isinstance(slots, int) or slots < 1:
         raise _invalid(f"{name}.requiredSlots", str(slots), "must be 1 or more")
+
+
+_SOURCES = ("httpUrl", "storageContainerUrl", "autoStorageContainerName")
+
+
+def _check_resource_file(res: Any, name: str) -> None:
+    """ResourceFile in the spec: "The autoStorageContainerName, storageContainerUrl and
+    httpUrl properties are mutually exclusive and one of them must be specified"; "If the
+    httpUrl property is specified, the filePath is required"; blobPrefix "is valid only
+    when autoStorageContainerName or storageContainerUrl is used". None given is 400
+    MissingRequiredProperty, two or a misplaced blobPrefix 400 InvalidPropertyValue."""
+    if not isinstance(res, dict):
+        raise _invalid(name, str(res), "a resource file is an object")
+    given = [key for key in _SOURCES if res.get(key)]
+    if not given:
+        raise _missing(f"{name}.httpUrl")
+    if len(given) > 1:
+        raise _invalid(f"{name}.{given[1]}", "", f"{' and '.join(given)} are mutually "
+                       "exclusive")
+    if given == ["httpUrl"]:
+        if not res.get("filePath"):
+            raise _missing(f"{name}.filePath")
+        if res.get("blobPrefix"):
+            raise _invalid(f"{name}.blobPrefix", str(res["blobPrefix"]), "blobPrefix is "
+                           "valid only with storageContainerUrl or autoStorageContainerName")
 
 
 def _select(item: dict[str, Any], params: Mapping[str, str]) -> dict[str, Any]:
@@ -1681,6 +1879,47 @@ def _check_metadata(value: Any) -> None:
         if not item.get("name"):
             raise PeerError(400, "EmptyMetadataKey", "An add or update request specified a "
                             "metadata item whose key is an empty string.")
+
+
+def _vm_configuration(pool: PeerPool) -> dict[str, Any]:
+    """A pool's ``virtualMachineConfiguration`` (VirtualMachineConfiguration in the spec:
+    ``imageReference`` and ``nodeAgentSKUId`` are required, ``containerConfiguration``
+    (BatchContainerConfiguration: ``type`` required, ``containerImageNames``) only on a
+    container pool)."""
+    out: dict[str, Any] = {
+        "imageReference": {"publisher": "canonical", "offer": "ubuntu-24_04-lts",
+                           "sku": "server", "version": "latest"},
+        "nodeAgentSKUId": "batch.node.ubuntu 24.04"}
+    if pool.container_type is not None:
+        out["containerConfiguration"] = {"type": pool.container_type,
+                                         "containerImageNames": list(pool.container_images)}
+    return out
+
+
+def _container_mismatch(pool: PeerPool, task: Mapping[str, Any]) -> str | None:
+    """The failureInfo a task gets when it is scheduled on a pool it does not fit, or
+    None. BatchTaskCreateOptions.containerSettings in the spec: "If the Pool that will
+    run this Task has containerConfiguration set, this must be set as well. If the Pool
+    that will run this Task doesn't have containerConfiguration set, this must not be
+    set." The add is not refused (the pool is the job's, and may not exist yet or change
+    while the job is disabled); the task fails when it is scheduled:
+
+    - on a container pool without containerSettings: ``ContainerTaskSettingsNotFound``,
+      "Container-enabled compute node requires task container settings" (as reported in
+      microsoft/ga4gh-tes#525 and MicrosoftDocs/azure-docs#16473);
+    - with containerSettings on a pool without a container configuration: inferred,
+      not documented: ``ContainerInvalidSettings`` ("At least one value of specified
+      task container settings is invalid", TaskFailureInformationCodes; the failureInfo
+      text as Azure/Batch#4 shows it).
+    """
+    has = bool(task.get("containerSettings"))
+    if pool.container_type is not None and not has:
+        return ("code:ContainerTaskSettingsNotFound\n"
+                "Container-enabled compute node requires task container settings")
+    if pool.container_type is None and has:
+        return ("code:ContainerInvalidSettings\nAt least one value of specified task "
+                "container settings is invalid")
+    return None
 
 
 def _is_seeded_id(job: PeerJob, task_id: str) -> bool:
