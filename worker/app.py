@@ -17,14 +17,17 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from prometheus_client import CollectorRegistry
 
+from handlers.base import BlobRef, BuildRequest, JobSpec
 from worker.backends.base import Backend
 from worker.config import Settings
 from worker.consumer import Consumer
+from worker.context import WorkerContext, apply_job_options, job_id_for
 from worker.metrics import Health, Metrics, MetricsServer
 from worker.plan import Planner
-from worker.routing import HandlerRegistry, Router
+from worker.routing import HandlerRegistry, Router, Work
 from worker.sources.base import Source
 from worker.storage.base import Storage
+from worker.storage.refs import check_container, check_prefix, make_ref
 from worker.submit import Submitter
 
 if TYPE_CHECKING:
@@ -92,6 +95,71 @@ def make_sink(settings: Settings) -> EventSink | None:
                           duplicate_window=events.duplicate_window)
 
 
+def build_planner(settings: Settings, storage: Storage, *,
+                  handlers: HandlerRegistry | None = None) -> Planner:
+    """The router and planner ``fanout run``, ``plan`` and ``send`` all use.
+
+    Loads the installed handlers (unless given), lets each refuse its
+    ``[handlers.<name>]`` table, builds the router over ``[[routes]]`` and checks every
+    route by building the job it makes of a blob it matches (no SAS issued, nothing
+    submitted). Raises ``SettingsError`` naming what is wrong.
+    """
+    registry = handlers or HandlerRegistry.from_entry_points()
+    registry.check_options(settings.handlers)
+    router = Router(registry=registry, routes=settings.routes, storage=storage,
+                    drop_unrouted=settings.events.unrouted == "drop")
+    planner = Planner(router=router, settings=settings, storage=storage)
+    checking = _RouteCheckStorage(storage)
+    programs = settings.program_specs()
+
+    def dry_build(work: Work) -> JobSpec:
+        ctx = WorkerContext(job_id=job_id_for(work.handler_name, work.key),
+                            max_tasks=settings.limits.max_tasks_per_message,
+                            allow_message_commands=settings.allow_message_commands,
+                            programs=programs, handler_options=settings.handlers,
+                            storage=checking)
+        request = BuildRequest(handler=work.handler_name, params=work.params,
+                               idempotency_key=work.key)
+        job = work.handler.build(request, ctx)
+        return apply_job_options(job, work.job, job_id=ctx.job_id,
+                                 default_pool=settings.default_pool, limits=settings.limits,
+                                 handler=work.handler_name)
+
+    router.check_routes(dry_build)
+    return planner
+
+
+class _RouteCheckStorage:
+    """Storage for the start-up route check: the real store's URL parsing and name
+    checks, but placeholder URLs, so no SAS is issued and nothing is touched."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+
+    def parse_url(self, url: str) -> BlobRef:
+        return self._storage.parse_url(url)
+
+    def input_url(self, ref: BlobRef) -> str:
+        ref = make_ref(ref.container, ref.blob)
+        return f"https://route-check.invalid/{ref.container}/{ref.blob}"
+
+    def output_container_url(self, container: str, prefix: str) -> str:
+        check_prefix(prefix)
+        return f"https://route-check.invalid/{check_container(container)}"
+
+    def input_container_url(self, container: str, prefix: str) -> str:
+        return self.output_container_url(container, prefix)
+
+    def upload(self, ref: BlobRef, data: bytes) -> None:
+        raise NotImplementedError("the route check writes nothing")
+
+    def download(self, ref: BlobRef) -> bytes:
+        raise NotImplementedError("the route check reads nothing")
+
+    def read_tail(self, ref: BlobRef, max_bytes: int) -> bytes | None:
+        raise NotImplementedError("the route check reads nothing")
+
+
 def monitor_interval(settings: Settings) -> float:
     """The monitor's poll interval: ``jobs.poll_interval`` on Azure; locally, where a
     poll costs a few SQLite reads, a tenth of it and at least a second."""
@@ -126,15 +194,11 @@ class App:
         metrics = Metrics(registry=registry)
         health = Health(heartbeat_timeout=settings.consumer.heartbeat_timeout, metrics=metrics)
         storage = storage or make_storage(settings)
+        planner = build_planner(settings, storage, handlers=handlers)  # before any state
+        router = planner.router
         source = source or make_source(settings)
         backend = backend or make_backend(settings, storage)
-        registry_ = handlers or HandlerRegistry.from_entry_points()
-        registry_.check_options(settings.handlers)
-        router = Router(registry=registry_,
-                        routes=settings.routes, storage=storage,
-                        drop_unrouted=settings.events.unrouted == "drop")
         submitter = Submitter(backend=backend, config=settings.submit, metrics=metrics)
-        planner = Planner(router=router, settings=settings, storage=storage)
         consumer = Consumer(source=source, planner=planner, submitter=submitter,
                             backend=backend, settings=settings, metrics=metrics, health=health)
         return cls(settings=settings, registry=registry, metrics=metrics, health=health,

@@ -12,7 +12,7 @@ import asyncio
 import json
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -24,6 +24,9 @@ from worker import logs
 from worker.backends.base import JobStatus
 from worker.config import Settings, load_settings
 from worker.errors import MessageFault, SettingsError
+
+if TYPE_CHECKING:
+    from worker.plan import Planner
 
 EXIT_BAD_MESSAGE = 3
 EXIT_JOB_FAILED = 4
@@ -178,15 +181,11 @@ def _jobs_of(settings: Settings, body: bytes, properties: dict[str, str],
              message_id: str) -> tuple[list[str], str | None]:
     """The job ids a message will create (routing only: no task is built), or the
     reason it will be dead-lettered."""
-    from worker.app import make_storage
     from worker.context import job_id_for
     from worker.envelope import parse_body
-    from worker.routing import HandlerRegistry, Router
 
+    router = _planner(settings).router
     try:
-        router = Router(registry=HandlerRegistry.from_entry_points(), routes=settings.routes,
-                        storage=make_storage(settings),
-                        drop_unrouted=settings.events.unrouted == "drop")
         routed = router.route(parse_body(body, properties,
                                          max_bytes=settings.queue.max_message_bytes),
                               message_id=message_id)
@@ -209,15 +208,7 @@ def plan(ctx: Ctx, file: Any, handler: str | None, params: tuple[str, ...],
     """
     body = _read_message(file, handler, params, job_opts, message_key)
     properties = {k: str(v) for k, v in _pairs(props).items()}
-    from worker.app import make_storage
-    from worker.plan import Planner
-    from worker.routing import HandlerRegistry, Router
-
-    settings = ctx.settings
-    storage = make_storage(settings)
-    router = Router(registry=HandlerRegistry.from_entry_points(), routes=settings.routes,
-                    storage=storage, drop_unrouted=settings.events.unrouted == "drop")
-    planner = Planner(router=router, settings=settings, storage=storage)
+    planner = _planner(ctx.settings)
     try:
         result = planner.plan(body, properties, message_id=message_key or "(plan)")
         if as_json:
@@ -227,6 +218,18 @@ def plan(ctx: Ctx, file: Any, handler: str | None, params: tuple[str, ...],
     except MessageFault as fault:
         err.print(f"[red]{fault.reason}[/red]: {fault.description}", highlight=False)
         raise SystemExit(EXIT_BAD_MESSAGE) from None
+
+
+def _planner(settings: Settings) -> Planner:
+    """The planner ``fanout run`` builds (worker.app.build_planner); a configuration
+    it refuses is printed and exits 2, as ``run`` does."""
+    from worker.app import build_planner, make_storage
+
+    try:
+        return build_planner(settings, make_storage(settings))
+    except SettingsError as exc:
+        err.print(f"[red]{exc}[/red]", markup=True, highlight=False)
+        raise SystemExit(2) from None
 
 
 def _print_plan(jobs: list[Any], ignored: list[str], show: int) -> None:

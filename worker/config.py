@@ -13,9 +13,13 @@ so a new user can send a sweep right away.
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 import tomllib
+import types
+import typing
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -337,7 +341,7 @@ class Settings(BaseSettings):
         if self.limits.min_priority > self.limits.max_priority:
             raise ValueError("limits.min_priority is above limits.max_priority")
         if not self.programs:
-            self.programs = demo_programs()
+            self.programs = demo_programs(self.backend_kind)
         return self
 
     @property
@@ -387,9 +391,13 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
 
-def demo_programs() -> dict[str, ProgramConfig]:
-    """The built-in demo: a Monte Carlo estimate of pi, and a task that sums the runs."""
-    python = sys.executable or "python3"
+def demo_programs(backend_kind: str = "local") -> dict[str, ProgramConfig]:
+    """The built-in demo: a Monte Carlo estimate of pi, and a task that sums the runs.
+
+    Locally the tasks run this worker's own interpreter; on Azure Batch the node has no
+    such path, so they run ``python3`` from the node's PATH.
+    """
+    python = (sys.executable or "python3") if backend_kind == "local" else "python3"
     return {
         "pi": ProgramConfig(
             command=f"{python} -m worker.demo pi --samples {{samples}} --seed {{seed}}"
@@ -429,6 +437,9 @@ def load_settings(path: str | os.PathLike[str] | None = None, *,
         source = str(config_path)
     if overrides:
         data = _merge(data, overrides)
+    unknown = unknown_environment(os.environ)
+    if unknown:
+        raise SettingsError(_header(source) + "\n".join(f"  {line}" for line in unknown))
     try:
         settings = Settings(**data)
     except ValidationError as exc:
@@ -460,4 +471,83 @@ def describe_settings_error(exc: ValidationError, source: str) -> str:
         if isinstance(err.get("input"), dict):
             shown = ""
         lines.append(f"  {key}{shown}: {err['msg']}")
-    return f"invalid configuration ({source}; FANOUT_* environment):\n" + "\n".join(lines)
+    return _header(source) + "\n".join(lines)
+
+
+def _header(source: str) -> str:
+    return f"invalid configuration ({source}; FANOUT_* environment):\n"
+
+
+ENV_PREFIX = "FANOUT_"
+#: ``FANOUT_*`` variables that are not settings: the config file's path, and what the
+#: handlers put in a task's environment (a task may run ``fanout`` itself).
+NON_SETTING_VARIABLES = frozenset({
+    "FANOUT_CONFIG", "FANOUT_TASK_INDEX", "FANOUT_REPEAT_INDEX", "FANOUT_TASK_COUNT",
+    "FANOUT_FAN_IN_RANGE", "FANOUT_ON_DEPENDENCY_FAILURE", "FANOUT_INPUT_CONTAINER",
+    "FANOUT_INPUT_BLOB", "FANOUT_RENDITION", "FANOUT_FRAME_START", "FANOUT_FRAME_END",
+    "FANOUT_FRAME_STEP",
+})
+#: A sweep task's ``FANOUT_PARAM_<NAME>`` values.
+NON_SETTING_PREFIXES = ("FANOUT_PARAM_",)
+
+
+def unknown_environment(environ: Mapping[str, str]) -> list[str]:
+    """One line per ``FANOUT_*`` variable that sets nothing, with the nearest setting.
+
+    pydantic-settings ignores a variable that names no field, so without this
+    ``FANOUT_METRICS_PORT`` (for ``FANOUT_METRICS__PORT``) would pass without a word.
+    Names are case-insensitive, as the settings read them.
+    """
+    problems = []
+    for raw in sorted(environ):
+        name = raw.upper()
+        if (not name.startswith(ENV_PREFIX) or name in NON_SETTING_VARIABLES
+                or name.startswith(NON_SETTING_PREFIXES)):
+            continue
+        parts = name[len(ENV_PREFIX):].lower().split("__")
+        if _names_setting(Settings, parts):
+            continue
+        problems.append(f"{raw}: no such setting; {_hint(name, parts)}")
+    return problems
+
+
+def _hint(name: str, parts: list[str]) -> str:
+    """The nearest setting's name (compared without the common prefix), else a hint."""
+    known = {n[len(ENV_PREFIX):]: n for n in _setting_names(Settings, ENV_PREFIX, parts, 0)}
+    near = difflib.get_close_matches(name[len(ENV_PREFIX):], list(known), n=1, cutoff=0.6)
+    if near:
+        return f"did you mean {known[near[0]]}?"
+    for end in range(len(parts) - 1, 0, -1):
+        if _names_setting(Settings, parts[:end]):
+            whole = ENV_PREFIX + "__".join(parts[:end]).upper()
+            return f"{whole} takes the whole value (JSON for a list or a table)"
+    return "nested keys take a double underscore, as in FANOUT_CONSUMER__CONCURRENCY"
+
+
+def _names_setting(annotation: Any, parts: list[str]) -> bool:
+    """Whether the name segments ``parts`` reach a setting under ``annotation``."""
+    if not parts:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_names_setting(arg, parts) for arg in typing.get_args(annotation))
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        field = annotation.model_fields.get(parts[0])
+        return field is not None and _names_setting(field.annotation, parts[1:])
+    if origin is dict:  # dict[str, X]: any key, then X
+        return bool(parts[0]) and _names_setting(typing.get_args(annotation)[1], parts[1:])
+    return annotation is Any
+
+
+def _setting_names(annotation: Any, prefix: str, parts: list[str],
+                   depth: int) -> typing.Iterator[str]:
+    """Every variable name of the settings, a table's keys taken from ``parts``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        for name, field in annotation.model_fields.items():
+            env = prefix + name.upper()
+            yield env
+            yield from _setting_names(field.annotation, env + "__", parts, depth + 1)
+    elif typing.get_origin(annotation) is dict:
+        key = parts[depth].upper() if depth < len(parts) and parts[depth] else "<NAME>"
+        yield from _setting_names(typing.get_args(annotation)[1], f"{prefix}{key}__", parts,
+                                  depth + 1)

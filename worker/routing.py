@@ -12,7 +12,7 @@ reference is put into the route's default params.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
@@ -21,8 +21,14 @@ from urllib.parse import unquote, urlsplit
 import structlog
 from pydantic import ValidationError
 
-from handlers.base import BlobRef, Handler
-from handlers.errors import InvalidEnvelope, NoRoute, UnknownHandler, describe_validation
+from handlers.base import BlobRef, Handler, JobSpec
+from handlers.errors import (
+    InvalidEnvelope,
+    MessageFault,
+    NoRoute,
+    UnknownHandler,
+    describe_validation,
+)
 from worker.config import RouteConfig
 from worker.context import job_id_for
 from worker.envelope import BlobEvent, Cancel, Envelope, JobOptions, Parsed
@@ -124,10 +130,43 @@ class Router:
         self.routes = list(routes)
         self.storage = storage
         self.drop_unrouted = drop_unrouted
-        for rule in self.routes:
+        self._jobs: dict[int, JobOptions] = {}
+        for index, rule in enumerate(self.routes):
             if rule.handler not in registry:
-                raise SettingsError(f"routes: handler {rule.handler!r} is not installed "
-                                    f"(installed: {', '.join(registry.names)})")
+                raise SettingsError(f"{_where(index, rule)}: handler {rule.handler!r} is not "
+                                    f"installed (installed: {', '.join(registry.names)})")
+            try:
+                self._jobs[id(rule)] = JobOptions.model_validate(rule.job)
+            except ValidationError as exc:
+                raise SettingsError(f"{_where(index, rule)}: job: "
+                                    f"{describe_validation(exc)}") from None
+
+    def check_routes(self, build: Callable[[Work], JobSpec]) -> None:
+        """Build, without submitting, the job each rule makes of a blob it matches.
+
+        ``build`` is the planner's (handler build plus job options and limits) over
+        storage that issues no SAS. A rule whose params or job options no blob can
+        satisfy is a ``SettingsError`` naming the rule, at start-up, instead of every
+        event it takes failing until its delivery count runs out.
+        """
+        for index, rule in enumerate(self.routes):
+            ref = sample_blob(rule)
+            params = {**rule.params,
+                      rule.blob_param: {"container": ref.container, "blob": ref.blob}}
+            work = Work(rule.handler, self.registry.get(rule.handler), params,
+                        "fanout-route-check", self._jobs[id(rule)])
+            try:
+                job = build(work)
+                next(iter(job.tasks), None)  # a handler may check lazily, per task
+            except MessageFault as fault:
+                raise SettingsError(f"{_where(index, rule)}: every blob it takes would be "
+                                    f"dead-lettered (tried {ref}): {fault.reason}: "
+                                    f"{fault.description}") from None
+            except (ValueError, SettingsError) as exc:  # the handler's options, say
+                raise SettingsError(f"{_where(index, rule)}: {exc}") from None
+            except Exception as exc:  # a handler's own bug still names the rule
+                raise SettingsError(f"{_where(index, rule)}: building a job for {ref} "
+                                    f"failed: {type(exc).__name__}: {exc}") from exc
 
     def route(self, parsed: Parsed, *, message_id: str | None) -> Routed:
         """The work a parsed message asks for; raises a ``MessageFault``."""
@@ -163,10 +202,7 @@ class Router:
                 return
             raise NoRoute(f"no route takes blob {ref.container}/{ref.blob[:200]} of account "
                           f"{account} (content type {event.content_type or 'unknown'})")
-        try:
-            job = JobOptions.model_validate(rule.job)
-        except ValidationError as exc:  # the operator's config, checked at start-up too
-            raise SettingsError(f"routes: job options: {describe_validation(exc)}") from None
+        job = self._jobs[id(rule)]  # validated at start-up
         params = {**rule.params,
                   rule.blob_param: {"container": ref.container, "blob": ref.blob}}
         handler = self.registry.get(rule.handler)
@@ -188,6 +224,16 @@ class Router:
                 continue
             return rule
         return None
+
+
+def _where(index: int, rule: RouteConfig) -> str:
+    return f"routes[{index}] (handler {rule.handler!r})"
+
+
+def sample_blob(rule: RouteConfig) -> BlobRef:
+    """A blob the rule matches: in its container, under its prefix, with its suffix."""
+    suffix = rule.suffixes[0] if rule.suffixes else ""
+    return BlobRef(rule.container or "uploads", f"{rule.prefix or ''}example{suffix}")
 
 
 def _type_matches(wanted: str, actual: str | None) -> bool:
