@@ -107,8 +107,14 @@ def test_sweep_and_transcode_reach_the_batch_peer(azure_worker: RunningWorker,
         assert unquote(urlsplit(url).path).endswith("/devstoreaccount1/videos/2026/my clip.mp4")
         sas = query(url)
         assert (sas["sr"], sas["sp"]) == ("b", "r") and "sig" in sas
-        outputs = task["outputFiles"]
+        logs = [o for o in task["outputFiles"] if o["filePattern"] == "../std*.txt"]
+        outputs = [o for o in task["outputFiles"] if o not in logs]
         assert outputs
+        (log,) = logs  # stdout/stderr go to the logs container when the task fails
+        log_dest = log["destination"]["container"]
+        assert unquote(urlsplit(log_dest["containerUrl"]).path).endswith("/fanout-logs")
+        assert log_dest["path"] == f"{jobs['transc'].id}/{task['id']}"
+        assert log["uploadOptions"]["uploadCondition"] == "taskfailure"
         for out in outputs:
             dest = out["destination"]["container"]
             assert unquote(urlsplit(dest["containerUrl"]).path).endswith("/renditions")
