@@ -32,10 +32,47 @@ What it does:
   ``duplicate_detection_history_time_window`` (10 minutes unless given) is accepted
   and silently dropped; on a topic, before it is copied to any subscription
   (https://learn.microsoft.com/azure/service-bus-messaging/duplicate-detection).
-- An optional ``max_message_size``: a larger transfer is rejected with
-  ``amqp:link:message-size-exceeded`` (the SDK raises ``MessageSizeExceededError``),
-  as the service does past the tier's limit, 256 KB on Standard
-  (https://learn.microsoft.com/azure/service-bus-messaging/service-bus-quotas).
+- The Standard tier's limits, on unless a test turns them off
+  (https://learn.microsoft.com/azure/service-bus-messaging/service-bus-quotas):
+  a transfer over ``max_message_size`` (256 KB, the whole encoded message: the size
+  "includes the size of properties (system and user) and the size of payload") is
+  rejected with ``amqp:link:message-size-exceeded`` and the service's wording "The
+  received message (size: N bytes) exceeds the limit (M bytes) currently allowed on the
+  link." (the SDK raises ``MessageSizeExceededError``, not retried). A message id over
+  128 characters, an application property over 32 KB, or a header (message
+  annotations, properties and application properties) over 64 KB is rejected with
+  ``amqp:internal-error`` "The service was unable to process the request; please retry
+  the operation.": the quotas page only says an exception is raised (.NET's
+  ``SerializationException``), and that generic answer is what the service sends for an
+  oversized property (https://github.com/Azure/azure-sdk-for-net/issues/15325); the
+  SDK raises a plain ``ServiceBusError``. The SDK itself refuses a message id over
+  128 characters before sending (``ValueError: message_id cannot be longer than 128
+  characters.``, azure/servicebus/_common/message.py), so only a client that skips
+  that check reaches the peer's rule.
+- Sessions: a queue created with ``requires_session`` refuses a receive link without a
+  session filter with ``amqp:not-allowed`` "It is not possible for an entity that
+  requires sessions to create a non-sessionful message receiver." (the service's
+  words and condition; https://learn.microsoft.com/azure/service-bus-messaging/message-sessions:
+  a session-aware entity is received from with a session receiver only). The SDK
+  raises ``ServiceBusError`` (``amqp:not-allowed`` is in its no-retry list). The peer
+  has no sessions: a session receiver is refused with ``amqp:not-implemented``.
+- Idle links: a receive or send link on which the client makes no call (no flow, no
+  transfer, no disposition) for ``link_idle_timeout`` (10 minutes, as the service)
+  is detached with ``amqp:link:detach-forced`` "... Detach origin:
+  AmqpMessageConsumer.IdleTimerExpired: Idle timeout: 00:10:00." while the
+  connection stays up (https://learn.microsoft.com/azure/service-bus-messaging/service-bus-amqp-troubleshoot).
+  Messages locked on it stay locked until the lock expires; the SDK then fails every
+  settlement of them locally: its link raises ``ValueError("Link already closed.")``
+  (azure/servicebus/_pyamqp/aio/_receiver_async.py), which it does not retry through
+  the management link (it does that only on ``RuntimeError``) and raises as
+  ``ServiceBusError("Handler failed: Link already closed..")``, shutting the handler.
+- Fault injection on send: ``busy_sends`` transfers are rejected with
+  ``com.microsoft:server-busy`` (SDK ``ServiceBusServerBusyError``, retried by the
+  SDK; ServerBusyException in
+  https://learn.microsoft.com/azure/service-bus-messaging/service-bus-messaging-exceptions),
+  ``quota_exceeded_sends`` with ``amqp:resource-limit-exceeded`` (SDK
+  ``ServiceBusQuotaExceededError``, not retried; QuotaExceededException: the entity
+  is at its maximum size).
 - Receiver links in peek-lock (16-byte delivery tags = lock tokens, locked-until and
   sequence-number annotations, an explicit header delivery-count) and in
   receive-and-delete mode; ``<entity>/$DeadLetterQueue`` sub-queues.
@@ -104,6 +141,18 @@ DEAD_LETTER_SUFFIX = "/$DeadLetterQueue"
 MANAGEMENT_SUFFIX = "/$management"
 CBS_NODE = "$cbs"
 TICK = 0.05  # seconds between lock-expiry sweeps
+#: Standard tier limits (https://learn.microsoft.com/azure/service-bus-messaging/service-bus-quotas).
+STANDARD_MAX_MESSAGE_SIZE = 256 * 1024
+MAX_MESSAGE_ID_LENGTH = 128
+MAX_PROPERTY_SIZE = 32 * 1024
+MAX_HEADER_SIZE = 64 * 1024
+#: The service detaches a link unused for 10 minutes
+#: (https://learn.microsoft.com/azure/service-bus-messaging/service-bus-amqp-troubleshoot).
+LINK_IDLE_TIMEOUT = 600.0
+SESSION_REQUIRED = ("It is not possible for an entity that requires sessions to create a "
+                    "non-sessionful message receiver.")
+UNABLE_TO_PROCESS = "The service was unable to process the request; please retry the operation."
+SESSION_FILTER = "com.microsoft:session-filter"
 #: The service's default duplicate detection history time window: 10 minutes
 #: (https://learn.microsoft.com/azure/service-bus-messaging/duplicate-detection).
 DEFAULT_DUPLICATE_WINDOW = 600.0
@@ -366,12 +415,16 @@ class ServiceBusPeer:
     """A Service Bus test peer on 127.0.0.1; :meth:`start` it, :meth:`stop` it.
 
     ``queues`` are created up front (more with :meth:`create_queue`, or any name on first
-    use with ``auto_create``); ``topics`` maps a topic to its subscription names.
+    use with ``auto_create``); ``topics`` maps a topic to its subscription names;
+    ``requires_session`` names queues that require sessions.
     ``lock_duration`` and ``max_delivery_count`` are the entities' (the service's) settings.
     ``duplicate_detection`` maps queue or topic names to their duplicate detection
     history window in seconds (None: the service's default, 10 minutes); ``clock``
-    is what that window is measured with. ``max_message_size`` (bytes) rejects larger
-    transfers.
+    is what that window is measured with. ``max_message_size`` (bytes; the Standard
+    tier's 256 KB unless given, None: no limit) rejects larger transfers;
+    ``property_limits`` the Standard tier's message id and property limits.
+    ``link_idle_timeout`` (seconds, 10 minutes unless given, None: never) detaches a
+    link the client has not used for that long.
     """
 
     def __init__(self, *, queues: Iterable[str] = ("fanout",),
@@ -380,7 +433,10 @@ class ServiceBusPeer:
                  auto_create: bool = False, host: str = "127.0.0.1", port: int = 0,
                  admin_port: int | None = 0,
                  duplicate_detection: Mapping[str, float | None] | None = None,
-                 max_message_size: int | None = None,
+                 max_message_size: int | None = STANDARD_MAX_MESSAGE_SIZE,
+                 property_limits: bool = True,
+                 link_idle_timeout: float | None = LINK_IDLE_TIMEOUT,
+                 requires_session: Iterable[str] = (),
                  clock: Callable[[], float] = time.time) -> None:
         self.host = host
         self.port = port
@@ -396,7 +452,16 @@ class ServiceBusPeer:
         #: Messages dropped by duplicate detection.
         self.duplicates_dropped = 0
         self.max_message_size = max_message_size
+        self.property_limits = property_limits
+        self.link_idle_timeout = link_idle_timeout
+        #: Reject this many transfers to a queue or topic with server-busy (injection).
+        self.busy_sends = 0
+        #: Reject this many transfers with resource-limit-exceeded (injection).
+        self.quota_exceeded_sends = 0
+        #: Links detached for idleness.
+        self.idle_detaches = 0
         self.clock = clock
+        self._sessionful: set[str] = set()
         self._histories: dict[str, _History] = {}
         self._lock = threading.RLock()
         self._entities: dict[str, _Entity] = {}
@@ -412,6 +477,8 @@ class ServiceBusPeer:
         self._start_error: BaseException | None = None
         for name in queues:
             self.create_queue(name)
+        for name in requires_session:
+            self.create_queue(name, requires_session=True)
         for topic, subscriptions in (topics or {}).items():
             self.create_topic(topic, subscriptions)
         for entity, window in (duplicate_detection or {}).items():
@@ -478,14 +545,18 @@ class ServiceBusPeer:
     def create_queue(self, name: str, *, lock_duration: float | None = None,
                      max_delivery_count: int | None = None,
                      requires_duplicate_detection: bool = False,
-                     duplicate_detection_history_time_window: float | None = None) -> None:
+                     duplicate_detection_history_time_window: float | None = None,
+                     requires_session: bool = False) -> None:
         """Create a queue (and its dead-letter queue); existing queues are left alone.
 
         With ``requires_duplicate_detection`` a repeated message id within the window
         (seconds; 10 minutes by default, as on the service) is accepted and dropped.
+        With ``requires_session`` receivers without a session are refused.
         """
         with self._lock:
             self._create(name, lock_duration, max_delivery_count)
+            if requires_session:
+                self._sessionful.add(name.lower())
             self._detect_duplicates(name, requires_duplicate_detection,
                                     duplicate_detection_history_time_window)
 
@@ -657,6 +728,41 @@ class ServiceBusPeer:
                 numbers.append(self._sequence)
         return numbers
 
+    def _refusal(self, payload: bytes) -> tuple[str, str] | None:
+        """Why a transfer to a queue or topic is rejected, as (condition, description):
+        the injected faults, then the Standard tier's limits (module docstring)."""
+        with self._lock:
+            if self.busy_sends > 0:
+                self.busy_sends -= 1
+                return ("com.microsoft:server-busy", "The request was terminated because the "
+                        "entity is being throttled. Please wait 10 seconds and try again.")
+            if self.quota_exceeded_sends > 0:
+                self.quota_exceeded_sends -= 1
+                return ("amqp:resource-limit-exceeded", "The maximum entity size has been "
+                        "reached or exceeded. Please wait and try again.")
+        limit = self.max_message_size
+        if limit is not None and len(payload) > limit:
+            return ("amqp:link:message-size-exceeded",
+                    f"The received message (size: {len(payload)} bytes) exceeds the limit "
+                    f"({limit} bytes) currently allowed on the link.")
+        if not self.property_limits:
+            return None
+        for part in _batch_parts(_sections(payload)) or [payload]:
+            sections = _sections(part)
+            header = sum(len(raw) for code, raw, _ in sections
+                         if code in (_HEADER, _MESSAGE_ANNOTATIONS, _PROPERTIES,
+                                     _APPLICATION_PROPERTIES))
+            message_id = next((v.value[0] for code, _, v in sections
+                               if code == _PROPERTIES and v.value), None)
+            properties = next((dict(v.value or {}) for code, _, v in sections
+                               if code == _APPLICATION_PROPERTIES), {})
+            too_big = [k for k, v in properties.items()
+                       if len(_encoded(k)) + len(_encoded(v)) > MAX_PROPERTY_SIZE]
+            if (message_id is not None and len(str(_text(message_id))) > MAX_MESSAGE_ID_LENGTH) \
+                    or too_big or header > MAX_HEADER_SIZE:
+                return ("amqp:internal-error", UNABLE_TO_PROCESS)
+        return None
+
     def _lock_message(self, entity: _Entity, stored: _Stored) -> bytes:
         stored.state = "locked"
         stored.lock_token = uuid.uuid4()
@@ -788,6 +894,26 @@ class ServiceBusPeer:
         return 200, {}, None
 
 
+def _info() -> dict[symbol, str]:
+    """An error's info map: pyamqp indexes it unconditionally."""
+    return {symbol("com.microsoft:tracking-id"): str(uuid.uuid4())}
+
+
+def _session_filter(link: Link) -> Any:
+    """The session id a receive link's source filter asks for, or None."""
+    try:
+        filters = link.remote_source.filter
+        filters.rewind()
+        found = filters.get_object() if filters.next() else None
+    except Exception:  # no filter set
+        return None
+    if isinstance(found, dict):
+        for key, value in found.items():
+            if str(key) == SESSION_FILTER:
+                return value if value is not None else ""
+    return None
+
+
 def _elements(value: Any) -> list[Any]:
     if value is None:
         return []
@@ -837,8 +963,35 @@ class _Handler(FlowController):
     def on_timer_task(self, event: Any) -> None:
         if self.stopping:
             return
+        self._detach_idle()
         self.pump()
         event.container.schedule(TICK, self)
+
+    def _detach_idle(self) -> None:
+        """Detach the send and receive links unused for the idle timeout."""
+        timeout = self.peer.link_idle_timeout
+        if timeout is None:
+            return
+        now = time.monotonic()
+        for connection in list(self.connections):
+            for link in list(_links(connection)):
+                node = getattr(link, "node", "")
+                if node == CBS_NODE or node.endswith(MANAGEMENT_SUFFIX) \
+                        or getattr(link, "entity", None) is None \
+                        or not link.state & Endpoint.LOCAL_ACTIVE \
+                        or now - getattr(link, "last_used", now) <= timeout:
+                    continue
+                self._forget(link)
+                role = "receiver" if link.is_sender else "publisher"
+                origin = "AmqpMessageConsumer" if link.is_sender else "AmqpMessagePublisher"
+                minutes, seconds = divmod(int(timeout), 60)
+                link.condition = Condition(
+                    "amqp:link:detach-forced",
+                    f"The link '{link.name}' is force detached by the broker due to errors "
+                    f"occurred in {role}. Detach origin: {origin}.IdleTimerExpired: Idle "
+                    f"timeout: 00:{minutes:02d}:{seconds:02d}.", _info())
+                link.close()
+                self.peer.idle_detaches += 1
 
     def on_peer_pump(self, event: Any) -> None:
         self.pump()
@@ -910,34 +1063,43 @@ class _Handler(FlowController):
         address = _path(link.remote_source.address if link.is_sender
                         else link.remote_target.address)
         link.node = address
+        link.last_used = time.monotonic()
         error = self._bind(link, address)
         link.open()
         if error is not None:
-            link.condition = Condition("amqp:not-found", error)
+            link.entity = None
+            link.condition = Condition(*error, _info())
             link.close()
         elif link.is_sender:
             self.pump()
         super().on_link_remote_open(event)
 
-    def _bind(self, link: Link, address: str) -> str | None:
-        """Attach the link to its node; return an error description if there is none."""
+    def _bind(self, link: Link, address: str) -> tuple[str, str] | None:
+        """Attach the link to its node; return (condition, description) to refuse it."""
         link.entity = None
+        missing = ("amqp:not-found", f"The messaging entity '{address}' could not be found.")
         if address == CBS_NODE or address.endswith(MANAGEMENT_SUFFIX):
             if address.endswith(MANAGEMENT_SUFFIX):
                 with self.peer._lock:
                     link.entity = self.peer._entity(address[: -len(MANAGEMENT_SUFFIX)])
                 if link.entity is None:
-                    return f"The messaging entity '{address}' could not be found."
+                    return missing
             return None
         with self.peer._lock:
             if link.is_sender:
-                link.entity = self.peer._entity(address)
-                if link.entity is not None:
-                    link.entity.links.append(link)
+                entity = self.peer._entity(address)
+                if entity is not None and _session_filter(link) is not None:
+                    return ("amqp:not-implemented", "the test peer has no sessions")
+                if entity is not None and entity.path.lower() in self.peer._sessionful:
+                    # The service's condition and words (see the module docstring).
+                    return ("amqp:not-allowed", SESSION_REQUIRED)
+                link.entity = entity
+                if entity is not None:
+                    entity.links.append(link)
             elif self.peer._targets(address) is not None:
                 link.entity = address
         if link.entity is None:
-            return f"The messaging entity '{address}' could not be found."
+            return missing
         return None
 
     def on_link_remote_close(self, event: Any) -> None:
@@ -961,6 +1123,7 @@ class _Handler(FlowController):
 
     def on_link_flow(self, event: Any) -> None:
         super().on_link_flow(event)
+        event.link.last_used = time.monotonic()  # a receive call: the link is in use
         if event.link.is_sender:
             self.pump()
 
@@ -969,6 +1132,7 @@ class _Handler(FlowController):
         delivery = event.delivery
         if delivery.link.connection.state & Endpoint.LOCAL_CLOSED:
             return  # frames that cross our close are ignored, as the service does
+        delivery.link.last_used = time.monotonic()  # a send or a settlement
         if delivery.link.is_receiver:
             self._on_transfer(delivery)
         else:
@@ -992,15 +1156,10 @@ class _Handler(FlowController):
             elif node.endswith(MANAGEMENT_SUFFIX):
                 self._answer_management(link, payload)
             else:
-                limit = self.peer.max_message_size
-                if limit is not None and len(payload) > limit:
-                    # The service's wording for a message over the entity's limit.
-                    delivery.local.condition = Condition(
-                        "amqp:link:message-size-exceeded",
-                        f"The received message (size: {len(payload)} bytes) exceeds the "
-                        f"limit ({limit} bytes) currently allowed on the link.",
-                        # pyamqp indexes the error's info field unconditionally.
-                        {symbol("com.microsoft:tracking-id"): str(uuid.uuid4())})
+                refusal = self.peer._refusal(payload)
+                if refusal is not None:
+                    # pyamqp indexes the error's info field unconditionally.
+                    delivery.local.condition = Condition(*refusal, _info())
                     delivery.update(Delivery.REJECTED)
                     delivery.settle()
                     return

@@ -223,3 +223,142 @@ def test_message_over_the_size_limit_is_rejected() -> None:
         with pytest.raises(MessageSizeExceededError, match="1024 bytes"):
             sender.send_messages(ServiceBusMessage(b"x" * 4096, message_id="big"))
         assert [m.message_id for m in peer.messages("q")] == ["small"]
+
+
+# --------------------------------------------------------------------------- service rules
+
+
+def test_duplicate_detection_is_on_for_a_queue_created_with_it() -> None:
+    """A queue created as the Bicep queue is (duplicate detection, one-hour window)
+    accepts a repeated message id and silently drops it: the send succeeds."""
+    with ServiceBusPeer(queues=[]) as peer:
+        peer.create_queue("q", requires_duplicate_detection=True,
+                          duplicate_detection_history_time_window=3600.0)
+        with ServiceBusClient.from_connection_string(peer.connection_string, **OPTIONS) as c, \
+                c.get_queue_sender("q") as sender:
+            sender.send_messages(ServiceBusMessage(b"first", message_id="same"))
+            sender.send_messages(ServiceBusMessage(b"second", message_id="same"))
+        assert [m.body for m in peer.messages("q")] == [b"first"]
+        assert peer.duplicates_dropped == 1
+
+
+def test_a_session_queue_refuses_a_receiver_without_a_session() -> None:
+    """A queue that requires sessions refuses a plain receive link with amqp:not-allowed
+    and the service's sentence; the SDK raises ServiceBusError (not retried)."""
+    from azure.servicebus.exceptions import ServiceBusError
+
+    with ServiceBusPeer(queues=["plain"], requires_session=["sessions"]) as peer, \
+            ServiceBusClient.from_connection_string(peer.connection_string, **OPTIONS) as c:
+        with pytest.raises(ServiceBusError) as caught, \
+                c.get_queue_receiver("sessions") as receiver:
+            receiver.receive_messages(1, max_wait_time=1)
+        assert "requires sessions to create a non-sessionful message receiver" in str(
+            caught.value)
+        assert "not-allowed" in repr(caught.value.inner_exception) or \
+            "not-allowed" in str(caught.value)
+        with c.get_queue_receiver("plain") as receiver:  # other queues are unaffected
+            assert receiver.receive_messages(1, max_wait_time=0.5) == []
+
+
+def test_the_standard_tier_message_size_limit_is_on_by_default() -> None:
+    """Without max_message_size the peer has the Standard tier's 256 KB limit."""
+    from azure.servicebus.exceptions import MessageSizeExceededError
+
+    with ServiceBusPeer(queues=["q"]) as peer, \
+            ServiceBusClient.from_connection_string(peer.connection_string, **OPTIONS) as c, \
+            c.get_queue_sender("q") as sender:
+        sender.send_messages(ServiceBusMessage(b"x" * 200_000, message_id="fits"))
+        with pytest.raises(MessageSizeExceededError, match="262144 bytes"):
+            sender.send_messages(ServiceBusMessage(b"x" * (256 * 1024), message_id="over"))
+        assert [m.message_id for m in peer.messages("q")] == ["fits"]
+
+
+def test_property_limits_reject_the_message() -> None:
+    """A property over 32 KB, or 64 KB of properties in all, is refused with the
+    service's generic answer (a ServiceBusError); nothing is stored."""
+    from azure.servicebus.exceptions import ServiceBusError
+
+    with ServiceBusPeer(queues=["q"]) as peer, \
+            ServiceBusClient.from_connection_string(peer.connection_string, **OPTIONS) as c, \
+            c.get_queue_sender("q") as sender:
+        sender.send_messages(ServiceBusMessage(b"ok", message_id="ok", application_properties={
+            "p": "v" * 30_000}))
+        with pytest.raises(ServiceBusError, match="unable to process"):
+            sender.send_messages(ServiceBusMessage(b"x", application_properties={
+                "big": "v" * (33 * 1024)}))
+        with pytest.raises(ServiceBusError, match="unable to process"):
+            sender.send_messages(ServiceBusMessage(b"x", application_properties={
+                f"p{i}": "v" * 12_000 for i in range(6)}))
+        assert [m.message_id for m in peer.messages("q")] == ["ok"]
+
+
+def test_a_message_id_over_128_characters() -> None:
+    """The SDK refuses a message id over 128 characters itself; a client that sends one
+    anyway is refused by the peer."""
+    from proton import Described, ulong
+
+    from tests.fakes.servicebus_peer import _DATA, _PROPERTIES, _encoded
+
+    with pytest.raises(ValueError, match="128"):
+        ServiceBusMessage(b"x", message_id="i" * 129)
+    peer = ServiceBusPeer(queues=["q"])
+    raw = (_encoded(Described(ulong(_PROPERTIES), ["i" * 129]))
+           + _encoded(Described(ulong(_DATA), b"x")))
+    assert peer._refusal(raw) == ("amqp:internal-error",
+                                  "The service was unable to process the request; please "
+                                  "retry the operation.")
+    ok = _encoded(Described(ulong(_PROPERTIES), ["i" * 128])) + _encoded(
+        Described(ulong(_DATA), b"x"))
+    assert peer._refusal(ok) is None
+
+
+def test_server_busy_and_quota_exceeded_on_send() -> None:
+    """Injected faults: server-busy (ServiceBusServerBusyError) and
+    resource-limit-exceeded (ServiceBusQuotaExceededError); then sends work again."""
+    from azure.servicebus.exceptions import (
+        ServiceBusQuotaExceededError,
+        ServiceBusServerBusyError,
+    )
+
+    with ServiceBusPeer(queues=["q"]) as peer, \
+            ServiceBusClient.from_connection_string(peer.connection_string, **OPTIONS) as c, \
+            c.get_queue_sender("q") as sender:
+        peer.busy_sends = 1
+        with pytest.raises(ServiceBusServerBusyError):
+            sender.send_messages(ServiceBusMessage(b"x", message_id="busy"))
+        peer.quota_exceeded_sends = 1
+        with pytest.raises(ServiceBusQuotaExceededError):
+            sender.send_messages(ServiceBusMessage(b"x", message_id="full"))
+        sender.send_messages(ServiceBusMessage(b"x", message_id="fine"))
+        assert [m.message_id for m in peer.messages("q")] == ["fine"]
+
+
+def test_an_idle_receive_link_is_detached_while_its_message_is_locked() -> None:
+    """A receive link unused for the idle timeout is detached (the connection stays);
+    the message it locked stays locked, and the SDK's complete then fails locally:
+    ServiceBusError "Handler failed: Link already closed.." (the SDK shuts the handler)."""
+    import asyncio
+
+    from azure.servicebus.aio import ServiceBusClient as AsyncClient
+    from azure.servicebus.exceptions import ServiceBusError
+
+    async def scenario(peer: ServiceBusPeer) -> str:
+        async with AsyncClient.from_connection_string(peer.connection_string, **OPTIONS) as c, \
+                c.get_queue_receiver("q") as receiver:
+            [msg] = await receiver.receive_messages(1, max_wait_time=2)
+            while peer.idle_detaches == 0:
+                await asyncio.sleep(0.05)
+            # A management call reads the detach off the shared connection.
+            await receiver.renew_message_lock(msg)
+            assert peer.counts("q")["locked"] == 1
+            try:
+                await receiver.complete_message(msg)
+            except ServiceBusError as exc:
+                return str(exc)
+            return "completed"
+
+    with ServiceBusPeer(queues=["q"], lock_duration=30, link_idle_timeout=0.3) as peer:
+        peer.put("q", b"held", message_id="h")
+        assert asyncio.run(scenario(peer)) == "Handler failed: Link already closed.."
+        assert peer.counts("q")["locked"] == 1
+        assert peer.connections_opened == 1
