@@ -94,6 +94,26 @@ def wait_event(w: RunningWorker, job_id: str, timeout: float = 60) -> dict[str, 
     raise AssertionError(f"no completion event for {job_id} within {timeout} s")
 
 
+def test_every_task_succeeds(make_peer: MakePeer, start_worker: StartWorker) -> None:
+    """All tasks exit 0: succeeded, no failed task, and the job is marked reported."""
+    peer = make_peer(runner=Runner(delay=0.02))
+    w = start_worker(peer)
+    w.send(sweep("az-good", 4))
+    job_id = job_id_for("sweep", "az-good")
+    event = wait_event(w, job_id)
+    data = event["data"]
+    assert data["outcome"] == "succeeded" and data["failed_tasks"] == []
+    assert data["tasks"] == {"total": 5, "succeeded": 5, "failed": 0, "not_run": 0}
+    assert data["message_id"] and data["idempotency_key"] == "az-good"
+    job = peer.job(job_id)
+    assert job is not None
+    meta = {m["name"]: m["value"] for m in job.body["metadata"]}
+    w.wait_until(lambda: "fanout-reported" in {
+        m["name"] for m in (peer.job(job_id).body.get("metadata") or [])},  # type: ignore[union-attr]
+        what="the marker patched")
+    assert meta["fanout-handler"] == "sweep" and len(meta["fanout-request"]) == 32
+
+
 def test_failed_task_with_aggregate_run(make_peer: MakePeer, start_worker: StartWorker) -> None:
     """Task 3 exits 1; its exit conditions satisfy the aggregate, which runs; the job
     completes and its event names task 3 with Batch's failure code."""
