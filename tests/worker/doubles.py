@@ -7,7 +7,6 @@ import random
 import threading
 import time
 from collections.abc import Sequence
-
 from datetime import UTC, datetime
 
 from handlers.base import JobSpec, TaskSpec
