@@ -47,8 +47,8 @@ class Ctx:
         if self._settings is None:
             try:
                 self._settings = load_settings(self.config)
-            except SettingsError as exc:
-                err.print(f"[red]{exc}[/red]", markup=True, highlight=False)
+            except SettingsError as exc:  # no markup: "[handlers.x]" is text here
+                err.print(str(exc), style="red", markup=False, highlight=False)
                 raise SystemExit(2) from None
         return self._settings
 
@@ -228,7 +228,7 @@ def _planner(settings: Settings) -> Planner:
     try:
         return build_planner(settings, make_storage(settings))
     except SettingsError as exc:
-        err.print(f"[red]{exc}[/red]", markup=True, highlight=False)
+        err.print(str(exc), style="red", markup=False, highlight=False)
         raise SystemExit(2) from None
 
 
