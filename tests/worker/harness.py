@@ -79,6 +79,29 @@ class RunningWorker:
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
         return self.app.registry.get_sample_value(name, labels or {}) or 0.0
 
+    def events(self) -> list[dict[str, Any]]:
+        """The completion events on the worker's events queue, each validated against
+        the shipped JSON Schema."""
+        import jsonschema
+
+        from worker.events import schema
+
+        assert self.app.monitor is not None and self.app.monitor.sink is not None
+        found = [json.loads(p.body) for p in self.call(self.app.monitor.sink.peek(10_000))]
+        for event in found:
+            jsonschema.validate(event, schema())
+        return found
+
+    def wait_event(self, job_id: str, timeout: float = 60) -> dict[str, Any]:
+        """The completion event of ``job_id``, once the monitor has published it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for event in self.events():
+                if event["subject"] == job_id:
+                    return event
+            time.sleep(0.2)
+        raise AssertionError(f"no completion event for {job_id} within {timeout} s")
+
     def stop(self, timeout: float = 60) -> None:
         self.loop.call_soon_threadsafe(self.app.consumer.stop)
         assert self._done.wait(timeout), "worker did not stop"

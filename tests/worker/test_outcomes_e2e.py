@@ -8,18 +8,15 @@ shipped JSON Schema and checks what they say.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import jsonschema
 import pytest
 
 from handlers.base import BuildContext, BuildRequest, JobSpec, TaskSpec
 from worker.config import Settings
-from worker.events import schema
 from worker.routing import HandlerRegistry
 
 from .harness import RunningWorker
@@ -65,25 +62,6 @@ def worker(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., Run
             running.stop()
 
 
-def events(w: RunningWorker) -> list[dict[str, Any]]:
-    assert w.app.monitor is not None and w.app.monitor.sink is not None
-    found = w.call(w.app.monitor.sink.peek(1000))
-    out = [json.loads(p.body) for p in found]
-    for event in out:
-        jsonschema.validate(event, schema())
-    return out
-
-
-def wait_event(w: RunningWorker, job_id: str, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for event in events(w):
-            if event["subject"] == job_id:
-                return event
-        time.sleep(0.2)
-    raise AssertionError(f"no completion event for {job_id} within {timeout} s")
-
-
 def job_of(w: RunningWorker, key: str) -> str:
     from worker.context import job_id_for
 
@@ -97,7 +75,7 @@ def test_a_failed_task_ends_the_job_and_the_aggregate_still_runs(
     w = worker()
     w.send(sweep(key="agg-run"))
     job_id = job_of(w, "agg-run")
-    event = wait_event(w, job_id)
+    event = w.wait_event(job_id)
     data = event["data"]
     assert data["outcome"] == "failed" and data["handler"] == "sweep"
     assert data["idempotency_key"] == "agg-run" and data["job_id"] == job_id
@@ -121,7 +99,7 @@ def test_with_skip_the_blocked_aggregate_makes_the_monitor_end_the_job(
     w = worker()
     w.send(sweep(key="agg-skip", policy="skip"))
     job_id = job_of(w, "agg-skip")
-    data = wait_event(w, job_id)["data"]
+    data = w.wait_event(job_id)["data"]
     assert data["outcome"] == "failed" and data["terminate_reason"] == "FanoutBlocked"
     by_id = {f["task_id"]: f for f in data["failed_tasks"]}
     assert by_id["3"]["category"] == "exit_code"
@@ -135,11 +113,11 @@ def test_all_tasks_succeed(worker: Callable[..., RunningWorker]) -> None:
     w = worker()
     w.send(sweep(3, key="all-good"))
     job_id = job_of(w, "all-good")
-    data = wait_event(w, job_id)["data"]
+    data = w.wait_event(job_id)["data"]
     assert data["outcome"] == "succeeded" and data["failed_tasks"] == []
     assert data["tasks"] == {"total": 4, "succeeded": 4, "failed": 0, "not_run": 0}
     time.sleep(2.5)  # two more monitor polls: still one event for the job
-    assert [e["subject"] for e in events(w)].count(job_id) == 1
+    assert [e["subject"] for e in w.events()].count(job_id) == 1
 
 
 def test_a_job_past_its_wall_clock_is_timed_out(worker: Callable[..., RunningWorker]) -> None:
@@ -149,7 +127,7 @@ def test_a_job_past_its_wall_clock_is_timed_out(worker: Callable[..., RunningWor
     w.send({"handler": "sweep", "id": "slow", "job": {"max_wall_clock": "PT2S"},
             "params": {"program": "nap", "parameters": {"seconds": [60]}}})
     job_id = job_of(w, "slow")
-    data = wait_event(w, job_id)["data"]
+    data = w.wait_event(job_id)["data"]
     assert data["outcome"] == "timed_out"
     assert data["terminate_reason"] == "MaxWallClockTimeExpiry"
     assert data["duration_seconds"] < 30
@@ -165,7 +143,7 @@ def test_a_cancel_message_ends_a_running_job_as_cancelled(
     backend = w.app.backend
     w.wait_until(lambda: (c := backend.task_counts(job_id)) is not None and c.running > 0)
     w.send({"cancel": {"id": "to-cancel", "handler": "sweep"}})
-    data = wait_event(w, job_id, timeout=30)["data"]
+    data = w.wait_event(job_id, timeout=30)["data"]
     assert data["outcome"] == "cancelled" and data["terminate_reason"] == "FanoutCancelled"
     assert data["duration_seconds"] < 30
     assert {f["category"] for f in data["failed_tasks"]} <= {"cancelled"}
@@ -190,7 +168,7 @@ def test_a_submission_rejected_midway_leaves_no_active_job(
     from worker.context import job_id_for
 
     job_id = job_id_for("bad", "partial")
-    data = wait_event(w, job_id)["data"]
+    data = w.wait_event(job_id)["data"]
     assert data["outcome"] == "failed" and data["terminate_reason"] == "FanoutSubmitFailed"
     (dead,) = w.dead_letters()
     assert dead.reason == "BatchRejected"

@@ -9,14 +9,12 @@ shipped schema.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
-import jsonschema
 import pytest
 from azure.core.credentials import AzureNamedKeyCredential
 from prometheus_client import CollectorRegistry
@@ -25,7 +23,6 @@ from tests.fakes.batch_peer import BatchPeer, PeerError, Runner
 from worker.backends.azure import AzureBatchBackend
 from worker.config import EventsConfig, JobsConfig, Settings
 from worker.context import job_id_for
-from worker.events import schema
 from worker.metrics import Metrics
 from worker.monitor import JobMonitor
 
@@ -76,31 +73,13 @@ def start_worker(make_settings: Callable[..., Settings]) -> Iterator[StartWorker
             running.stop()
 
 
-def events(w: RunningWorker) -> list[dict[str, Any]]:
-    assert w.app.monitor is not None and w.app.monitor.sink is not None
-    found = [json.loads(p.body) for p in w.call(w.app.monitor.sink.peek(10_000))]
-    for event in found:
-        jsonschema.validate(event, schema())
-    return found
-
-
-def wait_event(w: RunningWorker, job_id: str, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for event in events(w):
-            if event["subject"] == job_id:
-                return event
-        time.sleep(0.2)
-    raise AssertionError(f"no completion event for {job_id} within {timeout} s")
-
-
 def test_every_task_succeeds(make_peer: MakePeer, start_worker: StartWorker) -> None:
     """All tasks exit 0: succeeded, no failed task, and the job is marked reported."""
     peer = make_peer(runner=Runner(delay=0.02))
     w = start_worker(peer)
     w.send(sweep("az-good", 4))
     job_id = job_id_for("sweep", "az-good")
-    event = wait_event(w, job_id)
+    event = w.wait_event(job_id)
     data = event["data"]
     assert data["outcome"] == "succeeded" and data["failed_tasks"] == []
     assert data["tasks"] == {"total": 5, "succeeded": 5, "failed": 0, "not_run": 0}
@@ -121,7 +100,7 @@ def test_failed_task_with_aggregate_run(make_peer: MakePeer, start_worker: Start
     w = start_worker(peer)
     w.send(sweep("az-run"))
     job_id = job_id_for("sweep", "az-run")
-    data = wait_event(w, job_id)["data"]
+    data = w.wait_event(job_id)["data"]
     assert data["outcome"] == "failed" and data["terminate_reason"] == "AllTasksComplete"
     assert data["tasks"] == {"total": 7, "succeeded": 6, "failed": 1, "not_run": 0}
     (failed,) = data["failed_tasks"]
@@ -140,7 +119,7 @@ def test_failed_task_with_aggregate_skip(make_peer: MakePeer,
     w = start_worker(peer)
     w.send(sweep("az-skip", policy="skip"))
     job_id = job_id_for("sweep", "az-skip")
-    data = wait_event(w, job_id)["data"]
+    data = w.wait_event(job_id)["data"]
     assert data["outcome"] == "failed" and data["terminate_reason"] == "FanoutBlocked"
     by_id = {f["task_id"]: f for f in data["failed_tasks"]}
     assert by_id["2"]["exit_code"] == 7
@@ -156,7 +135,7 @@ def test_job_wall_clock_times_out(make_peer: MakePeer, start_worker: StartWorker
     w = start_worker(peer)
     w.send(sweep("az-slow", 2, max_wall_clock="PT1S"))
     job_id = job_id_for("sweep", "az-slow")
-    data = wait_event(w, job_id)["data"]
+    data = w.wait_event(job_id)["data"]
     assert data["outcome"] == "timed_out"
     assert data["terminate_reason"] == "MaxWallClockTimeExpiry"
     body = peer.job(job_id)
@@ -172,7 +151,7 @@ def test_cancel_running_job(make_peer: MakePeer, start_worker: StartWorker) -> N
     w.wait_until(lambda: (j := peer.job(job_id)) is not None
                  and j.on_all_tasks_complete == "terminatejob", what="the job sealed")
     w.send({"cancel": job_id})
-    data = wait_event(w, job_id)["data"]
+    data = w.wait_event(job_id)["data"]
     assert data["outcome"] == "cancelled" and data["terminate_reason"] == "FanoutCancelled"
 
 
@@ -190,7 +169,7 @@ def test_rejected_midway_terminates_the_partial_job(make_peer: MakePeer,
         "program": "pi", "parameters": {"samples": [10], "seed": {"start": 0, "stop": 300}}}}
     w.send(body)
     job_id = job_id_for("sweep", "az-partial")
-    data = wait_event(w, job_id)["data"]
+    data = w.wait_event(job_id)["data"]
     assert data["outcome"] == "failed" and data["terminate_reason"] == "FanoutSubmitFailed"
     job = peer.job(job_id)
     assert job is not None and job.state == "completed"
@@ -206,7 +185,7 @@ def test_idempotency_conflict_names_the_job(make_peer: MakePeer,
     w = start_worker(peer)
     w.send(sweep("az-key", 3))
     job_id = job_id_for("sweep", "az-key")
-    wait_event(w, job_id)
+    w.wait_event(job_id)
     w.send(sweep("az-key", 4))
     w.wait_until(lambda: len(w.dead_letters()) == 1, what="the conflict dead-lettered")
     (dead,) = w.dead_letters()
@@ -225,7 +204,7 @@ def test_300_failing_messages_within_an_active_job_quota_of_100(
         w.send(sweep(f"q-{i}", 2))
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        found = events(w)
+        found = w.events()
         if len(found) >= 300:
             break
         time.sleep(1.0)
