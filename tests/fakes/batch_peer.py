@@ -694,6 +694,11 @@ class BatchPeer:
             self._pools[pool_id.lower()] = pool
         return pool
 
+    def remove_pool(self, pool_id: str) -> None:
+        """Delete a pool at once (any case); jobs naming it stay, their tasks wait."""
+        with self._lock:
+            self._pools.pop(pool_id.lower(), None)
+
     def seed_job(self, job_id: str, pool: str = "fanout", *, tasks: int = 0,
                  counts: Mapping[str, int] | None = None,
                  metadata: Mapping[str, str] | None = None, state: str = "active",
@@ -1702,7 +1707,8 @@ class _Handler(BaseHTTPRequestHandler):
                 raise PeerError(503, "ServerBusy", "The server is currently unable to "
                                 "receive requests. Please retry your request.",
                                 headers={"Retry-After": str(faults.retry_after)})
-            peer._check_auth(self.command, split.path, split.query, self.headers)
+            peer._check_auth(self.command, split.path, split.query,
+                             typing.cast(Mapping[str, str], self.headers))
             status, payload, headers = peer._dispatch(operation, arg, params, body,
                                                      dict(self.headers))
         except PeerError as err:
@@ -2105,8 +2111,8 @@ def _compare(left: Any, op: str, right: Any) -> bool:
         return op == "ne"
     if op == "startswith":
         return str(left).startswith(right)
-    return {"eq": left == right, "ne": left != right, "gt": left > right,
-            "ge": left >= right, "lt": left < right, "le": left <= right}[op]
+    return bool({"eq": left == right, "ne": left != right, "gt": left > right,
+                 "ge": left >= right, "lt": left < right, "le": left <= right}[op])
 
 
 def _compile_filter(text: str, table: Mapping[str, tuple[frozenset[str], str]]) -> Predicate:

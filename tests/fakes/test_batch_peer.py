@@ -5,6 +5,7 @@ wall clock."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -26,6 +27,8 @@ from tests.fakes.batch_peer import (
     BatchPeer,
     ManualClock,
     Runner,
+    spec_shape,
+    undocumented,
 )
 
 
@@ -428,3 +431,236 @@ def test_seeded_jobs_are_cheap_and_answer_counts(peer: BatchPeer) -> None:
     assert peer.requests["list_jobs", "ok"] == 1
     assert peer.requests["terminate_job", "ok"] == 1
     assert peer.requests["list_tasks", "ok"] == 1
+
+
+# -- the spec's rules ----------------------------------------------------------------
+
+
+def raw(peer: BatchPeer, method: str, url: str, body: Any) -> tuple[int, dict[str, Any]]:
+    """A request with a hand-made JSON body (the SDK's models cannot send unknown names)."""
+    request = HttpRequest(method, f"{peer.url}{url}?api-version=2025-06-01", json=body,
+                          headers={"Content-Type": "application/json; odata=minimalmetadata"})
+    try:
+        response = client(peer).send_request(request)
+    except HttpResponseError as err:  # BatchClient.send_request raises on an error answer
+        assert err.status_code is not None and err.response is not None
+        return err.status_code, json.loads(err.response.text())
+    return response.status_code, (response.json() if response.content else {})
+
+
+def reason(answer: dict[str, Any]) -> str:
+    return next((v["value"] for v in answer.get("values") or [] if v["key"] == "Reason"), "")
+
+
+def test_property_tables_come_from_the_sdk_models() -> None:
+    """The allowed names are the REST names the generated models carry: a body the SDK
+    builds from its own models has no undocumented property, an added one has."""
+    assert {"containerSettings", "dependsOn", "exitConditions", "requiredSlots"} <= set(
+        spec_shape("BatchTaskCreateOptions"))
+    assert spec_shape("BatchTaskCreateOptions")["resourceFiles"] == "ResourceFile"
+    assert set(spec_shape("BatchTaskContainerSettings")) >= {"imageName", "containerRunOptions"}
+    assert "nodeAgentSKUId" in spec_shape("VirtualMachineConfiguration")
+    task = m.BatchTaskCreateOptions(
+        id="t", command_line="true",
+        resource_files=[m.ResourceFile(http_url="https://x/y", file_path="y")],
+        environment_settings=[m.EnvironmentSetting(name="A", value="1")],
+        container_settings=m.BatchTaskContainerSettings(image_name="img"),
+        constraints=m.BatchTaskConstraints(max_task_retry_count=1),
+        depends_on=m.BatchTaskDependencies(task_ids=["a"]),
+        exit_conditions=m.ExitConditions(default=m.ExitOptions(dependency_action="block")))
+    body = task.as_dict()
+    assert undocumented(body, "BatchTaskCreateOptions") == []
+    body["containerSettings"]["ImageName"] = "img"
+    body["bogus"] = 1
+    assert undocumented(body, "BatchTaskCreateOptions") == ["containerSettings.ImageName",
+                                                            "bogus"]
+
+
+@pytest.mark.parametrize("task", [
+    {"id": "t", "CommandLine": "true"},
+    {"id": "t", "commandLine": "true", "resourceFiles": [{"httpUrl": "u", "filepath": "f"}]},
+    {"id": "t", "commandLine": "true", "outputFiles": [{"filePattern": "*", "uploadOptions": {
+        "uploadCondition": "taskcompletion"}, "destination": {"container": {
+            "containerUrl": "u", "Path": "p"}}}]},
+    {"id": "t", "commandLine": "true", "constraints": {"maxWallclockTime": "PT1M"}},
+    {"id": "t", "commandLine": "true", "exitConditions": {"Default": {}}},
+    {"id": "t", "commandLine": "true", "containerSettings": {"imageName": "i", "image": "i"}},
+    {"id": "t", "commandLine": "true", "environmentSettings": [{"Name": "A", "value": "1"}]},
+    {"id": "t", "commandLine": "true", "dependsOn": {"taskids": ["a"]}},
+])
+def test_unknown_or_miscased_task_properties_are_400(peer: BatchPeer,
+                                                     task: dict[str, Any]) -> None:
+    """An unknown or mis-cased name anywhere in a task refuses the whole request with
+    400 InvalidRequestBody naming it; the same task spelled right is added."""
+    make_job(client(peer), "j")
+    status, answer = raw(peer, "POST", "/jobs/j/addtaskcollection", {"value": [task]})
+    assert (status, answer["code"]) == (400, "InvalidRequestBody")
+    assert answer["message"]["value"] == "The specified Request Body is not syntactically valid."
+    assert "does not exist on type" in reason(answer)
+    assert peer.tasks("j") == [] and peer.add_requests == []
+
+
+def test_unknown_job_properties_are_400(peer: BatchPeer) -> None:
+    """Job create, update and terminate bodies are held to their models as well."""
+    status, answer = raw(peer, "POST", "/jobs", {"id": "j", "poolInfo": {"poolID": "fanout"}})
+    assert (status, answer["code"]) == (400, "InvalidRequestBody")
+    assert "poolInfo.poolID" in reason(answer) and peer.jobs() == []
+    assert raw(peer, "POST", "/jobs", {"id": "j", "poolInfo": {"poolId": "fanout"}})[0] == 201
+    status, answer = raw(peer, "PATCH", "/jobs/j", {"onAllTaskComplete": "terminatejob"})
+    assert (status, answer["code"]) == (400, "InvalidRequestBody")
+    status, answer = raw(peer, "POST", "/jobs/j/terminate", {"reason": "x"})
+    assert (status, answer["code"]) == (400, "InvalidRequestBody")
+    assert peer.jobs()[0].state == "active"
+
+
+def test_a_job_for_a_missing_pool_is_accepted_and_its_tasks_wait(peer: BatchPeer,
+                                                                 clock: ManualClock) -> None:
+    """BatchPoolInfo.poolId: the service does not reject the job; its tasks do not run
+    until the pool exists."""
+    sdk = client(peer)
+    sdk.create_job(m.BatchJobCreateOptions(id="j", pool_info=m.BatchPoolInfo(pool_id="later")))
+    add(sdk, "j", {"id": "a"})
+    peer.set_runner(Runner(delay=1))
+    clock.advance(60)
+    assert peer.task("j", "a").state == "active"
+    peer.add_pool("later")
+    clock.advance(1.5)
+    assert peer.task("j", "a").state == "running"
+    clock.advance(1)
+    assert peer.task("j", "a").result == "success"
+
+
+def test_container_pools_and_mismatched_tasks(peer: BatchPeer, clock: ManualClock) -> None:
+    """A pool's containerConfiguration is in get_pool; a task without containerSettings
+    on a container pool, or with them on another pool, is added and fails when
+    scheduled (ContainerTaskSettingsNotFound, ContainerInvalidSettings)."""
+    peer.add_pool("docker", container_images=["repo/img:1"])
+    sdk = client(peer)
+    pool = sdk.get_pool("docker")
+    config = pool.virtual_machine_configuration
+    assert config is not None and config.container_configuration is not None
+    assert config.container_configuration.container_image_names == ["repo/img:1"]
+    plain = sdk.get_pool("fanout").virtual_machine_configuration
+    assert plain is not None and plain.container_configuration is None
+    sdk.create_job(m.BatchJobCreateOptions(id="c", pool_info=m.BatchPoolInfo(pool_id="docker")))
+    image = {"containerSettings": {"imageName": "repo/img:1"}}
+    add(sdk, "c", {"id": "bare"}, {"id": "boxed", **image})
+    make_job(sdk, "p")
+    add(sdk, "p", {"id": "bare"}, {"id": "boxed", **image})
+    peer.set_runner(Runner(delay=1))
+    clock.advance(3)
+    codes = {(job, task): (peer.task(job, task).result,
+                           (peer.task(job, task).failure_info or {}).get("code"))
+             for job in ("c", "p") for task in ("bare", "boxed")}
+    assert codes == {("c", "bare"): ("failure", "ContainerTaskSettingsNotFound"),
+                     ("c", "boxed"): ("success", None),
+                     ("p", "bare"): ("success", None),
+                     ("p", "boxed"): ("failure", "ContainerInvalidSettings")}
+    assert peer.task_json("c", "bare")["executionInfo"]["failureInfo"]["category"] == "usererror"
+
+
+def test_request_bodies_must_be_under_1_mb(clock: ManualClock) -> None:
+    """1,048,576 bytes is too large (413 RequestBodyTooLarge), one byte less is read."""
+    with BatchPeer(clock=clock) as peer:
+        peer.add_pool("fanout")
+        make_job(client(peer), "j")
+        for size, status in ((1024 * 1024, 413), (1024 * 1024 - 1, 200)):
+            head = b'{"value":[{"id":"t","commandLine":"'
+            tail = b'"}]}'
+            body = head + b"x" * (size - len(head) - len(tail)) + tail
+            assert len(body) == size
+            request = HttpRequest("POST", f"{peer.url}/jobs/j/addtaskcollection"
+                                  "?api-version=2025-06-01", content=body,
+                                  headers={"Content-Type": "application/json"})
+            if status == 413:
+                with pytest.raises(HttpResponseError) as large:
+                    client(peer).send_request(request)
+                assert large.value.status_code == 413 and error_code(large) == (
+                    "RequestBodyTooLarge")
+            else:
+                assert client(peer).send_request(request).status_code == status
+
+
+def test_dependency_list_limit_is_64000_characters(peer: BatchPeer) -> None:
+    """taskIds "limited to 64000 characters total": 64,000 is accepted, 64,001 not."""
+    sdk = client(peer)
+    make_job(sdk, "j", uses_task_dependencies=True)
+    ids = ["a" * 64] * 1000  # 64,000 characters
+    ok, long = add(sdk, "j", {"id": "ok", "dependsOn": {"taskIds": ids}},
+                   {"id": "long", "dependsOn": {"taskIds": [*ids, "b"]}})
+    results = {r.task_id: r for r in (ok, long)}
+    assert results["ok"].status == "success"
+    assert results["long"].error is not None
+    assert results["long"].error.code == "TaskDependencyListTooLong"
+
+
+@pytest.mark.parametrize(("resource", "code"), [
+    ({"filePath": "f"}, "MissingRequiredProperty"),
+    ({"httpUrl": "https://x/f"}, "MissingRequiredProperty"),
+    ({"httpUrl": "https://x/f", "storageContainerUrl": "https://x/c", "filePath": "f"},
+     "InvalidPropertyValue"),
+    ({"storageContainerUrl": "https://x/c", "autoStorageContainerName": "c"},
+     "InvalidPropertyValue"),
+    ({"httpUrl": "https://x/f", "filePath": "f", "blobPrefix": "p"}, "InvalidPropertyValue"),
+    ({"storageContainerUrl": "https://x/c"}, None),
+    ({"autoStorageContainerName": "c", "blobPrefix": "p", "filePath": "d"}, None),
+    ({"httpUrl": "https://x/f", "filePath": "f"}, None),
+])
+def test_resource_files_take_one_source(peer: BatchPeer, resource: dict[str, str],
+                                        code: str | None) -> None:
+    """Exactly one of httpUrl, storageContainerUrl, autoStorageContainerName; filePath
+    with httpUrl; blobPrefix only with a container."""
+    make_job(client(peer), "j")
+    status, answer = raw(peer, "POST", "/jobs/j/addtaskcollection", {"value": [
+        {"id": "t", "commandLine": "true", "resourceFiles": [resource]}]})
+    assert (status, answer.get("code")) == ((200, None) if code is None else (400, code))
+    assert len(peer.tasks("j")) == (1 if code is None else 0)
+
+
+def test_a_completed_job_refuses_adds_and_a_second_seal(peer: BatchPeer) -> None:
+    """Adding to or sealing a completed job is 409 JobCompleted (the seal even though
+    the job already has terminatejob); its metadata may still change."""
+    sdk = client(peer)
+    make_job(sdk, "j")
+    add(sdk, "j", {"id": "a"})
+    sdk.update_job("j", m.BatchJobUpdateOptions(all_tasks_complete_mode="terminatejob"))
+    peer.set_task_state("j", "a", "completed")
+    assert sdk.get_job("j").state == "completed"
+    with pytest.raises(HttpResponseError) as sealed:
+        sdk.update_job("j", m.BatchJobUpdateOptions(all_tasks_complete_mode="terminatejob"))
+    assert (sealed.value.status_code, error_code(sealed)) == (409, "JobCompleted")
+    with pytest.raises(HttpResponseError) as added:
+        add(sdk, "j", {"id": "b"})
+    assert (added.value.status_code, error_code(added)) == (409, "JobCompleted")
+    sdk.update_job("j", m.BatchJobUpdateOptions(metadata=[m.BatchMetadataItem(name="k",
+                                                                               value="v")]))
+
+
+def test_every_answer_has_only_documented_properties(peer: BatchPeer,
+                                                     clock: ManualClock) -> None:
+    """Jobs, tasks (with their executionInfo and failureInfo), pools, counts, pages and
+    errors as the peer answers them hold only the spec's names; a name the spec lacks
+    is recorded."""
+    sdk = client(peer)
+    peer.add_pool("docker", container_images=["i"])
+    make_job(sdk, "j", metadata=[m.BatchMetadataItem(name="a", value="1")],
+             uses_task_dependencies=True)
+    add(sdk, "j", {"id": "1", "resourceFiles": [{"httpUrl": "https://x/f", "filePath": "f"}]},
+        {"id": "2", "dependsOn": {"taskIds": ["1"]}}, {"id": "1"})
+    peer.set_task_state("j", "1", "completed", exit_code=3)
+    peer.set_task_state("j", "2", "running")
+    list(sdk.list_jobs())
+    list(sdk.list_tasks("j"))
+    sdk.get_task("j", "1")
+    sdk.get_job_task_counts("j")
+    sdk.get_pool("docker")
+    list(sdk.list_pool_node_counts())
+    terminate(sdk, "j")
+    sdk.get_job("j")
+    with pytest.raises(ResourceNotFoundError):
+        sdk.get_job("nope")
+    assert len(peer.log) >= 11 and peer.undocumented == []
+    original = peer._job_json
+    peer._job_json = lambda job: {**original(job), "secretField": 1}  # type: ignore[method-assign]
+    sdk.get_job("j")
+    assert peer.undocumented == [("get_job", "secretField")]
