@@ -78,7 +78,7 @@ def run(ctx: Ctx) -> None:
     try:
         app = App.build(settings)
     except SettingsError as exc:
-        err.print(f"[red]{exc}[/red]", markup=True, highlight=False)
+        err.print(str(exc), style="red", markup=False, highlight=False)
         raise SystemExit(2) from None
     asyncio.run(app.run())
 

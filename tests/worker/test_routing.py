@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from handlers.base import BlobRef
 from handlers.errors import ForeignStorage, NoRoute, UnknownHandler
-from worker.config import RouteConfig
+from worker.app import App, build_planner, make_storage
+from worker.config import RouteConfig, Settings
 from worker.envelope import BlobEvent, Envelope, JobOptions
 from worker.errors import SettingsError
-from worker.routing import HandlerRegistry, Router, account_of
+from worker.routing import HandlerRegistry, Router, account_of, sample_blob
 from worker.storage.local import LocalStorage
 
 
@@ -125,3 +128,89 @@ def test_broken_handler_options_stop_the_worker_at_startup() -> None:
         registry.check_options({"transcode": {"presets": "not a table"}})
     with pytest.raises(SettingsError, match="no handler 'transcod'"):
         registry.check_options({"transcod": {}})
+
+
+def test_bad_job_options_of_a_route_fail_at_startup(tmp_path: Path) -> None:
+    """A route's job table is validated when the router is built, naming the rule."""
+    with pytest.raises(SettingsError) as caught:
+        router(tmp_path, RouteConfig(handler="transcode"),
+               RouteConfig(handler="render", job={"priority": "high"}))
+    assert str(caught.value).startswith("routes[1] (handler 'render'): job: priority: ")
+
+
+def test_sample_blob_matches_its_rule(tmp_path: Path) -> None:
+    """The blob the start-up check builds for is one the rule itself would take."""
+    rule = RouteConfig(handler="transcode", container="videos", prefix="in/",
+                       suffix=[".MP4", ".mov"])
+    assert sample_blob(rule) == BlobRef("videos", "in/example.mp4")
+    assert sample_blob(RouteConfig(handler="render")) == BlobRef("uploads", "example")
+    r = router(tmp_path, rule)
+    assert r.match(event(tmp_path, "in/example.mp4"), sample_blob(rule), "local") is rule
+
+
+ROUTE_PARAMS = {"renditions": ["720p"], "output": {"container": "renditions"}}
+
+
+@pytest.mark.parametrize("route, problem", [
+    ({"handler": "transcode", "container": "videos", "suffix": ".mp4",
+      "blob_param": "inputs", "params": ROUTE_PARAMS},
+     "routes[0] (handler 'transcode'): every blob it takes would be dead-lettered "
+     "(tried videos/example.mp4): InvalidParams: inputs: Input should be a valid list"),
+    ({"handler": "transcode", "params": {"renditions": ["4k"]}},
+     "routes[0] (handler 'transcode'): every blob it takes would be dead-lettered "
+     "(tried uploads/example): InvalidParams: "),
+    ({"handler": "transcode", "params": ROUTE_PARAMS, "job": {"pool": "gpu"}},
+     "routes[0] (handler 'transcode'): every blob it takes would be dead-lettered "
+     "(tried uploads/example): BudgetExceeded: pool 'gpu' is not one this worker may use"),
+    ({"handler": "render", "container": "scenes", "blob_param": "scene",
+      "params": {"frames": {"start": 1, "end": 10}}},
+     "routes[0] (handler 'render'): every blob it takes would be dead-lettered "
+     "(tried scenes/example): InvalidParams: "),
+    ({"handler": "sweep", "params": {"program": "pi", "parameters": {"samples": [1]}}},
+     "routes[0] (handler 'sweep'): every blob it takes would be dead-lettered "
+     "(tried uploads/example): InvalidParams: input: Extra inputs are not permitted"),
+])
+def test_route_params_no_blob_can_satisfy_fail_at_startup(
+        route: dict[str, Any], problem: str, make_settings: Callable[..., Settings]) -> None:
+    """build_planner builds each route's job for a matching blob and names the rule."""
+    settings = make_settings(routes=[route], limits={"allowed_pools": ["local"]})
+    with pytest.raises(SettingsError) as caught:
+        build_planner(settings, make_storage(settings))
+    assert str(caught.value).startswith(problem), str(caught.value)
+
+
+def test_good_routes_pass_the_startup_check(make_settings: Callable[..., Settings]) -> None:
+    """Routes whose jobs build are kept, in order, and nothing is written to storage."""
+    settings = make_settings(routes=[
+        {"handler": "transcode", "container": "videos", "suffix": [".mp4"],
+         "params": {**ROUTE_PARAMS, "manifest": True}},
+        {"handler": "render", "container": "scenes", "suffix": ".blend", "blob_param": "scene",
+         "params": {"frames": {"start": 1, "end": 48}, "output": {"container": "renders"}}},
+    ])
+    planner = build_planner(settings, make_storage(settings))
+    assert [r.handler for r in planner.router.routes] == ["transcode", "render"]
+    assert not (settings.home / "blobs").exists()
+
+
+class Broken:
+    def build(self, request: Any, ctx: Any) -> Any:
+        raise KeyError("oops")
+
+
+def test_a_handler_bug_in_the_route_check_names_the_rule(
+        make_settings: Callable[..., Settings]) -> None:
+    """Not a message fault, still a SettingsError that says which rule."""
+    settings = make_settings(routes=[{"handler": "broken"}])
+    registry = HandlerRegistry({"broken": Broken()})  # type: ignore[dict-item]
+    with pytest.raises(SettingsError, match=r"^routes\[0\] \(handler 'broken'\): building a "
+                                            r"job for uploads/example failed: KeyError"):
+        build_planner(settings, make_storage(settings), handlers=registry)
+
+
+def test_app_build_refuses_a_bad_route_before_creating_state(
+        make_settings: Callable[..., Settings]) -> None:
+    """`fanout run` stops on a bad route before the queue or executor exist."""
+    settings = make_settings(routes=[{"handler": "transcode", "blob_param": "inputs"}])
+    with pytest.raises(SettingsError, match=r"routes\[0\]"):
+        App.build(settings)
+    assert not (settings.home / "queue.db").exists()
