@@ -127,7 +127,8 @@ def test_sealed_job_completes_when_its_tasks_do(peer: BatchPeer,
 def test_task_fields_reach_the_service_as_batch_json(peer: BatchPeer,
                                                      make_backend: MakeBackend) -> None:
     """Every TaskSpec field arrives as the Batch task JSON the SDK would send."""
-    backend = make_backend()
+    peer.add_pool("docker", container_images=["ghcr.io/x/ffmpeg:7"])  # the task has an image
+    backend = make_backend(default_pool="docker")
     backend.create_job(job_spec(uses_task_dependencies=True))
     full = TaskSpec(
         id="full", command_line="ffmpeg -i in.mp4 out.mp4", environment={"A": "1", "B": "two"},
@@ -139,10 +140,16 @@ def test_task_fields_reach_the_service_as_batch_json(peer: BatchPeer,
         depends_on=("t1", "t2"), depends_on_ranges=((10, 20),), max_task_retries=2,
         max_wall_clock=timedelta(days=1, minutes=30), retention=timedelta(seconds=90.5),
         required_slots=2, container_image="ghcr.io/x/ffmpeg:7", display_name="transcode 1")
-    result = backend.add_tasks("job-1", [full, TaskSpec(id="min", command_line="true")])
+    result = backend.add_tasks("job-1", [full, TaskSpec(id="min", command_line="true",
+                                                        container_image="ghcr.io/x/ffmpeg:7")])
     assert (result.added, result.existed, result.errors) == (2, 0, [])
+    plain = make_backend()  # a task without an image goes to a pool without containers
+    plain.create_job(job_spec("job-2"))
+    assert plain.add_tasks("job-2", [TaskSpec(id="min", command_line="true")]).added == 1
     received = {t["id"]: t for t in peer.tasks("job-1")}
-    assert received["min"] == {"id": "min", "commandLine": "true"}
+    assert peer.tasks("job-2") == [{"id": "min", "commandLine": "true"}]
+    assert received["min"] == {"id": "min", "commandLine": "true",
+                               "containerSettings": {"imageName": "ghcr.io/x/ffmpeg:7"}}
     assert received["full"] == {
         "id": "full", "commandLine": "ffmpeg -i in.mp4 out.mp4", "displayName": "transcode 1",
         "environmentSettings": [{"name": "A", "value": "1"}, {"name": "B", "value": "two"}],
@@ -549,3 +556,119 @@ def test_threads_share_one_backend_for_jobs_and_stats(peer: BatchPeer,
         t.join()
     assert errors == []
     assert sum(len(peer.tasks(f"job-{i}")) for i in range(6)) == 300
+
+
+# -- retries on completed jobs, containers, limits -------------------------------------
+
+
+def test_add_retried_on_a_sealed_and_completed_job_counts_as_existed(
+        peer: BatchPeer, make_backend: MakeBackend) -> None:
+    """An add sent again after an earlier delivery added every task and sealed the job,
+    which has completed since, answers 409 JobCompleted: the job says terminatejob, so
+    the tasks exist; a seal sent again is done too."""
+    backend = make_backend()
+    backend.create_job(job_spec())
+    assert backend.add_tasks("job-1", tasks(3)).added == 3
+    backend.seal_job("job-1")
+    for i in range(3):
+        peer.set_task_state("job-1", f"t{i}", "completed")
+    assert peer.job("job-1") is not None and peer.job("job-1").state == "completed"  # type: ignore[union-attr]
+    again = backend.add_tasks("job-1", tasks(3))
+    assert (again.added, again.existed, again.errors) == (0, 3, [])
+    backend.seal_job("job-1")  # 409 JobCompleted: done
+    assert peer.requests["update_job", "JobCompleted"] == 1
+    assert peer.requests["add_task_collection", "JobCompleted"] == 1
+
+
+def test_add_to_a_job_completed_without_a_seal_is_rejected(
+        peer: BatchPeer, make_backend: MakeBackend) -> None:
+    """A job terminated before it was sealed (cancelled) never got every task: an add
+    answered JobCompleted is ``BatchRejected``."""
+    backend = make_backend()
+    backend.create_job(job_spec())
+    backend.add_tasks("job-1", tasks(1))
+    backend.terminate_job("job-1", "cancelled")
+    with pytest.raises(BatchRejected, match="completed"):
+        backend.add_tasks("job-1", tasks(2))
+
+
+def image_tasks(n: int, image: str | None) -> list[TaskSpec]:
+    return [TaskSpec(id=f"t{i}", command_line="run", container_image=image) for i in range(n)]
+
+
+def test_container_image_on_a_plain_pool_is_a_config_fault(
+        peer: BatchPeer, make_backend: MakeBackend) -> None:
+    """A task with an image on a pool without a container configuration is a
+    ``ConfigFault`` naming the pool and the image, before any task is sent."""
+    backend = make_backend()
+    backend.create_job(job_spec())
+    with pytest.raises(ConfigFault) as caught:
+        backend.add_tasks("job-1", image_tasks(2, "repo/sim:2"))
+    assert caught.value.code == "PoolNotContainerEnabled"
+    assert "pool fanout" in str(caught.value) and "repo/sim:2" in str(caught.value)
+    assert peer.add_requests == []
+
+
+def test_no_image_on_a_container_pool_is_a_config_fault(
+        peer: BatchPeer, make_backend: MakeBackend) -> None:
+    """A task without an image on a container pool is a ``ConfigFault`` naming the pool
+    and its images; with an image the tasks are added and the pool was read once."""
+    peer.add_pool("docker", container_images=["repo/sim:2"])
+    backend = make_backend(default_pool="docker")
+    backend.create_job(job_spec("job-1"))
+    with pytest.raises(ConfigFault) as caught:
+        backend.add_tasks("job-1", image_tasks(2, None))
+    assert caught.value.code == "ContainerImageRequired"
+    assert "pool docker" in str(caught.value) and "repo/sim:2" in str(caught.value)
+    assert peer.add_requests == []
+    assert backend.add_tasks("job-1", image_tasks(2, "repo/sim:2")).added == 2
+    assert peer.tasks("job-1")[0]["containerSettings"] == {"imageName": "repo/sim:2"}
+    assert peer.requests["get_pool", "ok"] == 1
+
+
+def test_containers_of_a_job_created_elsewhere_are_read_from_the_job(
+        peer: BatchPeer, make_backend: MakeBackend) -> None:
+    """A backend that did not create the job reads its pool from the job."""
+    peer.add_pool("docker", container_images=[])
+    make_backend(default_pool="docker").create_job(job_spec("job-1"))
+    other = make_backend(default_pool="fanout")
+    with pytest.raises(ConfigFault, match="pool docker"):
+        other.add_tasks("job-1", image_tasks(1, None))
+    assert peer.requests["get_job", "ok"] == 1
+
+
+def test_a_body_of_exactly_the_limit_is_split_before_sending(
+        make_peer: MakePeer, make_backend: MakeBackend) -> None:
+    """"Less than 1MB": a body of exactly the limit is too large, so it is split by
+    fanout and the service never answers RequestBodyTooLarge. (A small limit on both
+    sides keeps the bodies small; the rule is the same at 1 MiB.)"""
+    from worker.backends.azure import wire
+
+    chunk = tasks(2, env_bytes=100)
+    size = len(wire.collection_body(chunk))
+    target = make_peer(max_body_bytes=size)
+    backend = make_backend(target, max_body_bytes=size)
+    backend.create_job(job_spec())
+    assert backend.add_tasks("job-1", chunk).added == 2
+    assert target.add_requests == [["t0"], ["t1"]]
+    assert target.outcomes["too_large"] == 0
+
+
+def test_backend_sees_only_documented_properties(peer: BatchPeer,
+                                                 make_backend: MakeBackend) -> None:
+    """Every answer the backend got in a whole job lifecycle, stats and monitor reads
+    held only the spec's property names."""
+    backend = make_backend()
+    backend.probe()
+    backend.create_job(job_spec())
+    backend.add_tasks("job-1", tasks(3))
+    backend.seal_job("job-1")
+    peer.set_task_state("job-1", "t0", "completed", exit_code=2)
+    backend.stats()
+    backend.job_status("job-1")
+    backend.list_jobs()
+    backend.list_fanout_jobs()
+    backend.failed_tasks("job-1", 10)
+    backend.blocked_tasks("job-1", 10)
+    backend.terminate_job("job-1", "done")
+    assert len(peer.log) > 10 and peer.undocumented == []

@@ -53,6 +53,8 @@ LOG_NAMES = frozenset({"stdout.txt", "stderr.txt"})
 _JOB_GONE = frozenset({"JobNotFound"})
 _JOB_DONE = frozenset({"JobCompleted", "JobBeingDeleted"})
 _INT_ID = re.compile(r"^[0-9]+$")
+#: How many jobs' pools ``add_tasks`` remembers (the oldest is dropped first).
+_JOB_POOLS_MAX = 10_000
 
 
 class AzureBatchBackend:
@@ -93,6 +95,11 @@ class AzureBatchBackend:
         self._max_body_bytes = max_body_bytes
         self._lock = threading.Lock()
         self._pool_checked: dict[str, float] = {}
+        #: Per pool checked: its container image names, or None for a pool without a
+        #: container configuration (``virtualMachineConfiguration.containerConfiguration``).
+        self._pool_containers: dict[str, tuple[str, ...] | None] = {}
+        #: The pool of each job created or found (lower-case id), for ``add_tasks``.
+        self._job_pools: dict[str, str] = {}
         self._storage = storage
         self._logs_container = logs_container
         self._job_prefixes = tuple(job_prefixes)
@@ -146,7 +153,9 @@ class AzureBatchBackend:
         except ServiceError as err:
             if err.code != "JobExists":
                 raise classify(err, what=f"create job {job.id}") from None
+            self._remember_pool(job.id, pool)
             return self._existing_job_state(job.id)
+        self._remember_pool(job.id, pool)
         with self._lock:
             self._pools.setdefault(pool, None)
         log.info("batch.job_created", job_id=job.id, pool=pool,
@@ -154,9 +163,15 @@ class AzureBatchBackend:
         return "created"
 
     def add_tasks(self, job_id: str, tasks: Sequence[TaskSpec]) -> AddResult:
-        """Add up to 100 tasks in one request (more are sent 100 at a time). A body
-        over 1 MB is split in halves before sending, and again on
-        ``RequestBodyTooLarge``; one task too large alone is ``BatchRejected``."""
+        """Add up to 100 tasks in one request (more are sent 100 at a time). A body of
+        1 MB or more is split in halves before sending, and again on
+        ``RequestBodyTooLarge``; one task too large alone is ``BatchRejected``.
+
+        Before anything is sent, the tasks' container images are held against the
+        job's pool: a task with an image on a pool without a container configuration,
+        or one without on a pool that has one, is a ``ConfigFault`` naming the pool and
+        the image (the service would accept the task and fail it when scheduled)."""
+        self._check_containers(job_id, tasks)
         total = AddResult()
         size = wire.MAX_TASKS_PER_REQUEST
         for start in range(0, len(tasks), size):
@@ -381,12 +396,20 @@ class AzureBatchBackend:
 
     def _add_chunk(self, job_id: str, tasks: Sequence[TaskSpec]) -> AddResult:
         body = wire.collection_body(tasks)
-        if len(body) > self._max_body_bytes and len(tasks) > 1:
+        # "The total serialized size of this collection must be less than 1MB"
+        # (BatchTaskGroup in the REST spec): 1 MiB itself is too large
+        if len(body) >= self._max_body_bytes and len(tasks) > 1:
             return self._split(job_id, tasks, len(body), "client")
         try:
             reply = self._rest.call("POST", path("jobs", job_id, "addtaskcollection"),
                                     body=body)
         except ServiceError as err:
+            if err.code == "JobCompleted" and self._sealed(job_id):
+                # sealed by an earlier delivery (fanout seals only after every task was
+                # added), then completed: these tasks exist already
+                log.info("batch.tasks_exist", job_id=job_id, tasks=len(tasks),
+                         why="job sealed and completed")
+                return AddResult(existed=len(tasks))
             if err.code != "RequestBodyTooLarge" and err.status != 413:
                 raise self._job_fault(err, f"add tasks to job {job_id}") from None
             if len(tasks) == 1:
@@ -417,6 +440,74 @@ class AzureBatchBackend:
             return None
         return f"{self._logs_container}/{job_id}/{task_id}/"
 
+    def _sealed(self, job_id: str) -> bool:
+        """True when the job is set to terminate when its tasks complete (an earlier
+        delivery sealed it); False when it is not, or cannot be read."""
+        try:
+            reply = self._rest.call("GET", path("jobs", job_id),
+                                    params={"$select": "id,onAllTasksComplete"})
+        except ServiceError:
+            return False
+        mode = str((reply.body or {}).get("onAllTasksComplete", "")).lower()
+        return mode == "terminatejob"
+
+    def _remember_pool(self, job_id: str, pool: str) -> None:
+        with self._lock:
+            if len(self._job_pools) >= _JOB_POOLS_MAX:
+                self._job_pools.pop(next(iter(self._job_pools)))
+            self._job_pools[job_id.lower()] = pool
+
+    def _job_pool(self, job_id: str) -> str | None:
+        """The job's pool: as created or found here, else read from the job."""
+        with self._lock:
+            pool = self._job_pools.get(job_id.lower())
+        if pool is not None:
+            return pool
+        try:
+            reply = self._rest.call("GET", path("jobs", job_id),
+                                    params={"$select": "id,poolInfo"})
+        except ServiceError as err:
+            raise self._job_fault(err, f"get job {job_id}") from None
+        found = ((reply.body or {}).get("poolInfo") or {}).get("poolId")
+        if not found:
+            return None  # an auto pool: nothing to hold the tasks against
+        self._remember_pool(job_id, str(found))
+        return str(found)
+
+    def _check_containers(self, job_id: str, tasks: Sequence[TaskSpec]) -> None:
+        """``ConfigFault`` when a task's container image does not fit the job's pool.
+
+        The REST spec (``containerSettings`` of a task): "If the Pool that will run this
+        Task has containerConfiguration set, this must be set as well. If the Pool that
+        will run this Task doesn't have containerConfiguration set, this must not be
+        set." Either way the program and the pool disagree: the configuration is wrong,
+        not the message."""
+        if not tasks:
+            return
+        pool = self._job_pool(job_id)
+        if pool is None:
+            return
+        with self._lock:
+            known = pool in self._pool_containers
+        if not known:
+            self._check_pool(pool, force=True)
+        with self._lock:
+            images = self._pool_containers.get(pool)
+        for task in tasks:
+            if images is None and task.container_image:
+                raise ConfigFault(
+                    f"pool {pool} has no container configuration, but task {task.id} of "
+                    f"job {job_id} runs in container image {task.container_image}: use a "
+                    "container pool or a program without an image",
+                    code="PoolNotContainerEnabled")
+            if images is not None and not task.container_image:
+                listed = ", ".join(images) or "none listed"
+                raise ConfigFault(
+                    f"pool {pool} has a container configuration (images: {listed}), but "
+                    f"task {task.id} of job {job_id} names no container image: give its "
+                    "program an image or use a pool without containers",
+                    code="ContainerImageRequired")
+
     def _existing_job_state(self, job_id: str) -> JobState:
         try:
             reply = self._rest.call("GET", path("jobs", job_id),
@@ -438,16 +529,23 @@ class AzureBatchBackend:
         if not force and checked is not None and now - checked < POOL_CHECK_TTL:
             return
         try:
-            reply = self._rest.call("GET", path("pools", pool), params={"$select": "id,state"})
+            reply = self._rest.call("GET", path("pools", pool),
+                                    params={"$select": "id,state,virtualMachineConfiguration"})
         except ServiceError as err:
             if err.status == 404 and err.code in ("PoolNotFound", "HTTP404"):
                 raise ConfigFault(f"pool {pool} does not exist in the Batch account",
                                   code="PoolNotFound") from None
             raise classify(err, what=f"get pool {pool}") from None
-        if str((reply.body or {}).get("state", "active")).lower() == "deleting":
+        body = reply.body or {}
+        if str(body.get("state", "active")).lower() == "deleting":
             raise ConfigFault(f"pool {pool} is being deleted", code="PoolBeingDeleted")
+        containers = (body.get("virtualMachineConfiguration") or {}).get(
+            "containerConfiguration")
+        images = (tuple(str(i) for i in containers.get("containerImageNames") or [])
+                  if isinstance(containers, dict) else None)
         with self._lock:
             self._pool_checked[pool] = now
+            self._pool_containers[pool] = images
 
     def _with_counts(self, job: dict[str, Any]) -> JobStatus:
         job_id = str(job.get("id"))
