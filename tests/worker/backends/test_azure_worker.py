@@ -155,3 +155,25 @@ def test_pool_and_job_metrics_come_from_the_peer(make_peer: MakePeer,
     assert w.sample("fanout_pool_size", {"pool": "fanout", "which": "current_dedicated"}) == 4
     assert w.sample("fanout_active_jobs") == 1
     assert w.sample("fanout_job_tasks", {"state": "active"}) == 6
+
+
+def test_missing_pool_makes_the_worker_unready_until_it_exists(
+        make_peer: MakePeer, start_worker: StartWorker) -> None:
+    """The service would accept a job for a missing pool and its tasks would wait
+    forever; the worker instead goes unready with a reason naming the pool, creates no
+    job and keeps the message; once the pool exists the message completes."""
+    peer = make_peer()
+    peer.remove_pool("fanout")
+    w = start_worker(peer)
+    w.send(sweep(3, id="no-pool"))
+    w.wait_until(lambda: not w.app.health.ready and "fanout" in w.app.health.reason,
+                 what="unready naming the pool")
+    assert "PoolNotFound" in w.app.health.reason
+    w.wait_until(lambda: peer.requests["get_pool", "PoolNotFound"] >= 3,
+                 what="the pool probed again")
+    assert peer.jobs() == [] and w.depth()["dead_letter"] == 0
+    peer.add_pool("fanout", dedicated={"idle": 1})
+    w.wait_until(lambda: completed(w) == 1, what="completed once the pool exists")
+    (job,) = peer.jobs()
+    assert len(peer.tasks(job.id)) == 3 and w.app.health.ready
+    assert peer.undocumented == []
