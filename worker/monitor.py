@@ -41,8 +41,10 @@ from worker.backends.base import (
     META_HANDLER,
     META_REPLY_TO,
     META_REPORTED,
+    META_TASKS,
     REASON_ALL_COMPLETE,
     REASON_BLOCKED,
+    REASON_SUBMIT_FAILED,
     Backend,
     FailedTask,
     JobRecord,
@@ -183,9 +185,8 @@ class JobMonitor:
         if counts is None:
             return True  # deleted meanwhile: nothing left to report on
         ended = job.end_time or job.state_changed or now
-        if (job.terminate_reason in (None, REASON_ALL_COMPLETE)
-                and counts.active + counts.running and now - ended < COUNTS_SETTLE):
-            return False  # the job is complete but its counts have not caught up yet
+        if not settled(job, counts) and now - ended < COUNTS_SETTLE:
+            return False  # the job is terminal but its counts have not caught up yet
         failed = await self._failed(job, counts, result)
         report = JobReport(job=job, counts=counts, failed=failed)
         event = build_event(report, source=self.events.source, now=now)
@@ -254,6 +255,25 @@ class JobMonitor:
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+
+def settled(job: JobRecord, counts: TaskCounts) -> bool:
+    """Whether a terminal job's task counts can be final: no task runs, and they add up
+    to the tasks it was given (``fanout-tasks``); every one completed if all did.
+
+    Batch's task counts trail the job state: right after a job completes they may still
+    show tasks running, or none at all."""
+    if counts.running:
+        return False
+    try:
+        expected: int | None = int(job.metadata[META_TASKS])
+    except (KeyError, ValueError):
+        expected = None
+    if job.terminate_reason in (None, REASON_ALL_COMPLETE):
+        return not counts.active and (expected is None or counts.completed == expected)
+    if job.terminate_reason == REASON_SUBMIT_FAILED or expected is None:
+        return True  # not every task was added: nothing to add up to
+    return counts.total == expected
 
 
 def collect_failed(backend: Backend, job: JobRecord, counts: TaskCounts, *, limit: int,

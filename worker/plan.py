@@ -22,6 +22,7 @@ from worker.backends.base import (
     META_OUTPUTS,
     META_REPLY_TO,
     META_REQUEST,
+    META_TASKS,
 )
 from worker.config import Settings
 from worker.context import WorkerContext, apply_job_options, job_id_for
@@ -110,6 +111,7 @@ class Planner:
         if job.max_wall_clock is None:
             job.max_wall_clock = self.settings.jobs.max_wall_clock
         job.metadata[META_REQUEST] = request_hash(work.handler_name, work.params, work.job)
+        job.metadata[META_TASKS] = str(job.task_count)
         if job.outputs:
             outputs = json.dumps([[o.name, o.location] for o in job.outputs],
                                  separators=(",", ":"))

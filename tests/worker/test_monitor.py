@@ -177,6 +177,22 @@ def test_completed_job_whose_counts_lag_is_read_again() -> None:
     assert sink.sent[0][0]["data"]["tasks"]["succeeded"] == 3
 
 
+def test_counts_from_before_the_tasks_existed_are_not_final() -> None:
+    """Lagging counts may show no task at all: with fanout-tasks = 3 the monitor waits
+    until they add up; past the settle time it reports what it has."""
+    backend, sink = ScriptedBackend(), RecordingSink()
+    backend.add("j", counts=TaskCounts(), ended=NOW - timedelta(seconds=5),
+                **{"fanout-tasks": "3"})
+    m = monitor(backend, sink)
+    assert poll(m).reported == []
+    backend.counts["j"] = TaskCounts(completed=3, succeeded=2, failed=1)
+    assert poll(m).reported == ["j"]
+    assert sink.sent[0][0]["data"]["tasks"]["total"] == 3
+    backend.add("old", counts=TaskCounts(), ended=NOW - timedelta(minutes=10),
+                **{"fanout-tasks": "3"})
+    assert poll(m).reported == ["old"]
+
+
 def test_blocked_job_is_terminated_only_once_sealed() -> None:
     """Every active task blocked, nothing running: terminated as FanoutBlocked -- but
     never while the submitter may still be adding tasks (not sealed)."""

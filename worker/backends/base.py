@@ -271,6 +271,9 @@ META_REPLY_TO = "fanout-reply-to"
 META_REQUEST = "fanout-request"
 #: The outputs the handler declared, as compact JSON ``[[name, location], ...]``.
 META_OUTPUTS = "fanout-outputs"
+#: How many tasks the job has once sealed: the monitor reads final counts only once
+#: they add up to it (Batch's task counts are eventually consistent).
+META_TASKS = "fanout-tasks"
 #: Where the tasks' logs are uploaded (``container/prefix``), on Azure.
 META_LOGS = "fanout-logs"
 #: Set once the job's completion event was published: the event id.

@@ -241,3 +241,16 @@ def test_monitor_request_budget(make_peer: MakePeer) -> None:
     assert made == Counter({"list_jobs": 1, "get_task_counts": 200})
     assert result.active == 200 and result.terminated == []
     assert "list_tasks" not in made
+
+
+def test_counts_that_lag_the_job_state_are_not_reported(
+        make_peer: MakePeer, start_worker: StartWorker) -> None:
+    """The peer's task counts trail the task states by 1.5 s (the service's counts are
+    eventually consistent): the job reads completed first, and the event still carries
+    the final counts, read once they have caught up."""
+    peer = make_peer(runner=Runner(delay=0.05, exit_codes={"1": 3}), counts_lag=1.5)
+    w = start_worker(peer)
+    w.send(sweep("az-lag", 3))
+    data = w.wait_event(job_id_for("sweep", "az-lag"))["data"]
+    assert data["tasks"] == {"total": 4, "succeeded": 3, "failed": 1, "not_run": 0}
+    assert [f["task_id"] for f in data["failed_tasks"]] == ["1"]
