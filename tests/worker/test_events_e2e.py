@@ -9,6 +9,7 @@ toy renderer profile produces its frames and one merged video.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -31,15 +32,27 @@ SMALL_PRESETS = {
 
 
 def tool(name: str) -> str:
-    """The path of ffmpeg or ffprobe; fail with how to get it (CI installs it)."""
+    """The path of ffmpeg: the one on the PATH, else the static build the
+    imageio-ffmpeg wheel ships (a dev extra), so no system ffmpeg is needed."""
     path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is needed for the media tests: apt-get install ffmpeg")
-    return path
+    if path is not None:
+        return path
+    if name == "ffmpeg":
+        try:
+            import imageio_ffmpeg
+        except ImportError:
+            pytest.fail("ffmpeg is needed for the media tests: install the dev extras "
+                        "(imageio-ffmpeg) or a system ffmpeg")
+        found: str = imageio_ffmpeg.get_ffmpeg_exe()
+        return found
+    pytest.fail(f"{name} is not on the PATH")
 
 
 def probe(path: Path, *, count: bool = False) -> dict[str, Any]:
-    """ffprobe's view of a file's streams (with a decoded frame count if asked)."""
+    """ffprobe's view of a file's streams (with a decoded frame count if asked); PyAV's
+    when no ffprobe is on the PATH (the imageio-ffmpeg wheel ships none)."""
+    if shutil.which("ffprobe") is None:
+        return probe_with_av(path, count=count)
     argv = [tool("ffprobe"), "-v", "error", "-show_entries",
             "stream=codec_type,codec_name,width,height,nb_read_frames", "-of", "json"]
     if count:
@@ -47,6 +60,27 @@ def probe(path: Path, *, count: bool = False) -> dict[str, Any]:
     out = subprocess.run([*argv, str(path)], capture_output=True, check=True, timeout=60)
     streams: list[dict[str, Any]] = json.loads(out.stdout)["streams"]
     return {s["codec_type"]: s for s in streams}
+
+
+def probe_with_av(path: Path, *, count: bool = False) -> dict[str, Any]:
+    """The same fields as ``probe`` read with PyAV (``av``, a dev extra)."""
+    try:
+        import av
+    except ImportError:
+        pytest.fail("ffprobe or PyAV is needed for the media tests: install the dev extras "
+                    "(av) or a system ffmpeg")
+    found: dict[str, Any] = {}
+    with av.open(str(path)) as container:
+        for stream in container.streams:
+            codec = stream.codec_context
+            entry: dict[str, Any] = {"codec_type": stream.type, "codec_name": codec.name}
+            if stream.type == "video":
+                entry.update(width=codec.width, height=codec.height)
+            found[stream.type] = entry
+        if count and "video" in found:
+            frames = sum(1 for _ in container.decode(video=0))
+            found["video"]["nb_read_frames"] = str(frames)
+    return found
 
 
 def make_test_video(path: Path) -> None:
@@ -57,6 +91,30 @@ def make_test_video(path: Path) -> None:
          "-f", "lavfi", "-i", "sine=duration=2", "-c:v", "libx264", "-preset", "ultrafast",
          "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path)],
         check=True, timeout=60)
+
+
+def test_media_tools_work_without_a_system_ffmpeg(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no ffmpeg or ffprobe on the PATH, the wheel's ffmpeg makes the test video
+    and PyAV reads it as ffprobe would (the same fields, frame count included)."""
+    system = shutil.which("ffprobe")
+    path = os.environ.get("PATH", "")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert shutil.which("ffmpeg") is None and shutil.which("ffprobe") is None
+    ffmpeg = tool("ffmpeg")
+    assert "imageio_ffmpeg" in ffmpeg
+    video = tmp_path / "v.mp4"
+    make_test_video(video)
+    streams = probe(video, count=True)
+    assert {k: streams["video"][k] for k in ("codec_name", "width", "height")} == {
+        "codec_name": "h264", "width": 640, "height": 360}
+    assert streams["video"]["nb_read_frames"] == "50"  # 2 s at 25 fps
+    assert streams["audio"]["codec_name"] == "aac"
+    if system is not None:  # where a system ffprobe exists, both views agree
+        monkeypatch.setenv("PATH", path)
+        by_ffprobe = probe(video, count=True)
+        for kind, entry in streams.items():
+            assert {key: by_ffprobe[kind].get(key) for key in entry} == entry
 
 
 @pytest.fixture
