@@ -15,7 +15,8 @@ never touches messages. Each poll (``jobs.poll_interval``):
    (one filtered listing, only when the counts show failures) with their stderr
    tails, then one completion event, then the marker patched onto the job;
 4. in a full sweep, reported jobs whose end lies ``jobs.retention`` back are deleted,
-   at most ``jobs.delete_batch`` a poll.
+   at most ``jobs.delete_batch`` a poll; a sweep that reached that bound makes the
+   next poll a full sweep too, so deletions keep up with a busy account.
 
 State lives in the jobs, not here: any replica can report any job, and one killed
 mid-report leaves the job to the next poll of any replica. Events therefore go out at
@@ -137,6 +138,8 @@ class JobMonitor:
                 result.errors += 1
                 self.metrics.monitor_errors.inc()
                 log.warning("monitor.job_failed", job_id=job.id, error=_describe(exc))
+        if len(result.deleted) >= self.jobs.delete_batch:
+            self._last_full = None  # more may be due: the next poll sweeps again
         self.metrics.jobs_monitored.set(unreported)
         return result
 

@@ -264,6 +264,10 @@ def test_reported_jobs_past_retention_are_deleted_in_bounded_batches() -> None:
     assert len(result.deleted) == 3 and "recent" not in result.deleted
     assert "unreported" in result.reported  # reported first, deleted on a later sweep
     assert "recent" in backend.jobs
+    second = poll(m)  # the bound was reached: the next poll sweeps again at once
+    assert ("list", "None") in backend.calls[-4:]
+    assert sorted(second.deleted) == ["old3", "old4", "unreported"]  # reported by now
+    assert set(backend.jobs) == {"recent"}
 
 
 def test_requests_per_poll_grow_with_active_jobs_not_tasks() -> None:
