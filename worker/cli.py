@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 EXIT_BAD_MESSAGE = 3
 EXIT_JOB_FAILED = 4
+#: Longest message id (and so ``send --id``): a Service Bus quota, kept on both queues
+#: (https://learn.microsoft.com/azure/service-bus-messaging/service-bus-quotas).
+MAX_MESSAGE_ID = 128
 # Off a terminal (pipes, CI logs) tables keep their full width instead of 80 columns.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)
@@ -152,6 +155,9 @@ def send(ctx: Ctx, file: Any, handler: str | None, params: tuple[str, ...],
     """
     import uuid
 
+    if message_key is not None and len(message_key) > MAX_MESSAGE_ID:
+        raise click.UsageError(f"--id is {len(message_key)} characters; a message id has "
+                               f"at most {MAX_MESSAGE_ID} (a Service Bus limit)")
     body = _read_message(file, handler, params, job_opts, message_key)
     properties = {k: str(v) for k, v in _pairs(props).items()}
     message_id = message_key or uuid.uuid4().hex
@@ -174,7 +180,7 @@ def send(ctx: Ctx, file: Any, handler: str | None, params: tuple[str, ...],
             click.echo(f"job     {job_id}")
     if problem:
         err.print(f"warning: this message will be dead-lettered: {problem}", markup=False,
-                  highlight=False)
+                  emoji=False, highlight=False)
 
 
 def _jobs_of(settings: Settings, body: bytes, properties: dict[str, str],
@@ -183,12 +189,13 @@ def _jobs_of(settings: Settings, body: bytes, properties: dict[str, str],
     reason it will be dead-lettered."""
     from worker.context import job_id_for
     from worker.envelope import parse_body
+    from worker.routing import key_message_id
 
     router = _planner(settings).router
     try:
         routed = router.route(parse_body(body, properties,
                                          max_bytes=settings.queue.max_message_bytes),
-                              message_id=message_id)
+                              message_id=key_message_id(message_id, properties))
     except MessageFault as fault:
         return [], str(fault)
     return [job_id_for(w.handler_name, w.key) for w in routed.works], None
@@ -438,7 +445,8 @@ def _backend_call(fn: Any) -> Any:
     try:
         return fn()
     except (SystemFault, ConfigFault, OSError) as exc:
-        err.print(f"error: {logs.redact(str(exc))}", markup=False, highlight=False)
+        err.print(f"error: {logs.redact(str(exc))}", markup=False, emoji=False,
+                  highlight=False)
         raise SystemExit(1) from None
 
 
@@ -622,7 +630,8 @@ def dlq_show(ctx: Ctx, sequence_number: int, as_json: bool) -> None:
     items = _system_call(lambda: _with_source(ctx, lambda s: s.dead_letters(10_000)))
     found = [d for d in items if d.sequence_number == sequence_number]
     if not found:
-        err.print(f"no dead-lettered message with sequence number {sequence_number}")
+        err.print(f"no dead-lettered message with sequence number {sequence_number}",
+                  markup=False, emoji=False, highlight=False)
         raise SystemExit(1)
     data = _dead_json(found[0], body=True)
     if as_json:
@@ -639,7 +648,11 @@ def dlq_show(ctx: Ctx, sequence_number: int, as_json: bool) -> None:
 @pass_ctx
 def dlq_resubmit(ctx: Ctx, sequence_numbers: tuple[int, ...], every: bool,
                  as_json: bool) -> None:
-    """Send copies back to the main queue (same message id) and drop the dead letters."""
+    """Send copies back to the main queue and drop the dead letters once accepted.
+
+    A copy gets a new message id (duplicate detection would drop the original one) and
+    carries the original id as its idempotency key (fanout-idempotency-key): it maps to
+    the same job."""
     if not sequence_numbers and not every:
         raise click.UsageError("name sequence numbers or --all")
 
@@ -687,8 +700,14 @@ def _system_call(fn: Any) -> Any:
     try:
         return asyncio.run(fn())
     except (SystemFault, ConfigFault, OSError) as exc:
-        err.print(f"[red]error[/red]: {logs.redact(str(exc))}", highlight=False)
+        # Plain text: an AMQP condition such as amqp:link:detach-forced would otherwise
+        # render as Rich markup or an emoji (":link:").
+        err.print(f"error: {logs.redact(str(exc))}", markup=False, emoji=False,
+                  highlight=False)
         raise SystemExit(1) from None
+    except SettingsError as exc:
+        err.print(f"error: {exc}", markup=False, emoji=False, highlight=False)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,8 +10,17 @@ tasks. Its lock is renewed until it is settled:
 - a system fault: abandon (delivered again), or dead-letter with
   ``MaxDeliveryExceeded`` once the queue's max delivery count is reached;
 - a configuration fault: the worker marks itself unready, keeps the message
-  locked, and probes the backend with backoff until it works again. The queue is
-  not drained into the dead-letter queue.
+  locked, and probes the backend AND the source with backoff until both work again.
+  The queue is not drained into the dead-letter queue.
+
+A settlement that fails (the lock was lost, the link that locked the message was
+detached, the call failed) is counted in ``fanout_settle_failures_total{action,why}``
+and never as a settled outcome: the message is delivered again.
+
+Readiness. ``/readyz`` is unready from the start until the backend and the source
+have each been probed once; after a configuration fault it stays unready until both
+probe well again (one probe task, so the loops do not probe in a crowd). Liveness: each
+receive loop beats its own heartbeat, so ``/healthz`` fails when any loop is stuck.
 
 Shutdown: the first ``stop()`` stops receiving and drains in-flight messages
 within ``drain_grace``; what is unfinished by then is interrupted and abandoned.
@@ -22,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -42,6 +51,7 @@ from worker.errors import (
 from worker.logs import redact
 from worker.metrics import Health, Metrics
 from worker.plan import Planner
+from worker.routing import key_message_id
 from worker.sources.base import Received, Source
 from worker.submit import Cancelled, SubmitResult, Submitter
 
@@ -53,6 +63,11 @@ RECEIVE_ERROR_BACKOFF = 2.0
 MIN_RENEW_INTERVAL = 0.5
 #: After the drain grace, how long interrupted work gets to abandon its message.
 ABANDON_GRACE = 5.0
+#: Longest a settlement may take before the consumer gives up on it (the source bounds
+#: its own calls too; this guards against one that does not).
+SETTLE_TIMEOUT = 60.0
+#: Longest the first probes may take before the worker reports why it is not ready.
+PROBE_TIMEOUT = 60.0
 
 
 @dataclass(slots=True)
@@ -83,6 +98,8 @@ class Consumer:
         self._clock = clock
         self._stopping = asyncio.Event()
         self._ready = asyncio.Event()
+        self._unready = asyncio.Event()  # wakes the probe task
+        self._probe_delay = 0.0  # the first probe runs at once
         self._cancel = threading.Event()  # tells submitter threads to give up
         self._handled = 0
 
@@ -102,11 +119,16 @@ class Consumer:
         self._stopping.set()
 
     async def run(self) -> None:
-        """Run the receive loops until ``stop()``; then drain and return."""
-        self._set_ready(True)
+        """Check the source's settings, run the receive loops (unready until the first
+        probes pass) until ``stop()``; then drain and return."""
+        await self.source.check_capacity(self.settings.consumer.concurrency)
+        self._set_ready(False, "starting: probing the backend and the queue")
+        prober = asyncio.create_task(self._probe_loop(), name="fanout-probe")
         loops = [asyncio.create_task(self._receive_loop(i), name=f"fanout-receive-{i}")
                  for i in range(self.settings.consumer.concurrency)]
         await self._stopping.wait()
+        prober.cancel()
+        await asyncio.gather(prober, return_exceptions=True)
         _, pending = await asyncio.wait(loops, timeout=self.settings.consumer.drain_grace)
         if pending:
             log.warning("consumer.drain_timeout", unfinished=len(pending))
@@ -120,22 +142,33 @@ class Consumer:
 
     async def _receive_loop(self, index: int) -> None:
         """One of ``concurrency`` loops: receive one message, handle it, repeat."""
-        while not self.stopping:
-            if not self._ready.is_set():
-                await self._wait_ready()
-                continue
-            messages = await self._receive()
-            self.health.beat()
-            for msg in messages:
-                if self.stopping:
-                    await self._settle(msg, Outcome("abandon", description="shutting down"))
+        name = f"receive-{index}"
+        self.health.beat(name)
+        try:
+            while not self.stopping:
+                if not self._ready.is_set():
+                    await self._wait_ready(name)
                     continue
-                await self._handle_one(msg)
+                messages = await self._receive()
+                self.health.beat(name)
+                for msg in messages:
+                    if self.stopping:
+                        await self._settle(msg, Outcome("abandon",
+                                                        description="shutting down"))
+                        continue
+                    await self._handle_one(msg, name)
+        finally:
+            self.health.forget(name)
 
     async def _receive(self) -> list[Received]:
-        """Receive up to one message, giving up at once when ``stop()`` is called."""
-        receiving = asyncio.ensure_future(
-            self.source.receive(1, self.settings.consumer.receive_wait))
+        """Receive up to one message, giving up at once when ``stop()`` is called.
+
+        The receive is bounded: a source call that neither returns nor fails (a
+        half-open connection) is cancelled, and the loop goes on; the source drops
+        the receiver of a call that timed out and reconnects."""
+        wait = self.settings.consumer.receive_wait
+        receiving = asyncio.ensure_future(asyncio.wait_for(
+            self.source.receive(1, wait), wait + SETTLE_TIMEOUT))
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
             await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -156,19 +189,22 @@ class Consumer:
             await self._sleep(RECEIVE_ERROR_BACKOFF)
         return []
 
-    async def _handle_one(self, msg: Received) -> None:
+    async def _handle_one(self, msg: Received, loop: str = "receive") -> None:
         """Process one message to its settlement; never raises."""
         started = self._clock()
         structlog.contextvars.bind_contextvars(message_id=msg.message_id,
                                                delivery_count=msg.delivery_count)
         self.metrics.inflight.inc()
-        renewer = asyncio.create_task(self._keep_locked(msg))
+        renewer = asyncio.create_task(self._keep_locked(msg, loop))
         try:
-            outcome = await self._process_until_settled(msg)
-            await self._settle(msg, outcome)
-            self.metrics.messages.labels(outcome.handler, _OUTCOME_LABEL[outcome.action]).inc()
-            self.metrics.message_duration.labels(outcome.handler).observe(
-                self._clock() - started)
+            outcome = await self._process_until_settled(msg, loop)
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+            if await self._settle(msg, outcome):
+                self.metrics.messages.labels(outcome.handler,
+                                             _OUTCOME_LABEL[outcome.action]).inc()
+                self.metrics.message_duration.labels(outcome.handler).observe(
+                    self._clock() - started)
         except Exception:
             log.exception("message.unexpected_error")  # a bug: keep serving
         finally:
@@ -178,7 +214,7 @@ class Consumer:
             self._handled += 1
             structlog.contextvars.clear_contextvars()
 
-    async def _process_until_settled(self, msg: Received) -> Outcome:
+    async def _process_until_settled(self, msg: Received, loop: str = "receive") -> Outcome:
         """Process; on a configuration fault, hold the message until the worker heals."""
         while True:
             try:
@@ -186,14 +222,16 @@ class Consumer:
             except ConfigFault as fault:
                 self._set_ready(False, f"{fault.code}: {fault.description}")
                 log.error("message.config_fault", code=fault.code, error=fault.description)
-                if not await self._wait_ready():
+                if not await self._wait_ready(loop):
                     return Outcome("abandon", description="shutting down while unready")
 
     def process(self, msg: Received) -> Outcome:
         """Plan and submit one message's jobs (runs in a worker thread)."""
         handler = "none"
         try:
-            plan = self.planner.plan(msg.body, msg.properties, message_id=msg.message_id,
+            # A resubmitted copy carries its original message id as the key.
+            plan = self.planner.plan(msg.body, msg.properties,
+                                     message_id=key_message_id(msg.message_id, msg.properties),
                                      reply_to=msg.reply_to)
             for job_id in plan.cancels:
                 handler = "cancel"
@@ -239,32 +277,43 @@ class Consumer:
         self.metrics.jobs_terminated.labels(REASON_CANCELLED).inc()
         log.info("job.cancelled", job_id=job_id)
 
-    async def _settle(self, msg: Received, outcome: Outcome) -> None:
-        """Apply the outcome to the queue; a lost lock is logged and counted, not raised."""
+    async def _settle(self, msg: Received, outcome: Outcome) -> bool:
+        """Apply the outcome to the queue; True if it was. A failure (a lost lock, a
+        detached link, a call that failed or hung) is logged and counted in
+        ``fanout_settle_failures_total``, not raised: the message comes back."""
         try:
-            if outcome.action == "complete":
-                await self.source.complete(msg)
-                log.info("message.completed", handler=outcome.handler,
-                         jobs=[r.job_id for r in outcome.results])
-            elif outcome.action == "dead_letter":
-                await self.source.dead_letter(msg, outcome.reason,
-                                              redact(outcome.description)[:4000])
-                self.metrics.dead_letters.labels(outcome.reason).inc()
-                log.warning("message.dead_lettered", reason=outcome.reason,
-                            description=outcome.description)
-            else:
-                await self.source.abandon(msg)
-                log.warning("message.abandoned", error=outcome.description)
+            await asyncio.wait_for(self._apply(msg, outcome), SETTLE_TIMEOUT)
         except LockLost as exc:
             self.metrics.lock_lost.inc()
+            self.metrics.settle_failures.labels(outcome.action, "lock_lost").inc()
             log.warning("message.lock_lost", action=outcome.action, error=str(exc),
                         note="it will be delivered again; submission is idempotent")
-        except (SystemFault, OSError) as exc:
-            log.warning("message.settle_failed", action=outcome.action, error=str(exc),
+            return False
+        except (SystemFault, OSError) as exc:  # TimeoutError included
+            self.metrics.settle_failures.labels(outcome.action, "error").inc()
+            log.warning("message.settle_failed", action=outcome.action,
+                        error=str(exc) or type(exc).__name__,
                         note="the lock will lapse and the message be delivered again")
+            return False
+        return True
 
-    async def _keep_locked(self, msg: Received) -> None:
-        """Renew the message's lock until cancelled; beat the heartbeat meanwhile."""
+    async def _apply(self, msg: Received, outcome: Outcome) -> None:
+        if outcome.action == "complete":
+            await self.source.complete(msg)
+            log.info("message.completed", handler=outcome.handler,
+                     jobs=[r.job_id for r in outcome.results])
+        elif outcome.action == "dead_letter":
+            await self.source.dead_letter(msg, outcome.reason,
+                                          redact(outcome.description)[:4000])
+            self.metrics.dead_letters.labels(outcome.reason).inc()
+            log.warning("message.dead_lettered", reason=outcome.reason,
+                        description=outcome.description)
+        else:
+            await self.source.abandon(msg)
+            log.warning("message.abandoned", error=outcome.description)
+
+    async def _keep_locked(self, msg: Received, loop: str = "receive") -> None:
+        """Renew the message's lock until cancelled; beat the loop's heartbeat meanwhile."""
         lock = self.settings.queue.lock_duration
         locked_until = msg.locked_until
         while True:
@@ -275,12 +324,13 @@ class Consumer:
                 pause = lock / 3
             pause = min(pause, self.health.heartbeat_timeout / 3)
             await asyncio.sleep(pause)
-            self.health.beat()
+            self.health.beat(loop)
             if locked_until is not None and \
                     (locked_until - datetime.now(UTC)).total_seconds() > 2 * pause + 1:
                 continue  # plenty of lock left: only the heartbeat was due
             try:
-                locked_until = await self.source.renew_lock(msg)
+                locked_until = await asyncio.wait_for(self.source.renew_lock(msg),
+                                                      SETTLE_TIMEOUT)
                 msg.locked_until = locked_until
             except LockLost as exc:
                 self.metrics.lock_lost.inc()
@@ -290,35 +340,66 @@ class Consumer:
                 log.warning("message.renew_failed", error=str(exc))
                 locked_until = None
 
-    async def _wait_ready(self) -> bool:
-        """Back off and probe until the backend works; False if stopped meanwhile."""
-        backoff = self.settings.consumer.unready_backoff
+    async def _wait_ready(self, loop: str = "receive") -> bool:
+        """Wait (beating the loop's heartbeat) until the probe task finds the worker
+        ready; False if stopped meanwhile."""
+        pause = max(0.05, min(self.settings.consumer.unready_backoff,
+                              self.health.heartbeat_timeout / 3))
         while not self.stopping:
             if self._ready.is_set():
                 return True
-            self.health.beat()
-            if await self._sleep(backoff):
-                break
+            self.health.beat(loop)
+            ready = asyncio.ensure_future(self._ready.wait())
+            stopping = asyncio.ensure_future(self._stopping.wait())
             try:
-                await asyncio.to_thread(self.backend.probe)
-            except ConfigFault as fault:
-                self._set_ready(False, f"{fault.code}: {fault.description}")
-                log.warning("worker.still_unready", code=fault.code, retry_in=backoff)
-                continue
-            except Exception as exc:
-                log.warning("worker.probe_failed", error=_describe(exc))
-                continue
-            self._set_ready(True)
-            log.info("worker.ready_again")
-            return True
+                await asyncio.wait({ready, stopping}, timeout=pause,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ready.cancel()
+                stopping.cancel()
         return False
+
+    async def _probe_loop(self) -> None:
+        """While unready: probe the backend and the source (at once at start, then
+        every ``unready_backoff``) until both pass, then mark the worker ready."""
+        backoff = self.settings.consumer.unready_backoff
+        while not self.stopping:
+            await self._unready.wait()
+            if await self._sleep(self._probe_delay):
+                return
+            self._probe_delay = backoff
+            reason = await self._probe()
+            if self.stopping:
+                return
+            if reason is None:
+                self._set_ready(True)
+                log.info("worker.ready")
+            else:
+                self._set_ready(False, reason)
+                log.warning("worker.still_unready", reason=reason, retry_in=backoff)
+
+    async def _probe(self) -> str | None:
+        """None if the backend and the source both probe well, else why not."""
+        probes: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("backend", lambda: asyncio.to_thread(self.backend.probe)),
+            ("queue", self.source.probe)]
+        for what, call in probes:
+            try:
+                await asyncio.wait_for(call(), PROBE_TIMEOUT)
+            except ConfigFault as fault:
+                return f"{fault.code}: {fault.description}"
+            except Exception as exc:
+                return f"{what} probe failed: {_describe(exc)}"
+        return None
 
     def _set_ready(self, ready: bool, reason: str = "") -> None:
         self.health.set_ready(ready, reason)
         if ready:
             self._ready.set()
+            self._unready.clear()
         else:
             self._ready.clear()
+            self._unready.set()
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep, waking early on ``stop()``; True if stopping."""

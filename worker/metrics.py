@@ -2,8 +2,8 @@
 
 The registry is passed in (never the global one) so tests build their own and read
 samples with ``registry.get_sample_value``. One port serves ``/metrics``,
-``/healthz`` (200 while the receive loop has beaten within the heartbeat timeout,
-503 when it is stuck) and ``/readyz`` (200 only while the worker can take work).
+``/healthz`` (200 while every receive loop has beaten within the heartbeat timeout,
+503 when any one is stuck) and ``/readyz`` (200 only while the worker can take work).
 """
 
 from __future__ import annotations
@@ -56,6 +56,10 @@ class Metrics:
             ["handler"], buckets=_DURATION_BUCKETS, registry=registry)
         self.inflight = Gauge(
             "fanout_inflight_messages", "Messages being processed now.", registry=registry)
+        self.settle_failures = Counter(
+            "fanout_settle_failures", "Settlements (complete, abandon, dead-letter) that "
+            "failed: the message is delivered again; by action and why (lock_lost, error).",
+            ["action", "why"], registry=registry)
         self.lock_lost = Counter(
             "fanout_lock_lost", "Messages whose lock was lost before settlement.",
             registry=registry)
@@ -132,22 +136,43 @@ class Metrics:
 
 
 class Health:
-    """The receive loop's heartbeat and the worker's readiness, read by the HTTP port."""
+    """Each receive loop's heartbeat and the worker's readiness, read by the HTTP port.
+
+    Every loop beats under its own name; the worker is alive only while every loop
+    that has beaten has done so within the heartbeat timeout, so one stuck loop fails
+    ``/healthz`` even while the others keep beating. A loop that ends (shutdown)
+    calls :meth:`forget`.
+    """
 
     def __init__(self, *, heartbeat_timeout: float, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.heartbeat_timeout = heartbeat_timeout
         self._metrics = metrics
         self._clock = clock
-        self._last_beat = clock()
+        self._started = clock()
+        self._beats: dict[str, float] = {}
+        self._lock = threading.Lock()
         self._ready = False
         self.reason = "starting"
 
-    def beat(self) -> None:
-        """Record that the receive loop is alive."""
-        self._last_beat = self._clock()
+    def beat(self, loop: str = "receive") -> None:
+        """Record that the receive loop called ``loop`` is alive."""
+        with self._lock:
+            self._beats[loop] = self._clock()
         if self._metrics is not None:
             self._metrics.heartbeat.set(time.time())
+
+    def forget(self, loop: str) -> None:
+        """Stop watching a loop that has ended."""
+        with self._lock:
+            self._beats.pop(loop, None)
+
+    def _oldest(self) -> tuple[str, float]:
+        with self._lock:
+            if not self._beats:
+                return "", self._started
+            name = min(self._beats, key=self._beats.__getitem__)
+            return name, self._beats[name]
 
     def set_ready(self, ready: bool, reason: str = "") -> None:
         """Mark the worker ready (or not, with a reason /readyz shows)."""
@@ -158,14 +183,21 @@ class Health:
 
     @property
     def alive(self) -> bool:
-        return self._clock() - self._last_beat <= self.heartbeat_timeout
+        """True while every loop has beaten within the heartbeat timeout."""
+        return self.since_beat() <= self.heartbeat_timeout
+
+    @property
+    def stalest(self) -> str:
+        """The loop whose last beat is the oldest ("" before any beat)."""
+        return self._oldest()[0]
 
     @property
     def ready(self) -> bool:
         return self._ready and self.alive
 
     def since_beat(self) -> float:
-        return self._clock() - self._last_beat
+        """Seconds since the stalest loop's last beat."""
+        return self._clock() - self._oldest()[1]
 
 
 class MetricsServer:
@@ -200,7 +232,9 @@ def _make_handler(registry: CollectorRegistry,
                 self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
                 ok = health.alive
-                text = f"{'ok' if ok else 'stuck'}: last beat {health.since_beat():.1f}s ago\n"
+                loop = f" ({health.stalest})" if health.stalest else ""
+                text = (f"{'ok' if ok else 'stuck'}: oldest beat{loop} "
+                        f"{health.since_beat():.1f}s ago\n")
                 self._send(200 if ok else 503, text.encode())
             elif path == "/readyz":
                 text = ("ready\n" if health.ready else f"not ready: {health.reason}\n")

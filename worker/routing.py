@@ -36,6 +36,10 @@ from worker.errors import SettingsError
 from worker.storage.base import Storage
 
 ENTRY_POINT_GROUP = "fanout.handlers"
+#: Application property that carries a message's idempotency key in place of its
+#: message id: ``fanout dlq resubmit`` gives the copy a new message id (duplicate
+#: detection would drop the original one) and puts the original id here.
+IDEMPOTENCY_KEY_PROPERTY = "fanout-idempotency-key"
 log = structlog.get_logger(__name__)
 
 
@@ -234,6 +238,15 @@ def sample_blob(rule: RouteConfig) -> BlobRef:
     """A blob the rule matches: in its container, under its prefix, with its suffix."""
     suffix = rule.suffixes[0] if rule.suffixes else ""
     return BlobRef(rule.container or "uploads", f"{rule.prefix or ''}example{suffix}")
+
+
+def key_message_id(message_id: str | None,
+                   properties: Mapping[str, str] | None) -> str | None:
+    """The id an envelope without ``id`` takes its idempotency key from: the
+    ``fanout-idempotency-key`` property when set (a resubmitted copy), else the
+    message id."""
+    key = (properties or {}).get(IDEMPOTENCY_KEY_PROPERTY)
+    return key or message_id
 
 
 def _type_matches(wanted: str, actual: str | None) -> bool:

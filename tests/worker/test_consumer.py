@@ -207,6 +207,8 @@ def test_health_endpoints(worker: Callable[..., RunningWorker]) -> None:
     """/healthz, /readyz and /metrics answer on the metrics port."""
     w = worker()
     port = w.app.metrics_port
+    # Ready once the backend and the queue have each been probed (at start).
+    w.wait_until(lambda: w.app.health.ready, what="the first probes")
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz") as resp:
         assert resp.status == 200
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz") as resp:

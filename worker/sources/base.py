@@ -98,8 +98,22 @@ class Source(Protocol):
         ...
 
     async def resubmit(self, sequence_number: int) -> str | None:
-        """Send a dead-lettered message's copy to the main queue (same message id) and
-        remove it from the dead-letter queue; return the message id, None if absent."""
+        """Send a dead-lettered message's copy to the main queue and, once it is
+        accepted, remove it from the dead-letter queue; return the copy's message id,
+        None if absent. The copy has a new message id (duplicate detection would drop
+        the original) and the original in the ``fanout-idempotency-key`` property."""
+        ...
+
+    async def probe(self) -> None:
+        """A cheap call that raises ``ConfigFault`` while the queue cannot be used
+        (a refused credential, a missing entity, one that requires sessions) and
+        ``SystemFault`` while it cannot be reached; the consumer calls it at start and
+        while unready."""
+        ...
+
+    async def check_capacity(self, concurrency: int) -> None:
+        """Raise ``SettingsError`` for settings the queue cannot honour with
+        ``concurrency`` receive loops (a prefetch not processable within the lock)."""
         ...
 
     async def close(self) -> None:

@@ -42,6 +42,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import structlog
 
 from worker.errors import LockLost, SystemFault
+from worker.routing import IDEMPOTENCY_KEY_PROPERTY
 from worker.sources.base import DeadLettered, Received
 
 __all__ = ["LocalQueue"]
@@ -149,8 +150,10 @@ _DEAD_LETTERS = """SELECT message_id, seq, dead_letter_reason, dead_letter_descr
     ORDER BY dead_lettered_at, seq LIMIT ?"""
 _RESUBMIT = """INSERT INTO messages (message_id, body, properties, state, enqueued_at,
     reply_to)
-    SELECT message_id, body, properties, 'active', ?, reply_to FROM messages
-    WHERE seq = ? AND state = 'dead_letter' RETURNING message_id"""
+    SELECT :new_id, body, CASE WHEN json_extract(properties, '$."' || :key || '"') IS NULL
+            THEN json_set(properties, '$."' || :key || '"', message_id) ELSE properties END,
+        'active', :now, reply_to FROM messages
+    WHERE seq = :seq AND state = 'dead_letter' RETURNING message_id"""
 
 
 def _utc(timestamp: float) -> datetime:
@@ -317,9 +320,21 @@ class LocalQueue:
         return await self._call(self._dead_letters_sync, limit)
 
     async def resubmit(self, sequence_number: int) -> str | None:
-        """Move a dead-lettered message back to the queue as a fresh copy (same id,
-        delivery count 0); return its message id, or None if there is no such message."""
+        """Move a dead-lettered message back to the queue as a fresh copy (delivery count
+        0) in one transaction; return the copy's message id, or None if there is no such
+        message.
+
+        As with Service Bus, the copy gets a NEW message id and carries the original one
+        in the ``fanout-idempotency-key`` property (unless it has one), so it maps to the
+        same job and duplicate detection cannot drop it."""
         return await self._call(self._resubmit_sync, sequence_number)
+
+    async def probe(self) -> None:
+        """Read the queue's counts: raises ``SystemFault`` if the file cannot be used."""
+        await self._call(self._depth_sync)
+
+    async def check_capacity(self, concurrency: int) -> None:
+        """Nothing to check: the local queue has no prefetch."""
 
     async def close(self) -> None:
         """Close the connection; locks still held lapse and those messages return."""
@@ -488,9 +503,13 @@ class LocalQueue:
 
     def _resubmit_sync(self, db: sqlite3.Connection, seq: int) -> str | None:
         with _durable(db), _immediate(db):
-            rows = db.execute(_RESUBMIT, (self._clock(), seq)).fetchall()
+            new_id = uuid.uuid4().hex
+            rows = db.execute(_RESUBMIT, {"new_id": new_id, "key": IDEMPOTENCY_KEY_PROPERTY,
+                                          "now": self._clock(), "seq": seq}).fetchall()
             if not rows:
                 return None
+            if self._duplicate_window is not None:
+                db.execute(_REMEMBER, (new_id, self._clock()))
             db.execute("DELETE FROM messages WHERE seq = ?", (seq,))
         message_id: str = rows[0][0]
         return message_id

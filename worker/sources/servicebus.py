@@ -22,9 +22,24 @@ bounded, jittered backoff before a new receiver is opened. Messages locked on th
 receiver can only end in :class:`~worker.errors.LockLost`: the service redelivers them
 when their lock expires, and idempotent submission makes that harmless.
 
-Errors map as: lock lost → ``LockLost``; connection, timeout, server busy and other
-transient faults → ``SystemFault``; authentication, authorization and a missing entity
-→ ``ConfigFault``. Descriptions never carry the connection string or a key.
+Idle links. The service detaches a link no call has used for 10 minutes
+(https://learn.microsoft.com/azure/service-bus-messaging/service-bus-amqp-troubleshoot),
+also while a message it delivered is still locked and being processed. The lock token
+is only valid on that link and the SDK fails the settlement locally ("Link already
+closed."), so a renewal that finds the link detached, or such a settlement, raises
+``LockLost`` and drops the receiver: the lock lapses, the message comes back, and its
+redelivery finds the job sealed (nothing is added again) and completes at once.
+
+Timeouts. Every SDK call is bounded (``operation_timeout``; a receive by its wait plus
+that), so a half-open connection that swallows bytes without a reset makes the call
+fail with ``SystemFault``, drop its receiver and reconnect, instead of hanging.
+
+Errors map as: lock lost (and a settlement on a detached link) → ``LockLost``;
+connection, timeout, server busy, a full entity and other transient faults →
+``SystemFault``; a refused credential, a missing entity and an entity that requires
+sessions → ``ConfigFault`` with a code (``Unauthorized``, ``EntityNotFound``,
+``SessionRequired``) and a reason naming the cause. Descriptions never carry the
+connection string or a key.
 """
 
 from __future__ import annotations
@@ -54,17 +69,21 @@ from azure.servicebus.amqp import AmqpMessageBodyType
 from azure.servicebus.exceptions import (
     MessageAlreadySettled,
     MessageLockLostError,
+    MessageSizeExceededError,
     MessagingEntityDisabledError,
     MessagingEntityNotFoundError,
     ServiceBusAuthenticationError,
     ServiceBusAuthorizationError,
     ServiceBusCommunicationError,
     ServiceBusConnectionError,
+    ServiceBusError,
+    ServiceBusQuotaExceededError,
     SessionLockLostError,
 )
 
 from worker.config import QueueConfig, ServiceBusConfig
 from worker.errors import ConfigFault, FanoutError, LockLost, SettingsError, SystemFault
+from worker.routing import IDEMPOTENCY_KEY_PROPERTY
 from worker.sources.base import DeadLettered, Received
 
 if TYPE_CHECKING:
@@ -84,6 +103,14 @@ RESUBMIT_BATCH = 50
 MAX_RESUBMIT_SCAN = 10_000
 #: Longest dead-letter reason or description the service keeps.
 MAX_DEAD_LETTER_TEXT = 4096
+#: Standard tier limits (https://learn.microsoft.com/azure/service-bus-messaging/service-bus-quotas).
+MAX_MESSAGE_ID = 128
+STANDARD_MAX_MESSAGE_SIZE = 256 * 1024
+#: The least one message takes to become a job (create, add tasks, seal: round trips
+#: to Azure Batch); used to check that a prefetch can be handled within the lock.
+MIN_SECONDS_PER_MESSAGE = 5.0
+#: What the SDK raises (as ServiceBusError) for a settlement on a detached link.
+_LINK_CLOSED = "Link already closed"
 #: Application properties the service adds when it dead-letters; not copied on resubmit.
 _DEAD_LETTER_PROPERTIES = ("DeadLetterReason", "DeadLetterErrorDescription")
 _SECRET = re.compile(r"(SharedAccessKey|SharedAccessSignature|sig|skn)=[^;&\s]+",
@@ -106,17 +133,52 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:500]}" if text else type(exc).__name__
 
 
-def classify_error(exc: BaseException, action: str) -> FanoutError:
-    """Map an SDK error raised by ``action`` onto fanout's error hierarchy."""
+def _not_found(exc: BaseException) -> bool:
+    """A missing entity: the service's 404 (at put-token the SDK raises it as an
+    authentication error carrying the 404)."""
+    if isinstance(exc, (MessagingEntityNotFoundError, ResourceNotFoundError)):
+        return True
+    inner = getattr(exc, "inner_exception", None)
+    status = getattr(inner, "status_code", None) or getattr(exc, "status_code", None)
+    return status == 404 or "could not be found" in str(exc)
+
+
+def classify_error(exc: BaseException, action: str, entity: str = "the entity") -> FanoutError:
+    """Map an SDK error raised by ``action`` on ``entity`` onto fanout's errors."""
     if isinstance(exc, FanoutError):
         return exc
     description = f"service bus {action} failed: {_describe(exc)}"
+    text = str(exc)
     if isinstance(exc, _LOCK_LOST):
         return LockLost(description)
-    if isinstance(exc, _CONFIG):
-        return ConfigFault(description, code=type(exc).__name__)
-    if isinstance(exc, HttpResponseError) and exc.status_code in (401, 403, 404):
-        return ConfigFault(description, code=f"Http{exc.status_code}")
+    if _LINK_CLOSED in text or (isinstance(exc, ValueError) and "closed" in text):
+        return LockLost(f"service bus {action} failed: the link that locked the message "
+                        f"was detached (the service closes links idle for 10 minutes); "
+                        f"the lock lapses and the message is delivered again: {_describe(exc)}")
+    if "requires sessions" in text:
+        return ConfigFault(f"{entity} requires sessions (RequiresSession is on) and fanout "
+                           f"receives without sessions: point fanout at a queue or "
+                           f"subscription without sessions. {description}",
+                           code="SessionRequired")
+    if _not_found(exc):
+        return ConfigFault(f"{entity} does not exist in the namespace (check the queue, "
+                           f"topic and subscription names): {description}",
+                           code="EntityNotFound")
+    if isinstance(exc, _CONFIG) or (isinstance(exc, HttpResponseError)
+                                    and exc.status_code in (401, 403)):
+        return ConfigFault(f"the credential was refused for {entity} (a wrong key or "
+                           f"token, or a missing Data Receiver/Sender role): {description}",
+                           code="Unauthorized")
+    if isinstance(exc, MessageSizeExceededError):
+        return SystemFault(f"the message is over {entity}'s size limit (256 KB on the "
+                           f"Standard tier, headers included): {description}")
+    if isinstance(exc, ServiceBusQuotaExceededError):
+        return SystemFault(f"{entity} is full (its maximum size is reached): {description}")
+    if isinstance(exc, ServiceBusError) and not isinstance(exc, _BROKEN_LINK) \
+            and "unable to process" in text:
+        return SystemFault(f"{entity} refused the message (a message id over 128 "
+                           f"characters or properties over 32 KB each or 64 KB in all?): "
+                           f"{description}")
     return SystemFault(description)
 
 
@@ -226,6 +288,12 @@ class _EmulatorTransport(AioHttpTransport):  # type: ignore[misc]
         return await super().send(request, **kwargs)
 
 
+def _link_closed(receiver: Any) -> bool:
+    """Whether the SDK receiver's AMQP link has been detached (by the service)."""
+    link = getattr(getattr(receiver, "_handler", None), "_link", None)
+    return bool(getattr(link, "_is_closed", False))
+
+
 # --------------------------------------------------------------------------- slots
 
 
@@ -267,7 +335,7 @@ class ServiceBusSource:
                  emulator_admin_port: int = EMULATOR_ADMIN_PORT,
                  backoff_base: float = 0.5, backoff_max: float = 30.0,
                  max_receivers: int = 32, open_timeout: float = 30.0,
-                 resubmit_wait: float = 5.0) -> None:
+                 resubmit_wait: float = 5.0, operation_timeout: float = 30.0) -> None:
         if not servicebus.configured:
             raise SettingsError("servicebus: set namespace (Entra ID) or connection_string")
         if bool(servicebus.topic) != bool(servicebus.subscription):
@@ -290,6 +358,8 @@ class ServiceBusSource:
         self._sender_lock = asyncio.Lock()
         self._max_receivers = max_receivers
         self._open_timeout = open_timeout
+        self._timeout = operation_timeout
+        self._lock_duration = queue.lock_duration
         self._slots: list[_Slot] = []
         self._failures = 0
         self._not_before = 0.0
@@ -325,8 +395,10 @@ class ServiceBusSource:
             async with slot.lock:
                 try:
                     receiver = await self._ready_receiver(slot)
-                    messages = await receiver.receive_messages(max_message_count=count,
-                                                               max_wait_time=max_wait)
+                    messages = await self._bounded(
+                        receiver.receive_messages(max_message_count=count,
+                                                  max_wait_time=max_wait),
+                        "receive", max_wait + self._timeout)
                 except Exception as exc:
                     raise await self._fail(slot, exc, "receive") from exc
                 self._failures = 0
@@ -355,12 +427,72 @@ class ServiceBusSource:
         handle = self._handle(msg)
         async with handle.slot.lock:
             receiver = self._receiver_of(handle, "renew-lock")
+            if _link_closed(receiver):
+                # Renewing would only keep a lock nothing can settle any more.
+                await self._drop_receiver(handle.slot)
+                raise LockLost("service bus renew-lock failed: the link that locked the "
+                               "message was detached (idle); it will be delivered again")
             try:
-                locked_until: datetime = await receiver.renew_message_lock(handle.message)
+                locked_until: datetime = await self._bounded(
+                    receiver.renew_message_lock(handle.message), "renew-lock")
             except Exception as exc:
                 raise await self._fail(handle.slot, exc, "renew-lock") from exc
         msg.locked_until = locked_until
         return locked_until
+
+    async def probe(self) -> None:
+        """Attach a receive link to the entity (locking nothing) and close it: raises
+        ``ConfigFault`` for a refused credential, a missing entity or one that requires
+        sessions, ``SystemFault`` when the service cannot be reached."""
+        receiver = self._new_receiver()
+        try:
+            await self._open(receiver)
+        except Exception as exc:
+            raise classify_error(exc, "probe", self._what()) from exc
+        finally:
+            await self._quietly(receiver.close(), "probe receiver")
+
+    async def check_capacity(self, concurrency: int) -> None:
+        """Refuse a prefetch the consumer cannot handle within the entity's lock.
+
+        Prefetched messages are locked as they reach the client and their locks are not
+        renewed while they wait; each receiver's buffer is drained one message at a time
+        by the loop using it. The lock duration is the entity's (read from the service,
+        else ``[queue] lock_duration``).
+        """
+        prefetch = self._config.prefetch
+        if prefetch <= 0:
+            return
+        lock = await self._entity_lock_duration()
+        wait = prefetch * MIN_SECONDS_PER_MESSAGE
+        if wait <= lock:
+            return
+        fits = int(lock // MIN_SECONDS_PER_MESSAGE)
+        raise SettingsError(
+            f"servicebus.prefetch = {prefetch} cannot be processed within the lock: each of "
+            f"the consumer.concurrency = {concurrency} receivers locks up to {prefetch} "
+            f"messages as they arrive ({concurrency} x {prefetch} = {concurrency * prefetch} "
+            f"locked at once) and its loop handles them one at a time; at "
+            f"{MIN_SECONDS_PER_MESSAGE:g} s a message the last waits {prefetch} x "
+            f"{MIN_SECONDS_PER_MESSAGE:g} s = {wait:g} s > the lock duration of {lock:g} s "
+            f"of {self._what()}. Set servicebus.prefetch to at most {fits}, or raise the "
+            f"entity's lock duration.")
+
+    async def _entity_lock_duration(self) -> float:
+        try:
+            admin = self._admin_client()
+            if self._topic and self._subscription:
+                props: Any = await self._bounded(
+                    admin.get_subscription(self._topic, self._subscription), "lock duration")
+            else:
+                props = await self._bounded(admin.get_queue(self._queue or ""), "lock duration")
+            duration = props.lock_duration
+            return float(duration.total_seconds()) if duration is not None \
+                else self._lock_duration
+        except Exception as exc:
+            log.warning("servicebus.lock_duration_unknown", entity=self.name,
+                        error=_describe(exc), using=self._lock_duration)
+            return self._lock_duration
 
     async def depth(self) -> dict[str, int]:
         """Message counts by state from the administration client's runtime properties.
@@ -370,14 +502,15 @@ class ServiceBusSource:
         admin = self._admin_client()
         try:
             if self._topic and self._subscription:
-                sub = await admin.get_subscription_runtime_properties(self._topic,
-                                                                      self._subscription)
+                sub = await self._bounded(admin.get_subscription_runtime_properties(
+                    self._topic, self._subscription), "depth")
                 return {"active": sub.active_message_count or 0,
                         "dead_letter": sub.dead_letter_message_count or 0,
                         "transfer": (sub.transfer_message_count or 0)
                         + (sub.transfer_dead_letter_message_count or 0)}
             assert self._queue is not None
-            props = await admin.get_queue_runtime_properties(self._queue)
+            props = await self._bounded(admin.get_queue_runtime_properties(self._queue),
+                                        "depth")
         except Exception as exc:
             raise classify_error(exc, "depth") from exc
         return {"active": props.active_message_count or 0,
@@ -392,6 +525,9 @@ class ServiceBusSource:
         """Enqueue a message (to the topic, for a subscription) with an optional
         ``ReplyTo``; return its message id."""
         message_id = message_id or uuid.uuid4().hex
+        if len(message_id) > MAX_MESSAGE_ID:
+            raise SettingsError(f"message id of {len(message_id)} characters: Service Bus "
+                                f"allows at most {MAX_MESSAGE_ID}")
         application_properties: dict[str | bytes, Any] = {
             k: v for k, v in (properties or {}).items()}
         await self._send(ServiceBusMessage(body, message_id=message_id, reply_to=reply_to,
@@ -405,7 +541,8 @@ class ServiceBusSource:
         try:
             await self._open(receiver)
             while len(found) < limit:
-                batch = await receiver.peek_messages(max_message_count=limit - len(found))
+                batch = await self._bounded(
+                    receiver.peek_messages(max_message_count=limit - len(found)), "peek")
                 if not batch:
                     break
                 found.extend(_dead_lettered(m) for m in batch)
@@ -416,11 +553,19 @@ class ServiceBusSource:
         return found
 
     async def resubmit(self, sequence_number: int) -> str | None:
-        """Send a copy of a dead-lettered message to the main entity (same message id and
-        application properties) and complete the dead-lettered one.
+        """Send a copy of a dead-lettered message to the main entity and, once the
+        service has accepted it, complete the dead-lettered one.
+
+        The copy has a NEW message id (duplicate detection would drop a copy with the
+        original id within its window, and the message would then be in neither queue)
+        and carries the original message id in ``fanout-idempotency-key`` (unless it has
+        one already), which routing uses as the key in place of the message id: the copy
+        maps to the same job. Body, application properties, content type, correlation id,
+        subject and ReplyTo are kept; the dead-letter properties are not.
 
         For a subscription the copy goes to the topic, so every subscription whose filter
-        matches receives it. Returns the message id, or None if no such message.
+        matches receives it. Returns the copy's message id, or None if no such message.
+        If the send fails the dead letter stays where it was.
         """
         receiver = self._new_receiver(sub_queue=ServiceBusSubQueue.DEAD_LETTER)
         held: list[ServiceBusReceivedMessage] = []
@@ -429,9 +574,10 @@ class ServiceBusSource:
             target = await self._find_dead_lettered(receiver, sequence_number, held)
             if target is None:
                 return None
-            await self._send(self._copy(target))
-            await receiver.complete_message(target)
-            return _message_id(target)
+            copy = self._copy(target)
+            await self._send(copy)  # raises unless the service accepted the copy
+            await self._bounded(receiver.complete_message(target), "dead-letter complete")
+            return str(copy.message_id)
         except Exception as exc:
             raise classify_error(exc, "resubmit") from exc
         finally:
@@ -514,9 +660,9 @@ class ServiceBusSource:
                 self._sender = client.get_topic_sender(self._topic) if self._topic \
                     else client.get_queue_sender(self._queue or "")
             try:
-                await self._sender.send_messages(message)
+                await self._bounded(self._sender.send_messages(message), "send")
             except Exception as exc:
-                fault = classify_error(exc, "send")
+                fault = classify_error(exc, "send", self._what())
                 if not isinstance(fault, LockLost):
                     await self._quietly(self._sender.close(), "sender")
                     self._sender = None
@@ -560,12 +706,16 @@ class ServiceBusSource:
     async def _open(self, receiver: ServiceBusReceiver) -> None:
         """Open the link now, bounded by ``open_timeout``: left to ``receive_messages``,
         the open would have to fit in the receive's ``max_wait``."""
-        await asyncio.wait_for(receiver.__aenter__(), self._open_timeout)
+        try:
+            await asyncio.wait_for(receiver.__aenter__(), self._open_timeout)
+        except TimeoutError as exc:
+            raise TimeoutError(f"opening a link to {self.name} took over "
+                               f"{self._open_timeout:g} s") from exc
 
     async def _fail(self, slot: _Slot, exc: Exception, action: str) -> FanoutError:
         """Classify ``exc``; drop the receiver and back off after a failed receive, or
         after a settlement or renewal that failed because the connection did."""
-        fault = classify_error(exc, action)
+        fault = classify_error(exc, action, self._what())
         if isinstance(fault, LockLost):
             return fault
         if action != "receive" and not isinstance(exc, _BROKEN_LINK):
@@ -611,8 +761,12 @@ class ServiceBusSource:
             async with slot.lock:
                 receiver = self._receiver_of(handle, action)
                 try:
-                    await operation(receiver, handle.message)
+                    await self._bounded(operation(receiver, handle.message), action)
                 except Exception as exc:
+                    if isinstance(classify_error(exc, action), LockLost) \
+                            and _link_closed(receiver):
+                        # The SDK shut the handler: reopen on the next receive.
+                        await self._drop_receiver(slot)
                     raise await self._fail(slot, exc, action) from exc
         finally:
             if not handle.settled and handle.generation == slot.generation:
@@ -646,20 +800,39 @@ class ServiceBusSource:
 
     @staticmethod
     def _copy(message: ServiceBusReceivedMessage) -> ServiceBusMessage:
-        properties = {k: v for k, v in (message.application_properties or {}).items()
-                      if _text(k) not in _DEAD_LETTER_PROPERTIES}
+        properties: dict[str | bytes, Any] = {
+            k: v for k, v in (message.application_properties or {}).items()
+            if _text(k) not in _DEAD_LETTER_PROPERTIES}
+        original = _message_id(message)
+        if original and not any(_text(k) == IDEMPOTENCY_KEY_PROPERTY for k in properties):
+            properties[IDEMPOTENCY_KEY_PROPERTY] = original
         return ServiceBusMessage(
-            _body(message), message_id=_message_id(message),
+            _body(message), message_id=uuid.uuid4().hex,
             application_properties=properties, content_type=message.content_type,
             correlation_id=message.correlation_id, subject=message.subject,
             reply_to=message.reply_to)
 
     # ---------------------------------------------------------------- helpers
 
-    async def _quietly(self, awaitable: Awaitable[Any], what: str) -> None:
-        """Await a clean-up step; log (never raise) what goes wrong."""
+    def _what(self) -> str:
+        return (f"subscription {self._subscription!r} of topic {self._topic!r}"
+                if self._topic else f"queue {self._queue!r}")
+
+    async def _bounded(self, awaitable: Awaitable[Any], what: str,
+                       timeout: float | None = None) -> Any:
+        """Await an SDK call for at most ``timeout`` (``operation_timeout``) seconds; a
+        call that does not answer (a half-open connection) raises ``TimeoutError``."""
+        limit = self._timeout if timeout is None else timeout
         try:
-            await awaitable
+            return await asyncio.wait_for(awaitable, limit)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{what} on {self.name} had no answer within {limit:g} s "
+                               "(a silent connection?)") from exc
+
+    async def _quietly(self, awaitable: Awaitable[Any], what: str) -> None:
+        """Await a clean-up step (bounded); log (never raise) what goes wrong."""
+        try:
+            await asyncio.wait_for(awaitable, self._timeout)
         except Exception as exc:
             log.warning("servicebus.close_failed", entity=self.name, what=what,
                         error=_describe(exc))

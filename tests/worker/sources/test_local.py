@@ -235,18 +235,20 @@ def test_dead_letters_oldest_first_and_limited(make_queue: MakeQueue, clock: Fak
 
 
 def test_resubmit_keeps_id_and_resets_count(make_queue: MakeQueue) -> None:
-    """Resubmitting a dead letter requeues it with the same id and delivery count 0."""
+    """Resubmitting a dead letter requeues a copy with delivery count 0, a new message
+    id, and the original id as its idempotency key (fanout-idempotency-key)."""
     queue = make_queue(max_delivery_count=2)
     run(queue.send(b"x", message_id="again", properties={"a": "b"}))
     for _ in range(2):
         run(queue.abandon(receive_one(queue)))
     [dead] = run(queue.dead_letters())
     assert dead.sequence_number is not None
-    assert run(queue.resubmit(dead.sequence_number)) == "again"
+    copy_id = run(queue.resubmit(dead.sequence_number))
+    assert copy_id and copy_id != "again"
     assert run(queue.dead_letters()) == []
     msg = receive_one(queue)
-    assert (msg.message_id, msg.delivery_count, msg.body) == ("again", 0, b"x")
-    assert msg.properties == {"a": "b"}
+    assert (msg.message_id, msg.delivery_count, msg.body) == (copy_id, 0, b"x")
+    assert msg.properties == {"a": "b", "fanout-idempotency-key": "again"}
     assert run(queue.resubmit(dead.sequence_number)) is None
 
 
@@ -502,7 +504,7 @@ def test_reply_to_round_trip_and_resubmit(make_queue: MakeQueue) -> None:
     first, second = run(queue.receive(2, 0))
     assert (first.reply_to, second.reply_to) == ("answers", None)
     run(queue.dead_letter(first, "R", "d"))
-    assert run(queue.resubmit(first.sequence_number)) == "with"
+    assert run(queue.resubmit(first.sequence_number)) not in (None, "with")
     run(queue.complete(second))
     assert receive_one(queue).reply_to == "answers"
 
@@ -589,3 +591,21 @@ def test_file_from_before_reply_to_is_migrated(tmp_path: Path, make_queue: MakeQ
     assert (new.body, new.reply_to) == (b"new", "answers")
     columns = {row[1] for row in sqlite3.connect(path).execute("PRAGMA table_info(messages)")}
     assert "reply_to" in columns
+
+
+def test_resubmit_survives_duplicate_detection(make_queue: MakeQueue) -> None:
+    """With duplicate detection on, a resubmitted copy is not dropped as a duplicate of
+    the original (a new id); a copy resubmitted again keeps the first key."""
+    queue = make_queue(max_delivery_count=1, duplicate_window=3600.0)
+    run(queue.send(b"x", message_id="orig"))
+    run(queue.abandon(receive_one(queue)))
+    [dead] = run(queue.dead_letters())
+    assert dead.sequence_number is not None
+    copy_id = run(queue.resubmit(dead.sequence_number))
+    assert [m.message_id for m in run(queue.peek())] == [copy_id]
+    run(queue.abandon(receive_one(queue)))
+    [dead] = run(queue.dead_letters())
+    assert dead.sequence_number is not None
+    run(queue.resubmit(dead.sequence_number))
+    [again] = run(queue.peek())
+    assert again.properties == {"fanout-idempotency-key": "orig"}
