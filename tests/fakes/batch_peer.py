@@ -43,8 +43,11 @@ per task) and a ``taskIds`` list of at most 64,000 characters
 (``TaskDependencyListTooLong`` per task); exit options: a ``dependencyAction`` on a job
 without ``usesTaskDependencies`` and a ``jobAction`` on a job whose ``onTaskFailure`` is
 ``noaction`` are 400 ``InvalidPropertyValue`` per task; the job must exist
-(``JobNotFound`` 404) and be active (``JobCompleted`` 409); the pool must exist when a
-job names it (``PoolNotFound``, see ``require_pool``); an optional active-job quota
+(``JobNotFound`` 404) and be active (``JobCompleted`` 409); a job naming a missing
+pool is accepted and its tasks wait (``require_pool`` refuses it, for tests only); only
+the spec's property names in bodies (``InvalidRequestBody``) and answers
+(:attr:`BatchPeer.undocumented`); pools with and without a container configuration;
+resource file sources; an optional active-job quota
 (``ActiveJobAndScheduleQuotaReached``). Errors have the service's body:
 ``{"code", "message": {"lang", "value"}, "values": [{"key", "value"}]}``.
 
