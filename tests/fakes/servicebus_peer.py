@@ -855,6 +855,9 @@ class ServiceBusPeer:
         if operation == "com.microsoft:renew-lock":
             return self._renew(body)
         if operation == "com.microsoft:peek-message":
+            if entity.path.lower() in self._sessionful:
+                # The service refuses a peek without a session too (as the receive link).
+                return 400, None, "amqp:not-allowed"
             return self._peek(entity, body)
         if operation == "com.microsoft:update-disposition":
             return self._update_disposition(body)
@@ -1273,7 +1276,9 @@ class _Handler(FlowController):
             status, answer, condition = self.peer._management(
                 link.entity, str(props.get("operation")), body)
         reply_to = _path(request.reply_to) or link.node
-        self._reply(link, reply_to, request, status, "OK" if status < 300 else "Failed",
+        description = SESSION_REQUIRED if condition == "amqp:not-allowed" else \
+            "OK" if status < 300 else "Failed"
+        self._reply(link, reply_to, request, status, description,
                     condition, answer, status_key="statusCode")
         self.pump()
 

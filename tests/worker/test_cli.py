@@ -170,3 +170,23 @@ def test_status_watch_ends_when_jobs_complete(cli: CliRunner, tmp_path: Path) ->
     result = cli.invoke(main, ["status", "--watch"])
     assert result.exit_code == 0, result.output
     assert "job-w" in result.output and "3/3" in result.output
+
+
+def test_send_id_over_128_characters_is_a_usage_error(cli: CliRunner) -> None:
+    """--id longer than a message id may be exits 2 with a message, not a traceback."""
+    result = cli.invoke(main, ["send", "-H", "sweep", "--id", "k" * 129])
+    assert result.exit_code == 2
+    assert "128" in result.output and "Traceback" not in result.output
+
+
+def test_errors_print_amqp_conditions_verbatim(capsys: pytest.CaptureFixture[str]) -> None:
+    """An error naming amqp:link:detach-forced prints as is: no markup, no emoji."""
+    from worker.cli import _system_call
+    from worker.errors import SystemFault
+
+    async def failing() -> None:
+        raise SystemFault("amqp:link:detach-forced [bold]x[/bold] :smile:")
+
+    with pytest.raises(SystemExit):
+        _system_call(failing)
+    assert "amqp:link:detach-forced [bold]x[/bold] :smile:" in capsys.readouterr().err

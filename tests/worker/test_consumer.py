@@ -284,3 +284,53 @@ def test_cancel_message_terminates_the_job(worker: Callable[..., RunningWorker])
     assert backend.terminated == [(job_id, "FanoutCancelled")]
     (dead,) = w.dead_letters()
     assert dead.reason == "UnknownJob"
+
+
+def test_unready_until_the_backend_probes_well_at_start(
+        worker: Callable[..., RunningWorker]) -> None:
+    """A backend whose probe fails (a wrong key) keeps /readyz unready from the start,
+    before any message, with the reason; fixing it makes the worker ready."""
+    backend = MemoryBackend()
+    backend.config_fault = ConfigFault("the account key was refused", code="AuthFailed")
+    w = worker(backend=backend)
+    w.wait_until(lambda: "AuthFailed" in w.app.health.reason, what="the probe's reason")
+    assert not w.app.health.ready
+    backend.config_fault = None
+    w.wait_until(lambda: w.app.health.ready, what="ready after the fix")
+
+
+def test_source_probe_failure_keeps_the_worker_unready(
+        worker: Callable[..., RunningWorker]) -> None:
+    """Readiness needs the source's probe too: while it raises ConfigFault the worker
+    stays unready although the backend probes well."""
+    w = worker()
+    w.wait_until(lambda: w.app.health.ready, what="ready at start")
+    source = w.app.source
+    calls = []
+
+    async def refused() -> None:
+        calls.append(1)
+        raise ConfigFault("queue 'fanout' requires sessions", code="SessionRequired")
+
+    original = source.probe
+    source.probe = refused  # type: ignore[method-assign]
+    # As a receive's ConfigFault would (on the worker's loop).
+    w.loop.call_soon_threadsafe(w.app.consumer._set_ready, False, "testing")
+    w.wait_until(lambda: len(calls) >= 2, what="probed twice")
+    assert not w.app.health.ready and "SessionRequired" in w.app.health.reason
+    source.probe = original  # type: ignore[method-assign]
+    w.wait_until(lambda: w.app.health.ready, what="ready again")
+
+
+def test_the_idempotency_key_property_wins_over_the_message_id(
+        worker: Callable[..., RunningWorker]) -> None:
+    """A resubmitted copy (new message id, original id in fanout-idempotency-key) of an
+    envelope without "id" maps to the job of the original message id."""
+    from worker.context import job_id_for
+
+    w = worker()
+    w.send(SWEEP, message_id="copy-1", properties={"fanout-idempotency-key": "orig-1"})
+    w.wait_idle(1)
+    backend = w.app.backend
+    assert isinstance(backend, MemoryBackend)
+    assert list(backend.jobs) == [job_id_for("sweep", "orig-1")]

@@ -40,3 +40,29 @@ def test_health_goes_stale_without_beats() -> None:
     assert health.alive
     health.set_ready(False, "AuthFailed: 403")
     assert not health.ready and health.reason == "AuthFailed: 403"
+
+
+def test_one_stuck_loop_fails_liveness_while_another_beats() -> None:
+    """Heartbeats are per loop: a loop that stops beating fails /healthz even while
+    another keeps beating; a loop that ends is forgotten."""
+    now = [100.0]
+    health = Health(heartbeat_timeout=10, clock=lambda: now[0])
+    health.beat("receive-0")
+    health.beat("receive-1")
+    for _ in range(3):
+        now[0] += 5
+        health.beat("receive-1")
+    assert not health.alive and health.stalest == "receive-0"
+    assert health.since_beat() == 15
+    health.forget("receive-0")
+    assert health.alive
+
+
+def test_settle_failures_have_their_own_counter() -> None:
+    """fanout_settle_failures_total is labelled by action and why."""
+    m = Metrics(registry=CollectorRegistry())
+    m.settle_failures.labels("complete", "lock_lost").inc()
+    assert m.registry.get_sample_value("fanout_settle_failures_total", {
+        "action": "complete", "why": "lock_lost"}) == 1
+    assert m.registry.get_sample_value("fanout_messages_total", {
+        "handler": "none", "outcome": "completed"}) is None

@@ -447,6 +447,9 @@ class ServiceBusSource:
         receiver = self._new_receiver()
         try:
             await self._open(receiver)
+            # A peek needs the Listen right and is refused on an entity that requires
+            # sessions, as the receive link is; it locks nothing.
+            await self._bounded(receiver.peek_messages(max_message_count=1), "probe")
         except Exception as exc:
             raise classify_error(exc, "probe", self._what()) from exc
         finally:

@@ -562,3 +562,148 @@ def test_reply_to_round_trip(peer: ServiceBusPeer) -> None:
     assert [m.message_id for m in peer.messages(QUEUE)] == ["r-0"]
     got = run(scenario())
     assert [(m.message_id, m.reply_to) for m in got] == [("r-0", None), ("r-1", "answers")]
+
+
+# --------------------------------------------------------------------------- service rules
+
+
+def test_resubmit_to_a_queue_with_duplicate_detection_loses_nothing(
+        make_peer: MakePeer) -> None:
+    """On a queue with duplicate detection (as the Bicep queue) the resubmitted copy is
+    not dropped: it has a new message id; the dead letter is gone only once it is in."""
+    peer = make_peer(duplicate_detection={QUEUE: 3600.0})
+
+    async def scenario() -> tuple[str | None, Received]:
+        async with open_source(peer) as source:
+            await source.send(b'{"handler": "sweep"}', message_id="orig")
+            msg = await receive_one(source)
+            await source.dead_letter(msg, "NoRoute", "x")
+            [dead] = await source.dead_letters()
+            assert dead.sequence_number is not None
+            copy_id = await source.resubmit(dead.sequence_number)
+            back = await receive_one(source)
+            await source.complete(back)
+            return copy_id, back
+
+    copy_id, back = run(scenario())
+    assert back.message_id == copy_id
+    assert back.properties["fanout-idempotency-key"] == "orig"
+    assert peer.duplicates_dropped == 0 and peer.dead_letters(QUEUE) == []
+
+
+def test_a_failed_resubmit_send_keeps_the_dead_letter(make_peer: MakePeer) -> None:
+    """When the service refuses the copy (quota exceeded), the dead letter stays."""
+    peer = make_peer()
+    peer.put(QUEUE + "/$DeadLetterQueue", b"x", message_id="d-1",
+             properties={"DeadLetterReason": "NoRoute"})
+
+    async def scenario() -> None:
+        async with open_source(peer) as source:
+            [dead] = await source.dead_letters()
+            assert dead.sequence_number is not None
+            peer.quota_exceeded_sends = 5
+            with pytest.raises(SystemFault, match="is full"):
+                await source.resubmit(dead.sequence_number)
+
+    run(scenario())
+    assert [m.message_id for m in peer.dead_letters(QUEUE)] == ["d-1"]
+    assert peer.messages(QUEUE) == []
+
+
+def test_a_session_queue_is_a_config_fault_naming_sessions(make_peer: MakePeer) -> None:
+    """Receiving from (and probing) a queue that requires sessions is a ConfigFault
+    with code SessionRequired; a missing queue is EntityNotFound."""
+    peer = make_peer(queues=[], requires_session=[QUEUE])
+
+    async def scenario() -> list[ConfigFault]:
+        faults = []
+        async with open_source(peer) as source:
+            with pytest.raises(ConfigFault) as caught:
+                await source.receive(1, 1.0)
+            faults.append(caught.value)
+            with pytest.raises(ConfigFault) as caught:
+                await source.probe()
+            faults.append(caught.value)
+        async with open_source(peer, queue="missing") as source:
+            with pytest.raises(ConfigFault) as caught:
+                await source.probe()
+            faults.append(caught.value)
+        return faults
+
+    receive, probe, missing = run(scenario())
+    assert (receive.code, probe.code) == ("SessionRequired", "SessionRequired")
+    assert "requires sessions" in probe.description
+    assert missing.code == "EntityNotFound" and "'missing'" in missing.description
+
+
+def test_probe_passes_on_a_plain_queue(peer: ServiceBusPeer) -> None:
+    """probe() opens and closes a link, locking nothing."""
+    peer.put(QUEUE, b"x", message_id="p")
+
+    async def scenario() -> None:
+        async with open_source(peer) as source:
+            await source.probe()
+
+    run(scenario())
+    assert peer.counts(QUEUE) == {"active": 1, "locked": 0, "deferred": 0, "dead_letter": 0}
+
+
+def test_a_prefetch_beyond_the_lock_is_refused(peer: ServiceBusPeer) -> None:
+    """prefetch x the least a message takes over the lock duration is a SettingsError
+    with the arithmetic; a prefetch that fits passes."""
+    from worker.errors import SettingsError
+
+    async def scenario(prefetch: int) -> None:
+        async with open_source(peer, prefetch=prefetch) as source:
+            await source.check_capacity(4)
+
+    with pytest.raises(SettingsError) as caught:
+        run(scenario(3))  # 3 x 5 s = 15 s > the 1 s lock
+    text = str(caught.value)
+    assert "servicebus.prefetch = 3" in text and "consumer.concurrency = 4" in text
+    assert "15 s > the lock duration of 1 s" in text and "at most 0" in text
+    run(scenario(0))
+
+
+def test_a_message_over_the_size_limit_names_the_limit(peer: ServiceBusPeer) -> None:
+    """A body over the Standard tier's 256 KB is refused; the fault names the limit."""
+    async def scenario() -> None:
+        async with open_source(peer) as source:
+            with pytest.raises(SystemFault) as caught:
+                await source.send(b"x" * (300 * 1024), message_id="big")
+            assert "size limit" in caught.value.description
+            assert "262144 bytes" in caught.value.description
+
+    run(scenario())
+    assert peer.messages(QUEUE) == []
+
+
+def test_a_settlement_on_a_detached_link_is_lock_lost(make_peer: MakePeer) -> None:
+    """The service detaches the idle link while a message is held; renewal and
+    complete raise LockLost (not a generic fault), and the message comes back and
+    settles on a new link."""
+    peer = make_peer(lock_duration=2.0, link_idle_timeout=0.3)
+    peer.put(QUEUE, b"held", message_id="h-1")
+
+    async def scenario() -> Received:
+        async with open_source(peer) as source:
+            held = await receive_one(source)
+            while peer.idle_detaches == 0:
+                await asyncio.sleep(0.05)
+            with pytest.raises(LockLost):
+                for _ in range(20):  # the detach is read off the connection
+                    await source.renew_lock(held)
+                    await asyncio.sleep(0.1)
+            with pytest.raises(LockLost):
+                await source.complete(held)
+            for _ in range(40):
+                with contextlib.suppress(SystemFault):  # the detach, seen by a receive
+                    got = await source.receive(1, 0.5)
+                    if got:
+                        await source.complete(got[0])
+                        return got[0]
+            raise AssertionError("not redelivered")
+
+    again = run(scenario())
+    assert (again.message_id, again.delivery_count) == ("h-1", 1)
+    assert peer.counts(QUEUE)["active"] == 0

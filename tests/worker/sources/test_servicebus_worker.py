@@ -37,8 +37,10 @@ def sb_worker(make_settings: Callable[..., Settings]
     running: list[tuple[RunningWorker, ServiceBusPeer]] = []
 
     def start(*, lock: float = 1.0, backend: MemoryBackend | None = None,
+              peer_options: dict[str, Any] | None = None,
               **overrides: Any) -> tuple[RunningWorker, ServiceBusPeer]:
-        peer = ServiceBusPeer(queues=[QUEUE], lock_duration=lock).start()
+        peer = ServiceBusPeer(queues=[QUEUE], lock_duration=lock,
+                              **(peer_options or {})).start()
         settings = make_settings(
             servicebus={"connection_string": peer.connection_string, "queue": QUEUE},
             queue={"lock_duration": lock, "poll_interval": 0.2},
@@ -159,3 +161,23 @@ def test_graceful_shutdown_abandons_in_flight_messages(
     worker.stop()
     [message] = peer.messages(QUEUE)
     assert (message.message_id, message.state, message.delivery_count) == ("big-1", "active", 1)
+
+
+def test_a_message_held_past_the_link_idle_timeout_is_not_counted_completed(
+        sb_worker: Callable[..., tuple[RunningWorker, ServiceBusPeer]]) -> None:
+    """Submission outlasts the link idle timeout (scaled down to 1 s): the service
+    detaches the link, the complete fails and is counted as a settle failure (never as
+    completed); the redelivery finds the job sealed and completes once."""
+    backend = MemoryBackend(add_delay=2.5)  # one add-tasks call; none on the redelivery
+    worker, peer = sb_worker(backend=backend, lock=2.0, consumer={"concurrency": 1},
+                             peer_options={"link_idle_timeout": 1.0})
+    worker.send(SWEEP, message_id="slow-1")
+    worker.wait_until(lambda: peer.counts(QUEUE) == {
+        "active": 0, "locked": 0, "deferred": 0, "dead_letter": 0}, timeout=60,
+        what="the message settled")
+    assert peer.idle_detaches >= 1
+    assert worker.sample("fanout_settle_failures_total",
+                         {"action": "complete", "why": "lock_lost"}) >= 1
+    assert worker.sample("fanout_messages_total",
+                         {"handler": "sweep", "outcome": "completed"}) == 1
+    assert len(memory(worker).jobs) == 1 and backend.add_calls == 1
