@@ -80,10 +80,10 @@ def run(ctx: Ctx) -> None:
 
     try:
         app = App.build(settings)
+        asyncio.run(app.run())  # start-up checks against the live queue raise here too
     except SettingsError as exc:
         err.print(str(exc), style="red", markup=False, highlight=False)
         raise SystemExit(2) from None
-    asyncio.run(app.run())
 
 
 def _message_options(fn: Any) -> Any:
@@ -223,7 +223,8 @@ def plan(ctx: Ctx, file: Any, handler: str | None, params: tuple[str, ...],
         else:
             _print_plan(result.jobs, result.ignored, show)
     except MessageFault as fault:
-        err.print(f"[red]{fault.reason}[/red]: {fault.description}", highlight=False)
+        err.print(f"{fault.reason}: {fault.description}", style="red", markup=False,
+                  emoji=False, highlight=False)
         raise SystemExit(EXIT_BAD_MESSAGE) from None
 
 

@@ -140,3 +140,22 @@ def test_events_lists_without_consuming_and_follows(cli: CliRunner, tmp_path: Pa
     finally:
         follower.kill()
         follower.wait(10)
+
+
+def test_run_refuses_a_prefetch_the_lock_cannot_cover(tmp_path: Path) -> None:
+    """`fanout run` (a real process) on a Service Bus queue whose lock cannot cover the
+    prefetch exits 2 with the arithmetic, as plain text, not a traceback."""
+    from tests.fakes.servicebus_peer import ServiceBusPeer
+
+    with ServiceBusPeer(queues=["work"], lock_duration=5.0) as peer:
+        (tmp_path / "fanout.toml").write_text("\n".join([
+            "[servicebus]", f'connection_string = "{peer.connection_string}"',
+            'queue = "work"', "prefetch = 50",
+            f"emulator_admin_port = {peer.admin_port or 5300}",
+            "[metrics]", "port = 0", "[jobs]", "monitor = false", ""]))
+        done = subprocess.run([PY, "-m", "worker.cli", "run"], cwd=tmp_path, timeout=120,
+                              capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 2, done.stderr
+    assert "servicebus.prefetch = 50" in done.stderr and "4 x 50 = 200" in done.stderr
+    assert "Traceback" not in done.stderr
