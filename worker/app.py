@@ -219,13 +219,13 @@ class App:
             start()
         if install_signals:
             self._install_signals()
-        pollers = [asyncio.create_task(self._poll_queue()),
-                   asyncio.create_task(self._poll_backend())]
+        pollers = [asyncio.create_task(self._poll_queue(), name="queue-poller"),
+                   asyncio.create_task(self._poll_backend(), name="backend-poller")]
         if watcher is not None:
-            pollers.append(asyncio.create_task(watcher.run()))
+            pollers.append(asyncio.create_task(watcher.run(), name="watcher"))
         monitor = self._monitor()
         if monitor is not None:
-            pollers.append(asyncio.create_task(monitor.run()))
+            pollers.append(asyncio.create_task(monitor.run(), name="job-monitor"))
         log.info("fanout.started", queue=self.source.name, queue_kind=self.settings.queue_kind,
                  backend=self.settings.backend_kind, storage=self.settings.storage_kind,
                  metrics=f"http://{self.settings.metrics.bind}:{server.port}/metrics",
@@ -237,9 +237,7 @@ class App:
                     await maybe
             await self.consumer.run()
         finally:
-            for task in pollers:
-                task.cancel()
-            await asyncio.gather(*pollers, return_exceptions=True)
+            await _cancel_all(pollers)
             if monitor is not None and monitor.sink is not None:
                 await monitor.sink.close()
             await self.source.close()
@@ -315,6 +313,24 @@ class App:
             m.active_jobs.set(stats.active_jobs)
 
         await _poll_forever("backend", interval, once, self.metrics)
+
+
+#: How long stopping pollers may take before shutdown goes on without them.
+POLLER_STOP_GRACE = 5.0
+
+
+async def _cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel the pollers and wait for them, a bounded time: a library call that
+    swallows the cancellation (seen with the Service Bus SDK mid-request) would
+    otherwise keep the daemon from exiting."""
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    _, stuck = await asyncio.wait(tasks, timeout=POLLER_STOP_GRACE)
+    if stuck:
+        log.warning("fanout.pollers_stuck", pollers=sorted(t.get_name() for t in stuck),
+                    note="shutting down without them")
 
 
 async def _poll_forever(name: str, interval: float, once: Callable[[], Awaitable[Any]],
