@@ -113,6 +113,6 @@ SAMPLES = Path(__file__).parent / "samples"
 
 
 def sample(name: str) -> dict[str, Any]:
-    """A copy of one of the sample events (from ../shared/samples)."""
+    """A copy of one of the sample events (tests/handlers/samples)."""
     data: dict[str, Any] = json.loads((SAMPLES / name).read_text())
     return data

@@ -1,4 +1,4 @@
-"""Blob-created events (the samples from ../shared/samples) through route rules into the
+"""Blob-created events (the samples in tests/handlers/samples) through route rules into the
 transcode and render handlers, on an Azure storage configuration (no network used)."""
 
 from __future__ import annotations

@@ -32,7 +32,12 @@ redelivery finds the job sealed (nothing is added again) and completes at once.
 
 Timeouts. Every SDK call is bounded (``operation_timeout``; a receive by its wait plus
 that), so a half-open connection that swallows bytes without a reset makes the call
-fail with ``SystemFault``, drop its receiver and reconnect, instead of hanging.
+fail with ``SystemFault``, drop its receiver and reconnect, instead of hanging. A
+receive on such a connection does not hang, though: the SDK returns no messages once
+its wait is over, as on an empty queue. So after an empty receive, a receiver on which
+nothing has been heard for ``operation_timeout`` gets one round trip on its connection
+(a peek, which locks nothing; within the receive's bound): no answer is a timeout like
+any other, and the receiver is dropped and reopened.
 
 Errors map as: lock lost (and a settlement on a detached link) → ``LockLost``;
 connection, timeout, server busy, a full entity and other transient faults →
@@ -306,6 +311,7 @@ class _Slot:
     generation: int = 0
     outstanding: int = 0  # messages it locked that are not settled yet
     busy: bool = False  # checked out by a receive call
+    heard: float = 0.0  # loop time of the last answer on its connection
 
 
 @dataclass(eq=False, slots=True)
@@ -396,8 +402,7 @@ class ServiceBusSource:
                 try:
                     receiver = await self._ready_receiver(slot)
                     messages = await self._bounded(
-                        receiver.receive_messages(max_message_count=count,
-                                                  max_wait_time=max_wait),
+                        self._receive_checked(slot, receiver, count, max_wait),
                         "receive", max_wait + self._timeout)
                 except Exception as exc:
                     raise await self._fail(slot, exc, "receive") from exc
@@ -407,6 +412,19 @@ class ServiceBusSource:
         finally:
             slot.busy = False
         return [to_received(m, _Handle(slot, generation, m)) for m in messages]
+
+    async def _receive_checked(self, slot: _Slot, receiver: ServiceBusReceiver, count: int,
+                               max_wait: float) -> list[ServiceBusReceivedMessage]:
+        """Receive; after an empty receive on a receiver not heard from for
+        ``operation_timeout``, check its connection with a peek (see Timeouts)."""
+        loop = asyncio.get_running_loop()
+        messages: list[ServiceBusReceivedMessage] = await receiver.receive_messages(
+            max_message_count=count, max_wait_time=max_wait)
+        if not messages and loop.time() - slot.heard >= self._timeout:
+            await receiver.peek_messages(max_message_count=1)
+        if messages or loop.time() - slot.heard >= self._timeout:
+            slot.heard = loop.time()
+        return messages
 
     async def complete(self, msg: Received) -> None:
         """Remove a processed message."""
@@ -704,6 +722,7 @@ class ServiceBusSource:
             slot.generation += 1
             slot.outstanding = 0
             await self._open(slot.receiver)
+            slot.heard = asyncio.get_running_loop().time()
         return slot.receiver
 
     async def _open(self, receiver: ServiceBusReceiver) -> None:

@@ -1,6 +1,6 @@
 """``AzureBatchBackend``: the Backend protocol on Azure Batch.
 
-Job lifecycle (ARCHITECTURE.md): create the job with on-all-tasks-complete = no
+Job lifecycle (docs/azure-batch.md): create the job with on-all-tasks-complete = no
 action, add every task, then seal it (terminate the job when its tasks complete).
 Each call is one REST request through the ``BatchClient``'s pipeline with a body built
 as plain JSON (see ``wire.py`` for why); the submitter calls ``add_tasks`` from several

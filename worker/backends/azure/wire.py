@@ -1,7 +1,7 @@
 """The Azure Batch REST shapes fanout sends and reads, as plain dicts and JSON.
 
 The SDK's model layer costs about 85 µs of client CPU per task, most of it
-deserializing the add-collection answer into models (shared/notes/batch-submission.md);
+deserializing the add-collection answer into models (docs/performance.md);
 building the bodies as dicts and reading the answers with ``json.loads`` costs a few
 µs. Field names and enum values are those of api-version ``2025-06-01`` (azure-batch
 15.x).
