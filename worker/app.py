@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from handlers.base import BlobRef, BuildRequest, JobSpec
 from worker.backends.base import Backend
 from worker.config import Settings
-from worker.consumer import Consumer
+from worker.consumer import Consumer, cancel_and_wait
 from worker.context import WorkerContext, apply_job_options, job_id_for
 from worker.metrics import Health, Metrics, MetricsServer
 from worker.plan import Planner
@@ -320,17 +320,8 @@ POLLER_STOP_GRACE = 5.0
 
 
 async def _cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
-    """Cancel the pollers and wait for them, a bounded time: a library call that
-    swallows the cancellation (seen with the Service Bus SDK mid-request) would
-    otherwise keep the daemon from exiting."""
-    for task in tasks:
-        task.cancel()
-    if not tasks:
-        return
-    _, stuck = await asyncio.wait(tasks, timeout=POLLER_STOP_GRACE)
-    if stuck:
-        log.warning("fanout.pollers_stuck", pollers=sorted(t.get_name() for t in stuck),
-                    note="shutting down without them")
+    """Cancel the pollers, waiting a bounded time (see ``cancel_and_wait``)."""
+    await cancel_and_wait(tasks, POLLER_STOP_GRACE)
 
 
 async def _poll_forever(name: str, interval: float, once: Callable[[], Awaitable[Any]],

@@ -127,16 +127,13 @@ class Consumer:
         loops = [asyncio.create_task(self._receive_loop(i), name=f"fanout-receive-{i}")
                  for i in range(self.settings.consumer.concurrency)]
         await self._stopping.wait()
-        prober.cancel()
-        await asyncio.gather(prober, return_exceptions=True)
+        await cancel_and_wait([prober], ABANDON_GRACE)
         _, pending = await asyncio.wait(loops, timeout=self.settings.consumer.drain_grace)
         if pending:
             log.warning("consumer.drain_timeout", unfinished=len(pending))
             self._cancel.set()
             _, pending = await asyncio.wait(pending, timeout=ABANDON_GRACE)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await cancel_and_wait(list(pending), ABANDON_GRACE)
         self._set_ready(False, "stopped")
         log.info("consumer.stopped", handled=self._handled)
 
@@ -408,6 +405,19 @@ class Consumer:
         except TimeoutError:
             return False
         return True
+
+
+async def cancel_and_wait(tasks: list[asyncio.Task[Any]], timeout: float) -> None:
+    """Cancel ``tasks`` and wait for them at most ``timeout`` seconds: a library call
+    that swallows a cancellation mid-request must not keep the worker from exiting."""
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    _, stuck = await asyncio.wait(tasks, timeout=timeout)
+    if stuck:
+        log.warning("worker.tasks_stuck", tasks=sorted(t.get_name() for t in stuck),
+                    note="going on without them")
 
 
 _OUTCOME_LABEL = {"complete": "completed", "dead_letter": "dead_lettered",
