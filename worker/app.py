@@ -75,7 +75,7 @@ def make_backend(settings: Settings, storage: Storage) -> Backend:
     settings.home.mkdir(parents=True, exist_ok=True)
     return LocalBackend(home=settings.home, slots=settings.local.slot_count,
                         pool=settings.local.pool, poll_interval=settings.local.poll_interval,
-                        storage=storage)
+                        storage=storage, retention=settings.jobs.retention.total_seconds())
 
 
 def make_sink(settings: Settings) -> EventSink | None:

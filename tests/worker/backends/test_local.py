@@ -754,6 +754,20 @@ def test_retention_deletes_task_directories(make_backend: MakeBackend) -> None:
     assert backend.task("j", "brief").result == "success"  # type: ignore[union-attr]
 
 
+def test_the_backend_retention_applies_to_tasks_without_their_own(
+        make_backend: MakeBackend) -> None:
+    """With retention=0 (the worker passes jobs.retention) a task naming none has its
+    directory deleted too; with the default (Batch's seven days) it stays."""
+    backend = make_backend(start=False, retention=0.0)
+    backend.purge_interval = 0.0
+    backend.create_job(job("j"))
+    backend.add_tasks("j", [TaskSpec(id="plain", command_line="true")])
+    backend.start()
+    wait_for(settled(backend, "j", 1), "the task")
+    wait_for(lambda: not backend.task_dir("j", "plain").exists(), "the directory to go")
+    assert backend.task("j", "plain").result == "success"  # type: ignore[union-attr]
+
+
 # -- stopping and crash recovery ---------------------------------------------------------
 
 

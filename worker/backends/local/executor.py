@@ -55,7 +55,7 @@ from worker.backends.base import (
 )
 from worker.backends.local import process
 from worker.backends.local.runner import Node, Outcome, ProcessTable, run_attempt
-from worker.backends.local.store import Store, TaskInfo, TaskRun
+from worker.backends.local.store import DEFAULT_RETENTION, Store, TaskInfo, TaskRun
 from worker.errors import ConfigFault
 from worker.storage.base import Storage
 
@@ -75,7 +75,7 @@ class LocalBackend:
 
     def __init__(self, *, home: Path, slots: int, pool: str = "local",
                  poll_interval: float = 0.2, storage: Storage | None = None,
-                 kill_grace: float = 5.0) -> None:
+                 kill_grace: float = 5.0, retention: float = DEFAULT_RETENTION) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, not {slots}")
         self.home = Path(home).absolute()
@@ -83,7 +83,7 @@ class LocalBackend:
         self.pool = pool
         self.poll_interval = poll_interval
         self.home.mkdir(parents=True, exist_ok=True)
-        self.store = Store(path=self.home / "executor.db", pool=pool)
+        self.store = Store(path=self.home / "executor.db", pool=pool, retention=retention)
         self._node = Node.create(home=self.home, kill_grace=kill_grace, storage=storage)
         self._lock = threading.Lock()
         #: Runners with nothing to claim wait here; notified when work may have appeared.

@@ -261,10 +261,15 @@ class Purgeable:
 class Store:
     """SQLite-backed jobs and tasks; safe to share between threads and processes."""
 
-    def __init__(self, *, path: Path, pool: str, busy_timeout: float = 30.0) -> None:
+    def __init__(self, *, path: Path, pool: str, busy_timeout: float = 30.0,
+                 retention: float = DEFAULT_RETENTION) -> None:
+        """``retention``: seconds a completed task's directory is kept when the task
+        names no retention of its own (Batch's default is seven days; the worker
+        passes ``jobs.retention``, so records and directories go together)."""
         self._path = path
         self._pool = pool
         self._busy_timeout = busy_timeout
+        self._retention = retention
         self._local = threading.local()
         self._lock = threading.Lock()
         # Writers in this process queue here rather than in SQLite's busy handler, which
@@ -424,7 +429,8 @@ class Store:
         with self._write() as conn:
             row = conn.execute("SELECT seq FROM jobs WHERE id = ? AND state = 'active'",
                                (job_id,)).fetchone()
-            return [] if row is None else _terminate(conn, row[0], reason, time.time())
+            return [] if row is None else _terminate(conn, row[0], reason, time.time(),
+                                                     self._retention)
 
     def expired_jobs(self, now: float) -> list[str]:
         """The active jobs whose max wall clock (from their creation) has passed."""
@@ -720,7 +726,7 @@ class Store:
             job_action, dependency_action = _options(conditions, end, exit_code, success,
                                                      bool(acts))
             satisfies = dependency_action == "satisfy"
-            keep = keep if keep is not None else DEFAULT_RETENTION
+            keep = keep if keep is not None else self._retention
             conn.execute(
                 "UPDATE tasks SET state = 'completed', result = ?, exit_code = ?, failure_code = ?,"
                 " failure_message = ?, end_time = ?, pid = NULL, proc_start = NULL,"
@@ -734,7 +740,7 @@ class Store:
                 conn.execute("UPDATE jobs SET satisfied = satisfied + 1 WHERE seq = ?",
                              (job_seq,))
             if job_action == "terminate":
-                return _terminate(conn, job_seq, REASON_TASK_FAILED, now)
+                return _terminate(conn, job_seq, REASON_TASK_FAILED, now, self._retention)
             _complete_if_done(conn, job_seq, now)
         return None
 
@@ -834,7 +840,8 @@ def category_for(failure_code: str | None) -> FailureCategory:
     return "exit_code"
 
 
-def _terminate(conn: sqlite3.Connection, job_seq: int, reason: str, now: float) -> list[int]:
+def _terminate(conn: sqlite3.Connection, job_seq: int, reason: str, now: float,
+               retention: float) -> list[int]:
     """Complete the job with ``reason``; its preparing and running tasks complete as
     ended (Batch's ``TaskEnded``); its active ones stay active and never run, as Batch
     leaves them. Returns the ended tasks' seqs."""
@@ -847,7 +854,7 @@ def _terminate(conn: sqlite3.Connection, job_seq: int, reason: str, now: float) 
         " purge_at = ? + COALESCE(retention, ?), satisfies = 0, category = 'cancelled'"
         " WHERE seq = ?",
         [(TASK_ENDED, f"the task was ended because its job was terminated ({reason})", now,
-          now, DEFAULT_RETENTION, seq) for seq in ended])
+          now, retention, seq) for seq in ended])
     conn.executemany("INSERT INTO transitions VALUES (?, ?, 'completed', ?)",
                      [(seq, now, TASK_ENDED) for seq in ended])
     conn.execute("UPDATE jobs SET state = 'completed', completed = ?, state_changed = ?,"

@@ -1,13 +1,16 @@
-"""Shutdown never waits for ever on a poller that swallows its cancellation."""
+"""The App's wiring: settings reach the parts they govern; shutdown never waits for
+ever on a poller that swallows its cancellation."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 import pytest
 
 from worker import app
+from worker.config import Settings
 
 
 def test_a_poller_that_swallows_cancellation_does_not_block_shutdown(
@@ -31,3 +34,16 @@ def test_a_poller_that_swallows_cancellation_does_not_block_shutdown(
         return done
 
     assert asyncio.run(scenario()) == (True, False)
+
+
+def test_the_local_executor_keeps_task_directories_for_jobs_retention(
+        make_settings: Callable[..., Settings]) -> None:
+    """jobs.retention reaches the local executor, so task directories and job records
+    are kept for the same time; the monitor's poll interval is a tenth locally."""
+    settings = make_settings(jobs={"retention": "P3D", "poll_interval": 30})
+    backend = app.make_backend(settings, app.make_storage(settings))
+    try:
+        assert backend.store._retention == 3 * 86400  # type: ignore[attr-defined]
+    finally:
+        backend.close()
+    assert app.monitor_interval(settings) == 3.0
