@@ -1,14 +1,10 @@
-"""The job monitor's operations of the Azure Batch backend, against the Batch peer.
-
-The peer is gaining what some of these need (list tasks with ``$filter``/``$select``,
-``executionInfo``/``failureInfo``, exit conditions, job terminate and delete, list jobs
-``$filter``); the tests that need a feature it lacks are skipped with the reason, and
-are written to the REST spec (api-version 2025-06-01) so they hold once it lands.
-"""
+"""The job monitor's operations of the Azure Batch backend, against the Batch peer:
+listing fanout's jobs with ``$filter``, task counts, failed and blocked tasks from
+filtered, ``$select``ed task listings, terminate, delete and metadata updates, as the
+REST spec (api-version 2025-06-01) describes them."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,7 +21,6 @@ from handlers.base import (
     JobSpec,
     TaskSpec,
 )
-from tests.fakes import batch_peer
 from tests.fakes.batch_peer import BatchPeer
 from worker.backends.azure import AzureBatchBackend
 from worker.backends.azure.rest import ServiceError
@@ -36,20 +31,6 @@ from worker.storage.local import LocalStorage
 
 MakeBackend = Callable[..., AzureBatchBackend]
 FANOUT = {META_HANDLER: "sweep"}
-
-
-def _peer_has(*operations: str) -> bool:
-    return all(op in batch_peer.OPERATIONS for op in operations)
-
-
-def _needs(*operations: str) -> pytest.MarkDecorator:
-    return pytest.mark.skipif(not _peer_has(*operations),
-                              reason=f"the Batch peer lacks {', '.join(operations)}")
-
-
-def _peer_sets_failures() -> bool:
-    """True when the peer's set_task_state can record failureInfo."""
-    return "failure_code" in inspect.signature(BatchPeer.set_task_state).parameters
 
 
 @pytest.fixture
@@ -187,12 +168,9 @@ def test_task_log_tail_reads_the_end(make_backend: MakeBackend, tmp_path: Path) 
 # -- what needs the peer's new operations ------------------------------------------------
 
 
-@_needs("list_jobs")
 def test_list_fanout_jobs_completed_since(peer: BatchPeer, make_backend: MakeBackend) -> None:
     """completed_since keeps every job not completed and the completed ones whose state
     changed at or after it, filtered by the service."""
-    if not _peer_has("terminate_job"):
-        pytest.skip("the Batch peer lacks terminate_job")
     backend = make_backend()
     for name in ("old-done", "running", "new-done"):
         backend.create_job(job(name, metadata=FANOUT))
@@ -212,7 +190,6 @@ def test_list_fanout_jobs_completed_since(peer: BatchPeer, make_backend: MakeBac
     assert done.end_time is not None and done.end_time.tzinfo is not None
 
 
-@_needs("terminate_job", "delete_job")
 def test_terminate_and_delete_are_idempotent(peer: BatchPeer,
                                              make_backend: MakeBackend) -> None:
     """Terminate sends the reason; again on a completed job, or on a missing one, is no
@@ -232,7 +209,6 @@ def test_terminate_and_delete_are_idempotent(peer: BatchPeer,
     backend.delete_job("absent")
 
 
-@_needs("update_job", "terminate_job")
 def test_update_job_metadata_replaces_it_even_when_completed(
         peer: BatchPeer, make_backend: MakeBackend) -> None:
     """PATCH replaces the whole metadata list, on a completed job too."""
@@ -245,7 +221,6 @@ def test_update_job_metadata_replaces_it_even_when_completed(
     assert record.metadata == {META_HANDLER: "sweep", "fanout-reported": "ev-1"}
 
 
-@_needs("update_job", "terminate_job")
 def test_seal_after_the_job_completed_is_done(peer: BatchPeer,
                                               make_backend: MakeBackend) -> None:
     """The peer answers a seal of a terminated job 409 JobCompleted: counted as done."""
@@ -259,17 +234,13 @@ def test_seal_after_the_job_completed_is_done(peer: BatchPeer,
 
 def _fail(peer: BatchPeer, job_id: str, task_id: str, exit_code: int | None,
           code: str) -> None:
-    peer.set_task_state(job_id, task_id, "completed", exit_code=exit_code,  # type: ignore[call-arg]
-                        failure_code=code)
+    peer.set_task_state(job_id, task_id, "completed", exit_code=exit_code, failure_code=code)
 
 
-@_needs("list_tasks")
 def test_failed_tasks_categories_and_one_page(peer: BatchPeer, make_backend: MakeBackend,
                                               tmp_path: Path) -> None:
     """failed_tasks reads one filtered page: categories from failureInfo, exit codes,
     logs where they are uploaded; limit caps the page."""
-    if not _peer_sets_failures():
-        pytest.skip("the Batch peer cannot set failureInfo on a task")
     backend = make_backend(storage=LocalStorage(root=tmp_path), logs_container="fanout-logs")
     tasks = [TaskSpec(id=f"t{i}", command_line="x") for i in range(6)]
     backend.create_job(job("j", tasks, metadata=FANOUT))
@@ -293,13 +264,10 @@ def test_failed_tasks_categories_and_one_page(peer: BatchPeer, make_backend: Mak
     assert backend.failed_tasks("absent", limit=5) == []
 
 
-@_needs("list_tasks")
 def test_blocked_tasks_run_versus_skip(peer: BatchPeer, make_backend: MakeBackend) -> None:
     """A fan-in task whose failed dependency satisfies (run) is not blocked; one whose
     failed dependency carries Batch's default (skip: block) is, and so is a task that
     waits on it; more active tasks than the limit give None."""
-    if not _peer_sets_failures():
-        pytest.skip("the Batch peer cannot set failureInfo on a task")
     backend = make_backend()
     tasks = [TaskSpec(id="1", command_line="x", exit_conditions=SATISFY_DEPENDENTS),
              TaskSpec(id="2", command_line="x"),
