@@ -17,14 +17,13 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from prometheus_client import CollectorRegistry
 
-from handlers.base import BlobRef, BuildRequest, JobSpec
+from handlers.base import BlobRef
 from worker.backends.base import Backend
 from worker.config import Settings
 from worker.consumer import Consumer, cancel_and_wait
-from worker.context import WorkerContext, apply_job_options, job_id_for
 from worker.metrics import Health, Metrics, MetricsServer
 from worker.plan import Planner
-from worker.routing import HandlerRegistry, Router, Work
+from worker.routing import HandlerRegistry, Router
 from worker.sources.base import Source
 from worker.storage.base import Storage
 from worker.storage.refs import check_container, check_prefix, make_ref
@@ -110,22 +109,7 @@ def build_planner(settings: Settings, storage: Storage, *,
                     drop_unrouted=settings.events.unrouted == "drop")
     planner = Planner(router=router, settings=settings, storage=storage)
     checking = _RouteCheckStorage(storage)
-    programs = settings.program_specs()
-
-    def dry_build(work: Work) -> JobSpec:
-        ctx = WorkerContext(job_id=job_id_for(work.handler_name, work.key),
-                            max_tasks=settings.limits.max_tasks_per_message,
-                            allow_message_commands=settings.allow_message_commands,
-                            programs=programs, handler_options=settings.handlers,
-                            storage=checking)
-        request = BuildRequest(handler=work.handler_name, params=work.params,
-                               idempotency_key=work.key)
-        job = work.handler.build(request, ctx)
-        return apply_job_options(job, work.job, job_id=ctx.job_id,
-                                 default_pool=settings.default_pool, limits=settings.limits,
-                                 handler=work.handler_name)
-
-    router.check_routes(dry_build)
+    router.check_routes(lambda work: planner.spec(work, {}, checking))
     return planner
 
 

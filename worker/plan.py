@@ -94,20 +94,11 @@ class Planner:
         return plan
 
     def build(self, work: Work, properties: Mapping[str, str]) -> JobSpec:
-        """One work item's job: the handler's spec with the message's job options."""
-        job_id = job_id_for(work.handler_name, work.key)
-        structlog.contextvars.bind_contextvars(handler=work.handler_name, job_id=job_id)
-        limits = self.settings.limits
-        ctx = WorkerContext(
-            job_id=job_id, max_tasks=limits.max_tasks_per_message,
-            allow_message_commands=self.settings.allow_message_commands,
-            programs=self._programs, handler_options=self.settings.handlers,
-            storage=self.storage)
-        request = BuildRequest(handler=work.handler_name, params=work.params,
-                               idempotency_key=work.key, properties=properties)
-        job = work.handler.build(request, ctx)
-        apply_job_options(job, work.job, job_id=job_id, default_pool=self.settings.default_pool,
-                          limits=limits, handler=work.handler_name)
+        """One work item's job: the handler's spec with the message's job options, the
+        operator's default wall clock, fanout's metadata and, on Azure, log uploads."""
+        structlog.contextvars.bind_contextvars(
+            handler=work.handler_name, job_id=job_id_for(work.handler_name, work.key))
+        job = self.spec(work, properties)
         if job.max_wall_clock is None:
             job.max_wall_clock = self.settings.jobs.max_wall_clock
         job.metadata[META_REQUEST] = request_hash(work.handler_name, work.params, work.job)
@@ -119,6 +110,25 @@ class Planner:
         self._upload_logs(job)
         log.info("job.built", tasks=job.task_count, pool=job.pool)
         return job
+
+    def spec(self, work: Work, properties: Mapping[str, str],
+             storage: Storage | None = None) -> JobSpec:
+        """The handler's build with the message's job options applied and the operator's
+        limits enforced; ``storage`` replaces the worker's store (the start-up route
+        check passes one that signs nothing)."""
+        job_id = job_id_for(work.handler_name, work.key)
+        limits = self.settings.limits
+        ctx = WorkerContext(
+            job_id=job_id, max_tasks=limits.max_tasks_per_message,
+            allow_message_commands=self.settings.allow_message_commands,
+            programs=self._programs, handler_options=self.settings.handlers,
+            storage=storage or self.storage)
+        request = BuildRequest(handler=work.handler_name, params=work.params,
+                               idempotency_key=work.key, properties=properties)
+        job = work.handler.build(request, ctx)
+        return apply_job_options(job, work.job, job_id=job_id,
+                                 default_pool=self.settings.default_pool, limits=limits,
+                                 handler=work.handler_name)
 
     def _upload_logs(self, job: JobSpec) -> None:
         """On Azure, every task uploads its stdout.txt and stderr.txt to
