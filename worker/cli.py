@@ -446,6 +446,8 @@ def _backend_call(fn: Any) -> Any:
     try:
         return fn()
     except (SystemFault, ConfigFault, OSError) as exc:
+        # Plain text: an AMQP condition such as amqp:link:detach-forced would otherwise
+        # render as Rich markup or an emoji (":link:").
         err.print(f"error: {logs.redact(str(exc))}", markup=False, emoji=False,
                   highlight=False)
         raise SystemExit(1) from None
@@ -695,17 +697,10 @@ async def _with_source(ctx: Ctx, fn: Any) -> Any:
 
 
 def _system_call(fn: Any) -> Any:
-    """Run an async call; a fault of the system is one line on stderr and exit 1."""
-    from worker.errors import ConfigFault, SystemFault
-
+    """Run an async call; a fault of the system is one line on stderr and exit 1 (see
+    ``_backend_call``), a settings error exit 2."""
     try:
-        return asyncio.run(fn())
-    except (SystemFault, ConfigFault, OSError) as exc:
-        # Plain text: an AMQP condition such as amqp:link:detach-forced would otherwise
-        # render as Rich markup or an emoji (":link:").
-        err.print(f"error: {logs.redact(str(exc))}", markup=False, emoji=False,
-                  highlight=False)
-        raise SystemExit(1) from None
+        return _backend_call(lambda: asyncio.run(fn()))
     except SettingsError as exc:
         err.print(f"error: {exc}", markup=False, emoji=False, highlight=False)
         raise SystemExit(2) from None
