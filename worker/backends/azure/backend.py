@@ -207,15 +207,7 @@ class AzureBatchBackend:
         """fanout's newest ``limit`` jobs (those with ``fanout-handler`` metadata): one
         request per page of the job listing and none per job, so ``counts`` stays empty
         here (``job_status`` reads one job's counts)."""
-        params: dict[str, str | int] = {"$select": _JOB_SELECT, "maxresults": MAX_RESULTS}
-        narrow = wire.fanout_jobs_filter(None, self._job_prefixes)
-        if narrow:
-            params["$filter"] = narrow
-        try:
-            items = self._rest.get_pages("/jobs", params)
-        except ServiceError as err:
-            raise classify(err, what="list jobs") from None
-        ours = [j for j in items if META_HANDLER in wire.metadata(j.get("metadata"))]
+        ours = self._fanout_jobs(_JOB_SELECT, None, what="list jobs")
         ours.sort(key=lambda j: wire.parse_time(j.get("creationTime")) or _EPOCH, reverse=True)
         return [_status(item) for item in ours[:limit]]
 
@@ -243,17 +235,23 @@ class AzureBatchBackend:
         the documented list-jobs properties; metadata is not one of them, so jobs
         without ``fanout-handler`` metadata are dropped here) and ``$select``.
         """
-        params: dict[str, str | int] = {"$select": wire.JOB_RECORD_SELECT,
-                                        "maxresults": MAX_RESULTS}
+        return [wire.job_record(j) for j in self._fanout_jobs(
+            wire.JOB_RECORD_SELECT, completed_since, what="list fanout jobs")]
+
+    def _fanout_jobs(self, select: str, completed_since: datetime | None, *,
+                     what: str) -> list[dict[str, Any]]:
+        """Every page of the job listing narrowed by :func:`wire.fanout_jobs_filter`,
+        keeping the jobs with ``fanout-handler`` metadata (metadata cannot be filtered
+        on by the service)."""
+        params: dict[str, str | int] = {"$select": select, "maxresults": MAX_RESULTS}
         text = wire.fanout_jobs_filter(completed_since, self._job_prefixes)
         if text:
             params["$filter"] = text
         try:
             items = self._rest.get_pages("/jobs", params)
         except ServiceError as err:
-            raise classify(err, what="list fanout jobs") from None
-        records = [wire.job_record(j) for j in items]
-        return [r for r in records if META_HANDLER in r.metadata]
+            raise classify(err, what=what) from None
+        return [j for j in items if META_HANDLER in wire.metadata(j.get("metadata"))]
 
     def get_job(self, job_id: str) -> JobRecord | None:
         """One job (``GET /jobs/{id}`` with ``$select``), None when there is none."""
