@@ -207,13 +207,10 @@ class JobMonitor:
     async def _failed(self, job: JobRecord, counts: TaskCounts,
                       result: PollResult) -> list[FailedTask]:
         """The failed tasks an event lists (see :func:`collect_failed`)."""
-        def count(operation: str) -> None:
-            result.requests[operation] += 1
-            self.metrics.monitor_requests.labels(operation).inc()
-
         return await asyncio.to_thread(
             collect_failed, self.backend, job, counts, limit=self.events.max_failed_tasks,
-            tail_bytes=self.events.stderr_tail_bytes, count=count)
+            tail_bytes=self.events.stderr_tail_bytes,
+            count=lambda operation: self._count_request(result, operation))
 
     async def _publish(self, job: JobRecord, event: dict[str, Any]) -> bool:
         """Send the event to the configured destination and an allowed reply-to."""
@@ -251,9 +248,12 @@ class JobMonitor:
     async def _call(self, result: PollResult, operation: str, fn: Callable[..., Any],
                     *args: Any, **kwargs: Any) -> Any:
         """One backend call in a worker thread, counted by operation."""
+        self._count_request(result, operation)
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    def _count_request(self, result: PollResult, operation: str) -> None:
         result.requests[operation] += 1
         self.metrics.monitor_requests.labels(operation).inc()
-        return await asyncio.to_thread(fn, *args, **kwargs)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
