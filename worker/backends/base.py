@@ -200,7 +200,7 @@ class Backend(Protocol):
         """Pool nodes, pool sizes, active jobs and task counts, for metrics."""
         ...
 
-    # -- what the job monitor needs (ARCHITECTURE: "Job outcomes") -----------------
+    # -- what the job monitor needs (docs/events.md, docs/azure-batch.md) -----------------
 
     def list_fanout_jobs(self, *, completed_since: datetime | None = None
                          ) -> list[JobRecord]:
