@@ -8,6 +8,10 @@
 // - Event Grid system topic on the storage account, BlobCreated in the input
 //   container delivered to the queue (CloudEvents 1.0), as fanout's blob events;
 // - Batch account with a CPU pool and a GPU pool (autoscaled, spot first, to zero);
+// - with containerPools=true, an Azure Container Registry (admin user off), an
+//   identity for the pools' nodes holding AcrPull on it, and two container pools
+//   (cpu-containers, gpu-containers) that prefetch fanout's ffmpeg and Blender task
+//   images from it (deploy/images/, docs/deploy.md);
 // - a user-assigned identity for fanout with least-privilege roles, and one for
 //   KEDA's queue-length reads; federated with AKS service accounts when
 //   aksOidcIssuer is given.
@@ -77,6 +81,31 @@ param gpuMaxSpotNodes int = 4
 @description('Upper bound on dedicated nodes backfilling preempted GPU spot nodes.')
 param gpuMaxDedicatedNodes int = 1
 
+@description('Also deploy a container registry, an identity for the nodes that pulls from it (AcrPull), and the container pools cpu-containers and gpu-containers, which prefetch the task images fanout/ffmpeg and fanout/blender (deploy/images/). Off: only the cpu and gpu pools, as before.')
+param containerPools bool = false
+
+@allowed([
+  'Basic'
+  'Standard'
+  'Premium'
+])
+@description('SKU of the container registry (with containerPools).')
+param registrySku string = 'Basic'
+
+@description('Tag of the task images the container pools prefetch: <registry>/fanout/ffmpeg:<tag> and <registry>/fanout/blender:<tag>. Push them before tasks run (docs/deploy.md).')
+param taskImageTag string = '0.1.0'
+
+@description('Marketplace image of the container pools\' nodes: one with a Docker-compatible runtime (and NVIDIA drivers and container toolkit, for the GPU pool). `az batch pool supported-images list` marks such images DockerCompatible.')
+param containerPoolImageReference object = {
+  publisher: 'microsoft-dsvm'
+  offer: 'ubuntu-hpc'
+  sku: '2404'
+  version: 'latest'
+}
+
+@description('Batch node agent matching containerPoolImageReference.')
+param containerPoolNodeAgentSkuId string = 'batch.node.ubuntu 24.04'
+
 @description('OIDC issuer URL of the AKS cluster (az aks show --query oidcIssuerProfile.issuerUrl); empty for no federation (VM only).')
 param aksOidcIssuer string = ''
 
@@ -95,6 +124,20 @@ var suffix = uniqueString(resourceGroup().id, prefix)
 var serviceBusName = 'sb-${prefix}-${suffix}'
 var storageName = take('st${prefix}${suffix}', 24)
 var batchName = take('ba${prefix}${suffix}', 24)
+// Registry names are 5-50 letters and digits; the login server is <name> plus the
+// cloud's suffix (.azurecr.io in Azure's public cloud), in lower case.
+var registryName = take('acr${prefix}${suffix}', 50)
+var registryServer = toLower('${registryName}${environment().suffixes.acrLoginServer}')
+// The task images the container pools prefetch (built from deploy/images/).
+var ffmpegImage = '${registryServer}/fanout/ffmpeg:${taskImageTag}'
+var blenderImage = '${registryServer}/fanout/blender:${taskImageTag}'
+var cpuContainerImages = [
+  ffmpegImage
+  blenderImage
+]
+var gpuContainerImages = [
+  blenderImage
+]
 
 // Built-in role definitions (the ids are the same in every tenant).
 var roles = {
@@ -104,6 +147,9 @@ var roles = {
   storageBlobDataContributor: 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
   storageBlobDelegator: 'db58b8e5-c6ad-4a2a-8342-4190687cbf4a'
   batchDataContributor: '6aaa78f1-f7de-44ca-8722-c64a23943cae'
+  // AcrPull: pull images from a container registry (read only; no push, no delete).
+  // https://learn.microsoft.com/azure/role-based-access-control/built-in-roles/containers#acrpull
+  acrPull: '7f951dda-4ed3-4680-a7ca-43fe172d538d'
 }
 
 // ---------------------------------------------------------------- identities
@@ -115,6 +161,13 @@ resource workerIdentity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-0
 
 resource scalerIdentity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
   name: 'id-${prefix}-scaler'
+  location: location
+}
+
+// The container pools' nodes act as this identity to pull task images, and as
+// nothing else: it holds AcrPull on the registry and no other role.
+resource poolIdentity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = if (containerPools) {
+  name: 'id-${prefix}-pool'
   location: location
 }
 
@@ -381,6 +434,40 @@ resource batch 'Microsoft.Batch/batchAccounts@2024-07-01' = {
   }
 }
 
+// ---------------------------------------------------------------- container registry
+// Microsoft.ContainerRegistry/registries@2023-07-01 (RegistryProperties: adminUserEnabled,
+// publicNetworkAccess, loginServer read-only; Sku.name Basic | Standard | Premium):
+// https://learn.microsoft.com/azure/templates/microsoft.containerregistry/2023-07-01/registries
+// No admin user and no passwords: operators push with their Entra ID (az acr login /
+// az acr build, which needs AcrPush or Contributor), nodes pull as poolIdentity.
+// Public network access stays on: Batch nodes without a virtual network reach the
+// registry over its public endpoint, authenticated (Basic and Standard have no
+// private endpoints).
+
+resource registry 'Microsoft.ContainerRegistry/registries@2023-07-01' = if (containerPools) {
+  name: registryName
+  location: location
+  sku: {
+    name: registrySku
+  }
+  properties: {
+    adminUserEnabled: false
+    publicNetworkAccess: 'Enabled'
+  }
+}
+
+resource poolPullsImages 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (containerPools) {
+  name: guid(registry.id, poolIdentity.id, roles.acrPull)
+  scope: registry
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.acrPull)
+    principalId: poolIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+// ---------------------------------------------------------------- Batch pools
+
 module cpuPool 'modules/batch-pool.bicep' = {
   name: 'pool-cpu'
   params: {
@@ -417,6 +504,52 @@ module gpuPool 'modules/batch-pool.bicep' = {
     taskSlotsPerNode: gpuTaskSlotsPerNode
     maxSpotNodes: gpuMaxSpotNodes
     maxDedicatedNodes: gpuMaxDedicatedNodes
+  }
+}
+
+// Container pools: the same formula and sizes as cpu and gpu, on an image with a
+// Docker-compatible runtime. Each node starts by pulling its images from the registry
+// as poolIdentity (Batch's identityReference), so tasks start without a pull. They
+// wait for the AcrPull grant; nodes start only when tasks are pending (the formula
+// scales from zero), so the images can be pushed after the deployment.
+module cpuContainerPool 'modules/batch-pool.bicep' = if (containerPools) {
+  name: 'pool-cpu-containers'
+  dependsOn: [
+    poolPullsImages
+  ]
+  params: {
+    batchAccountName: batch.name
+    poolName: 'cpu-containers'
+    vmSize: cpuVmSize
+    imageReference: containerPoolImageReference
+    nodeAgentSkuId: containerPoolNodeAgentSkuId
+    taskSlotsPerNode: cpuTaskSlotsPerNode
+    maxSpotNodes: cpuMaxSpotNodes
+    maxDedicatedNodes: cpuMaxDedicatedNodes
+    nodeIdentityId: poolIdentity.id
+    containerRegistryServer: registryServer
+    containerImageNames: cpuContainerImages
+  }
+}
+
+// Blender on GPU nodes: Batch gives container tasks the node's GPUs itself.
+module gpuContainerPool 'modules/batch-pool.bicep' = if (containerPools) {
+  name: 'pool-gpu-containers'
+  dependsOn: [
+    poolPullsImages
+  ]
+  params: {
+    batchAccountName: batch.name
+    poolName: 'gpu-containers'
+    vmSize: gpuVmSize
+    imageReference: containerPoolImageReference
+    nodeAgentSkuId: containerPoolNodeAgentSkuId
+    taskSlotsPerNode: gpuTaskSlotsPerNode
+    maxSpotNodes: gpuMaxSpotNodes
+    maxDedicatedNodes: gpuMaxDedicatedNodes
+    nodeIdentityId: poolIdentity.id
+    containerRegistryServer: registryServer
+    containerImageNames: gpuContainerImages
   }
 }
 
@@ -553,6 +686,15 @@ output logsContainerName string = logsContainer.name
 output workerClientId string = workerIdentity.properties.clientId
 output workerIdentityId string = workerIdentity.id
 output scalerClientId string = scalerIdentity.properties.clientId
+output containerPools bool = containerPools
+output registryName string = containerPools ? registry.name : ''
+@description('The registry\'s login server: where to push the task images (docs/deploy.md).')
+output registryLoginServer string = containerPools ? registry.properties.loginServer : ''
+output poolIdentityId string = containerPools ? poolIdentity.id : ''
+output cpuContainerPoolName string = containerPools ? cpuContainerPool.outputs.name : ''
+output gpuContainerPoolName string = containerPools ? gpuContainerPool.outputs.name : ''
+output ffmpegImage string = containerPools ? ffmpegImage : ''
+output blenderImage string = containerPools ? blenderImage : ''
 
 @description('fanout.toml for these resources (Entra ID throughout: no secrets).')
 output fanoutToml string = join([
@@ -575,5 +717,24 @@ output fanoutToml string = join([
   'logs_container = "${logsContainer.name}"'
   'max_wall_clock = "${jobMaxWallClock}"'
   'retention = "${jobRetention}"'
+  ''
+], '\n')
+
+@description('With containerPools: fanout.toml lines to append to fanoutToml, naming the registry, the pool identity and the task images (docs/deploy.md).')
+output containerToml string = !containerPools ? '' : join([
+  '[registries.acr]'
+  'server = "${registryServer}"'
+  'identity = "${poolIdentity.id}"'
+  ''
+  '[handlers.transcode]'
+  'container_image = "${ffmpegImage}"'
+  'container_registry = "acr"'
+  'container_working_directory = "taskWorkingDirectory"'
+  ''
+  '[handlers.render.profiles.blender]'
+  'command = "blender -b {scene} -o {output_pattern} -F PNG -s {start} -e {end} -j {step} -a"'
+  'container_image = "${blenderImage}"'
+  'container_registry = "acr"'
+  'container_working_directory = "taskWorkingDirectory"'
   ''
 ], '\n')

@@ -59,6 +59,20 @@ def blank_strings_and_comments(text: str) -> str:
     return "".join(out)
 
 
+def strip_comments(text: str) -> str:
+    """The text with comments blanked and strings kept, for reading string literals
+    (an apostrophe in a comment would otherwise seem to open a string)."""
+    code = blank_strings_and_comments(text)  # same length; strings keep their quotes
+    kept = list(text)
+    in_string = False
+    for offset, char in enumerate(code):
+        if char == "'":
+            in_string = not in_string
+        elif not in_string and char == " " and not text[offset].isspace():
+            kept[offset] = " "  # a comment's character
+    return "".join(kept)
+
+
 def unbalanced(text: str) -> list[str]:
     """Where brackets do not pair up (outside strings and comments)."""
     stack: list[tuple[str, int]] = []

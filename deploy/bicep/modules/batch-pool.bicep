@@ -7,6 +7,19 @@
 // - removes nodes only when their tasks complete (taskcompletion).
 // The formula language counts every task as one slot ($PendingTasks is a task
 // count), so set slotsPerTask to the requiredSlots your handlers' tasks ask for.
+//
+// With containerRegistryServer, it is a container pool: each node gets nodeIdentityId
+// (a user-assigned identity) and, when it starts, pulls containerImageNames from that
+// registry as that identity (Batch's identityReference: no password anywhere), so
+// container tasks start without a pull. The node image must have a Docker-compatible
+// runtime. Schema: Microsoft.Batch/batchAccounts/pools@2024-07-01, properties
+// deploymentConfiguration.virtualMachineConfiguration.containerConfiguration
+// (ContainerConfiguration: type 'DockerCompatible' | 'CriCompatible',
+// containerImageNames, containerRegistries of ContainerRegistry {registryServer,
+// identityReference: ComputeNodeIdentityReference {resourceId}}) and identity
+// (BatchPoolIdentity: type 'UserAssigned' | 'None', userAssignedIdentities):
+// https://learn.microsoft.com/azure/templates/microsoft.batch/2024-07-01/batchaccounts/pools
+// https://learn.microsoft.com/azure/batch/batch-docker-container-workloads
 
 @description('The Batch account the pool belongs to.')
 param batchAccountName string
@@ -44,6 +57,37 @@ param maxDedicatedNodes int
 @description('Minutes without pending tasks before the pool shrinks to zero.')
 param idleMinutes int = 10
 
+@description('Resource id of a user-assigned identity the nodes act as (to pull from containerRegistryServer); empty for none.')
+param nodeIdentityId string = ''
+
+@description('Registry the nodes pull containerImageNames from as nodeIdentityId (an ACR where that identity holds AcrPull); empty for a pool without containers.')
+param containerRegistryServer string = ''
+
+@description('Images each node pulls when it starts, as full references (<registry>/<repository>:<tag>).')
+param containerImageNames array = []
+
+var containerized = !empty(containerRegistryServer)
+
+var containerConfiguration = {
+  type: 'DockerCompatible'
+  containerImageNames: containerImageNames
+  containerRegistries: [
+    {
+      registryServer: containerRegistryServer
+      identityReference: {
+        resourceId: nodeIdentityId
+      }
+    }
+  ]
+}
+
+var nodeIdentity = {
+  type: 'UserAssigned'
+  userAssignedIdentities: {
+    '${nodeIdentityId}': {}
+  }
+}
+
 var autoScaleFormula = join([
   '// fanout ${poolName}: slot-aware, spot first, preemption backfill, zero when idle.'
   '$maxSpot = ${maxSpotNodes};'
@@ -68,12 +112,15 @@ resource batchAccount 'Microsoft.Batch/batchAccounts@2024-07-01' existing = {
 resource pool 'Microsoft.Batch/batchAccounts/pools@2024-07-01' = {
   parent: batchAccount
   name: poolName
+  // null leaves a property out: a pool without containers has no identity.
+  identity: empty(nodeIdentityId) ? null : nodeIdentity
   properties: {
     vmSize: vmSize
     deploymentConfiguration: {
       virtualMachineConfiguration: {
         imageReference: imageReference
         nodeAgentSkuId: nodeAgentSkuId
+        containerConfiguration: containerized ? containerConfiguration : null
       }
     }
     taskSlotsPerNode: taskSlotsPerNode
@@ -94,3 +141,4 @@ resource pool 'Microsoft.Batch/batchAccounts/pools@2024-07-01' = {
 
 output name string = pool.name
 output formula string = autoScaleFormula
+output containerImageNames array = containerized ? containerImageNames : []
