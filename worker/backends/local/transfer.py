@@ -26,6 +26,7 @@ from typing import BinaryIO, cast
 from xml.etree import ElementTree
 
 from handlers.base import OutputFile, ResourceFile
+from handlers.errors import MessageFault
 from worker.storage.base import Storage
 
 #: Seconds an HTTP transfer may stall before it fails.
@@ -174,7 +175,7 @@ def inside(root: Path, relative: str, *, code: str) -> Path:
 def _fetch(url: str, dest: Path, storage: Storage | None) -> None:
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme == "file":
-        with open(file_url_path(url), "rb") as src:
+        with open(_local_blob(url, storage), "rb") as src:
             _write_atomic(src, dest)
     elif scheme in ("http", "https"):
         with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT) as response:
@@ -184,6 +185,24 @@ def _fetch(url: str, dest: Path, storage: Storage | None) -> None:
     else:
         raise TransferError("ResourceFileDownloadError",
                             f"unsupported URL scheme {scheme!r} in {safe_url(url)}")
+
+
+def _local_blob(url: str, storage: Storage | None) -> Path:
+    """The file a ``file://`` URL names. When it names a blob of the configured storage
+    (a handler may build a blob's URL from its container's, as Batch does), the storage
+    resolves it, so a symlink cannot lead outside its container."""
+    path = file_url_path(url)
+    if storage is None:
+        return path
+    try:
+        ref = storage.parse_url(url)
+    except MessageFault:
+        return path  # not a blob of the storage: a file the task spec names itself
+    try:
+        return file_url_path(storage.input_url(ref))
+    except MessageFault as exc:
+        raise TransferError("ResourceFileDownloadError",
+                            f"cannot stage {ref}: {exc.description}") from None
 
 
 def file_url_path(url: str) -> Path:
