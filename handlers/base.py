@@ -15,6 +15,7 @@ boundary and the per-task path stays light.
 from __future__ import annotations
 
 import re
+import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -37,6 +38,32 @@ TaskEnd = Literal["exit", "pre_processing_error", "file_upload_error"]
 
 #: Azure Batch ids: letters, digits, hyphens and underscores, at most 64 characters.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: Batch's ``ContainerWorkingDirectory``: ``taskWorkingDirectory`` (the default: the
+#: task's own working directory, holding its resource files, is the container's) or
+#: ``containerImageDefault`` (the image's WORKDIR, "Beware that this directory will not
+#: contain the Resource Files downloaded by Batch", BatchService.json).
+ContainerWorkingDirectory = Literal["taskWorkingDirectory", "containerImageDefault"]
+CONTAINER_WORKING_DIRECTORIES: tuple[ContainerWorkingDirectory, ...] = (
+    "taskWorkingDirectory", "containerImageDefault")
+#: An image reference as ``docker pull`` takes it (``[host[:port]/]path[:tag][@digest]``):
+#: lower-case path components, never starting with ``-`` (it goes into a command line).
+_IMAGE = re.compile(
+    r"^(?:(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{1,5})?)/)?"
+    r"(?P<path>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
+    r"(?:@(?P<digest>[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}))?$")
+#: A registry server: a host name with an optional port (and, as Batch's examples
+#: allow, an ``https://`` scheme and a path).
+_SERVER = re.compile(r"^(?:https?://)?[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{1,5})?"
+                     r"(?:/[A-Za-z0-9._~-]+)*/?$")
+#: The ARM resource id of a user-assigned managed identity (Batch's
+#: ``BatchNodeIdentityReference.resourceId``).
+_IDENTITY = re.compile(
+    r"^/subscriptions/[^/\s]+/resourceGroups/[^/\s]+/providers/"
+    r"Microsoft\.ManagedIdentity/userAssignedIdentities/[^/\s]+$", re.IGNORECASE)
+#: Names Docker Hub goes by: an image without a host comes from there.
+DOCKER_HUB = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io",
+                        "registry.hub.docker.com", "hub.docker.com"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +186,111 @@ def fan_in_exit_conditions(policy: DependencyFailure) -> ExitConditions | None:
     return SATISFY_DEPENDENTS if policy == "run" else None
 
 
+def check_image(image: str) -> str:
+    """Return ``image`` if it is an image reference ``docker pull`` takes (a host part
+    only when it has a dot, a port or is ``localhost``), else raise ``ValueError``."""
+    if not isinstance(image, str) or len(image) > 512 or _IMAGE.match(image) is None:
+        raise ValueError(f"{str(image)[:80]!r} is not a container image reference "
+                         "([registry/]name[:tag][@digest], lower-case name)")
+    return image
+
+
+def image_host(image: str) -> str:
+    """The registry an image is pulled from: its first component when that has a dot
+    or a port or is ``localhost`` (as Docker reads a reference), else Docker Hub."""
+    first, sep, _rest = image.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        return first.lower()
+    return "docker.io"
+
+
+def server_host(server: str) -> str:
+    """A registry server as a bare lower-case host (scheme and path dropped); Docker
+    Hub's aliases are ``docker.io``."""
+    host = server.split("://", 1)[-1].split("/", 1)[0].lower()
+    return "docker.io" if host in DOCKER_HUB else host
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerRegistry:
+    """A private container registry, as Batch's ``ContainerRegistryReference``
+    (BatchService.json, api-version 2025-06-01; azure-batch 15.x
+    ``models.ContainerRegistryReference``): ``registryServer`` ("If omitted, the
+    default is docker.io"), and either ``identityReference`` ("The reference to the
+    user assigned identity to use to access an Azure Container Registry instead of
+    username and password": the ARM resource id of a user-assigned managed identity of
+    the *pool*) or ``username`` and ``password``.
+
+    The password never appears in ``repr`` (nor in logs, ``fanout plan`` or errors);
+    only the Azure wire body carries it.
+    """
+
+    server: str
+    identity_reference: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    #: The configuration's name for it (``[registries.<name>]``), for messages.
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.server, str) or not _SERVER.match(self.server):
+            raise ValueError(f"registry server {str(self.server)[:80]!r} is not a host name "
+                             "(myacr.azurecr.io, registry.example.com:5000)")
+        if self.identity_reference is not None:
+            if self.username is not None or self.password is not None:
+                raise ValueError("a registry takes an identity or a username and password, "
+                                 "not both")
+            if not _IDENTITY.match(self.identity_reference):
+                raise ValueError(
+                    f"identity {self.identity_reference[:200]!r} is not the resource id of "
+                    "a user-assigned managed identity (/subscriptions/<id>/resourceGroups/"
+                    "<group>/providers/Microsoft.ManagedIdentity/userAssignedIdentities/"
+                    "<name>)")
+        elif self.username is None or self.password is None:
+            raise ValueError("a registry needs an identity, or a username and a password")
+
+    @property
+    def host(self) -> str:
+        return server_host(self.server)
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerSettings:
+    """The container a task runs in, as Batch's task ``containerSettings``
+    (``BatchTaskContainerSettings`` in BatchService.json, api-version 2025-06-01;
+    azure-batch 15.x ``models.BatchTaskContainerSettings``): ``imageName`` ("the full
+    Image reference, as would be specified to docker pull"), ``registry`` ("The private
+    registry which contains the container Image. This setting can be omitted if was
+    already provided at Pool creation"), ``containerRunOptions`` ("supplied as arguments
+    to the docker create command, in addition to those controlled by the Batch
+    Service") and ``workingDirectory`` (default ``taskWorkingDirectory``).
+
+    ``run_options`` come from the operator's configuration only, never from a message.
+    Build one per job (``BuildContext.container``) and share it across its tasks.
+    """
+
+    image: str
+    registry: ContainerRegistry | None = None
+    run_options: str | None = None
+    working_directory: ContainerWorkingDirectory = "taskWorkingDirectory"
+
+    def __post_init__(self) -> None:
+        check_image(self.image)
+        if self.working_directory not in CONTAINER_WORKING_DIRECTORIES:
+            raise ValueError(f"container working directory {self.working_directory!r} is "
+                             "not taskWorkingDirectory or containerImageDefault")
+        if self.run_options is not None:
+            try:
+                shlex.split(self.run_options)
+            except ValueError as exc:
+                raise ValueError(f"container run options do not parse: {exc}") from None
+        if self.registry is not None and self.registry.host != image_host(self.image):
+            raise ValueError(f"image {self.image} is not on registry "
+                             f"{self.registry.name or self.registry.server} "
+                             f"({self.registry.host}): name the image with its registry "
+                             f"({self.registry.host}/...)")
+
+
 @dataclass(frozen=True, slots=True)
 class JobOutput:
     """An output location a handler declares for its job (reported in the job's
@@ -184,7 +316,8 @@ class TaskSpec:
     max_wall_clock: timedelta | None = None
     retention: timedelta | None = None
     required_slots: int = 1
-    container_image: str | None = None
+    #: Run in a container (Batch ``containerSettings``); None: on the node itself.
+    container: ContainerSettings | None = None
     display_name: str | None = None
     #: How this task's end affects its dependents and its job (Batch ``exitConditions``).
     exit_conditions: ExitConditions | None = None
@@ -224,7 +357,9 @@ class Program:
     name: str
     command: str
     environment: Mapping[str, str] = field(default_factory=dict)
-    container_image: str | None = None
+    #: The container its tasks run in (``container_image`` and friends in the program's
+    #: configuration); None: on the node itself.
+    container: ContainerSettings | None = None
     required_slots: int = 1
 
 
@@ -281,6 +416,21 @@ class BuildContext(Protocol):
     def input_container_url(self, container: str, prefix: str) -> str:
         """A task-readable, listable URL of ``container`` for staging every blob under
         ``prefix`` (``ResourceFile.storage_container_url``; read+list, short-lived)."""
+        ...
+
+    def registry(self, name: str) -> ContainerRegistry:
+        """The configured ``[registries.<name>]``; ``InvalidParams`` naming the
+        configured ones otherwise."""
+        ...
+
+    def container(self, image: str, *, registry: str | None = None,
+                  run_options: str | None = None,
+                  working_directory: ContainerWorkingDirectory = "taskWorkingDirectory"
+                  ) -> ContainerSettings:
+        """Container settings for ``image`` pulled from the configured registry
+        ``registry`` (None: a public image, or one the pool's own registries cover).
+        ``run_options`` must come from the operator's configuration, never a message.
+        A bad image, working directory or registry name is ``InvalidParams``."""
         ...
 
 

@@ -39,7 +39,10 @@ Outputs (``JobSpec.outputs``): ``frames`` (``<container>/<prefix>/frames/``) and
 
 Profiles are command templates in ``[handlers.render.profiles]``: a string, or a
 table with ``command`` and optional ``extension`` (of the frames, default ``png``),
-``environment``, ``container_image`` and ``required_slots``. Their fields are
+``environment``, ``required_slots`` and the container its tasks run in
+(``container_image``, ``container_registry``, ``container_run_options``,
+``container_working_directory``: ``handlers.containers``; the merge task runs in the
+same image, so a container image for it needs ffmpeg too). Their fields are
 ``{scene}``, ``{start}``, ``{end}``, ``{step}``, ``{count}``, ``{task_index}``,
 ``{output_dir}`` (``frames``), ``{output_pattern}`` (``frames/frame_####``, Blender's
 ``#`` placeholders), ``{output_printf}`` (``frames/frame_%04d.png``) and
@@ -71,6 +74,7 @@ from pydantic import (
 from handlers.base import (
     BuildContext,
     BuildRequest,
+    ContainerSettings,
     DependencyFailure,
     ExitConditions,
     JobOutput,
@@ -81,6 +85,7 @@ from handlers.base import (
     fan_in_exit_conditions,
 )
 from handlers.commands import CommandTemplate, sh
+from handlers.containers import ContainerFields
 from handlers.errors import BudgetExceeded, InvalidParams, describe_validation
 from handlers.media import (
     Destination,
@@ -103,15 +108,15 @@ PROFILE_FIELDS = ("scene", "start", "end", "step", "count", "task_index", "outpu
 BLENDER = "blender -b {scene} -o {output_pattern} -F PNG -s {start} -e {end} -j {step} -a"
 
 
-class Profile(BaseModel):
-    """A renderer: a command template and the image format it writes."""
+class Profile(ContainerFields):
+    """A renderer: a command template, the image format it writes, and optionally the
+    container it runs in (``ContainerFields``)."""
 
     model_config = ConfigDict(extra="forbid")
 
     command: str
     extension: Annotated[str, Field(pattern=r"^[a-z0-9]{1,8}$")] = "png"
     environment: dict[str, str] = Field(default_factory=dict)
-    container_image: str | None = None
     required_slots: Annotated[int, Field(ge=1)] = 1
 
     @model_validator(mode="after")
@@ -218,16 +223,18 @@ class RenderHandler:
         layout = Layout(dest=dest, frames=params.frames, extension=profile.extension)
         conditions = (fan_in_exit_conditions(params.encode.on_dependency_failure)
                       if params.encode else None)
+        container = profile.container_settings(ctx)  # one object, shared by every task
         render = Render(params=params, profile=profile, layout=layout, chunks=chunks,
                         scene_url=ctx.input_url(scene),
                         scene_local="scene" + safe_extension(scene.blob),
-                        exit_conditions=conditions)
+                        exit_conditions=conditions, container=container)
         tasks: Iterator[TaskSpec] = render.tasks()
         outputs = [JobOutput("frames", f"{dest.container}/{layout.frames_prefix}")]
         if params.encode:
             frames_url = ctx.input_container_url(dest.container, layout.frames_prefix)
             merge = merge_task(params.encode, layout, frames_url, chunks,
-                               command_words(opts.ffmpeg, what="handlers.render.ffmpeg"))
+                               command_words(opts.ffmpeg, what="handlers.render.ffmpeg"),
+                               container=container)
             tasks = itertools.chain(tasks, [merge])
             outputs.append(JobOutput("video", f"{dest.container}/{merge.output_files[0].path}"))
         return JobSpec(tasks=tasks, task_count=total, uses_task_dependencies=bool(params.encode),
@@ -281,6 +288,8 @@ class Render:
     scene_local: str
     #: What each render task's end does to the merge (None: Batch's default).
     exit_conditions: ExitConditions | None = None
+    #: The container every task of the job runs in (the profile's), or None.
+    container: ContainerSettings | None = None
 
     def tasks(self) -> Iterator[TaskSpec]:
         """Task ``k`` renders frames ``start + k * per * step`` onwards, ``per`` of them."""
@@ -307,15 +316,16 @@ class Render:
                 resource_files=[scene],
                 output_files=[upload],
                 required_slots=self.profile.required_slots,
-                container_image=self.profile.container_image,
+                container=self.container,
                 display_name=f"frames {first}-{last}",
                 exit_conditions=self.exit_conditions,
             )
 
 
 def merge_task(encode: Encode, layout: Layout, frames_url: str, chunks: int,
-               ffmpeg: list[str]) -> TaskSpec:
-    """The task that turns every frame into ``<prefix>/video.<format>``.
+               ffmpeg: list[str], container: ContainerSettings | None = None) -> TaskSpec:
+    """The task that turns every frame into ``<prefix>/video.<format>``, in the same
+    container as the render tasks (the job's pool takes both).
 
     Batch keeps each blob's full name under the resource file's directory, so the
     frames land in ``in/<prefix>/frames/``; ffmpeg runs there (on a fixed glob, so
@@ -340,6 +350,7 @@ def merge_task(encode: Encode, layout: Layout, frames_url: str, chunks: int,
         environment={"FANOUT_FAN_IN_RANGE": f"0-{chunks - 1}",
                      "FANOUT_ON_DEPENDENCY_FAILURE": encode.on_dependency_failure},
         depends_on_ranges=((0, chunks - 1),),
+        container=container,
         display_name=f"encode {video}",
     )
 

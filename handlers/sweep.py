@@ -157,7 +157,8 @@ class SweepHandler:
         if params.aggregate:
             agg = params.aggregate
             agg_program = resolve_program(ctx, agg.program, agg.command, "aggregate")
-            aggregate = _aggregate_task(agg_program, total, agg.on_dependency_failure)
+            aggregate = _aggregate_task(agg_program, total, agg.on_dependency_failure,
+                                        program)
             conditions = fan_in_exit_conditions(agg.on_dependency_failure)
         tasks = _tasks(params, points, program, template, conditions)
         if aggregate is not None:
@@ -334,9 +335,9 @@ def _tasks(params: SweepParams, grid: Grid, program: Program, template: CommandT
     repeats = [str(rep) for rep in range(params.repeat)]
     opts = params.task
     retries, wall, retention = opts.max_task_retries, opts.max_wall_clock, opts.retention
-    slots, image = program.required_slots, program.container_image
+    slots, container = program.required_slots, program.container
     plain = (retries is None and wall is None and retention is None and slots == 1
-             and image is None)
+             and container is None)
     for index, (row, rep) in enumerate(_with_repeats(grid.rows(), repeats)):
         task_id = str(index)
         point = (*row, task_id, rep)
@@ -348,7 +349,7 @@ def _tasks(params: SweepParams, grid: Grid, program: Program, template: CommandT
         task = TaskSpec(task_id, line, env)  # positional: the per-task path is hot
         if not plain:
             task.max_task_retries, task.max_wall_clock, task.retention = retries, wall, retention
-            task.required_slots, task.container_image = slots, image
+            task.required_slots, task.container = slots, container
         if conditions is not None:
             task.exit_conditions = conditions
         yield task
@@ -395,13 +396,16 @@ def _tasks_generic(params: SweepParams, grid: Grid, program: Program,
                 max_wall_clock=opts.max_wall_clock,
                 retention=opts.retention,
                 required_slots=program.required_slots,
-                container_image=program.container_image,
+                container=program.container,
                 exit_conditions=conditions,
             )
             index += 1
 
 
-def _aggregate_task(program: Program, total: int, policy: DependencyFailure) -> TaskSpec:
+def _aggregate_task(program: Program, total: int, policy: DependencyFailure,
+                    sweep: Program | None = None) -> TaskSpec:
+    """The fan-in task; it runs in its own program's container, else the sweep's (the
+    same pool takes both, and a container pool takes only container tasks)."""
     template = CommandTemplate(program.command)
     values = {"task_count": total}
     lacking = template.missing(values)
@@ -418,5 +422,5 @@ def _aggregate_task(program: Program, total: int, policy: DependencyFailure) -> 
         environment=env,
         depends_on_ranges=((0, total - 1),),
         required_slots=program.required_slots,
-        container_image=program.container_image,
+        container=program.container or (sweep.container if sweep is not None else None),
     )

@@ -52,7 +52,9 @@ its input's files).
 Operator configuration, ``[handlers.transcode]``: ``ffmpeg`` (the command, default
 ``ffmpeg``), ``output_container`` (the default output container), ``presets`` (a
 table of presets that replaces the built-in H.264 ladder below), ``hls_segment_seconds``
-(default 6) and ``container_image`` (for container task pools).
+(default 6) and the container every task runs in, the fan-in too (``container_image``,
+``container_registry``, ``container_run_options``, ``container_working_directory``:
+``handlers.containers``; for container task pools).
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ from handlers.base import (
     BlobRef,
     BuildContext,
     BuildRequest,
+    ContainerSettings,
     DependencyFailure,
     ExitConditions,
     JobOutput,
@@ -87,6 +90,7 @@ from handlers.base import (
     fan_in_exit_conditions,
 )
 from handlers.commands import sh
+from handlers.containers import ContainerFields
 from handlers.errors import BudgetExceeded, InvalidParams, describe_validation
 from handlers.media import (
     Destination,
@@ -150,8 +154,8 @@ DEFAULT_PRESETS: dict[str, Preset] = {
 }
 
 
-class TranscodeOptions(BaseModel):
-    """The operator's ``[handlers.transcode]`` table."""
+class TranscodeOptions(ContainerFields):
+    """The operator's ``[handlers.transcode]`` table (with ``ContainerFields``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -159,7 +163,6 @@ class TranscodeOptions(BaseModel):
     output_container: str | None = None
     presets: dict[Annotated[str, Field(pattern=_NAME)], Preset] | None = None
     hls_segment_seconds: Annotated[int, Field(ge=1, le=60)] = 6
-    container_image: str | None = None
 
     @property
     def ladder(self) -> dict[str, Preset]:
@@ -248,7 +251,7 @@ class TranscodeHandler:
             markers = Markers(prefix=prefix,
                               container_url=ctx.input_container_url(dest.container, prefix))
         plan = Plan(opts=opts, params=params, renditions=renditions, dest=dest,
-                    sources=sources, markers=markers,
+                    sources=sources, markers=markers, container=opts.container_settings(ctx),
                     exit_conditions=(fan_in_exit_conditions(params.on_dependency_failure)
                                      if fanin else None))
         tasks: Iterator[TaskSpec] = plan.rendition_tasks()
@@ -328,6 +331,8 @@ class Plan:
     markers: Markers | None = None
     #: The exit conditions of every task the fan-in depends on.
     exit_conditions: ExitConditions | None = None
+    #: The container every task runs in, the fan-in too (one object for all), or None.
+    container: ContainerSettings | None = None
 
     def outputs(self) -> list[JobOutput]:
         """Where the results land (see the module docstring)."""
@@ -382,7 +387,7 @@ class Plan:
             environment=_environment(source, name),
             resource_files=[ResourceFile(http_url=source.url, file_path=source.local)],
             output_files=outputs,
-            container_image=self.opts.container_image,
+            container=self.container,
             display_name=_display(f"{name} of {source.ref}"),
             exit_conditions=self.exit_conditions,
         )
@@ -404,7 +409,7 @@ class Plan:
                 environment=_environment(source, "thumbnail"),
                 resource_files=[ResourceFile(http_url=source.url, file_path=source.local)],
                 output_files=outputs,
-                container_image=self.opts.container_image,
+                container=self.container,
                 display_name=_display(f"thumbnail of {source.ref}"),
                 exit_conditions=self.exit_conditions,
             )
@@ -441,7 +446,7 @@ class Plan:
             resource_files=resources,
             output_files=[self._output(local, blob) for local, blob, _ in files],
             depends_on_ranges=((0, numbered - 1),),
-            container_image=self.opts.container_image,
+            container=self.container,
             display_name="manifest",
         )
 

@@ -74,7 +74,8 @@ def make_backend(settings: Settings, storage: Storage) -> Backend:
     settings.home.mkdir(parents=True, exist_ok=True)
     return LocalBackend(home=settings.home, slots=settings.local.slot_count,
                         pool=settings.local.pool, poll_interval=settings.local.poll_interval,
-                        storage=storage, retention=settings.jobs.retention.total_seconds())
+                        storage=storage, retention=settings.jobs.retention.total_seconds(),
+                        container_engine=settings.local.container_engine)
 
 
 def make_sink(settings: Settings) -> EventSink | None:

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from handlers.base import JobSpec, TaskSpec
+from handlers.base import ContainerSettings, JobSpec, TaskSpec
 from worker import logs
 from worker.backends.base import JobStatus
 from worker.config import Settings, load_settings
@@ -251,6 +251,8 @@ def _print_plan(jobs: list[Any], ignored: list[str], show: int) -> None:
         for task in job.tasks:
             if counted < show:
                 deps = _deps_text(task)
+                if task.container is not None:
+                    deps += f"  [in {task.container.image}]"
                 out.print(f"  task {task.id}: {task.command_line}{deps}", highlight=False,
                           soft_wrap=True, markup=False, emoji=False)
             counted += 1
@@ -301,8 +303,21 @@ def task_json(task: TaskSpec) -> dict[str, Any]:
         "max_task_retries": task.max_task_retries,
         "max_wall_clock": _duration(task.max_wall_clock),
         "retention": _duration(task.retention), "required_slots": task.required_slots,
-        "container_image": task.container_image,
+        "container": container_json(task.container),
     }
+
+
+def container_json(settings: ContainerSettings | None) -> dict[str, Any] | None:
+    """A task's container settings for ``fanout plan --json``: the registry's server,
+    name and identity or user name, never its password."""
+    if settings is None:
+        return None
+    registry = settings.registry
+    return {"image": settings.image, "run_options": settings.run_options,
+            "working_directory": settings.working_directory,
+            "registry": None if registry is None else {
+                "name": registry.name, "server": registry.server,
+                "identity": registry.identity_reference, "username": registry.username}}
 
 
 def _redact(url: str) -> str:

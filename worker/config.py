@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 import tomllib
 import types
@@ -36,8 +37,9 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from handlers.base import Program
+from handlers.base import ContainerRegistry, ContainerSettings, Program
 from handlers.commands import CommandTemplate
+from handlers.containers import REGISTRY_NAME, ContainerFields
 from worker.errors import SettingsError
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -48,12 +50,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ProgramConfig(_Section):
-    """``[programs.<name>]``: a command template tasks may run."""
+class ProgramConfig(_Section, ContainerFields):
+    """``[programs.<name>]``: a command template tasks may run, optionally in a
+    container (``container_image``, ``container_registry``, ``container_run_options``,
+    ``container_working_directory``: see ``handlers.containers``)."""
 
     command: str
     environment: dict[str, str] = Field(default_factory=dict)
-    container_image: str | None = None
     required_slots: PositiveInt = 1
 
     @field_validator("command")
@@ -61,6 +64,64 @@ class ProgramConfig(_Section):
     def _parses(cls, value: str) -> str:
         CommandTemplate(value)  # raises ValueError with the offending field
         return value
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class RegistryConfig(_Section):
+    """``[registries.<name>]``: a private container registry tasks pull images from.
+
+    Either ``identity``, the resource id of a user-assigned managed identity assigned
+    to the pool (an Azure Container Registry it has AcrPull on; Batch's
+    ``identityReference``), or ``username`` with the password in the environment
+    variable ``password_env``, read once at start-up (a missing or empty variable is a
+    start-up error naming the variable). The password is never logged or printed.
+    """
+
+    server: str
+    identity: str | None = None
+    username: str | None = None
+    password_env: str | None = None
+    _password: SecretStr | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _credentials(self) -> RegistryConfig:
+        if self.identity is not None and (self.username or self.password_env):
+            raise ValueError("give identity, or username and password_env, not both")
+        if self.identity is None:
+            if not self.username or not self.password_env:
+                raise ValueError("give identity (a user-assigned managed identity's resource "
+                                 "id) or username and password_env")
+            name = self.password_env
+            if not _ENV_NAME.match(name) or name.upper().startswith("FANOUT_"):
+                raise ValueError(f"password_env {name[:80]!r} is not an environment variable "
+                                 "name outside FANOUT_* (those are settings)")
+            value = os.environ.get(name)
+            if not value:
+                raise ValueError(f"password_env: the environment variable {name} is "
+                                 f"{'empty' if value == '' else 'not set'}")
+            self._password = SecretStr(value)
+        self.spec()  # the server and identity are well-formed
+        return self
+
+    def spec(self, name: str | None = None) -> ContainerRegistry:
+        """The handlers' ``ContainerRegistry`` (the password included)."""
+        password = self._password.get_secret_value() if self._password is not None else None
+        return ContainerRegistry(server=self.server, identity_reference=self.identity,
+                                 username=self.username, password=password, name=name)
+
+
+class ProgramCatalog(dict[str, Program]):
+    """The configured programs, keyed by name, with the configured container
+    registries (``registries``) that programs and handler profiles may name."""
+
+    registries: Mapping[str, ContainerRegistry]
+
+    def __init__(self, programs: Mapping[str, Program],
+                 registries: Mapping[str, ContainerRegistry]) -> None:
+        super().__init__(programs)
+        self.registries = registries
 
 
 class QueueConfig(_Section):
@@ -127,6 +188,9 @@ class LocalExecutorConfig(_Section):
     slots: Annotated[int, Field(ge=0)] = 0  # 0 means the machine's CPU count
     pool: str = "local"
     poll_interval: PositiveFloat = 0.2
+    #: What runs container tasks: ``auto`` (docker, else podman, whichever answers
+    #: ``info``), one of them, or ``none`` (container tasks are refused).
+    container_engine: Literal["auto", "docker", "podman", "none"] = "auto"
 
     @property
     def slot_count(self) -> int:
@@ -324,6 +388,7 @@ class Settings(BaseSettings):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     programs: dict[str, ProgramConfig] = Field(default_factory=dict)
+    registries: dict[str, RegistryConfig] = Field(default_factory=dict)
     handlers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)
     events: EventsConfig = Field(default_factory=EventsConfig)
@@ -342,7 +407,22 @@ class Settings(BaseSettings):
             raise ValueError("limits.min_priority is above limits.max_priority")
         if not self.programs:
             self.programs = demo_programs(self.backend_kind)
+        self._check_registries()
         return self
+
+    def _check_registries(self) -> None:
+        """Registry names, every program's container, and every ``container_registry``
+        a ``[handlers.*]`` table names (``handlers.containers``), checked once here."""
+        for name in self.registries:
+            if not REGISTRY_NAME.match(name):
+                raise ValueError(f"registries.{name[:80]}: a registry name is 1-64 letters, "
+                                 "digits, hyphens and underscores")
+        self.program_specs()  # ValueError naming the program
+        known = ", ".join(sorted(self.registries)) or "none"
+        for where, value in _registry_keys(self.handlers, "handlers"):
+            if not isinstance(value, str) or value not in self.registries:
+                raise ValueError(f"{where}: no registry named {str(value)[:64]!r} is "
+                                 f"configured ([registries]: {known})")
 
     @property
     def queue_kind(self) -> str:
@@ -370,13 +450,37 @@ class Settings(BaseSettings):
             return self.batch.pool or "fanout"
         return self.local.pool
 
-    def program_specs(self) -> dict[str, Program]:
-        """The configured programs as the handlers' ``Program`` objects."""
-        return {
-            name: Program(name=name, command=p.command, environment=dict(p.environment),
-                          container_image=p.container_image, required_slots=p.required_slots)
-            for name, p in self.programs.items()
-        }
+    def registry_specs(self) -> dict[str, ContainerRegistry]:
+        """The configured ``[registries]`` as the handlers' ``ContainerRegistry``."""
+        return {name: reg.spec(name) for name, reg in self.registries.items()}
+
+    def program_specs(self) -> ProgramCatalog:
+        """The configured programs as the handlers' ``Program`` objects (their
+        containers' registries resolved), with the registries (``.registries``)."""
+        registries = self.registry_specs()
+        programs: dict[str, Program] = {}
+        for name, p in self.programs.items():
+            container = None
+            if p.container_image is not None:
+                registry = None
+                if p.container_registry is not None:
+                    if p.container_registry not in registries:
+                        known = ", ".join(sorted(registries)) or "none"
+                        raise ValueError(f"programs.{name}.container_registry: no registry "
+                                         f"named {p.container_registry!r} is configured "
+                                         f"([registries]: {known})")
+                    registry = registries[p.container_registry]
+                try:
+                    container = ContainerSettings(
+                        image=p.container_image, registry=registry,
+                        run_options=p.container_run_options,
+                        working_directory=p.container_working_directory)
+                except ValueError as exc:
+                    raise ValueError(f"programs.{name}: {exc}") from None
+            programs[name] = Program(name=name, command=p.command,
+                                     environment=dict(p.environment), container=container,
+                                     required_slots=p.required_slots)
+        return ProgramCatalog(programs, registries)
 
     @classmethod
     def settings_customise_sources(
@@ -389,6 +493,20 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment first (it wins), then what load_settings read from the file.
         return (env_settings, init_settings)
+
+
+def _registry_keys(value: Any, where: str) -> typing.Iterator[tuple[str, Any]]:
+    """Every ``container_registry`` key in nested tables, with its dotted path."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            path = f"{where}.{key}"
+            if key == "container_registry" and item is not None:
+                yield path, item
+            else:
+                yield from _registry_keys(item, path)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _registry_keys(item, f"{where}[{index}]")
 
 
 def demo_programs(backend_kind: str = "local") -> dict[str, ProgramConfig]:

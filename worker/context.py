@@ -13,8 +13,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from handlers.base import BlobRef, JobSpec, Program
-from handlers.errors import BudgetExceeded, UnknownProgram
+from handlers.base import (
+    BlobRef,
+    ContainerRegistry,
+    ContainerSettings,
+    ContainerWorkingDirectory,
+    JobSpec,
+    Program,
+)
+from handlers.errors import BudgetExceeded, InvalidParams, UnknownProgram
 from worker.config import LimitsConfig
 from worker.envelope import JobOptions
 from worker.storage.base import Storage
@@ -45,6 +52,9 @@ class WorkerContext:
     programs: Mapping[str, Program]
     handler_options: Mapping[str, Mapping[str, Any]]
     storage: Storage
+    #: The configured ``[registries]``; None: those the program catalog carries
+    #: (``Settings.program_specs()`` returns them with the programs).
+    registries: Mapping[str, ContainerRegistry] | None = None
 
     def program(self, name: str) -> Program:
         try:
@@ -68,6 +78,32 @@ class WorkerContext:
 
     def input_container_url(self, container: str, prefix: str) -> str:
         return self.storage.input_container_url(container, prefix)
+
+    def _registries(self) -> Mapping[str, ContainerRegistry]:
+        if self.registries is not None:
+            return self.registries
+        found: Mapping[str, ContainerRegistry] = getattr(self.programs, "registries", {})
+        return found
+
+    def registry(self, name: str) -> ContainerRegistry:
+        registries = self._registries()
+        try:
+            return registries[name]
+        except (KeyError, TypeError):
+            known = ", ".join(sorted(registries)) or "none"
+            raise InvalidParams(f"no container registry named {str(name)[:64]!r} is "
+                                f"configured ([registries]: {known})") from None
+
+    def container(self, image: str, *, registry: str | None = None,
+                  run_options: str | None = None,
+                  working_directory: ContainerWorkingDirectory = "taskWorkingDirectory"
+                  ) -> ContainerSettings:
+        found = self.registry(registry) if registry is not None else None
+        try:
+            return ContainerSettings(image=image, registry=found, run_options=run_options,
+                                     working_directory=working_directory)
+        except ValueError as exc:
+            raise InvalidParams(f"container: {exc}") from None
 
 
 def apply_job_options(job: JobSpec, options: JobOptions, *, job_id: str,

@@ -28,6 +28,7 @@ __all__ = [
     "BatchRejected",
     "BudgetExceeded",
     "ConfigFault",
+    "ContainerUnavailable",
     "FanoutError",
     "IdempotencyConflict",
     "UnknownJob",
@@ -80,6 +81,13 @@ class BatchRejected(MessageFault):
     """Raised when the batch service rejects a task or job as invalid."""
 
     reason = "BatchRejected"
+
+
+class ContainerUnavailable(MessageFault):
+    """Raised when a task runs in a container image and the local executor has no
+    container engine (Docker or Podman) to run it; it never runs on the host."""
+
+    reason = "ContainerUnavailable"
 
 
 class MaxDeliveryExceeded(MessageFault):

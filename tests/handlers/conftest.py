@@ -11,7 +11,15 @@ from typing import Any
 
 import pytest
 
-from handlers.base import BlobRef, JobSpec, Program, TaskSpec
+from handlers.base import (
+    BlobRef,
+    ContainerRegistry,
+    ContainerSettings,
+    ContainerWorkingDirectory,
+    JobSpec,
+    Program,
+    TaskSpec,
+)
 from handlers.errors import InvalidParams, UnknownProgram
 from worker.app import make_storage
 from worker.config import Settings
@@ -29,6 +37,7 @@ class StubContext:
     allow_message_commands: bool = False
     job_id: str = "job-1"
     handler_options: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    registries: dict[str, ContainerRegistry] = field(default_factory=dict)
 
     def program(self, name: str) -> Program:
         if name not in self.programs:
@@ -51,6 +60,19 @@ class StubContext:
 
     def input_container_url(self, container: str, prefix: str) -> str:
         return f"file:///blobs/{container}"
+
+    def registry(self, name: str) -> ContainerRegistry:
+        if name not in self.registries:
+            raise InvalidParams(f"no container registry named {name!r}")
+        return self.registries[name]
+
+    def container(self, image: str, *, registry: str | None = None,
+                  run_options: str | None = None,
+                  working_directory: ContainerWorkingDirectory = "taskWorkingDirectory"
+                  ) -> ContainerSettings:
+        found = self.registry(registry) if registry is not None else None
+        return ContainerSettings(image=image, registry=found, run_options=run_options,
+                                 working_directory=working_directory)
 
 
 @pytest.fixture

@@ -16,7 +16,14 @@ from azure.core.credentials import AccessToken, AzureNamedKeyCredential
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from handlers.base import JobSpec, OutputFile, ResourceFile, TaskSpec
+from handlers.base import (
+    ContainerRegistry,
+    ContainerSettings,
+    JobSpec,
+    OutputFile,
+    ResourceFile,
+    TaskSpec,
+)
 from tests.fakes.batch_peer import BatchPeer, FaultPlan
 from worker.backends.azure import AzureBatchBackend
 from worker.config import BatchConfig, SubmitConfig
@@ -27,6 +34,8 @@ from worker.submit import Submitter
 MakePeer = Callable[..., BatchPeer]  # the make_peer fixture (conftest.py)
 
 MakeBackend = Callable[..., AzureBatchBackend]
+
+FFMPEG = ContainerSettings("ghcr.io/x/ffmpeg:7")
 
 
 
@@ -139,9 +148,9 @@ def test_task_fields_reach_the_service_as_batch_json(peer: BatchPeer,
                                  upload_condition="completion")],
         depends_on=("t1", "t2"), depends_on_ranges=((10, 20),), max_task_retries=2,
         max_wall_clock=timedelta(days=1, minutes=30), retention=timedelta(seconds=90.5),
-        required_slots=2, container_image="ghcr.io/x/ffmpeg:7", display_name="transcode 1")
+        required_slots=2, container=FFMPEG, display_name="transcode 1")
     result = backend.add_tasks("job-1", [full, TaskSpec(id="min", command_line="true",
-                                                        container_image="ghcr.io/x/ffmpeg:7")])
+                                                        container=FFMPEG)])
     assert (result.added, result.existed, result.errors) == (2, 0, [])
     plain = make_backend()  # a task without an image goes to a pool without containers
     plain.create_job(job_spec("job-2"))
@@ -593,7 +602,8 @@ def test_add_to_a_job_completed_without_a_seal_is_rejected(
 
 
 def image_tasks(n: int, image: str | None) -> list[TaskSpec]:
-    return [TaskSpec(id=f"t{i}", command_line="run", container_image=image) for i in range(n)]
+    container = ContainerSettings(image) if image else None
+    return [TaskSpec(id=f"t{i}", command_line="run", container=container) for i in range(n)]
 
 
 def test_container_image_on_a_plain_pool_is_a_config_fault(

@@ -12,6 +12,8 @@ from azure.batch import models as m
 
 from handlers.base import (
     SATISFY_DEPENDENTS,
+    ContainerRegistry,
+    ContainerSettings,
     ExitConditions,
     ExitOptions,
     JobSpec,
@@ -51,7 +53,8 @@ def test_bodies_read_back_as_sdk_models() -> None:
                     resource_files=[ResourceFile(http_url="https://h/x", file_path="x")],
                     output_files=[OutputFile(file_pattern="*.out", container_url="https://h/c",
                                              path="p", upload_condition="failure")],
-                    depends_on_ranges=((1, 5),), required_slots=4, container_image="img")
+                    depends_on_ranges=((1, 5),), required_slots=4,
+                    container=ContainerSettings("img"))
     model = m.BatchTaskCreateOptions(json.loads(wire.collection_body([task]))["value"][0])
     assert model.environment_settings is not None
     assert model.environment_settings[0].value == "V"

@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from handlers.base import (
+    ContainerRegistry,
+    ContainerSettings,
     ExitConditions,
     ExitOptions,
     JobSpec,
@@ -23,6 +26,8 @@ from handlers.base import (
     ResourceFile,
     TaskEnd,
     TaskSpec,
+    image_host,
+    server_host,
 )
 from worker.backends.base import (
     META_HANDLER,
@@ -106,8 +111,8 @@ def task_body(task: TaskSpec) -> dict[str, Any]:
         body["constraints"] = constraints
     if task.required_slots != 1:
         body["requiredSlots"] = task.required_slots
-    if task.container_image:
-        body["containerSettings"] = {"imageName": task.container_image}
+    if task.container is not None:
+        body["containerSettings"] = container_settings_body(task.container)
     if task.exit_conditions is not None:
         body["exitConditions"] = exit_conditions_body(task.exit_conditions)
     return body
@@ -213,6 +218,140 @@ def _constraints(retries: int | None, wall_clock: timedelta | None,
     if retention is not None:
         out["retentionTime"] = iso_duration(retention)
     return out
+
+
+# -- container settings ------------------------------------------------------------------
+
+#: Serialized ``containerSettings`` by ``id()`` of the (frozen) settings, as for exit
+#: conditions below: a job's tasks share one ``ContainerSettings`` object.
+_CONTAINER_CACHE: dict[int, tuple[ContainerSettings, dict[str, Any]]] = {}
+
+
+def container_settings_body(settings: ContainerSettings) -> dict[str, Any]:
+    """Batch's task ``containerSettings`` (``BatchTaskContainerSettings`` in
+    BatchService.json, api-version 2025-06-01; azure-batch 15.x
+    ``models.BatchTaskContainerSettings``): ``imageName`` (required),
+    ``containerRunOptions`` and ``registry`` when set, and ``workingDirectory`` only
+    when it is not the service's default ("The default is 'taskWorkingDirectory'").
+
+    Cached per object and shared by every task body that carries it: callers must not
+    mutate it.
+    """
+    hit = _CONTAINER_CACHE.get(id(settings))
+    if hit is not None and hit[0] is settings:
+        return hit[1]
+    body: dict[str, Any] = {"imageName": settings.image}
+    if settings.run_options:
+        body["containerRunOptions"] = settings.run_options
+    if settings.registry is not None:
+        body["registry"] = registry_body(settings.registry)
+    if settings.working_directory != "taskWorkingDirectory":
+        body["workingDirectory"] = settings.working_directory
+    if len(_CONTAINER_CACHE) >= _EXIT_CACHE_MAX:
+        _CONTAINER_CACHE.clear()
+    _CONTAINER_CACHE[id(settings)] = (settings, body)
+    return body
+
+
+def registry_body(registry: ContainerRegistry) -> dict[str, Any]:
+    """Batch's ``ContainerRegistryReference``: ``registryServer``, then either
+    ``identityReference`` ``{"resourceId"}`` (``BatchNodeIdentityReference``: "The ARM
+    resource id of the user assigned identity") or ``username`` and ``password``
+    (property names as the spec spells them: ``username``, lower-case n)."""
+    body: dict[str, Any] = {"registryServer": registry.server}
+    if registry.identity_reference is not None:
+        body["identityReference"] = {"resourceId": registry.identity_reference}
+    else:
+        body["username"] = registry.username
+        body["password"] = registry.password
+    return body
+
+
+@dataclass(frozen=True, slots=True)
+class PoolContainers:
+    """A pool's ``virtualMachineConfiguration.containerConfiguration``
+    (``BatchContainerConfiguration``): the images it prefetches
+    (``containerImageNames``), the servers of its ``containerRegistries``, and the
+    resource ids of its user-assigned identities (``identity.userAssignedIdentities``;
+    None when the answer did not say)."""
+
+    type: str
+    images: tuple[str, ...] = ()
+    registries: tuple[str, ...] = ()
+    identities: tuple[str, ...] | None = None
+
+
+def pool_containers(pool: Mapping[str, Any]) -> PoolContainers | None:
+    """Read a get-pool answer's container configuration; None for a pool without one."""
+    config = (pool.get("virtualMachineConfiguration") or {}).get("containerConfiguration")
+    if not isinstance(config, Mapping):
+        return None
+    servers = tuple(server_host(str(r.get("registryServer") or "docker.io"))
+                    for r in config.get("containerRegistries") or [] if isinstance(r, Mapping))
+    identity = pool.get("identity")
+    identities: tuple[str, ...] | None = None
+    if isinstance(identity, Mapping):
+        identities = tuple(str(u.get("resourceId", "")).lower()
+                           for u in identity.get("userAssignedIdentities") or []
+                           if isinstance(u, Mapping))
+    return PoolContainers(type=str(config.get("type") or ""),
+                          images=tuple(str(i) for i in config.get("containerImageNames") or []),
+                          registries=servers, identities=identities)
+
+
+def container_problem(pool: str, containers: PoolContainers | None,
+                      settings: ContainerSettings | None) -> tuple[str, str] | None:
+    """``(code, description)`` when tasks with ``settings`` cannot run on ``pool``.
+
+    From the REST spec (BatchService.json, 2025-06-01): task ``containerSettings``: "If
+    the Pool that will run this Task has containerConfiguration set, this must be set
+    as well. If the Pool that will run this Task doesn't have containerConfiguration
+    set, this must not be set." ``BatchNodeIdentityReference``: "The reference to a
+    user assigned identity associated with the Batch pool which a compute node will
+    use": a registry's ``identityReference`` must be one of the pool's identities (when
+    the pool's answer lists them).
+    """
+    if containers is None and settings is not None:
+        return ("PoolNotContainerEnabled",
+                f"pool {pool} has no container configuration, but the task runs in "
+                f"container image {settings.image}: use a container pool or a program "
+                "without an image")
+    if containers is not None and settings is None:
+        listed = ", ".join(containers.images) or "none listed"
+        return ("ContainerImageRequired",
+                f"pool {pool} has a container configuration (images: {listed}), but the "
+                "task names no container image: give its program an image or use a pool "
+                "without containers")
+    registry = settings.registry if settings is not None else None
+    if (containers is not None and registry is not None
+            and registry.identity_reference is not None and containers.identities is not None
+            and registry.identity_reference.lower() not in containers.identities):
+        return ("ContainerRegistryIdentityNotOnPool",
+                f"registry {registry.name or registry.server} pulls image "
+                f"{settings.image if settings else ''} with the managed identity "
+                f"{registry.identity_reference}, which pool {pool} does not have: assign "
+                "it to the pool (and give it AcrPull on the registry)")
+    return None
+
+
+def container_warning(containers: PoolContainers, settings: ContainerSettings) -> str | None:
+    """Why an image may fail to pull at task start, or None; a warning, not an error.
+
+    ``containerImageNames`` are images prefetched when a node joins; any other image is
+    pulled when a task needs it. A pull from a private registry needs credentials, the
+    task's ``registry`` or the pool's ``containerRegistries`` ("If any Images must be
+    downloaded from a private registry which requires credentials, then those
+    credentials must be provided here"); fanout cannot tell a public registry from a
+    private one, so an image with neither is only worth a warning.
+    """
+    if settings.registry is not None or settings.image in containers.images:
+        return None
+    host = image_host(settings.image)
+    if host in containers.registries:
+        return None
+    return (f"image {settings.image} is not prefetched by the pool and neither the task "
+            f"nor the pool names a registry for {host}: it is pulled at task start, which "
+            "works only if the image is public")
 
 
 # -- exit conditions ---------------------------------------------------------------------
@@ -435,7 +574,7 @@ _CODES_LOWER = {k.lower(): v for k, v in FAILURE_CODES.items()}
 #: What a failure message says when the task's max wall clock ended it.
 _WALL_CLOCK = re.compile(r"wall\s*clock|maxwallclock", re.IGNORECASE)
 #: The task fields ``failed_tasks`` reads.
-FAILED_TASK_SELECT = "id,executionInfo,constraints"
+FAILED_TASK_SELECT = "id,displayName,executionInfo,constraints"
 
 
 def failure_category(info: Mapping[str, Any], constraints: Any = None
@@ -500,4 +639,5 @@ def failed_task(task: Mapping[str, Any], logs: str | None = None) -> FailedTask:
         failure_code=str(failure["code"]) if failure.get("code") else None,
         failure_message=str(failure["message"]) if failure.get("message") else None,
         start_time=parse_time(info.get("startTime")), end_time=parse_time(info.get("endTime")),
-        retry_count=int(info.get("retryCount") or 0), logs=logs)
+        retry_count=int(info.get("retryCount") or 0), logs=logs,
+        display_name=str(task["displayName"]) if task.get("displayName") else None)

@@ -56,7 +56,7 @@ from worker.backends.base import (
 from worker.backends.local import process
 from worker.backends.local.runner import Node, Outcome, ProcessTable, run_attempt
 from worker.backends.local.store import DEFAULT_RETENTION, Store, TaskInfo, TaskRun
-from worker.errors import ConfigFault
+from worker.errors import ConfigFault, ContainerUnavailable
 from worker.storage.base import Storage
 
 log = structlog.get_logger(__name__)
@@ -75,7 +75,11 @@ class LocalBackend:
 
     def __init__(self, *, home: Path, slots: int, pool: str = "local",
                  poll_interval: float = 0.2, storage: Storage | None = None,
-                 kill_grace: float = 5.0, retention: float = DEFAULT_RETENTION) -> None:
+                 kill_grace: float = 5.0, retention: float = DEFAULT_RETENTION,
+                 container_engine: str = "auto") -> None:
+        """``container_engine`` runs container tasks: ``auto`` (Docker, else Podman,
+        whichever answers ``info``; found on the first container task), ``docker``,
+        ``podman`` or ``none`` (container tasks are refused)."""
         if slots < 1:
             raise ValueError(f"slots must be at least 1, not {slots}")
         self.home = Path(home).absolute()
@@ -84,7 +88,8 @@ class LocalBackend:
         self.poll_interval = poll_interval
         self.home.mkdir(parents=True, exist_ok=True)
         self.store = Store(path=self.home / "executor.db", pool=pool, retention=retention)
-        self._node = Node.create(home=self.home, kill_grace=kill_grace, storage=storage)
+        self._node = Node.create(home=self.home, kill_grace=kill_grace, storage=storage,
+                                 container_engine=container_engine)
         self._lock = threading.Lock()
         #: Runners with nothing to claim wait here; notified when work may have appeared.
         self._work = threading.Condition(self._lock)
@@ -119,7 +124,18 @@ class LocalBackend:
 
     def add_tasks(self, job_id: str, tasks: Sequence[TaskSpec]) -> AddResult:
         """Add one chunk in one transaction; ids already in the job (compared
-        case-insensitively) count in ``existed``."""
+        case-insensitively) count in ``existed``.
+
+        A chunk with a container task when no container engine answers is refused
+        whole, before anything is stored: ``ContainerUnavailable`` naming the image (the
+        message is dead-lettered; the task never runs on the host)."""
+        for task in tasks:
+            if task.container is not None:
+                if self._node.containers.engine() is None:
+                    raise ContainerUnavailable(
+                        f"task {task.id} of job {job_id}: "
+                        f"{self._node.containers.refusal(task.container.image)}")
+                break
         result = self.store.add_tasks(job_id, tasks)
         if result.added:
             self._wake.set()
@@ -175,6 +191,10 @@ class LocalBackend:
         for task in failed:
             task.logs = str(self._node.task_dir(stored, task.id))
         return failed
+
+    def existing_tasks(self, job_id: str, task_ids: Sequence[str]) -> set[str]:
+        """Which of ``task_ids`` the job has (compared case-insensitively)."""
+        return self.store.existing_tasks(job_id, task_ids)
 
     def blocked_tasks(self, job_id: str, limit: int) -> list[str] | None:
         """Active tasks that can never run (a dependency ended with ``block``, directly

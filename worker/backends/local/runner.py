@@ -11,6 +11,13 @@ not parse, its program is missing or not runnable: Batch reports those as schedu
 errors such as ``CommandProgramNotFound`` before any process runs) ended with a
 pre-processing error; one whose output files failed to upload with a file upload
 error; any other with its exit code.
+
+A task with container settings runs in a container of Docker or Podman
+(``container.py``): the engine's client is the process here, in the same process
+group, and a stopped or killed task's container is removed after it. With no engine
+the task fails as a pre-processing error (``ContainerUnavailable``); the executor
+refuses such tasks when they are added, so this happens only to tasks stored before.
+A container task never runs on the host.
 """
 
 from __future__ import annotations
@@ -23,13 +30,14 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
 from handlers.base import TaskEnd
 from worker.backends.base import FailureCategory
+from worker.backends.local import container as containers
 from worker.backends.local import process, transfer
 from worker.backends.local.store import TASK_ENDED, TaskRun
 from worker.storage.base import Storage
@@ -52,6 +60,9 @@ class Node:
     user: str
     kill_grace: float
     storage: Storage | None = None
+    #: Runs container tasks (Docker or Podman, found on first use).
+    containers: containers.ContainerRuntime = field(
+        default_factory=lambda: containers.ContainerRuntime("none"))
 
     @property
     def shared_dir(self) -> Path:
@@ -61,12 +72,14 @@ class Node:
         return self.home / "tasks" / job_id / task_id
 
     @classmethod
-    def create(cls, *, home: Path, kill_grace: float, storage: Storage | None) -> Node:
+    def create(cls, *, home: Path, kill_grace: float, storage: Storage | None,
+               container_engine: str = "auto") -> Node:
         try:
             user = getpass.getuser()
         except (KeyError, OSError):
             user = "local"
-        return cls(home=home, user=user, kill_grace=kill_grace, storage=storage)
+        return cls(home=home, user=user, kill_grace=kill_grace, storage=storage,
+                   containers=containers.ContainerRuntime(container_engine))
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +111,8 @@ class Outcome:
         if self.end == "file_upload_error":
             return "output_upload_failure"
         if self.end == "pre_processing_error":
+            if (self.failure_code or "").startswith("Container"):
+                return "start_task_failed"  # as Batch's Container* codes
             # A command line that does not parse or a program that cannot start (it
             # reports a shell's exit code, 127 or 126) is the command's own fault.
             return ("exit_code" if (self.failure_code or "").startswith("Command")
@@ -231,18 +246,66 @@ def run_attempt(run: TaskRun, node: Node, table: ProcessTable,
     except ValueError as exc:
         argv, problem = [], f"the command line does not parse: {exc}"
     else:
-        problem = "the command line is empty"
-    if not argv:
+        # an empty command line runs a container image's own ENTRYPOINT, as on Batch
+        problem = "the command line is empty" if run.container is None and not argv else ""
+    if problem:
         _note(task_dir, problem)
         return Outcome(None, "CommandLineInvalid", problem, end="pre_processing_error")
-    if run.container_image:
-        log.warning("task.container_ignored", job_id=run.job_id, task_id=run.task_id,
-                    image=run.container_image,
-                    detail="the local executor runs the command on this machine")
-    started = _start(run, argv, env, task_dir, wd, table)
+    in_container: _InContainer | None = None
+    if run.container is not None:
+        prepared = _in_container(run, node, argv, env, task_dir, wd)
+        if isinstance(prepared, Outcome):
+            return prepared
+        in_container = prepared
+        argv, popen_env = prepared.argv, prepared.env
+    else:
+        popen_env = env
+    started = _start(run, argv, popen_env, task_dir, wd, table)
     if isinstance(started, Outcome):
         return started
-    return _finish(run, started, node, table, on_running, task_dir, wd, env)
+    try:
+        return _finish(run, started, node, table, on_running, task_dir, wd, env)
+    finally:
+        if in_container is not None and started.returncode != 0:
+            # a container whose client was stopped or killed may still run
+            containers.remove(in_container.engine, in_container.name)
+
+
+@dataclass(frozen=True, slots=True)
+class _InContainer:
+    """What runs a container task: the engine's command and environment."""
+
+    engine: containers.Engine
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+
+
+def _in_container(run: TaskRun, node: Node, argv: list[str], env: dict[str, str],
+                  task_dir: Path, wd: Path) -> _InContainer | Outcome:
+    """The engine command for a container task, or the pre-processing failure of one
+    that no engine can run (never the host)."""
+    assert run.container is not None
+    engine = node.containers.engine()
+    if engine is None:
+        message = node.containers.refusal(run.container.image)
+        _note(task_dir, message)
+        return Outcome(None, containers.CONTAINER_UNAVAILABLE, message,
+                       end="pre_processing_error")
+    # The task's own variables and Batch's, by name; the engine's client reads their
+    # values from its environment: this process's (DOCKER_HOST, XDG_RUNTIME_DIR...) with
+    # them on top.
+    names = [k for k in env if k in run.environment or k.startswith("AZ_BATCH_")]
+    name = containers.container_name()
+    node.shared_dir.mkdir(parents=True, exist_ok=True)
+    command = containers.run_argv(
+        engine, run.container, argv, name=name, mounts=[task_dir, node.shared_dir.absolute()],
+        workdir=wd, env_names=names,
+        labels={"fanout.job": run.job_id, "fanout.task": run.task_id})
+    log.debug("task.container", job_id=run.job_id, task_id=run.task_id,
+              image=run.container.image, engine=engine.name, container=name)
+    return _InContainer(engine=engine, name=name, argv=command,
+                        env={**os.environ, **{k: env[k] for k in names}})
 
 
 def _start(run: TaskRun, argv: list[str], env: dict[str, str], task_dir: Path, wd: Path,
@@ -293,6 +356,12 @@ def _finish(run: TaskRun, proc: subprocess.Popen[bytes], node: Node, table: Proc
         outcome = Outcome(code, "MaxWallClockTimeExceeded",
                           f"the task ran longer than its max wall clock of "
                           f"{run.max_wall_clock:g} s and was killed")
+    elif code == containers.ENGINE_ERROR_EXIT and run.container is not None:
+        # the engine could not run the container (a pull, an option): see stderr.txt
+        outcome = Outcome(code, "ContainerMiscError",
+                          f"the container engine could not run image {run.container.image} "
+                          f"(exit {code}; its error is in stderr.txt)",
+                          end="pre_processing_error")
     elif code != 0:
         outcome = Outcome(code, "FailureExitCode", f"the task exited with code {code}",
                           retryable=True)

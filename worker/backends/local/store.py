@@ -20,6 +20,13 @@ Batch's ``constraints.maxWallClockTime``) is found by an index when it passes.
 
 Schema versions: 1 had no exit conditions and counted successes (``succeeded``);
 opening such a database upgrades it in place to 2 (see ``_MIGRATE_1_TO_2``).
+
+A task's container settings are kept in the ``container_image`` column: a JSON object
+(``{"image", "run_options", "working_directory", "registry"}``; the registry's server
+and user name only, never a password: the local engine pulls with its own
+credentials), or, as written before container settings had more than an image, the
+bare image name. Image names never start with ``{``, so both read back without a
+schema change.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ from typing import Any, cast
 
 from handlers.base import (
     ID_PATTERN,
+    ContainerRegistry,
+    ContainerSettings,
     DependencyAction,
     ExitConditions,
     ExitOptions,
@@ -217,7 +226,8 @@ class TaskRun:
     max_wall_clock: float | None
     retry_count: int
     required_slots: int
-    container_image: str | None
+    #: The container it runs in (registry without its password), or None.
+    container: ContainerSettings | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -685,7 +695,7 @@ class Store:
             resource_files=[ResourceFile(*r) for r in json.loads(rfiles)] if rfiles else [],
             output_files=[OutputFile(*o) for o in json.loads(ofiles)] if ofiles else [],
             max_task_retries=retries, max_wall_clock=wall, retry_count=retry_count,
-            required_slots=slots, container_image=image,
+            required_slots=slots, container=container_of(image),
         )
 
     def mark_running(self, seq: int, pid: int, proc_start: int | None) -> None:
@@ -908,6 +918,49 @@ def _parse_conditions(text: str) -> ExitConditions:
     )
 
 
+#: Stands in for a stored registry's password: the local executor never keeps one (the
+#: engine pulls with its own credentials), but ``ContainerRegistry`` wants one.
+_NO_PASSWORD = "-"
+
+
+@lru_cache(maxsize=256)
+def container_json(settings: ContainerSettings) -> str:
+    """A task's container settings as stored (cached: a job's tasks share one)."""
+    data: dict[str, Any] = {"image": settings.image}
+    if settings.run_options:
+        data["run_options"] = settings.run_options
+    if settings.working_directory != "taskWorkingDirectory":
+        data["working_directory"] = settings.working_directory
+    registry = settings.registry
+    if registry is not None:
+        data["registry"] = {k: v for k, v in (
+            ("server", registry.server), ("name", registry.name),
+            ("identity", registry.identity_reference),
+            ("username", registry.username)) if v is not None}
+    return json.dumps(data, separators=(",", ":"))
+
+
+@lru_cache(maxsize=256)
+def container_of(stored: str | None) -> ContainerSettings | None:
+    """Read ``container_json`` back; a bare image name is a pre-JSON row's."""
+    if not stored:
+        return None
+    if not stored.startswith("{"):
+        return ContainerSettings(image=stored)
+    data = json.loads(stored)
+    reg = data.get("registry")
+    registry = None
+    if reg:
+        identity = reg.get("identity")
+        registry = ContainerRegistry(
+            server=reg["server"], identity_reference=identity, username=reg.get("username"),
+            password=None if identity else _NO_PASSWORD, name=reg.get("name"))
+    return ContainerSettings(image=data["image"], registry=registry,
+                             run_options=data.get("run_options"),
+                             working_directory=data.get("working_directory",
+                                                        "taskWorkingDirectory"))
+
+
 def _job_status(conn: sqlite3.Connection, row: tuple[Any, ...]) -> JobStatus:
     seq, job_id, state, pool, display_name, created, metadata, _completed = row
     counts = dict.fromkeys(TASK_STATES, 0)
@@ -1003,7 +1056,7 @@ def _task_rows(job_seq: int, tasks: Sequence[TaskSpec], now: float,
             dumps([list(r) for r in ranges]) if ranges else None,
             t.max_task_retries, wall.total_seconds() if wall is not None else None,
             keep.total_seconds() if keep is not None else None, t.required_slots,
-            t.container_image, waiting, now,
+            container_json(t.container) if t.container is not None else None, waiting, now,
             conditions_json(exits) if exits is not None else None,
         ))
     return rows, errors
