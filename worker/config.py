@@ -275,13 +275,56 @@ class RouteConfig(_Section):
 
     handler: str
     params: dict[str, Any] = Field(default_factory=dict)
-    job: dict[str, Any] = Field(default_factory=dict)
+    #: Job options (a table), or how events become jobs: ``"event"`` (the default, one
+    #: job per event) or ``"window"`` (one job per route per ``window``); the table
+    #: may say the same with ``mode = "window"`` next to its job options.
+    job: Literal["event", "window"] | dict[str, Any] = Field(default_factory=dict)
+    #: With ``job = "window"``: the window's length (``PT1H``), whole seconds.
+    window: timedelta | None = None
+    #: With ``job = "window"``: how long after its window ends the job is sealed (it
+    #: covers late deliveries; a later event gets a job of its own).
+    seal_after: timedelta = timedelta(minutes=5)
+    #: A readable name for the route's window jobs (it shows in their ids).
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,24}$")] | None = None
     account: str | None = None
     container: str | None = None
     prefix: str | None = None
     suffix: str | list[str] | None = None
     content_type: str | None = None
     blob_param: str = "input"
+
+    @model_validator(mode="after")
+    def _check_window(self) -> RouteConfig:
+        mode = self.mode
+        if mode not in ("event", "window"):
+            raise ValueError(f"job.mode must be \"event\" or \"window\", not {mode!r}")
+        if mode == "window":
+            if self.window is None:
+                raise ValueError('job = "window" needs window, the window\'s length '
+                                 '(window = "PT1H")')
+            seconds = self.window.total_seconds()
+            if seconds < 1 or seconds != int(seconds):
+                raise ValueError(f"window must be whole seconds, at least one (got "
+                                 f"{self.window})")
+            if self.seal_after.total_seconds() < 0:
+                raise ValueError("seal_after must not be negative")
+        elif self.window is not None:
+            raise ValueError('window applies only with job = "window"')
+        return self
+
+    @property
+    def mode(self) -> str:
+        """``"event"`` (one job per event) or ``"window"`` (one job per window)."""
+        if isinstance(self.job, str):
+            return self.job
+        return str(self.job.get("mode", "event"))
+
+    @property
+    def job_options(self) -> dict[str, Any]:
+        """The route's job options (``job`` without ``mode``)."""
+        if isinstance(self.job, str):
+            return {}
+        return {k: v for k, v in self.job.items() if k != "mode"}
 
     @property
     def suffixes(self) -> tuple[str, ...]:

@@ -34,6 +34,7 @@ from worker.backends.base import (
     JobRecord,
     TaskCounts,
 )
+from worker.window import parse_display_name, parse_window
 
 EVENT_TYPE = "fanout.job.completed"
 SPEC_VERSION = "1.0"
@@ -122,6 +123,9 @@ def build_event(report: JobReport, *, source: str,
         "duration_seconds": (round((end - start).total_seconds(), 3)
                              if start is not None else None),
     }
+    window = window_json(report)
+    if window is not None:
+        data["window"] = window
     return {
         "specversion": SPEC_VERSION, "type": EVENT_TYPE, "source": source,
         "id": event_id(job.id), "subject": job.id, "time": _iso(end),
@@ -130,15 +134,37 @@ def build_event(report: JobReport, *, source: str,
 
 
 def failed_json(task: FailedTask) -> dict[str, Any]:
-    """One failed task as the event (and ``fanout status --json``) shows it."""
+    """One failed task as the event (and ``fanout status --json``) shows it; a window
+    job's task also names the event it came from and its blob (``container/path``)."""
     tail = task.stderr_tail
-    return {
+    out: dict[str, Any] = {
         "task_id": task.id, "category": task.category, "exit_code": task.exit_code,
         "failure_code": task.failure_code, "failure_message": task.failure_message,
         "retry_count": task.retry_count, "start_time": _iso(task.start_time),
         "end_time": _iso(task.end_time), "logs": task.logs,
         "stderr_tail": tail[-MAX_STDERR_TAIL:] if tail is not None else None,
     }
+    origin = parse_display_name(task.display_name)
+    if origin is not None:
+        out["event_id"], out["blob"] = origin
+    return out
+
+
+def window_json(report: JobReport) -> dict[str, Any] | None:
+    """A window job's ``window``: its start and end, and how many distinct events the
+    listed failed tasks belong to (``failed_events_truncated`` when the counts show
+    failed tasks beyond the list, so more events may have failed). Every event none of
+    whose tasks is listed succeeded, unless the list is truncated or the job was
+    cancelled or timed out (then ``tasks.not_run`` says how many never ran). None for
+    any other job."""
+    window = parse_window(report.job.metadata)
+    if window is None:
+        return None
+    events = {origin[0] for task in report.failed
+              if (origin := parse_display_name(task.display_name)) is not None}
+    return {"start": _iso(window[0]), "end": _iso(window[1]),
+            "failed_events": len(events),
+            "failed_events_truncated": report.failed_omitted > 0}
 
 
 def encode(event: Mapping[str, Any]) -> bytes:

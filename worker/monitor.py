@@ -6,6 +6,9 @@ never touches messages. Each poll (``jobs.poll_interval``):
 1. one listing of fanout's jobs (a ``$filter``ed, ``$select``ed page per 1,000 jobs on
    Azure): every job not yet completed, and the completed ones whose state changed
    within ``jobs.lookback`` (every ``jobs.full_sweep_interval``: every completed one);
+   a window job (a route's job per window, worker/window.py) whose time to be sealed
+   has come is sealed: one task-counts request, its count kept in ``fanout-tasks``,
+   then the seal (several replicas may do it at once: harmless);
 2. per active job, one task-counts request; when no task runs, some failed and some
    are still active, one look at the active tasks: if every one is blocked by a
    failed dependency the job can never end by itself, so it is terminated
@@ -42,7 +45,9 @@ from worker.backends.base import (
     META_HANDLER,
     META_REPLY_TO,
     META_REPORTED,
+    META_SEAL_AT,
     META_TASKS,
+    META_WINDOW,
     REASON_ALL_COMPLETE,
     REASON_BLOCKED,
     REASON_SUBMIT_FAILED,
@@ -57,6 +62,7 @@ from worker.events import JobReport, build_event, encode, event_id, outcome_of
 from worker.logs import redact
 from worker.metrics import Metrics
 from worker.sinks.base import EventSink
+from worker.window import seal_due
 
 log = structlog.get_logger(__name__)
 
@@ -75,6 +81,7 @@ class PollResult:
     reported: list[str] = field(default_factory=list)
     terminated: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    sealed: list[str] = field(default_factory=list)
     requests: Counter[str] = field(default_factory=Counter)
     errors: int = 0
 
@@ -106,9 +113,10 @@ class JobMonitor:
             started = time.monotonic()
             try:
                 result = await self.poll()
-                if result.reported or result.terminated or result.deleted:
+                if result.reported or result.terminated or result.deleted or result.sealed:
                     log.info("monitor.poll", listed=result.listed, active=result.active,
                              reported=len(result.reported), terminated=len(result.terminated),
+                             sealed=len(result.sealed),
                              deleted=len(result.deleted), requests=sum(result.requests.values()))
             except asyncio.CancelledError:
                 raise
@@ -148,6 +156,8 @@ class JobMonitor:
         """One job's step; returns 1 while the job is still unreported."""
         if job.state != "completed":
             result.active += 1
+            if not job.sealed and META_SEAL_AT in job.metadata:
+                await self._seal_window(job, now, result)
             await self._check_active(job, result)
             return 1
         if META_REPORTED not in job.metadata:
@@ -160,6 +170,26 @@ class JobMonitor:
                 self.metrics.jobs_deleted.inc()
                 log.info("monitor.job_deleted", job_id=job.id, ended=ended.isoformat())
         return 0
+
+    async def _seal_window(self, job: JobRecord, now: datetime, result: PollResult) -> None:
+        """Seal a window job whose window (plus its seal delay) has passed.
+
+        Its task count goes into ``fanout-tasks`` first, so the report waits for final
+        counts that add up at least to it (a late event may still add tasks to the
+        sealed job while it runs; Batch's counts are eventually consistent)."""
+        if job.state != "active" or not seal_due(job.metadata, job.created, now):
+            return
+        counts = await self._call(result, "task_counts", self.backend.task_counts, job.id)
+        if counts is None:
+            return  # deleted meanwhile
+        marked = {**job.metadata, META_TASKS: str(counts.total)}
+        await self._call(result, "update_metadata", self.backend.update_job_metadata,
+                         job.id, marked)
+        await self._call(result, "seal_job", self.backend.seal_job, job.id)
+        job.metadata, job.sealed = marked, True
+        result.sealed.append(job.id)
+        log.info("monitor.window_sealed", job_id=job.id, tasks=counts.total,
+                 window=job.metadata.get(META_WINDOW))
 
     async def _check_active(self, job: JobRecord, result: PollResult) -> None:
         """Terminate the job when every task still to run is blocked for good."""
@@ -265,7 +295,9 @@ def settled(job: JobRecord, counts: TaskCounts) -> bool:
     to the tasks it was given (``fanout-tasks``); every one completed if all did.
 
     Batch's task counts trail the job state: right after a job completes they may still
-    show tasks running, or none at all."""
+    show tasks running, or none at all. A window job's ``fanout-tasks`` is its count
+    when the monitor sealed it: the final counts must reach it (late events may have
+    added more)."""
     if counts.running:
         return False
     try:
@@ -273,6 +305,9 @@ def settled(job: JobRecord, counts: TaskCounts) -> bool:
     except (KeyError, ValueError):
         expected = None
     if job.terminate_reason in (None, REASON_ALL_COMPLETE):
+        if expected is not None and META_WINDOW in job.metadata:
+            # counted when sealed; a late event may have added tasks since
+            return not counts.active and counts.completed >= expected
         return not counts.active and (expected is None or counts.completed == expected)
     if job.terminate_reason == REASON_SUBMIT_FAILED or expected is None:
         return True  # not every task was added: nothing to add up to

@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 
 from handlers.base import BuildRequest, JobSpec, OutputFile, TaskSpec
+from worker import window
 from worker.backends.base import (
     META_KEY,
     META_LOGS,
@@ -77,6 +78,7 @@ class Planner:
         self.settings = settings
         self.storage = storage
         self._programs = settings.program_specs()
+        window.check_routes(settings.routes, settings.jobs.max_wall_clock)
 
     def plan(self, body: bytes, properties: Mapping[str, str] | None = None, *,
              message_id: str | None = None, reply_to: str | None = None) -> Plan:
@@ -88,19 +90,30 @@ class Planner:
         routed = self.router.route(parsed, message_id=message_id)
         plan = Plan(ignored=list(routed.ignored), cancels=list(routed.cancels))
         for work in routed.works:
-            job = self.build(work, properties or {})
-            job.metadata.update(_origin(work, message_id, work.reply_to or reply_to))
+            origin = _origin(work, message_id, work.reply_to or reply_to)
+            job = self.build(work, properties or {}, origin)
             plan.jobs.append(PlannedJob(work.handler_name, work.key, job))
         return plan
 
-    def build(self, work: Work, properties: Mapping[str, str]) -> JobSpec:
+    def build(self, work: Work, properties: Mapping[str, str],
+              origin: Mapping[str, str] | None = None) -> JobSpec:
         """One work item's job: the handler's spec with the message's job options, the
-        operator's default wall clock, fanout's metadata and, on Azure, log uploads."""
+        operator's default wall clock, fanout's metadata (``origin``: who asked) and, on
+        Azure, log uploads. An event of a windowed route becomes its share of the
+        window's job (worker/window.py)."""
         structlog.contextvars.bind_contextvars(
             handler=work.handler_name, job_id=job_id_for(work.handler_name, work.key))
         job = self.spec(work, properties)
         if job.max_wall_clock is None:
             job.max_wall_clock = self.settings.jobs.max_wall_clock
+        if work.window is not None:
+            own = work.without_window()
+            job = window.gather(job, work.window, handler=work.handler_name,
+                                fallback=lambda: self.build(own, properties, origin))
+            self._upload_logs(job)
+            log.info("job.built", tasks=job.task_count, pool=job.pool, window=job.id)
+            return job
+        job.metadata.update(origin or {})
         job.metadata[META_REQUEST] = request_hash(work.handler_name, work.params, work.job)
         job.metadata[META_TASKS] = str(job.task_count)
         if job.outputs:

@@ -13,7 +13,7 @@ reference is put into the route's default params.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import entry_points
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -34,6 +34,7 @@ from worker.context import job_id_for
 from worker.envelope import BlobEvent, Cancel, Envelope, JobOptions, Parsed
 from worker.errors import SettingsError
 from worker.storage.base import Storage
+from worker.window import Window, window_for
 
 ENTRY_POINT_GROUP = "fanout.handlers"
 #: Application property that carries a message's idempotency key in place of its
@@ -113,6 +114,13 @@ class Work:
     key: str
     job: JobOptions
     reply_to: str | None = None
+    #: For a route with ``job = "window"``: the window the event falls in; its tasks
+    #: go into that window's job (see worker/window.py).
+    window: Window | None = None
+
+    def without_window(self) -> Work:
+        """The same work as a job of its own (a late event's, see worker/window.py)."""
+        return replace(self, window=None)
 
 
 @dataclass(slots=True)
@@ -140,7 +148,7 @@ class Router:
                 raise SettingsError(f"{_where(index, rule)}: handler {rule.handler!r} is not "
                                     f"installed (installed: {', '.join(registry.names)})")
             try:
-                self._jobs[id(rule)] = JobOptions.model_validate(rule.job)
+                self._jobs[id(rule)] = JobOptions.model_validate(rule.job_options)
             except ValidationError as exc:
                 raise SettingsError(f"{_where(index, rule)}: job: "
                                     f"{describe_validation(exc)}") from None
@@ -210,7 +218,12 @@ class Router:
         params = {**rule.params,
                   rule.blob_param: {"container": ref.container, "blob": ref.blob}}
         handler = self.registry.get(rule.handler)
-        routed.works.append(Work(rule.handler, handler, params, event.id, job))
+        window = window_for(rule, event_id=event.id, event_time_text=event.time, ref=ref)
+        if rule.mode == "window" and window is None:
+            log.warning("window.no_event_time", event_id=event.id, time=event.time,
+                        note="an event without a usable time gets a job of its own")
+        routed.works.append(Work(rule.handler, handler, params, event.id, job,
+                                 window=window))
 
     def match(self, event: BlobEvent, ref: BlobRef, account: str) -> RouteConfig | None:
         """The first rule whose every condition holds for this blob."""

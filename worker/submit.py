@@ -11,6 +11,14 @@ Lifecycle (docs/azure-batch.md): create the job with on-all-tasks-complete = no
 action, add every task, then seal it (terminate when all tasks complete). A job an
 earlier delivery already sealed has every task: nothing is added again.
 
+A window job (:class:`worker.window.WindowJob`: one event's share of a route's job per
+window) is different: it is created if absent and never sealed here (the job monitor
+seals it once its window has passed), "already sealed" does not mean "every task is
+there", and a submission that stops does not terminate it (other events' tasks are in
+it). When the window job has completed before the event's tasks were added, the event
+runs in a job of its own, the one its route makes without a window; an event whose
+tasks are all in the completed window job already is done.
+
 Every job ends: a submission that stops for good (the service rejects a task, the
 handler yields a bad task) terminates the job it created (``FanoutSubmitFailed``), so
 it never holds one of the account's active-job slots; the job monitor then reports it
@@ -37,6 +45,7 @@ from worker.backends.base import META_REQUEST, REASON_SUBMIT_FAILED, AddResult, 
 from worker.config import SubmitConfig
 from worker.errors import BatchRejected, ConfigFault, IdempotencyConflict, SystemFault
 from worker.metrics import Metrics
+from worker.window import WindowJob, window_task_ids
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -57,6 +66,10 @@ class SubmitResult:
     retries: int = 0
     already_sealed: bool = False
     seconds: float = 0.0
+    #: The window job the event's tasks went to (or, with ``late``, were bound for).
+    window_job: str | None = None
+    #: The window job had completed: the event ran in a job of its own (``job_id``).
+    late: bool = False
 
 
 class Submitter:
@@ -79,6 +92,8 @@ class Submitter:
         """Create, fill and seal ``job``; raise a fault that says what to do with the
         message (``SystemFault``: abandon, ``BatchRejected``: dead-letter, ...)."""
         stop = cancel or threading.Event()
+        if isinstance(job, WindowJob):
+            return self._submit_window(job, handler, stop)
         started = time.monotonic()
         result = SubmitResult(job_id=job.id)
         state = self._retrying(lambda: self.backend.create_job(job), stop, result)
@@ -103,6 +118,54 @@ class Submitter:
                  requests=result.requests, retries=result.retries,
                  seconds=round(result.seconds, 3))
         return result
+
+    def _submit_window(self, job: WindowJob, handler: str,
+                       stop: threading.Event) -> SubmitResult:
+        """Add one event's tasks to its window's job, created if absent, never sealed."""
+        started = time.monotonic()
+        result = SubmitResult(job_id=job.id, window_job=job.id)
+        state = self._retrying(lambda: self.backend.create_job(job), stop, result)
+        if state != "created":
+            self._check_same_request(job, stop, result)
+        try:
+            # a sealed window job still takes tasks until it completes
+            self._add_all(job, handler, stop, result)
+        except BatchRejected as exc:
+            if exc.reason != "JobCompleted":
+                raise  # the message is dead-lettered; the window job goes on
+            return self._late(job, handler, stop, result)
+        result.seconds = time.monotonic() - started
+        self.metrics.submit_seconds.labels(handler).observe(result.seconds)
+        log.info("job.submitted", job_id=job.id, window=True, state=state,
+                 added=result.added, existed=result.existed, requests=result.requests,
+                 retries=result.retries, seconds=round(result.seconds, 3))
+        return result
+
+    def _late(self, job: WindowJob, handler: str, stop: threading.Event,
+              result: SubmitResult) -> SubmitResult:
+        """The window job completed before this event's tasks were all added: done if
+        they are all in it (an earlier delivery added them), else the event's own job."""
+        assert job.fallback is not None and job.window is not None
+        ids = window_task_ids(job.fallback().tasks, job.prefix)
+        present = self._retrying(lambda: self.backend.existing_tasks(job.id, ids),
+                                 stop, result)
+        if len(present) == len(ids):
+            result.existed = len(ids)
+            log.info("window.tasks_present", job_id=job.id, tasks=len(ids),
+                     event_id=job.window.event_id)
+            return result
+        own = job.fallback()
+        log.warning("window.late_event", window_job=job.id, job_id=own.id,
+                    event_id=job.window.event_id, blob=job.window.blob,
+                    seal_at=job.window.seal_at.isoformat(), present=len(present),
+                    note="the window job had completed: the event runs in a job of its own"
+                    + ("; some of its tasks ran in the window job" if present else ""))
+        own_result = self.submit(own, handler=handler, cancel=stop)
+        own_result.window_job = job.id
+        own_result.late = True
+        own_result.requests += result.requests
+        own_result.retries += result.retries
+        return own_result
 
     def _check_same_request(self, job: JobSpec, stop: threading.Event,
                             result: SubmitResult) -> None:

@@ -138,6 +138,8 @@ class FailedTask:
     retry_count: int = 0
     logs: str | None = None
     stderr_tail: str | None = None
+    #: The task's display name (a window job's tasks name their event and blob there).
+    display_name: str | None = None
 
 
 @dataclass(slots=True)
@@ -223,6 +225,11 @@ class Backend(Protocol):
         exit code and failure info (Azure: one filtered, ``$select``ed listing)."""
         ...
 
+    def existing_tasks(self, job_id: str, task_ids: Sequence[str]) -> set[str]:
+        """Which of ``task_ids`` the job has (one request per id on Azure; used only for
+        an event that arrives after its window job completed)."""
+        ...
+
     def blocked_tasks(self, job_id: str, limit: int) -> list[str] | None:
         """The ids of the job's active tasks that can never run because a dependency
         ended with dependency action ``block``; None when the job has more than
@@ -278,3 +285,8 @@ META_TASKS = "fanout-tasks"
 META_LOGS = "fanout-logs"
 #: Set once the job's completion event was published: the event id.
 META_REPORTED = "fanout-reported"
+#: A window job's window, an ISO 8601 interval ``<start>/<end>`` (UTC): the job
+#: gathers a route's events and the monitor, not its submitters, seals it.
+META_WINDOW = "fanout-window"
+#: When the job monitor seals a window job (ISO 8601, UTC).
+META_SEAL_AT = "fanout-seal-at"

@@ -521,13 +521,28 @@ class Store:
                 return job_id, []
             rows = conn.execute(
                 "SELECT id, category, exit_code, failure_code, failure_message, start_time,"
-                " end_time, retry_count FROM tasks WHERE job_seq = ? AND state = 'completed'"
-                " AND result = 'failure' ORDER BY seq LIMIT ?", (row[0], limit)).fetchall()
+                " end_time, retry_count, display_name FROM tasks WHERE job_seq = ?"
+                " AND state = 'completed' AND result = 'failure' ORDER BY seq LIMIT ?",
+                (row[0], limit)).fetchall()
         return row[1], [FailedTask(
             id=tid, category=cast(FailureCategory, category or category_for(code)),
             exit_code=exit_code, failure_code=code, failure_message=message,
-            start_time=_aware(start), end_time=_aware(end), retry_count=retries)
-            for tid, category, exit_code, code, message, start, end, retries in rows]
+            start_time=_aware(start), end_time=_aware(end), retry_count=retries,
+            display_name=name)
+            for tid, category, exit_code, code, message, start, end, retries, name in rows]
+
+    def existing_tasks(self, job_id: str, task_ids: Sequence[str]) -> set[str]:
+        """Which of ``task_ids`` the job has (ids compared case-insensitively)."""
+        found: set[str] = set()
+        with self._read() as conn:
+            row = conn.execute("SELECT seq FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return found
+            for task_id in task_ids:
+                if conn.execute("SELECT 1 FROM tasks WHERE job_seq = ? AND id = ?",
+                                (row[0], task_id)).fetchone() is not None:
+                    found.add(task_id)
+        return found
 
     def blocked_tasks(self, job_id: str, limit: int) -> list[str] | None:
         """The job's active tasks that can never run: a dependency of theirs completed
