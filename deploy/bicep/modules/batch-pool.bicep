@@ -12,7 +12,9 @@
 // (a user-assigned identity) and, when it starts, pulls containerImageNames from that
 // registry as that identity (Batch's identityReference: no password anywhere), so
 // container tasks start without a pull. The node image must have a Docker-compatible
-// runtime. Schema: Microsoft.Batch/batchAccounts/pools@2024-07-01, properties
+// runtime. Batch then requires every task on the pool to carry containerSettings
+// (the schema: "All regular tasks and job manager tasks run on this pool must
+// specify the containerSettings property"), so such a pool takes container work only. Schema: Microsoft.Batch/batchAccounts/pools@2024-07-01, properties
 // deploymentConfiguration.virtualMachineConfiguration.containerConfiguration
 // (ContainerConfiguration: type 'DockerCompatible' | 'CriCompatible',
 // containerImageNames, containerRegistries of ContainerRegistry {registryServer,
