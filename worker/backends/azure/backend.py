@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 from azure.core.credentials import AzureNamedKeyCredential, TokenCredential
 
-from handlers.base import BlobRef, ExitConditions, JobSpec, TaskSpec
+from handlers.base import BlobRef, ContainerSettings, ExitConditions, JobSpec, TaskSpec
 from worker.backends.azure import wire
 from worker.backends.azure.rest import Rest, ServiceError, account_name, classify, make_client, path
 from worker.backends.base import (
@@ -96,9 +96,12 @@ class AzureBatchBackend:
         self._max_body_bytes = max_body_bytes
         self._lock = threading.Lock()
         self._pool_checked: dict[str, float] = {}
-        #: Per pool checked: its container image names, or None for a pool without a
-        #: container configuration (``virtualMachineConfiguration.containerConfiguration``).
-        self._pool_containers: dict[str, tuple[str, ...] | None] = {}
+        #: Per pool checked: its container configuration (prefetched images, registries,
+        #: identities), or None for a pool without one
+        #: (``virtualMachineConfiguration.containerConfiguration``).
+        self._pool_containers: dict[str, wire.PoolContainers | None] = {}
+        #: (pool, image) pairs already warned about (an image that may not pull).
+        self._container_warned: set[tuple[str, str]] = set()
         #: The pool of each job created or found (lower-case id), for ``add_tasks``.
         self._job_pools: dict[str, str] = {}
         self._storage = storage
@@ -168,10 +171,10 @@ class AzureBatchBackend:
         1 MB or more is split in halves before sending, and again on
         ``RequestBodyTooLarge``; one task too large alone is ``BatchRejected``.
 
-        Before anything is sent, the tasks' container images are held against the
-        job's pool: a task with an image on a pool without a container configuration,
-        or one without on a pool that has one, is a ``ConfigFault`` naming the pool and
-        the image (the service would accept the task and fail it when scheduled)."""
+        Before anything is sent, the tasks' container settings are held against the
+        job's pool (see ``_check_containers``): a task that cannot run there is a
+        ``ConfigFault`` naming the pool and the image (the service would accept the task
+        and fail it when scheduled)."""
         self._check_containers(job_id, tasks)
         total = AddResult()
         size = wire.MAX_TASKS_PER_REQUEST
@@ -496,13 +499,14 @@ class AzureBatchBackend:
         return str(found)
 
     def _check_containers(self, job_id: str, tasks: Sequence[TaskSpec]) -> None:
-        """``ConfigFault`` when a task's container image does not fit the job's pool.
-
-        The REST spec (``containerSettings`` of a task): "If the Pool that will run this
-        Task has containerConfiguration set, this must be set as well. If the Pool that
-        will run this Task doesn't have containerConfiguration set, this must not be
-        set." Either way the program and the pool disagree: the configuration is wrong,
-        not the message."""
+        """``ConfigFault`` when a task's container settings do not fit the job's pool
+        (:func:`wire.container_problem`: a container task on a pool without a container
+        configuration, a plain task on a container pool, a registry identity the pool
+        does not have); a warning, once per pool and image, for an image the pool does
+        not prefetch and no registry covers (:func:`wire.container_warning`). Either
+        error means the programs and the pool disagree: the configuration is wrong, not
+        the message. The tasks of a job share a few settings objects, so each distinct
+        one is checked once per call."""
         if not tasks:
             return
         pool = self._job_pool(job_id)
@@ -513,21 +517,31 @@ class AzureBatchBackend:
         if not known:
             self._check_pool(pool, force=True)
         with self._lock:
-            images = self._pool_containers.get(pool)
+            containers = self._pool_containers.get(pool)
+        seen: set[int] = set()
         for task in tasks:
-            if images is None and task.container_image:
-                raise ConfigFault(
-                    f"pool {pool} has no container configuration, but task {task.id} of "
-                    f"job {job_id} runs in container image {task.container_image}: use a "
-                    "container pool or a program without an image",
-                    code="PoolNotContainerEnabled")
-            if images is not None and not task.container_image:
-                listed = ", ".join(images) or "none listed"
-                raise ConfigFault(
-                    f"pool {pool} has a container configuration (images: {listed}), but "
-                    f"task {task.id} of job {job_id} names no container image: give its "
-                    "program an image or use a pool without containers",
-                    code="ContainerImageRequired")
+            settings = task.container
+            if id(settings) in seen:
+                continue
+            seen.add(id(settings))
+            problem = wire.container_problem(pool, containers, settings)
+            if problem is not None:
+                code, text = problem
+                raise ConfigFault(f"task {task.id} of job {job_id}: {text}", code=code)
+            if containers is not None and settings is not None:
+                self._warn_image(pool, containers, settings)
+
+    def _warn_image(self, pool: str, containers: wire.PoolContainers,
+                    settings: ContainerSettings) -> None:
+        warning = wire.container_warning(containers, settings)
+        if warning is None:
+            return
+        with self._lock:
+            if (pool, settings.image) in self._container_warned:
+                return
+            self._container_warned.add((pool, settings.image))
+        log.warning("batch.container_image_unregistered", pool=pool, image=settings.image,
+                    detail=warning)
 
     def _existing_job_state(self, job_id: str) -> JobState:
         try:
@@ -550,8 +564,8 @@ class AzureBatchBackend:
         if not force and checked is not None and now - checked < POOL_CHECK_TTL:
             return
         try:
-            reply = self._rest.call("GET", path("pools", pool),
-                                    params={"$select": "id,state,virtualMachineConfiguration"})
+            reply = self._rest.call("GET", path("pools", pool), params={
+                "$select": "id,state,virtualMachineConfiguration,identity"})
         except ServiceError as err:
             if err.status == 404 and err.code in ("PoolNotFound", "HTTP404"):
                 raise ConfigFault(f"pool {pool} does not exist in the Batch account",
@@ -560,13 +574,10 @@ class AzureBatchBackend:
         body = reply.body or {}
         if str(body.get("state", "active")).lower() == "deleting":
             raise ConfigFault(f"pool {pool} is being deleted", code="PoolBeingDeleted")
-        containers = (body.get("virtualMachineConfiguration") or {}).get(
-            "containerConfiguration")
-        images = (tuple(str(i) for i in containers.get("containerImageNames") or [])
-                  if isinstance(containers, dict) else None)
+        containers = wire.pool_containers(body)
         with self._lock:
             self._pool_checked[pool] = now
-            self._pool_containers[pool] = images
+            self._pool_containers[pool] = containers
 
     def _with_counts(self, job: dict[str, Any]) -> JobStatus:
         job_id = str(job.get("id"))
