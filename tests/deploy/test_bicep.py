@@ -829,9 +829,9 @@ def test_the_container_toml_output_names_the_registry_identity_and_images(
         "containerPools ? registry.properties.loginServer : ''")
 
 
-def test_the_container_toml_output_loads_into_settings(main_text: str) -> None:
-    """fanoutToml plus containerToml is a configuration fanout accepts (once its
-    Settings read [registries])."""
+def test_the_container_toml_output_loads_into_settings(main_text: str, tmp_path: Path) -> None:
+    """fanoutToml plus containerToml is a configuration fanout accepts, start-up checks
+    included (every container_registry names a [registries] table)."""
     if "registries" not in Settings.model_fields:
         pytest.skip("Settings has no [registries] table yet")
     text = bicep.fanout_toml(main_text, RUNTIME)
@@ -841,4 +841,12 @@ def test_the_container_toml_output_loads_into_settings(main_text: str) -> None:
         values[image] = bicep.interpolate(_var_string(decls, image), values)
     lines = bicep.join_lines(bicep.by_name(decls, "output")["containerToml"].body)
     text += "\n".join(bicep.interpolate(line, values) for line in lines)
-    Settings(**tomllib.loads(text))
+    settings = Settings(**tomllib.loads(text))
+    assert settings.registries["acr"].identity == CONTAINER_RUNTIME["poolIdentity.id"]
+    from worker.app import build_planner, make_storage
+    from worker.config import load_settings
+
+    path = tmp_path / "fanout.toml"
+    path.write_text(text)
+    loaded = load_settings(path, overrides={"home": str(tmp_path / "home")})
+    build_planner(loaded, make_storage(loaded))
