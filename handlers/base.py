@@ -418,6 +418,16 @@ class BuildContext(Protocol):
         ``prefix`` (``ResourceFile.storage_container_url``; read+list, short-lived)."""
         ...
 
+    def check_task_limits(self, *, max_task_retries: int | None = None,
+                          max_wall_clock: timedelta | None = None) -> None:
+        """Raise ``BudgetExceeded`` when per-task settings are over the operator's limits
+        (``limits.max_task_retries``, where -1 means unlimited and is allowed only when
+        the limit is -1 too; ``limits.max_wall_clock``), with the message a job option
+        over them gets. A handler with per-task options calls this at build time; the
+        worker checks every task it yields again as it streams, so a handler that does
+        not is still refused, just later."""
+        ...
+
     def registry(self, name: str) -> ContainerRegistry:
         """The configured ``[registries.<name>]``; ``InvalidParams`` naming the
         configured ones otherwise."""

@@ -132,6 +132,8 @@ class SweepHandler:
 
     def build(self, request: BuildRequest, ctx: BuildContext) -> JobSpec:
         params = parse_params(request.params)
+        ctx.check_task_limits(max_task_retries=params.task.max_task_retries,
+                              max_wall_clock=params.task.max_wall_clock)
         axes = {name: expand_axis(name, spec, ctx.max_tasks)
                 for name, spec in params.parameters.items()}
         points = Grid(params, axes)

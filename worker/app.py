@@ -12,6 +12,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -21,6 +22,7 @@ from handlers.base import BlobRef
 from worker.backends.base import Backend
 from worker.config import Settings
 from worker.consumer import Consumer, cancel_and_wait
+from worker.errors import SettingsError
 from worker.metrics import Health, Metrics, MetricsServer
 from worker.plan import Planner
 from worker.routing import HandlerRegistry, Router
@@ -38,14 +40,68 @@ log = structlog.get_logger(__name__)
 
 
 def make_storage(settings: Settings) -> Storage:
-    """The configured blob store (a local directory by default)."""
+    """The configured blob store (a local directory by default). Refuses, with a
+    ``SettingsError``, limits that no SAS could cover (:func:`check_limits`)."""
+    check_limits(settings)
     if settings.storage_kind == "azure":
         from worker.storage.azure import AzureBlobStorage
 
-        return AzureBlobStorage(config=settings.blob)
+        return AzureBlobStorage(config=settings.blob, max_lifetime=longest_sas_lifetime(settings))
     from worker.storage.local import LocalStorage
 
     return LocalStorage(root=settings.home / "blobs")
+
+
+def longest_sas_lifetime(settings: Settings) -> timedelta:
+    """The longest any job's SAS must live: ``limits.max_wall_clock`` (no job may ask
+    for more) plus ``blob.sas_wait_allowance``."""
+    return settings.limits.max_wall_clock + settings.blob.sas_wait_allowance
+
+
+def check_limits(settings: Settings) -> None:
+    """Start-up: the wall clock limits and the SAS lifetimes must agree.
+
+    Every job's SAS lives its max wall clock plus ``blob.sas_wait_allowance``
+    (``worker.context.sas_lifetime``), so a SAS never expires while its task waits or
+    runs, provided that (1) the default ``jobs.max_wall_clock`` is within
+    ``limits.max_wall_clock`` (a default over the limit would run jobs longer than any
+    SAS), and (2) on Azure with user delegation signing, the longest lifetime fits the
+    seven days a user delegation key may live. Otherwise ``SettingsError``, showing the
+    arithmetic (durations only: never a key or a signature).
+    """
+    limits, jobs, blob = settings.limits, settings.jobs, settings.blob
+    if jobs.max_wall_clock > limits.max_wall_clock:
+        raise SettingsError(
+            f"jobs.max_wall_clock {_iso(jobs.max_wall_clock)} is over "
+            f"limits.max_wall_clock {_iso(limits.max_wall_clock)}: every job whose message "
+            "sets no wall clock would run longer than the limit (and than its SAS); lower "
+            "jobs.max_wall_clock or raise limits.max_wall_clock")
+    if settings.storage_kind != "azure":
+        return  # file URLs never expire
+    from worker.storage.azure import longest_sas, sas_kind_of
+
+    cap = longest_sas(sas_kind_of(blob))
+    longest = longest_sas_lifetime(settings)
+    if cap is not None and longest > cap:
+        raise SettingsError(
+            f"limits.max_wall_clock {_iso(limits.max_wall_clock)} + blob.sas_wait_allowance "
+            f"{_iso(blob.sas_wait_allowance)} = {_iso(longest)}: the SAS of the longest job "
+            f"would outlive what a user delegation SAS may ({_iso(cap)}: a user delegation "
+            "key is valid at most 7 days, less a 10-minute margin); lower "
+            "limits.max_wall_clock or blob.sas_wait_allowance, or sign with an account key "
+            "(blob.account_key)")
+
+
+def _iso(value: timedelta) -> str:
+    """An ISO 8601 duration, as the settings take them (``P6DT1H``)."""
+    seconds = int(value.total_seconds())
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    clock = "".join(f"{n}{unit}" for n, unit in ((hours, "H"), (minutes, "M"), (secs, "S"))
+                    if n)
+    text = "P" + (f"{days}D" if days else "") + (f"T{clock}" if clock else "")
+    return text if text != "P" else "PT0S"
 
 
 def make_source(settings: Settings) -> Source:
@@ -104,6 +160,7 @@ def build_planner(settings: Settings, storage: Storage, *,
     route by building the job it makes of a blob it matches (no SAS issued, nothing
     submitted). Raises ``SettingsError`` naming what is wrong.
     """
+    check_limits(settings)
     registry = handlers or HandlerRegistry.from_entry_points()
     registry.check_options(settings.handlers)
     router = Router(registry=registry, routes=settings.routes, storage=storage,
@@ -124,15 +181,17 @@ class _RouteCheckStorage:
     def parse_url(self, url: str) -> BlobRef:
         return self._storage.parse_url(url)
 
-    def input_url(self, ref: BlobRef) -> str:
+    def input_url(self, ref: BlobRef, *, lifetime: timedelta | None = None) -> str:
         ref = make_ref(ref.container, ref.blob)
         return f"https://route-check.invalid/{ref.container}/{ref.blob}"
 
-    def output_container_url(self, container: str, prefix: str) -> str:
+    def output_container_url(self, container: str, prefix: str, *,
+                             lifetime: timedelta | None = None) -> str:
         check_prefix(prefix)
         return f"https://route-check.invalid/{check_container(container)}"
 
-    def input_container_url(self, container: str, prefix: str) -> str:
+    def input_container_url(self, container: str, prefix: str, *,
+                            lifetime: timedelta | None = None) -> str:
         return self.output_container_url(container, prefix)
 
     def upload(self, ref: BlobRef, data: bytes) -> None:

@@ -224,7 +224,13 @@ class BlobConfig(_Section):
     account_url: str | None = None
     account_key: SecretStr | None = None
     connection_string: SecretStr | None = None
-    sas_ttl: PositiveFloat = 4 * 3600.0
+    #: Added to each job's max wall clock to make its SAS lifetime: the time between
+    #: signing (the handler's build) and the job's creation, plus slack. A SAS lives
+    #: ``min(job wall clock, limits.max_wall_clock) + sas_wait_allowance``.
+    sas_wait_allowance: timedelta = timedelta(hours=1)
+    #: Removed (a fixed lifetime was too short for long jobs): kept only so a
+    #: configuration that still sets it gets an error that says what replaced it.
+    sas_ttl: None = Field(default=None, exclude=True, repr=False)
     #: Needed only when the account URL does not show it (a custom domain).
     account_name: str | None = None
     #: Other URLs of the same account that messages and events may name (private
@@ -233,6 +239,24 @@ class BlobConfig(_Section):
     managed_identity_client_id: str | None = None
     #: Data Lake Gen2 account: output SAS are scoped to the prefix's directory.
     hierarchical_namespace: bool = False
+
+    @field_validator("sas_wait_allowance")
+    @classmethod
+    def _positive_allowance(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be a positive duration (PT1H, say)")
+        return value
+
+    @field_validator("sas_ttl", mode="before")
+    @classmethod
+    def _sas_ttl_removed(cls, value: object) -> None:
+        if value is not None:
+            raise ValueError(
+                "blob.sas_ttl was removed: each job's SAS now lives its own max wall clock "
+                "(its message's job option, else jobs.max_wall_clock, at most "
+                "limits.max_wall_clock) plus blob.sas_wait_allowance (default PT1H); "
+                "delete the key, and raise blob.sas_wait_allowance if tasks wait long")
+        return None
 
     @property
     def configured(self) -> bool:
@@ -246,7 +270,9 @@ class LimitsConfig(_Section):
     max_priority: Annotated[int, Field(ge=-1000, le=1000)] = 1000
     min_priority: Annotated[int, Field(ge=-1000, le=1000)] = -1000
     max_task_retries: Annotated[int, Field(ge=-1)] = 10
-    max_wall_clock: timedelta = timedelta(days=7)
+    #: Six days, so that with the default ``blob.sas_wait_allowance`` (one hour) a job's
+    #: SAS still fits a user delegation key's seven days (docs/storage.md).
+    max_wall_clock: timedelta = timedelta(days=6)
     allowed_pools: list[str] = Field(default_factory=list)
 
 

@@ -3,14 +3,21 @@
 ``job_id_for`` derives the job id from the idempotency key, so the same message
 delivered twice (or re-run after a crash) builds the same job, and the backend's
 "already exists" makes the second submission harmless.
+
+The operator's limits hold for every handler the same way: job options are checked
+by :func:`apply_job_options`, a handler's own per-task settings by
+``BuildContext.check_task_limits`` at build time, and every task as it streams to the
+submitter by :func:`limit_tasks` (so a plug-in cannot bypass them). Storage URLs a
+handler asks for live the job's own :func:`sas_lifetime`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from handlers.base import (
@@ -20,10 +27,11 @@ from handlers.base import (
     ContainerWorkingDirectory,
     JobSpec,
     Program,
+    TaskSpec,
 )
 from handlers.errors import BudgetExceeded, InvalidParams, UnknownProgram
 from worker.config import LimitsConfig
-from worker.envelope import JobOptions
+from worker.envelope import JobOptions, TaskDefaults
 from worker.storage.base import Storage
 from worker.storage.refs import parse_ref
 
@@ -52,6 +60,11 @@ class WorkerContext:
     programs: Mapping[str, Program]
     handler_options: Mapping[str, Mapping[str, Any]]
     storage: Storage
+    #: The operator's limits (``check_task_limits``).
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    #: How long the URLs this job's tasks get must stay valid (``sas_lifetime``);
+    #: None: the storage's longest.
+    sas_lifetime: timedelta | None = None
     #: The configured ``[registries]``; None: those the program catalog carries
     #: (``Settings.program_specs()`` returns them with the programs).
     registries: Mapping[str, ContainerRegistry] | None = None
@@ -71,13 +84,15 @@ class WorkerContext:
         return parse_ref(value, parse_url=self.storage.parse_url)
 
     def input_url(self, ref: BlobRef) -> str:
-        return self.storage.input_url(ref)
+        return self.storage.input_url(ref, lifetime=self.sas_lifetime)
 
     def output_container_url(self, container: str, prefix: str) -> str:
-        return self.storage.output_container_url(container, prefix)
+        return self.storage.output_container_url(container, prefix,
+                                                 lifetime=self.sas_lifetime)
 
     def input_container_url(self, container: str, prefix: str) -> str:
-        return self.storage.input_container_url(container, prefix)
+        return self.storage.input_container_url(container, prefix,
+                                                lifetime=self.sas_lifetime)
 
     def _registries(self) -> Mapping[str, ContainerRegistry]:
         if self.registries is not None:
@@ -105,6 +120,70 @@ class WorkerContext:
         except ValueError as exc:
             raise InvalidParams(f"container: {exc}") from None
 
+    def check_task_limits(self, *, max_task_retries: int | None = None,
+                          max_wall_clock: timedelta | None = None) -> None:
+        check_retries(max_task_retries, self.limits)
+        check_wall_clock(max_wall_clock, self.limits)
+
+
+def sas_lifetime(wall_clock: timedelta, limits: LimitsConfig,
+                 allowance: timedelta) -> timedelta:
+    """How long a job's SAS must live: its max wall clock, capped by the operator's
+    limit, plus ``allowance`` (``blob.sas_wait_allowance``).
+
+    Batch counts a job's max wall clock from the job's creation, so the time its tasks
+    wait in the pool is inside it; the allowance covers the rest (the build and the
+    submission before the job exists) with room to spare. A wall clock over the limit
+    is refused after the build (``BudgetExceeded``), so capping it here only keeps the
+    SAS within what the storage may sign.
+    """
+    return min(max(wall_clock, timedelta(0)), limits.max_wall_clock) + allowance
+
+
+def check_retries(retries: int | None, limits: LimitsConfig) -> None:
+    """``BudgetExceeded`` for a ``max_task_retries`` over ``limits.max_task_retries``;
+    -1 (unlimited, as in Batch) only when the limit is -1 too."""
+    if retries is None or limits.max_task_retries == -1:
+        return
+    if retries == -1 or retries > limits.max_task_retries:
+        raise BudgetExceeded(f"max_task_retries {retries} is over this worker's limit "
+                             f"of {limits.max_task_retries} (limits.max_task_retries)")
+
+
+def check_wall_clock(wall: timedelta | None, limits: LimitsConfig) -> None:
+    """``BudgetExceeded`` for a ``max_wall_clock`` over ``limits.max_wall_clock``, or
+    one that is not positive."""
+    if wall is not None and (wall > limits.max_wall_clock or wall.total_seconds() <= 0):
+        raise BudgetExceeded(f"max_wall_clock {wall} is outside this worker's limit "
+                             f"of {limits.max_wall_clock} (limits.max_wall_clock)")
+
+
+def limit_tasks(tasks: Iterable[TaskSpec], defaults: TaskDefaults | None,
+                limits: LimitsConfig) -> Iterator[TaskSpec]:
+    """Each task as it streams to the submitter: the message's ``job.task`` defaults
+    filled in where the handler set nothing, then its retries and wall clock checked
+    against the limits (two comparisons a task). A task over a limit raises
+    ``BudgetExceeded`` naming it: the submitter terminates the partly submitted job,
+    and the message is dead-lettered."""
+    retries = defaults.max_task_retries if defaults is not None else None
+    wall = defaults.max_wall_clock if defaults is not None else None
+    any_retries = limits.max_task_retries == -1
+    most_retries, longest = limits.max_task_retries, limits.max_wall_clock
+    for task in tasks:
+        if task.max_task_retries is None:
+            task.max_task_retries = retries
+        if task.max_wall_clock is None:
+            task.max_wall_clock = wall
+        r, w = task.max_task_retries, task.max_wall_clock
+        if ((r is not None and not any_retries and (r == -1 or r > most_retries))
+                or (w is not None and (w > longest or w <= timedelta(0)))):
+            try:
+                check_retries(r, limits)
+                check_wall_clock(w, limits)
+            except BudgetExceeded as exc:
+                raise BudgetExceeded(f"task {task.id[:64]!r}: {exc.description}") from None
+        yield task
+
 
 def apply_job_options(job: JobSpec, options: JobOptions, *, job_id: str,
                       default_pool: str, limits: LimitsConfig, handler: str) -> JobSpec:
@@ -123,14 +202,12 @@ def apply_job_options(job: JobSpec, options: JobOptions, *, job_id: str,
                              f"{limits.min_priority}..{limits.max_priority}")
     retries = (options.max_task_retries if options.max_task_retries is not None
                else job.max_task_retries)
-    if retries is not None and (retries == -1 or retries > limits.max_task_retries) \
-            and limits.max_task_retries != -1:
-        raise BudgetExceeded(f"max_task_retries {retries} is over this worker's limit "
-                             f"of {limits.max_task_retries}")
+    check_retries(retries, limits)
     wall = options.max_wall_clock or job.max_wall_clock
-    if wall is not None and (wall > limits.max_wall_clock or wall.total_seconds() <= 0):
-        raise BudgetExceeded(f"max_wall_clock {wall} is outside this worker's limit "
-                             f"of {limits.max_wall_clock}")
+    check_wall_clock(wall, limits)
+    if options.task is not None:  # refused before the first task streams, if over
+        check_retries(options.task.max_task_retries, limits)
+        check_wall_clock(options.task.max_wall_clock, limits)
     job.id = job_id
     job.pool = pool
     job.priority = priority
@@ -138,4 +215,5 @@ def apply_job_options(job: JobSpec, options: JobOptions, *, job_id: str,
     job.max_wall_clock = wall
     job.display_name = options.display_name or job.display_name
     job.metadata = {**job.metadata, "fanout-handler": handler}
+    job.tasks = limit_tasks(job.tasks, options.task, limits)
     return job

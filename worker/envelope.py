@@ -37,6 +37,16 @@ BLOB_CREATED = "Microsoft.Storage.BlobCreated"
 GEN2_APIS = frozenset({"CreateFile", "FlushWithClose", "RenameFile", "CreateDirectory"})
 
 
+class TaskDefaults(BaseModel):
+    """``job.task``: per-task constraints for every task a handler yields that does not
+    set its own (any handler, plug-ins included); checked against the same limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_task_retries: Annotated[int, Field(ge=-1, strict=True)] | None = None
+    max_wall_clock: timedelta | None = None
+
+
 class JobOptions(BaseModel):
     """Job options a message may set; the worker checks them against its limits."""
 
@@ -47,6 +57,7 @@ class JobOptions(BaseModel):
     max_task_retries: Annotated[int, Field(ge=-1, strict=True)] | None = None
     max_wall_clock: timedelta | None = None
     display_name: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
+    task: TaskDefaults | None = None
 
 
 class _EnvelopeModel(BaseModel):

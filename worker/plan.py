@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -26,7 +27,7 @@ from worker.backends.base import (
     META_TASKS,
 )
 from worker.config import Settings
-from worker.context import WorkerContext, apply_job_options, job_id_for
+from worker.context import WorkerContext, apply_job_options, job_id_for, sas_lifetime
 from worker.envelope import parse_body
 from worker.routing import Router, Work
 from worker.storage.base import Storage
@@ -131,17 +132,33 @@ class Planner:
         check passes one that signs nothing)."""
         job_id = job_id_for(work.handler_name, work.key)
         limits = self.settings.limits
+        # The URLs the handler asks for live the job's own wall clock plus the wait
+        # allowance: the message's option, else the operator's default.
+        wall = work.job.max_wall_clock or self.settings.jobs.max_wall_clock
         ctx = WorkerContext(
             job_id=job_id, max_tasks=limits.max_tasks_per_message,
             allow_message_commands=self.settings.allow_message_commands,
             programs=self._programs, handler_options=self.settings.handlers,
-            storage=storage or self.storage)
+            storage=storage or self.storage, limits=limits,
+            sas_lifetime=self.sas_lifetime(wall))
         request = BuildRequest(handler=work.handler_name, params=work.params,
                                idempotency_key=work.key, properties=properties)
-        job = work.handler.build(request, ctx)
-        return apply_job_options(job, work.job, job_id=job_id,
-                                 default_pool=self.settings.default_pool, limits=limits,
-                                 handler=work.handler_name)
+        job = apply_job_options(work.handler.build(request, ctx), work.job, job_id=job_id,
+                                default_pool=self.settings.default_pool, limits=limits,
+                                handler=work.handler_name)
+        if job.max_wall_clock is not None and job.max_wall_clock > wall:
+            # The handler chose a longer wall clock of its own (within the limit): build
+            # again, so its URLs live as long as the job may.
+            ctx = replace(ctx, sas_lifetime=self.sas_lifetime(job.max_wall_clock))
+            job = apply_job_options(work.handler.build(request, ctx), work.job,
+                                    job_id=job_id, default_pool=self.settings.default_pool,
+                                    limits=limits, handler=work.handler_name)
+        return job
+
+    def sas_lifetime(self, wall_clock: timedelta | None) -> timedelta:
+        """How long the URLs of a job with this max wall clock must stay valid."""
+        return sas_lifetime(wall_clock or self.settings.jobs.max_wall_clock,
+                            self.settings.limits, self.settings.blob.sas_wait_allowance)
 
     def _upload_logs(self, job: JobSpec) -> None:
         """On Azure, every task uploads its stdout.txt and stderr.txt to
@@ -150,7 +167,8 @@ class Planner:
         jobs = self.settings.jobs
         if self.settings.backend_kind != "azure" or jobs.log_upload == "never":
             return
-        url = self.storage.output_container_url(jobs.logs_container, job.id)
+        url = self.storage.output_container_url(jobs.logs_container, job.id,
+                                                lifetime=self.sas_lifetime(job.max_wall_clock))
         condition: Any = "failure" if jobs.log_upload == "failure" else "completion"
         job.metadata[META_LOGS] = f"{jobs.logs_container}/{job.id}/"
         job.tasks = _with_logs(job.tasks, url, job.id, condition)

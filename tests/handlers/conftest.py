@@ -6,6 +6,7 @@ import json
 import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from handlers.base import (
 )
 from handlers.errors import InvalidParams, UnknownProgram
 from worker.app import make_storage
-from worker.config import Settings
+from worker.config import LimitsConfig, Settings
+from worker.context import check_retries, check_wall_clock
 from worker.plan import Plan, Planner
 from worker.routing import HandlerRegistry, Router
 from worker.storage.base import Storage
@@ -37,6 +39,7 @@ class StubContext:
     allow_message_commands: bool = False
     job_id: str = "job-1"
     handler_options: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     registries: dict[str, ContainerRegistry] = field(default_factory=dict)
 
     def program(self, name: str) -> Program:
@@ -73,6 +76,11 @@ class StubContext:
         found = self.registry(registry) if registry is not None else None
         return ContainerSettings(image=image, registry=found, run_options=run_options,
                                  working_directory=working_directory)
+
+    def check_task_limits(self, *, max_task_retries: int | None = None,
+                          max_wall_clock: timedelta | None = None) -> None:
+        check_retries(max_task_retries, self.limits)
+        check_wall_clock(max_wall_clock, self.limits)
 
 
 @pytest.fixture

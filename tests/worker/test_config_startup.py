@@ -55,3 +55,44 @@ def test_plan_with_a_good_route_plans_an_upload(workdir: Path) -> None:
     result = CliRunner().invoke(main, ["plan", *SWEEP])
     assert result.exit_code == 0, result.output
     assert "tasks=1" in result.output
+
+
+ENTRA_BLOB = '[blob]\naccount_url = "https://stlimits.blob.core.windows.net"\n'
+
+
+@pytest.mark.parametrize("config, message", [
+    (ENTRA_BLOB + '[limits]\nmax_wall_clock = "P7D"\n',
+     "limits.max_wall_clock P7D + blob.sas_wait_allowance PT1H = P7DT1H: the SAS of the "
+     "longest job would outlive what a user delegation SAS may (P6DT23H50M: a user "
+     "delegation key is valid at most 7 days, less a 10-minute margin)"),
+    (ENTRA_BLOB + 'sas_wait_allowance = "P1DT1M"\n',
+     "limits.max_wall_clock P6D + blob.sas_wait_allowance P1DT1M = P7DT1M: the SAS"),
+    ('[jobs]\nmax_wall_clock = "P8D"\n',
+     "jobs.max_wall_clock P8D is over limits.max_wall_clock P6D: every job whose message "
+     "sets no wall clock would run longer than the limit"),
+    ('[blob]\nsas_ttl = 14400\n',
+     "blob.sas_ttl = 14400: Value error, blob.sas_ttl was removed: each job's SAS now "
+     "lives its own max wall clock"),
+    ('[blob]\nsas_wait_allowance = "PT0S"\n',
+     "blob.sas_wait_allowance = 'PT0S': Value error, must be a positive duration"),
+])
+@pytest.mark.parametrize("command", [["run"], ["plan", *SWEEP], ["send", *SWEEP]])
+def test_limits_no_sas_could_cover_are_refused_at_start_up(
+        command: list[str], config: str, message: str, workdir: Path) -> None:
+    """A SAS lifetime shorter than the wall clock limit allows is refused before the
+    worker starts, showing the arithmetic; nothing is created, no secret is shown."""
+    (workdir / "fanout.toml").write_text(config)
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    assert not (workdir / ".fanout" / "queue.db").exists()
+
+
+def test_an_account_key_has_no_seven_day_cap(workdir: Path) -> None:
+    """The same long limit passes with account-key signing (a service SAS has no cap)."""
+    (workdir / "fanout.toml").write_text(
+        ENTRA_BLOB + 'account_key = "a2V5"\n[limits]\nmax_wall_clock = "P30D"\n')
+    result = CliRunner().invoke(main, ["plan", *SWEEP])
+    assert result.exit_code == 0, result.output
+    assert "a2V5" not in result.output

@@ -9,8 +9,11 @@
   instead (``sr=d``), the narrowest the service allows.
 
 Every SAS starts five minutes in the past (clock skew between here and the
-service) and ends ``sas_ttl`` seconds from now, so it must cover the time a task
-may wait in the pool's queue plus its run.
+service) and ends ``lifetime`` from now. The worker passes each job's own lifetime:
+its max wall clock (Batch counts it from the job's creation, so it includes the
+time tasks wait in the pool) plus ``blob.sas_wait_allowance``, so no SAS expires
+while its task waits or runs (``worker.context.sas_lifetime``). Without one, a SAS
+gets the storage's ``max_lifetime``, the longest any job may need.
 
 Signing: a *user delegation* SAS (no account key; the worker's Entra ID identity
 needs *Storage Blob Data Contributor* and *Storage Blob Delegator*), unless an
@@ -67,8 +70,17 @@ SasKind = Literal["account_key", "user_delegation"]
 
 #: How far in the past a SAS (and a delegation key) starts: clock skew allowance.
 CLOCK_SKEW = timedelta(minutes=5)
-#: The service's limit on a user delegation key's life, less a safety margin.
+#: The service's limit on a user delegation key's life, less a safety margin. A user
+#: delegation key's expiry must be within 7 days of the current time ("Get User
+#: Delegation Key", https://learn.microsoft.com/rest/api/storageservices/get-user-delegation-key)
+#: and a user delegation SAS cannot outlive the key that signed it ("Create a user
+#: delegation SAS", https://learn.microsoft.com/rest/api/storageservices/create-user-delegation-sas),
+#: so no user delegation SAS lives longer. A service SAS signed with the account key
+#: has no such cap (an account's SAS expiration policy may still refuse long ones).
 MAX_DELEGATION = timedelta(days=7) - timedelta(minutes=10)
+#: The longest SAS lifetime when the caller names none: the default
+#: ``limits.max_wall_clock`` (6 days) plus the default ``blob.sas_wait_allowance``.
+DEFAULT_MAX_LIFETIME = timedelta(days=6, hours=1)
 #: A delegation key is asked for at least this long, so it is not fetched per task.
 MIN_DELEGATION = timedelta(days=1)
 #: The SDK's retry waits 15 s, then more; these calls sit in a message's path.
@@ -87,7 +99,11 @@ class AzureBlobStorage:
     ``credential`` overrides the Entra ID credential (default: a managed identity
     when ``managed_identity_client_id`` is set, else ``DefaultAzureCredential``).
     ``client_options`` go to ``BlobServiceClient`` (``connection_verify`` for a test
-    peer's certificate, say); ``clock`` returns the current UTC time.
+    peer's certificate, say); ``clock`` returns the current UTC time. ``max_lifetime``
+    is the longest SAS lifetime any job may ask for (``limits.max_wall_clock`` plus
+    ``blob.sas_wait_allowance``): the lifetime of a SAS whose caller names none, and
+    what a delegation key is fetched to cover; with user delegation signing, more than
+    :data:`MAX_DELEGATION` is a ``SettingsError``.
     """
 
     def __init__(
@@ -97,8 +113,11 @@ class AzureBlobStorage:
         credential: TokenCredential | None = None,
         client_options: Mapping[str, Any] | None = None,
         clock: Callable[[], datetime] = _utcnow,
+        max_lifetime: timedelta = DEFAULT_MAX_LIFETIME,
     ) -> None:
-        self._ttl = timedelta(seconds=config.sas_ttl)
+        if max_lifetime <= timedelta(0):
+            raise SettingsError(f"the longest SAS lifetime must be positive, not {max_lifetime}")
+        self.max_lifetime = max_lifetime
         self._hns = config.hierarchical_namespace
         self._clock = clock
         self._lock = threading.Lock()
@@ -110,10 +129,13 @@ class AzureBlobStorage:
         self.endpoint = _endpoint(self._service.url, name)
         self.endpoints = _accepted(self.endpoint, config)
         self.sas_kind: SasKind = "account_key" if self._account_key else "user_delegation"
-        if self.sas_kind == "user_delegation" and self._ttl > MAX_DELEGATION:
+        cap = longest_sas(self.sas_kind)
+        if cap is not None and max_lifetime > cap:
             raise SettingsError(
-                f"blob.sas_ttl = {config.sas_ttl:g}: a user delegation SAS lives at most "
-                f"{MAX_DELEGATION.total_seconds():g} seconds; set an account key or lower it"
+                f"a SAS lifetime of {max_lifetime} is longer than a user delegation SAS may "
+                f"live ({cap}: a user delegation key is valid at most 7 days, less a "
+                "10-minute margin); lower limits.max_wall_clock or blob.sas_wait_allowance, "
+                "or sign with an account key"
             )
 
     def __repr__(self) -> str:
@@ -138,10 +160,11 @@ class AzureBlobStorage:
         endpoint, or an alias); any other is ``ForeignStorage``."""
         return parse_blob_url(url, self.endpoints)
 
-    def input_url(self, ref: BlobRef) -> str:
-        """The blob's URL with a read-only SAS for that one blob, valid ``sas_ttl``."""
+    def input_url(self, ref: BlobRef, *, lifetime: timedelta | None = None) -> str:
+        """The blob's URL with a read-only SAS for that one blob, valid ``lifetime``
+        from now (default: ``max_lifetime``)."""
         ref = make_ref(ref.container, ref.blob)
-        start, expiry = self._window()
+        start, expiry = self._window(lifetime)
         sas = generate_blob_sas(
             self.account_name,
             ref.container,
@@ -156,8 +179,10 @@ class AzureBlobStorage:
         log.debug("sas_issued", url=url, rights="r", scope="blob", expiry=expiry.isoformat())
         return f"{url}?{sas}"
 
-    def output_container_url(self, container: str, prefix: str) -> str:
-        """The container's URL with a create+write SAS (no read, list or delete).
+    def output_container_url(self, container: str, prefix: str, *,
+                             lifetime: timedelta | None = None) -> str:
+        """The container's URL with a create+write SAS (no read, list or delete), valid
+        ``lifetime`` from now (default: ``max_lifetime``).
 
         On a hierarchical-namespace account the SAS covers only the directory of
         ``prefix`` (``renders/job1/`` or ``renders/job1/frame-`` -> ``renders/job1``);
@@ -165,7 +190,7 @@ class AzureBlobStorage:
         """
         container = check_container(container)
         directory = _directory(check_prefix(prefix)) if self._hns else ""
-        start, expiry = self._window()
+        start, expiry = self._window(lifetime)
         rights = dict(create=True, write=True)
         if directory:
             sas = generate_blob_sas(
@@ -183,13 +208,14 @@ class AzureBlobStorage:
                   expiry=expiry.isoformat())
         return f"{url}?{sas}"
 
-    def input_container_url(self, container: str, prefix: str) -> str:
+    def input_container_url(self, container: str, prefix: str, *,
+                            lifetime: timedelta | None = None) -> str:
         """The container's URL with a read+list SAS, for a resource file that stages
         every blob under ``prefix`` (Batch lists the container, so the SAS is
-        container-wide; it grants no write, create or delete)."""
+        container-wide; it grants no write, create or delete); valid ``lifetime``."""
         container = check_container(container)
         check_prefix(prefix)
-        start, expiry = self._window()
+        start, expiry = self._window(lifetime)
         sas = generate_container_sas(
             self.account_name, container,
             permission=ContainerSasPermissions(read=True, list=True),
@@ -270,9 +296,14 @@ class AzureBlobStorage:
     def _protocol(self) -> str | None:
         return "https" if self.endpoint.scheme == "https" else None
 
-    def _window(self) -> tuple[datetime, datetime]:
+    def _window(self, lifetime: timedelta | None) -> tuple[datetime, datetime]:
+        """From ``CLOCK_SKEW`` ago to ``lifetime`` from now (``max_lifetime`` when None);
+        a lifetime over ``max_lifetime`` is a bug of the caller's (the worker caps it)."""
+        life = self.max_lifetime if lifetime is None else lifetime
+        if not timedelta(0) < life <= self.max_lifetime:
+            raise ValueError(f"a SAS lifetime of {life} is outside 0..{self.max_lifetime}")
         now = self._clock()
-        return now - CLOCK_SKEW, now + self._ttl
+        return now - CLOCK_SKEW, now + life
 
     def _signer(self, expiry: datetime) -> dict[str, Any]:
         if self._account_key:
@@ -285,7 +316,8 @@ class AzureBlobStorage:
             if self._delegation is not None and self._delegation[1] >= needed_until:
                 return self._delegation[0]
             now = self._clock()
-            expiry = now + min(MAX_DELEGATION, max(MIN_DELEGATION, self._ttl + timedelta(hours=1)))
+            longest = max(MIN_DELEGATION, self.max_lifetime + timedelta(hours=1))
+            expiry = now + min(MAX_DELEGATION, longest)  # >= needed_until
             with _faults(f"user delegation key from {self.endpoint.display}"):
                 if self._credential is not None:
                     # Fail fast: the SDK retries a credential error with backoff.
@@ -295,6 +327,19 @@ class AzureBlobStorage:
             log.info("delegation_key_fetched", account=self.account_name,
                      expiry=expiry.isoformat())
             return key
+
+
+def sas_kind_of(config: BlobConfig) -> SasKind:
+    """How task SAS are signed under ``config``: with the account key when one is set
+    (``account_key``, or a connection string, which must then carry an AccountKey),
+    else with a user delegation key through Entra ID."""
+    return "account_key" if config.account_key or config.connection_string else "user_delegation"
+
+
+def longest_sas(kind: SasKind) -> timedelta | None:
+    """The longest lifetime a SAS signed this way may have: :data:`MAX_DELEGATION` for a
+    user delegation SAS; None (no cap of the service's) for an account-key service SAS."""
+    return MAX_DELEGATION if kind == "user_delegation" else None
 
 
 def _client(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import quote_from_bytes, unquote_to_bytes, urlsplit
 
@@ -118,17 +119,20 @@ class LocalStorage:
             f"file URL {redact_url(url)} is outside the local blob root {self._real_root}"
         )
 
-    def input_url(self, ref: BlobRef) -> str:
-        """The ``file://`` URL of the blob's file (the executor copies from it)."""
+    def input_url(self, ref: BlobRef, *, lifetime: timedelta | None = None) -> str:
+        """The ``file://`` URL of the blob's file (the executor copies from it). A
+        file URL never expires, so ``lifetime`` changes nothing."""
         return file_url(self.path(ref))
 
-    def output_container_url(self, container: str, prefix: str) -> str:
+    def output_container_url(self, container: str, prefix: str, *,
+                             lifetime: timedelta | None = None) -> str:
         """The ``file://`` URL of the container's directory; ``OutputFile.path`` carries
         the prefix and blob name, and the executor writes ``<dir>/<path>``."""
         check_prefix(prefix)
         return file_url(self.container_dir(container))
 
-    def input_container_url(self, container: str, prefix: str) -> str:
+    def input_container_url(self, container: str, prefix: str, *,
+                            lifetime: timedelta | None = None) -> str:
         """The ``file://`` URL of the container's directory; the executor copies the
         files under ``prefix`` from it (``ResourceFile.storage_container_url``)."""
         check_prefix(prefix)

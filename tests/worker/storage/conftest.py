@@ -47,23 +47,25 @@ def make_azure() -> Iterator[Callable[..., AzureBlobStorage]]:
     """Build AzureBlobStorage instances for an Azurite; closes them after the test.
 
     ``make(azurite, key=True, **blob_config)`` signs with the account key, ``key=False``
-    with a user delegation key obtained through ``credential`` (a fake Entra ID).
+    with a user delegation key obtained through ``credential`` (a fake Entra ID);
+    ``storage`` takes other ``AzureBlobStorage`` arguments (``max_lifetime``, ``clock``).
     """
     made: list[AzureBlobStorage] = []
 
     def make(azurite: Azurite, *, key: bool = True, credential: Any = None,
-             **config: Any) -> AzureBlobStorage:
+             storage: dict[str, Any] | None = None, **config: Any) -> AzureBlobStorage:
         settings: dict[str, Any] = {"account_url": azurite.account_url, **config}
         if key:
             settings.setdefault("account_key", ACCOUNT_KEY)
         options = {"connection_verify": str(azurite.ca_file)} if azurite.ca_file else {}
-        storage = AzureBlobStorage(
+        built = AzureBlobStorage(
             config=BlobConfig(**settings),
             credential=None if key else (credential or FakeEntraCredential()),
             client_options=options,
+            **(storage or {}),
         )
-        made.append(storage)
-        return storage
+        made.append(built)
+        return built
 
     yield make
     for storage in made:

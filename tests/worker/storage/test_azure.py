@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import urllib.error
 import urllib.request
 import uuid
@@ -81,26 +82,34 @@ def test_input_sas_is_read_only_and_scoped_to_one_blob(azurite: Azurite, make_az
 
 
 def test_input_sas_window(azurite: Azurite, make_azure: Make) -> None:
-    """The SAS is read-only on one blob, starts in the past and ends sas_ttl from now."""
+    """The SAS is read-only on one blob, starts in the past and ends `lifetime` from now
+    (`max_lifetime` when the caller names none)."""
+    storage = make_azure(azurite, storage={"max_lifetime": timedelta(hours=3)})
     before = datetime.now(UTC).replace(microsecond=0)
-    query = _query(make_azure(azurite, sas_ttl=1800).input_url(BlobRef("videos", "a.mp4")))
+    query = _query(storage.input_url(BlobRef("videos", "a.mp4"),
+                                     lifetime=timedelta(seconds=1800)))
+    default = _query(storage.input_url(BlobRef("videos", "a.mp4")))
     after = datetime.now(UTC)
     start = datetime.fromisoformat(query["st"].replace("Z", "+00:00"))
     expiry = datetime.fromisoformat(query["se"].replace("Z", "+00:00"))
     assert (query["sp"], query["sr"]) == ("r", "b")
     assert before - timedelta(minutes=6) <= start <= after - timedelta(minutes=4)
     assert before + timedelta(seconds=1800) <= expiry <= after + timedelta(seconds=1800)
+    longest = datetime.fromisoformat(default["se"].replace("Z", "+00:00"))
+    assert before + timedelta(hours=3) <= longest <= after + timedelta(hours=3)
+    for wrong in (timedelta(hours=3, seconds=1), timedelta(0)):
+        with pytest.raises(ValueError, match="SAS lifetime"):
+            storage.output_container_url("videos", "", lifetime=wrong)
 
 
 def test_expired_sas_is_refused_by_the_service(azurite: Azurite, new_container: Callable[[], str]
                                                ) -> None:
-    """A SAS signed with a clock sas_ttl+1h in the past is refused: expiry is real."""
+    """A SAS signed with a clock its lifetime+1h in the past is refused: expiry is real."""
     container = new_container()
     past = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=3)
     storage = AzureBlobStorage(
-        config=BlobConfig(account_url=azurite.account_url, account_key=ACCOUNT_KEY,
-                          sas_ttl=2 * 3600),
-        clock=lambda: past,
+        config=BlobConfig(account_url=azurite.account_url, account_key=ACCOUNT_KEY),
+        clock=lambda: past, max_lifetime=timedelta(hours=2),
     )
     storage.upload(BlobRef(container, "a.mp4"), b"a")
     assert _http("GET", storage.input_url(BlobRef(container, "a.mp4")), azurite)[0] == 403
@@ -206,7 +215,6 @@ def test_connection_string_signs_with_its_key(azurite: Azurite,
                            "SharedAccessSignature=sv=1&sig=c2VjcmV0"}, "no AccountKey"),
     ({"connection_string": "garbage"}, "malformed"),
     ({"account_url": "https://media.example.com", "account_key": ACCOUNT_KEY}, "account_name"),
-    ({"account_url": "https://a.blob.core.windows.net", "sas_ttl": 8 * 86400}, "sas_ttl"),
     ({"account_url": "https://a.blob.core.windows.net", "account_key": ACCOUNT_KEY,
       "alias_urls": ["ftp://x"]}, "alias_urls"),
 ])
@@ -216,6 +224,19 @@ def test_unusable_configuration_is_a_settings_error(config: dict[str, Any], prob
         AzureBlobStorage(config=BlobConfig(**config), credential=FakeEntraCredential())
     assert problem in str(caught.value)
     assert "c2VjcmV0" not in str(caught.value)
+
+
+def test_user_delegation_sas_cannot_outlive_its_key() -> None:
+    """With Entra ID signing, a longest lifetime over 7 days less 10 minutes is refused
+    at start-up (a user delegation key lives at most 7 days); an account key has no cap."""
+    url = "https://a.blob.core.windows.net"
+    with pytest.raises(SettingsError, match="longer than a user delegation SAS may live"):
+        AzureBlobStorage(config=BlobConfig(account_url=url), credential=FakeEntraCredential(),
+                         max_lifetime=timedelta(days=7))
+    AzureBlobStorage(config=BlobConfig(account_url=url), credential=FakeEntraCredential(),
+                     max_lifetime=timedelta(days=7) - timedelta(minutes=10)).close()
+    AzureBlobStorage(config=BlobConfig(account_url=url, account_key=ACCOUNT_KEY),
+                     max_lifetime=timedelta(days=400)).close()
 
 
 def test_hierarchical_namespace_scopes_output_sas_to_the_directory() -> None:
@@ -263,8 +284,8 @@ def test_delegation_key_is_cached_until_it_would_lapse(
     """One key serves many SAS; it is fetched again only when a SAS would outlive it."""
     now = [datetime.now(UTC).replace(microsecond=0)]
     storage = AzureBlobStorage(
-        config=BlobConfig(account_url=azurite_oauth.account_url, sas_ttl=3600),
-        credential=FakeEntraCredential(), clock=lambda: now[0],
+        config=BlobConfig(account_url=azurite_oauth.account_url),
+        credential=FakeEntraCredential(), clock=lambda: now[0], max_lifetime=timedelta(hours=1),
         client_options={"connection_verify": str(azurite_oauth.ca_file)},
     )
     fetched: list[tuple[datetime, datetime]] = []
@@ -311,9 +332,14 @@ def test_refused_delegation_key_is_a_config_fault(azurite_oauth: Azurite, make_a
 def test_signatures_never_reach_the_logs(azurite: Azurite, make_azure: Make) -> None:
     """Issuing SAS logs the redacted URL only."""
     storage = make_azure(azurite)
-    with structlog.testing.capture_logs() as logs:
-        url = storage.input_url(BlobRef("videos", "a.mp4"))
-        storage.output_container_url("videos", "out/")
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:  # at debug, whatever level an earlier test (a CLI run) configured
+        with structlog.testing.capture_logs() as logs:
+            url = storage.input_url(BlobRef("videos", "a.mp4"))
+            storage.output_container_url("videos", "out/")
+    finally:
+        structlog.configure(**saved)
     assert logs, "SAS issue is logged"
     signature = _query(url)["sig"]
     text = repr(logs)
