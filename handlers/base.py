@@ -361,6 +361,16 @@ class Program:
     #: configuration); None: on the node itself.
     container: ContainerSettings | None = None
     required_slots: int = 1
+    #: Per-task inputs, ``"<container>/<blob name>"`` templated by the task's fields
+    #: (``"data/{sample}.csv"``); a name ending in ``/`` stages every blob under it.
+    inputs: tuple[str, ...] = ()
+    #: ``"<container>"`` or ``"<container>/<name prefix>"``: what a message's own
+    #: inputs may name (none when empty).
+    allowed_inputs: tuple[str, ...] = ()
+    #: File patterns (relative to the working directory) uploaded after each task.
+    outputs: tuple[str, ...] = ()
+    #: When the outputs are uploaded: on the task's ``success``, ``failure`` or ``completion``.
+    upload_condition: UploadCondition = "success"
 
 
 @dataclass(frozen=True, slots=True)

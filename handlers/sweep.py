@@ -43,20 +43,23 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from handlers import datapath
 from handlers.base import (
     BuildContext,
     BuildRequest,
     DependencyFailure,
     ExitConditions,
+    JobOutput,
     JobSpec,
     Program,
+    ResourceFile,
     TaskSpec,
     fan_in_exit_conditions,
 )
@@ -116,6 +119,9 @@ class SweepParams(BaseModel):
     replacement: bool = False
     aggregate: Aggregate | None = None
     task: TaskOptions = Field(default_factory=TaskOptions)
+    #: More per-task inputs (templated like the program's), within the program's
+    #: ``allowed_inputs``: ``"<container>/<blob>"``, ``{container, blob}`` or a blob URL.
+    inputs: list[str | dict[str, Any]] = Field(default_factory=list)
 
     @field_validator("parameters")
     @classmethod
@@ -156,6 +162,7 @@ class SweepHandler:
             )
         conditions: ExitConditions | None = None
         aggregate: TaskSpec | None = None
+        agg_program: Program | None = None
         if params.aggregate:
             agg = params.aggregate
             agg_program = resolve_program(ctx, agg.program, agg.command, "aggregate")
@@ -163,6 +170,11 @@ class SweepHandler:
                                         program)
             conditions = fan_in_exit_conditions(agg.on_dependency_failure)
         tasks = _tasks(params, points, program, template, conditions)
+        data = _data_path(ctx, params, program, points.fields)
+        if data is not None:
+            data.check(_points(points, params.repeat))
+            tasks = data.attach(tasks)
+        outputs = _results(ctx, data, aggregate, agg_program)
         if aggregate is not None:
             tasks = itertools.chain(tasks, [aggregate])
         return JobSpec(
@@ -170,7 +182,113 @@ class SweepHandler:
             task_count=total + extra,
             uses_task_dependencies=bool(params.aggregate),
             metadata={"fanout-program": program.name},
+            outputs=outputs,
         )
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """``[handlers.sweep]``: ``output_container`` (default ``fanout-results``)."""
+        unknown = sorted(set(options) - {"output_container"})
+        if unknown:
+            raise ValueError(f"handlers.sweep: unknown option {', '.join(unknown)} "
+                             "(the sweep takes output_container)")
+        container = options.get("output_container", datapath.DEFAULT_OUTPUT_CONTAINER)
+        if not isinstance(container, str):
+            raise ValueError("handlers.sweep.output_container must be a container name")
+        datapath.check_container_name(container, "handlers.sweep.output_container")
+
+
+def _output_container(ctx: BuildContext) -> str:
+    container = ctx.options("sweep").get("output_container")
+    return container if isinstance(container, str) else datapath.DEFAULT_OUTPUT_CONTAINER
+
+
+def _data_path(ctx: BuildContext, params: SweepParams, program: Program,
+               fields: Sequence[str]) -> datapath.TaskData | None:
+    """The sweep tasks' inputs (the program's, then the message's) and outputs, or None
+    when there are none (the tasks then stream exactly as before)."""
+    if not (program.inputs or params.inputs or program.outputs):
+        return None
+    order = [*fields, *BUILTIN_FIELDS]
+    inputs: list[tuple[datapath.InputTemplate, tuple[str, ...] | None, str]] = []
+    for i, text in enumerate(program.inputs):
+        what = f"program {program.name!r} inputs[{i}]"
+        try:
+            inputs.append((datapath.parse_input(text, what), None, what))
+        except ValueError as exc:
+            raise InvalidParams(str(exc)) from None
+    if params.inputs:
+        if not program.allowed_inputs:
+            raise InvalidParams(f"program {program.name!r} takes no inputs from messages "
+                                "(its configuration sets no allowed_inputs)")
+        allowed = datapath.Allowed.of(program.allowed_inputs)
+        for i, value in enumerate(params.inputs):
+            template = datapath.message_input(value, ctx, i)
+            inputs.append((template, allowed.check(template, program.name, f"inputs[{i}]"),
+                           f"inputs[{i}]"))
+    for template, _prefixes, what in inputs:
+        lacking = [f for f in template.fields if f not in order]
+        if lacking:
+            raise InvalidParams(f"{what} {template} needs {', '.join(lacking)}, which the "
+                                "sweep's parameters do not give")
+    return datapath.TaskData(ctx=ctx, fields=order, inputs=inputs, outputs=program.outputs,
+                             output_container=_output_container(ctx),
+                             upload_condition=program.upload_condition)
+
+
+def _points(grid: Grid, repeat: int) -> Iterator[tuple[str, ...]]:
+    """Each task's field values in template order (parameters, task and repeat index),
+    in task order. (Mode ``random`` without a seed draws other points each time, so
+    there the tasks' own check, as they stream, is what holds.)"""
+    repeats = [str(rep) for rep in range(repeat)]
+    for index, (row, rep) in enumerate(_with_repeats(grid.rows(), repeats)):
+        yield (*row, str(index), rep)
+
+
+def _results(ctx: BuildContext, data: datapath.TaskData | None, aggregate: TaskSpec | None,
+             agg_program: Program | None) -> list[JobOutput]:
+    """Give the aggregate its inputs (every task's results, then its program's own
+    inputs) and outputs; return the job's output locations."""
+    container = _output_container(ctx)
+    prefix = datapath.results_prefix(ctx.job_id)
+    outputs: list[JobOutput] = []
+    if data is not None and data.outputs:
+        outputs.append(JobOutput("results", f"{container}/{prefix}"))
+    if aggregate is None or agg_program is None:
+        return outputs
+    files: list[ResourceFile] = []
+    if data is not None and data.outputs:
+        files.append(ResourceFile(
+            http_url="", file_path="", blob_prefix=prefix,
+            storage_container_url=ctx.input_container_url(container, prefix)))
+        aggregate.environment["FANOUT_RESULTS_DIR"] = prefix.rstrip("/")
+    if agg_program.inputs:
+        own = [_aggregate_input(agg_program, i, text)
+               for i, text in enumerate(agg_program.inputs)]
+        files += datapath.TaskData(ctx=ctx, fields=BUILTIN_FIELDS, inputs=own, outputs=(),
+                                   output_container=container,
+                                   upload_condition="success").constant
+    aggregate.resource_files = [*aggregate.resource_files, *files]
+    if agg_program.outputs:
+        url = ctx.output_container_url(container, prefix)
+        aggregate.output_files = [*aggregate.output_files, *datapath.output_files(
+            agg_program.outputs, url, f"{prefix}{AGGREGATE_ID}/",
+            agg_program.upload_condition)]
+        outputs.append(JobOutput(AGGREGATE_ID, f"{container}/{prefix}{AGGREGATE_ID}/"))
+    return outputs
+
+
+def _aggregate_input(program: Program, index: int,
+                     text: str) -> tuple[datapath.InputTemplate, None, str]:
+    """An aggregate program's input: the aggregate has no task fields, so none."""
+    what = f"aggregate program {program.name!r} inputs[{index}]"
+    try:
+        template = datapath.parse_input(text, what)
+    except ValueError as exc:
+        raise InvalidParams(str(exc)) from None
+    if template.fields:
+        raise InvalidParams(f"{what} {template} uses {', '.join(template.fields)}: an "
+                            "aggregate's inputs are plain blob names")
+    return template, None, what
 
 
 def parse_params(raw: Any) -> SweepParams:

@@ -37,6 +37,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from handlers import datapath
 from handlers.base import ContainerRegistry, ContainerSettings, Program
 from handlers.commands import CommandTemplate
 from handlers.containers import REGISTRY_NAME, ContainerFields
@@ -58,11 +59,39 @@ class ProgramConfig(_Section, ContainerFields):
     command: str
     environment: dict[str, str] = Field(default_factory=dict)
     required_slots: PositiveInt = 1
+    #: Per-task inputs, ``"<container>/<blob name>"`` templated by the task's fields.
+    inputs: list[str] = Field(default_factory=list)
+    #: ``"<container>"`` or ``"<container>/<name prefix>"`` a message's inputs may name.
+    allowed_inputs: list[str] = Field(default_factory=list)
+    #: File patterns uploaded after each task (to ``results/<job>/<task>/``).
+    outputs: list[str] = Field(default_factory=list)
+    upload_condition: Literal["success", "failure", "completion"] = "success"
 
     @field_validator("command")
     @classmethod
     def _parses(cls, value: str) -> str:
         CommandTemplate(value)  # raises ValueError with the offending field
+        return value
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs_parse(cls, value: list[str]) -> list[str]:
+        for i, text in enumerate(value):
+            datapath.parse_input(text, f"inputs[{i}]")  # ValueError naming the problem
+        return value
+
+    @field_validator("allowed_inputs")
+    @classmethod
+    def _allowed_parse(cls, value: list[str]) -> list[str]:
+        for i, text in enumerate(value):
+            datapath.parse_allowed(text, f"allowed_inputs[{i}]")
+        return value
+
+    @field_validator("outputs")
+    @classmethod
+    def _outputs_parse(cls, value: list[str]) -> list[str]:
+        for i, pattern in enumerate(value):
+            datapath.check_output_pattern(pattern, f"outputs[{i}]")
         return value
 
 
@@ -548,7 +577,11 @@ class Settings(BaseSettings):
                     raise ValueError(f"programs.{name}: {exc}") from None
             programs[name] = Program(name=name, command=p.command,
                                      environment=dict(p.environment), container=container,
-                                     required_slots=p.required_slots)
+                                     required_slots=p.required_slots,
+                                     inputs=tuple(p.inputs),
+                                     allowed_inputs=tuple(p.allowed_inputs),
+                                     outputs=tuple(p.outputs),
+                                     upload_condition=p.upload_condition)
         return ProgramCatalog(programs, registries)
 
     @classmethod
@@ -587,9 +620,11 @@ def demo_programs(backend_kind: str = "local") -> dict[str, ProgramConfig]:
     python = (sys.executable or "python3") if backend_kind == "local" else "python3"
     return {
         "pi": ProgramConfig(
-            command=f"{python} -m worker.demo pi --samples {{samples}} --seed {{seed}}"
+            command=f"{python} -m worker.demo pi --samples {{samples}} --seed {{seed}}",
+            outputs=["estimate.json"],
         ),
-        "pi-summary": ProgramConfig(command=f"{python} -m worker.demo summary"),
+        "pi-summary": ProgramConfig(command=f"{python} -m worker.demo summary",
+                                    outputs=["summary.json"]),
     }
 
 

@@ -1,16 +1,19 @@
 """The built-in demo programs (used when no programs are configured).
 
-``python -m worker.demo pi --samples N --seed S`` estimates pi by throwing N
-random darts at the unit square, prints the estimate and writes it to the node's
-shared directory; ``python -m worker.demo summary`` averages every estimate of
-its job. Both read the Batch environment variables (``AZ_BATCH_NODE_SHARED_DIR``,
-``AZ_BATCH_JOB_ID``, ``AZ_BATCH_TASK_ID``), so they behave the same locally and on
-an Azure Batch node.
+``python -m worker.demo pi --samples N --seed S`` estimates pi by throwing N random
+darts at the unit square, prints the estimate and writes it to ``estimate.json`` in
+its working directory; the ``pi`` program declares that file as its output, so each
+task's estimate is uploaded to ``results/<job>/<task>/estimate.json`` in the results
+container. ``python -m worker.demo summary`` is the sweep's aggregate: it is staged
+every task's results under ``$FANOUT_RESULTS_DIR`` (``results/<job>``, relative to its
+working directory), averages the estimates, prints the result and writes it to
+``summary.json`` (uploaded to ``results/<job>/aggregate/``). Nothing is shared
+between tasks but blob storage, so the demo runs the same on one machine and on a pool
+of many Batch nodes.
 
 As a sweep's aggregate, ``summary`` also gets ``FANOUT_FAN_IN_RANGE`` (the task ids
 it depends on, ``0-19``): it then reports which estimates are missing (tasks that
-failed, or ran on another node: the shared directory is per node) and exits 0 if
-at least one estimate exists::
+failed, so uploaded nothing) and exits 0 if at least one estimate exists::
 
     pi ~ 3.141200 averaged over 19 of 20 tasks; missing: 7
 """
@@ -18,6 +21,7 @@ at least one estimate exists::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import re
@@ -26,14 +30,15 @@ from pathlib import Path
 
 #: Missing task ids listed in full up to this many ranges, then "and N more".
 MAX_SHOWN = 20
+#: What a pi task writes (its program's output) and the aggregate writes.
+ESTIMATE = "estimate.json"
+SUMMARY = "summary.json"
 
 
 def _results_dir() -> Path:
-    shared = Path(os.environ.get("AZ_BATCH_NODE_SHARED_DIR", "."))
-    job = os.environ.get("AZ_BATCH_JOB_ID", "demo")
-    path = shared / "pi" / job
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """Where the aggregate finds the tasks' results: ``$FANOUT_RESULTS_DIR``, one
+    directory per task id (``<dir>/3/estimate.json``)."""
+    return Path(os.environ.get("FANOUT_RESULTS_DIR", "results"))
 
 
 def estimate_pi(samples: int, seed: int) -> float:
@@ -71,22 +76,36 @@ def describe_ids(ids: Iterable[int]) -> str:
     return ", ".join(shown) + (f" and {rest} more" if rest else "")
 
 
+def _estimates(top: Path) -> dict[str, float]:
+    """Each task id's estimate, from ``<top>/<task id>/estimate.json``."""
+    found: dict[str, float] = {}
+    for path in sorted(top.glob(f"*/{ESTIMATE}")):
+        try:
+            value = json.loads(path.read_text())["estimate"]
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                found[path.parent.name] = float(value)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a half-written or foreign file is not an estimate
+    return found
+
+
+def _report(line: str, code: int, **summary: object) -> int:
+    print(line)
+    Path(SUMMARY).write_text(json.dumps({"text": line, **summary}, indent=2) + "\n")
+    return code
+
+
 def summary() -> int:
     """Average the job's estimates; name the missing ones when the range is known."""
-    found: dict[str, float] = {}
-    for path in sorted(_results_dir().glob("*.txt")):
-        try:
-            found[path.stem] = float(path.read_text())
-        except (OSError, ValueError):
-            continue  # a half-written or foreign file is not an estimate
+    found = _estimates(_results_dir())
     spec = os.environ.get("FANOUT_FAN_IN_RANGE", "").strip()
     if not spec:
         values = list(found.values())
         if not values:
-            print("no estimates found")
-            return 1
-        print(f"pi ~ {sum(values) / len(values):.6f} averaged over {len(values)} tasks")
-        return 0
+            return _report("no estimates found", 1, tasks=0)
+        mean = sum(values) / len(values)
+        return _report(f"pi ~ {mean:.6f} averaged over {len(values)} tasks", 0,
+                       pi=mean, tasks=len(values))
     try:
         ranges = parse_ranges(spec)
     except ValueError as exc:
@@ -96,14 +115,14 @@ def summary() -> int:
     have = {int(k) for k in found if k.isdigit() and any(lo <= int(k) <= hi
                                                           for lo, hi in ranges)}
     values = [found[str(i)] for i in sorted(have)]
-    missing = (i for lo, hi in ranges for i in range(lo, hi + 1) if i not in have)
-    note = f"; missing: {describe_ids(missing)}" if len(have) < expected else ""
+    missing = [i for lo, hi in ranges for i in range(lo, hi + 1) if i not in have]
+    note = f"; missing: {describe_ids(missing)}" if missing else ""
     if not values:
-        print(f"no estimates found of {expected} tasks{note}")
-        return 1
-    print(f"pi ~ {sum(values) / len(values):.6f} averaged over {len(values)} of "
-          f"{expected} tasks{note}")
-    return 0
+        return _report(f"no estimates found of {expected} tasks{note}", 1, tasks=0,
+                       expected=expected, missing=missing[:1000])
+    mean = sum(values) / len(values)
+    return _report(f"pi ~ {mean:.6f} averaged over {len(values)} of {expected} tasks{note}",
+                   0, pi=mean, tasks=len(values), expected=expected, missing=missing[:1000])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "pi":
         value = estimate_pi(args.samples, args.seed)
-        task = os.environ.get("AZ_BATCH_TASK_ID", "0")
-        (_results_dir() / f"{task}.txt").write_text(f"{value}\n")
+        Path(ESTIMATE).write_text(json.dumps(
+            {"estimate": value, "samples": args.samples, "seed": args.seed}) + "\n")
         print(f"pi ~ {value:.6f} from {args.samples} samples (seed {args.seed})")
         return 0
     return summary()

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from handlers.base import SATISFY_DEPENDENTS, BuildRequest, JobSpec, Program, TaskSpec
+from handlers.base import (
+    SATISFY_DEPENDENTS,
+    BlobRef,
+    BuildRequest,
+    JobSpec,
+    Program,
+    TaskSpec,
+)
 from handlers.errors import BudgetExceeded, InvalidParams, MessageFault, UnknownProgram
 from handlers.sweep import AGGREGATE_ID, SweepHandler
 from worker.backends.local import LocalBackend
@@ -250,52 +259,93 @@ def test_on_dependency_failure_is_run_or_skip(stub_ctx: StubContext, value: Any)
               aggregate={"program": "reduce", "on_dependency_failure": value})
 
 
-def run_summary(shared: Path, job_id: str, fan_in: str | None) -> subprocess.CompletedProcess[str]:
-    """``python -m worker.demo summary`` as a Batch task of ``job_id`` would run it."""
-    env = {"PATH": os.defpath, "AZ_BATCH_NODE_SHARED_DIR": str(shared),
-           "AZ_BATCH_JOB_ID": job_id, "AZ_BATCH_TASK_ID": "aggregate",
+def run_summary(cwd: Path, results: str | None,
+                fan_in: str | None) -> subprocess.CompletedProcess[str]:
+    """``python -m worker.demo summary`` as the sweep's aggregate runs it: in its working
+    directory ``cwd``, told where the staged results are."""
+    env = {"PATH": os.defpath, "AZ_BATCH_JOB_ID": "job-x", "AZ_BATCH_TASK_ID": "aggregate",
            "PYTHONPATH": str(REPO)}
+    if results is not None:
+        env["FANOUT_RESULTS_DIR"] = results
     if fan_in is not None:
         env["FANOUT_FAN_IN_RANGE"] = fan_in
-    return subprocess.run([sys.executable, "-m", "worker.demo", "summary"], env=env,
+    return subprocess.run([sys.executable, "-m", "worker.demo", "summary"], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=60, check=False)
 
 
+def test_demo_pi_writes_its_estimate_as_its_output(tmp_path: Path) -> None:
+    """A pi task writes estimate.json in its working directory (its program's output)."""
+    done = subprocess.run([sys.executable, "-m", "worker.demo", "pi", "--samples", "1000",
+                           "--seed", "4"], env={"PATH": os.defpath, "PYTHONPATH": str(REPO)},
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60, check=True)
+    data = json.loads((tmp_path / "estimate.json").read_text())
+    assert data == {"estimate": data["estimate"], "samples": 1000, "seed": 4}
+    assert 2.9 < data["estimate"] < 3.4
+    assert done.stdout == f"pi ~ {data['estimate']:.6f} from 1000 samples (seed 4)\n"
+
+
 def test_demo_summary_reports_missing_estimates(tmp_path: Path) -> None:
-    """The pi summary averages what exists, names the missing ids, and exits 0 if any
-    estimate exists (1 if none); without FANOUT_FAN_IN_RANGE it averages what it finds."""
-    results = tmp_path / "pi" / "job-x"
-    results.mkdir(parents=True)
+    """The pi summary averages the staged estimates (results/<job>/<task>/estimate.json),
+    names the missing ids, writes summary.json, and exits 0 if any estimate exists (1 if
+    none); without FANOUT_FAN_IN_RANGE it averages what it finds."""
+    results = tmp_path / "results" / "job-x"
     for i in range(20):
         if i not in (7, 11, 12, 13):
-            (results / f"{i}.txt").write_text("3.0\n" if i % 2 else "3.2\n")
-    (results / "aggregate.txt").write_text("not a number\n")
-    done = run_summary(tmp_path, "job-x", "0-19")
+            (results / str(i)).mkdir(parents=True)
+            (results / str(i) / "estimate.json").write_text(
+                json.dumps({"estimate": 3.0 if i % 2 else 3.2}))
+    (results / "aggregate").mkdir()
+    (results / "aggregate" / "estimate.json").write_text("not json\n")
+    done = run_summary(tmp_path, "results/job-x", "0-19")
     assert done.returncode == 0, done.stderr
     assert done.stdout == ("pi ~ 3.112500 averaged over 16 of 20 tasks; "
                            "missing: 7, 11-13\n")
-    whole = run_summary(tmp_path, "job-x", None)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["pi"] == pytest.approx(3.1125)
+    assert (summary["tasks"], summary["expected"], summary["missing"]) == (16, 20,
+                                                                         [7, 11, 12, 13])
+    whole = run_summary(tmp_path, "results/job-x", None)
     assert (whole.returncode, whole.stdout) == (0, "pi ~ 3.112500 averaged over 16 tasks\n")
-    none = run_summary(tmp_path, "job-empty", "0-2")
+    none = run_summary(tmp_path, "results/job-empty", "0-2")
     assert (none.returncode, none.stdout) == (1, "no estimates found of 3 tasks; missing: 0-2\n")
-    bad = run_summary(tmp_path, "job-x", "19-0")
+    bad = run_summary(tmp_path, "results/job-x", "19-0")
     assert bad.returncode == 2 and "ends before it starts" in bad.stdout
+
+
+@dataclass
+class BlobRootContext(StubContext):
+    """A StubContext whose storage URLs point into a local blob directory."""
+
+    root: Path = Path("/nonexistent")
+
+    def input_url(self, ref: BlobRef) -> str:
+        return f"file://{self.root}/{ref.container}/{ref.blob}"
+
+    def output_container_url(self, container: str, prefix: str) -> str:
+        return f"file://{self.root}/{container}"
+
+    def input_container_url(self, container: str, prefix: str) -> str:
+        return f"file://{self.root}/{container}"
 
 
 def test_aggregate_runs_after_a_failed_task_on_the_local_executor(
         stub_ctx: StubContext, tmp_path: Path) -> None:
     """End to end: a pi sweep whose task 1 fails (``--seed bad``) still runs its
-    aggregate, which reports the missing estimate; the job's every task completes."""
+    aggregate, which is staged the other tasks' uploaded estimates and reports the
+    missing one; the job's every task completes."""
     python = shlex.quote(sys.executable)
     env = {"PYTHONPATH": str(REPO)}
-    stub_ctx.programs["pi"] = Program(
+    ctx = BlobRootContext(programs=dict(stub_ctx.programs), root=tmp_path / "blobs",
+                          job_id="sweep-e2e")
+    ctx.programs["pi"] = Program(
         name="pi", command=f"{python} -m worker.demo pi --samples 200 --seed {{seed}}",
-        environment=env)
-    stub_ctx.programs["pi-summary"] = Program(
-        name="pi-summary", command=f"{python} -m worker.demo summary", environment=env)
+        environment=env, outputs=("estimate.json",))
+    ctx.programs["pi-summary"] = Program(
+        name="pi-summary", command=f"{python} -m worker.demo summary", environment=env,
+        outputs=("summary.json",))
     job = SweepHandler().build(BuildRequest("sweep", {
         "program": "pi", "parameters": {"seed": [0, "bad", 2]},
-        "aggregate": {"program": "pi-summary"}}, "key"), stub_ctx)
+        "aggregate": {"program": "pi-summary"}}, "key"), ctx)
     job.id = "sweep-e2e"
     backend = LocalBackend(home=tmp_path / "exec", slots=2, poll_interval=0.02)
     submitter = Submitter(backend=backend, config=SubmitConfig(),
@@ -315,6 +365,9 @@ def test_aggregate_runs_after_a_failed_task_on_the_local_executor(
         assert agg.exit_code == 0
         out = (backend.task_dir(job.id, AGGREGATE_ID) / "stdout.txt").read_text()
         assert "averaged over 2 of 3 tasks; missing: 1" in out
+        results = tmp_path / "blobs" / "fanout-results" / "results" / "sweep-e2e"
+        assert sorted(p.relative_to(results).as_posix() for p in results.rglob("*.json")) == [
+            "0/estimate.json", "2/estimate.json", "aggregate/summary.json"]
     finally:
         submitter.close()
         backend.close()
