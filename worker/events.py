@@ -34,7 +34,7 @@ from worker.backends.base import (
     JobRecord,
     TaskCounts,
 )
-from worker.window import parse_display_name, parse_window
+from worker.window import PREFIX_DIGITS, parse_display_name, parse_window
 
 EVENT_TYPE = "fanout.job.completed"
 SPEC_VERSION = "1.0"
@@ -114,7 +114,7 @@ def build_event(report: JobReport, *, source: str,
         "tasks": {"total": counts.total, "succeeded": counts.succeeded,
                   "failed": counts.failed,
                   "not_run": max(0, counts.total - counts.succeeded - counts.failed)},
-        "failed_tasks": [failed_json(f) for f in report.failed],
+        "failed_tasks": _named_events([failed_json(f) for f in report.failed]),
         "failed_tasks_omitted": report.failed_omitted,
         "outputs": outputs_of(meta),
         "pool": job.pool,
@@ -148,6 +148,18 @@ def failed_json(task: FailedTask) -> dict[str, Any]:
     if origin is not None:
         out["event_id"], out["blob"] = origin
     return out
+
+
+def _named_events(failed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A window job's blocked tasks (listed by id only) take the event and blob of a
+    listed task with the same event prefix."""
+    known = {f["task_id"][:PREFIX_DIGITS + 1]: (f["event_id"], f["blob"])
+             for f in failed if "event_id" in f}
+    for item in failed:
+        origin = known.get(item["task_id"][:PREFIX_DIGITS + 1])
+        if "event_id" not in item and origin is not None:
+            item["event_id"], item["blob"] = origin
+    return failed
 
 
 def window_json(report: JobReport) -> dict[str, Any] | None:

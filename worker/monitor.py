@@ -311,6 +311,8 @@ def settled(job: JobRecord, counts: TaskCounts) -> bool:
         return not counts.active and (expected is None or counts.completed == expected)
     if job.terminate_reason == REASON_SUBMIT_FAILED or expected is None:
         return True  # not every task was added: nothing to add up to
+    if META_WINDOW in job.metadata:
+        return counts.total >= expected
     return counts.total == expected
 
 

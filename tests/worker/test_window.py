@@ -409,3 +409,25 @@ def test_whole_worker_gathers_a_window_and_reports_it(
         assert [j.id for j in backend.list_fanout_jobs() if j.id != late.id] == [job_id]
     finally:
         worker.stop()
+
+
+def test_plan_of_a_window_event(
+        local: Callable[..., tuple[Planner, Submitter, LocalBackend]], tmp_path: Path) -> None:
+    """The planner builds the event's share of the window job: the window job's id and
+    metadata (the rule's digest as the request, no per-event task count), prefixed
+    tasks, and a fallback that builds the job the route makes without a window."""
+    planner, _, _ = local(start=False, params={"tasks": 2})
+    storage = LocalStorage(root=tmp_path / "blobs")
+    body = json.dumps(blob_event(storage, "a.bin", "ev-a", "2026-12-01T12:10:00Z"))
+    (planned,) = planner.plan(body.encode(), message_id="m").jobs
+    job = planned.job
+    assert isinstance(job, WindowJob) and job.window is not None
+    assert job.open_until == job.window.seal_at
+    assert job.metadata[META_SEAL_AT] == "2026-12-01T13:00:01Z"
+    assert META_TASKS not in job.metadata and "fanout-message-id" not in job.metadata
+    assert [t.id for t in job.tasks] == [task_prefix("ev-a") + "0", task_prefix("ev-a") + "1"]
+    assert job.fallback is not None
+    own = job.fallback()
+    assert not isinstance(own, WindowJob) and own.id == job_id_for("blobtask", "ev-a")
+    assert own.metadata[META_TASKS] == "2" and own.metadata["fanout-message-id"] == "m"
+    assert [t.id for t in own.tasks] == ["0", "1"]
