@@ -1812,6 +1812,8 @@ def _check_task(task: Any, name: str) -> None:
     if settings is not None and not (isinstance(settings, dict) and settings.get("imageName")):
         # BatchTaskContainerSettings: imageName is required
         raise _missing(f"{name}.containerSettings.imageName")
+    if settings is not None:
+        _check_container_settings(settings, f"{name}.containerSettings")
     for i, out in enumerate(task.get("outputFiles") or []):
         cond = str(((out.get("uploadOptions") or {}).get("uploadCondition")) or "").lower()
         if not out.get("filePattern") or cond not in _UPLOAD_CONDITIONS:
@@ -1830,6 +1832,43 @@ def _check_task(task: Any, name: str) -> None:
     slots = task.get("requiredSlots", 1)
     if not isinstance(slots, int) or slots < 1:
         raise _invalid(f"{name}.requiredSlots", str(slots), "must be 1 or more")
+
+
+#: ContainerWorkingDirectory in the spec (an enum: "taskWorkingDirectory",
+#: "containerImageDefault"; "The default is 'taskWorkingDirectory'").
+_WORKING_DIRECTORIES = ("taskWorkingDirectory", "containerImageDefault")
+
+
+def _check_container_settings(settings: dict[str, Any], name: str) -> None:
+    """BatchTaskContainerSettings in the spec: ``imageName`` a string (required, checked
+    by the caller), ``containerRunOptions`` a string, ``workingDirectory`` one of the
+    ContainerWorkingDirectory values (compared as the service compares enums, without
+    regard to case), ``registry`` a ContainerRegistryReference: ``registryServer``
+    (format uri), ``username``, ``password`` strings, ``identityReference`` a
+    BatchNodeIdentityReference with a ``resourceId``. A wrong type or value is 400
+    InvalidPropertyValue naming the property (the value itself is never echoed for the
+    password)."""
+    for key in ("imageName", "containerRunOptions"):
+        if key in settings and not isinstance(settings[key], str):
+            raise _invalid(f"{name}.{key}", str(settings[key]), "must be a string")
+    wd = settings.get("workingDirectory")
+    if wd is not None and str(wd).lower() not in {w.lower() for w in _WORKING_DIRECTORIES}:
+        raise _invalid(f"{name}.workingDirectory", str(wd),
+                       f"must be one of {', '.join(_WORKING_DIRECTORIES)}")
+    registry = settings.get("registry")
+    if registry is None:
+        return
+    if not isinstance(registry, dict):
+        raise _invalid(f"{name}.registry", str(registry), "a registry is an object")
+    for key in ("registryServer", "username", "password"):
+        if key in registry and not isinstance(registry[key], str):
+            shown = "" if key == "password" else str(registry[key])
+            raise _invalid(f"{name}.registry.{key}", shown, "must be a string")
+    identity = registry.get("identityReference")
+    if identity is not None and not (isinstance(identity, dict)
+                                     and isinstance(identity.get("resourceId"), str)
+                                     and identity["resourceId"]):
+        raise _missing(f"{name}.registry.identityReference.resourceId")
 
 
 _SOURCES = ("httpUrl", "storageContainerUrl", "autoStorageContainerName")

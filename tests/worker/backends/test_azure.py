@@ -17,7 +17,6 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from handlers.base import (
-    ContainerRegistry,
     ContainerSettings,
     JobSpec,
     OutputFile,
@@ -36,10 +35,6 @@ MakePeer = Callable[..., BatchPeer]  # the make_peer fixture (conftest.py)
 MakeBackend = Callable[..., AzureBatchBackend]
 
 FFMPEG = ContainerSettings("ghcr.io/x/ffmpeg:7")
-
-
-
-
 
 
 @pytest.fixture
