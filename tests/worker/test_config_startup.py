@@ -96,3 +96,13 @@ def test_an_account_key_has_no_seven_day_cap(workdir: Path) -> None:
     result = CliRunner().invoke(main, ["plan", *SWEEP])
     assert result.exit_code == 0, result.output
     assert "a2V5" not in result.output
+
+
+def test_the_removed_sas_ttl_is_named_from_the_environment_too(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FANOUT_BLOB__SAS_TTL gets the same explanation as the file's key, not a
+    "no such setting" guess."""
+    monkeypatch.setenv("FANOUT_BLOB__SAS_TTL", "14400")
+    result = CliRunner().invoke(main, ["plan", *SWEEP])
+    assert result.exit_code == 2, result.output
+    assert "blob.sas_ttl = '14400': Value error, blob.sas_ttl was removed" in result.output
