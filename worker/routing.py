@@ -34,7 +34,7 @@ from worker.context import job_id_for
 from worker.envelope import BlobEvent, Cancel, Envelope, JobOptions, Parsed
 from worker.errors import SettingsError
 from worker.storage.base import Storage
-from worker.window import Window, window_for
+from worker.window import Window, task_prefix, window_for, window_task
 
 ENTRY_POINT_GROUP = "fanout.handlers"
 #: Application property that carries a message's idempotency key in place of its
@@ -169,7 +169,11 @@ class Router:
                         "fanout-route-check", self._jobs[id(rule)])
             try:
                 job = build(work)
-                next(iter(job.tasks), None)  # a handler may check lazily, per task
+                first = next(iter(job.tasks), None)  # a handler may check lazily, per task
+                window = window_for(rule, event_id="fanout-route-check",
+                                    event_time_text="2026-01-01T00:00:00Z", ref=ref)
+                if first is not None and window is not None:  # its id fits with a prefix
+                    window_task(first, task_prefix(window.event_id), window)
             except MessageFault as fault:
                 raise SettingsError(f"{_where(index, rule)}: every blob it takes would be "
                                     f"dead-lettered (tried {ref}): {fault.reason}: "
