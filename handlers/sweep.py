@@ -34,8 +34,15 @@ depends on, ``0-19``) and ``FANOUT_ON_DEPENDENCY_FAILURE``. A sweep without an
 aggregate sets no exit conditions (Batch refuses dependency actions on a job that
 does not use task dependencies).
 
-Outputs: a sweep has no output location of its own (its programs write wherever
-they write), so it declares no ``JobSpec.outputs``.
+Data (``handlers.datapath``): a program's ``inputs`` (``"<container>/<blob name>"``
+templated by the task's fields, checked for every task before the job is returned)
+and the message's own ``inputs`` (only within the program's ``allowed_inputs``) are
+staged as resource files; its ``outputs`` (file patterns) are uploaded to
+``results/<job>/<task>/`` in ``[handlers.sweep] output_container`` (default
+``fanout-results``). The aggregate is staged all of ``results/<job>/``
+(``FANOUT_RESULTS_DIR`` says where) and uploads its program's outputs to
+``results/<job>/aggregate/``; the job declares ``results`` and ``aggregate`` as its
+``JobSpec.outputs``. A sweep with no inputs or outputs adds nothing per task.
 """
 
 from __future__ import annotations
