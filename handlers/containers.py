@@ -77,6 +77,17 @@ class ContainerFields(BaseModel):
                 raise ValueError(f"{given[0]} needs container_image")
         return self
 
+    def needs_task_working_directory(self, what: str) -> None:
+        """``ValueError`` for ``containerImageDefault`` where the commands read their
+        staged files by relative paths: Batch stages resource files in the task's
+        working directory, and "Beware that this directory will not contain the
+        Resource Files downloaded by Batch" (ContainerWorkingDirectory,
+        BatchService.json) of the image's own."""
+        if self.container_working_directory == "containerImageDefault":
+            raise ValueError(f"{what} reads its staged inputs from the task working "
+                             "directory: container_working_directory must be "
+                             "taskWorkingDirectory (the image's WORKDIR holds none of them)")
+
     def container_settings(self, ctx: BuildContext) -> ContainerSettings | None:
         """The settings these fields name (the registry resolved by ``ctx``), or None."""
         if self.container_image is None:

@@ -121,6 +121,7 @@ class Profile(ContainerFields):
 
     @model_validator(mode="after")
     def _template(self) -> Profile:
+        self.needs_task_working_directory("a render profile")
         template = CommandTemplate(self.command)  # ValueError names a bad field
         unknown = [f for f in template.fields if f not in PROFILE_FIELDS]
         if unknown:

@@ -164,6 +164,11 @@ class TranscodeOptions(ContainerFields):
     presets: dict[Annotated[str, Field(pattern=_NAME)], Preset] | None = None
     hls_segment_seconds: Annotated[int, Field(ge=1, le=60)] = 6
 
+    @model_validator(mode="after")
+    def _working_directory(self) -> TranscodeOptions:
+        self.needs_task_working_directory("transcode")
+        return self
+
     @property
     def ladder(self) -> dict[str, Preset]:
         return self.presets if self.presets else DEFAULT_PRESETS

@@ -50,18 +50,17 @@ def test_render_without_an_image_runs_every_task_on_the_node(
 
 def test_transcode_fan_in_runs_in_the_same_image(
         make_planner: Callable[..., PlanHarness]) -> None:
-    """Rendition, thumbnail and manifest tasks share the transcode options' container;
-    ``containerImageDefault`` is kept as configured."""
+    """Rendition, thumbnail and manifest tasks share the transcode options' container."""
     planner = make_planner(handlers={"transcode": {
         "output_container": "renditions", "container_image": "jrottenberg/ffmpeg:7.1",
-        "container_working_directory": "containerImageDefault"}})
+        "container_run_options": "--cpus 2"}})
     _job, tasks = planner.job({"handler": "transcode", "id": "t-1", "params": {
         "input": {"container": "videos", "blob": "a.mp4"}, "renditions": ["720p", "360p"],
         "thumbnail": True, "manifest": True}})
     assert tasks[-1].id == MANIFEST_ID
     assert len({id(t.container) for t in tasks}) == 1
-    assert tasks[0].container == ContainerSettings(
-        "jrottenberg/ffmpeg:7.1", working_directory="containerImageDefault")
+    assert tasks[0].container == ContainerSettings("jrottenberg/ffmpeg:7.1",
+                                                   run_options="--cpus 2")
 
 
 def test_sweep_aggregate_inherits_the_sweep_image(
@@ -90,6 +89,11 @@ def test_sweep_aggregate_inherits_the_sweep_image(
     ({"render": {"profiles": {"p": {"command": "x {start}",
                                     "container_run_options": "--rm"}}}},
      "container_run_options needs container_image"),
+    ({"transcode": {"container_image": "a", "container_working_directory":
+                    "containerImageDefault"}}, "must be taskWorkingDirectory"),
+    ({"render": {"profiles": {"p": {"command": "x {start}", "container_image": "a",
+                                    "container_working_directory": "containerImageDefault"}}}},
+     "must be taskWorkingDirectory"),
 ])
 def test_bad_handler_container_options_stop_start_up(
         make_planner: Callable[..., PlanHarness], options: dict[str, Any],
