@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from handlers.base import ID_PATTERN, BlobRef, JobSpec, TaskSpec
+from handlers.base import ID_PATTERN, BlobRef, ExitConditions, ExitOptions, JobSpec, TaskSpec
 from handlers.errors import InvalidParams
 from worker.backends.base import (
     META_KEY,
@@ -156,11 +156,11 @@ def gather(job: JobSpec, window: Window, *, handler: str,
         tasks=_prefixed(job.tasks, prefix, window), task_count=job.task_count,
         id=job_id_for(handler, window.key), pool=job.pool, priority=job.priority,
         max_task_retries=job.max_task_retries, max_wall_clock=job.max_wall_clock,
-        display_name=job.display_name or _cut(
-            f"{handler} window {iso(window.start)}/{iso(window.end)}", MAX_DISPLAY_NAME),
+        display_name=f"{handler} window {iso(window.start)}/{iso(window.end)}",
         metadata=meta,
-        # set at creation by whichever event comes first: every event may need them
-        uses_task_dependencies=True, on_task_failure=job.on_task_failure,
+        # set at creation by whichever event comes first: every event may need them.
+        # No exit-option job actions: one event's task must not end every event's.
+        uses_task_dependencies=True, on_task_failure="noaction",
         outputs=[], window=window, open_until=window.seal_at, fallback=fallback,
         prefix=prefix)
 
@@ -203,8 +203,33 @@ def window_task(task: TaskSpec, prefix: str, window: Window) -> TaskSpec:
     task.id = new_id
     task.depends_on = tuple(depends)
     task.depends_on_ranges = ()
+    if task.exit_conditions is not None:
+        task.exit_conditions = without_job_actions(task.exit_conditions)
     task.display_name = display_name(window.event_id, window.blob, task.display_name)
     return task
+
+
+def without_job_actions(conditions: ExitConditions) -> ExitConditions:
+    """The exit conditions with their job actions dropped (dependency actions kept): a
+    window job's ``onTaskFailure`` is ``noaction``, where Batch refuses job actions,
+    and one event's task must not terminate a job that holds every event's tasks."""
+    def strip(options: ExitOptions | None) -> ExitOptions | None:
+        if options is None or options.job_action is None:
+            return options
+        return ExitOptions(dependency_action=options.dependency_action)
+
+    if not any(o is not None and o.job_action is not None for o in (
+            *(o for _, o in conditions.exit_codes),
+            *(o for _, _, o in conditions.exit_code_ranges), conditions.pre_processing_error,
+            conditions.file_upload_error, conditions.default)):
+        return conditions  # shared by a job's tasks: keep the one object
+    return ExitConditions(
+        exit_codes=tuple((code, strip(o) or o) for code, o in conditions.exit_codes),
+        exit_code_ranges=tuple((lo, hi, strip(o) or o)
+                               for lo, hi, o in conditions.exit_code_ranges),
+        pre_processing_error=strip(conditions.pre_processing_error),
+        file_upload_error=strip(conditions.file_upload_error),
+        default=strip(conditions.default))
 
 
 def display_name(event_id: str, blob: str, name: str | None = None) -> str:
@@ -306,5 +331,3 @@ def _json(body: dict[str, Any]) -> str:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
 
 
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit]

@@ -431,3 +431,29 @@ def test_plan_of_a_window_event(
     assert not isinstance(own, WindowJob) and own.id == job_id_for("blobtask", "ev-a")
     assert own.metadata[META_TASKS] == "2" and own.metadata["fanout-message-id"] == "m"
     assert [t.id for t in own.tasks] == ["0", "1"]
+
+
+def test_window_tasks_carry_no_job_actions() -> None:
+    """One event's task must not end the job every event shares: exit-option job
+    actions are dropped (dependency actions kept), and the job's onTaskFailure is
+    noaction, whatever the handler chose."""
+    from handlers.base import ExitConditions, ExitOptions, JobSpec
+    from worker.window import gather, without_job_actions
+
+    ends = ExitOptions(job_action="terminate", dependency_action="satisfy")
+    conditions = ExitConditions(exit_codes=((3, ends),), default=ends,
+                                pre_processing_error=ExitOptions(dependency_action="block"))
+    stripped = without_job_actions(conditions)
+    assert stripped.exit_codes == ((3, ExitOptions(dependency_action="satisfy")),)
+    assert stripped.default == ExitOptions(dependency_action="satisfy")
+    assert stripped.pre_processing_error == ExitOptions(dependency_action="block")
+    plain = ExitConditions(default=ExitOptions(dependency_action="satisfy"))
+    assert without_job_actions(plain) is plain
+    job = JobSpec(tasks=iter([TaskSpec(id="0", command_line="x", exit_conditions=conditions)]),
+                  task_count=1, on_task_failure="performexitoptionsjobaction",
+                  display_name="transcode of uploads/a.bin")
+    windowed = gather(job, win(), handler="h", fallback=lambda: job)
+    assert windowed.on_task_failure == "noaction"
+    assert windowed.display_name == "h window 2026-12-01T12:00:00Z/2026-12-01T13:00:00Z"
+    (task,) = list(windowed.tasks)
+    assert task.exit_conditions == stripped
