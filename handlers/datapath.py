@@ -40,21 +40,23 @@ from handlers.errors import ForeignStorage, InvalidParams
 
 __all__ = [
     "DEFAULT_OUTPUT_CONTAINER",
+    "Allowed",
     "InputTemplate",
     "TaskData",
+    "check_container_name",
     "check_output_pattern",
-    "check_upload_condition",
+    "message_input",
     "output_files",
     "parse_allowed",
     "parse_input",
     "results_prefix",
+    "segment_problem",
 ]
 
 #: Where sweep outputs go unless ``[handlers.sweep] output_container`` says otherwise.
 DEFAULT_OUTPUT_CONTAINER = "fanout-results"
 #: The folder of the results container under which each job's results live.
 RESULTS_ROOT = "results"
-UPLOAD_CONDITIONS: tuple[UploadCondition, ...] = ("success", "failure", "completion")
 
 _FORMATTER = string.Formatter()
 _CONTAINER = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(?:-[a-z0-9]+)*$")
@@ -179,13 +181,6 @@ def check_output_pattern(pattern: object, what: str = "outputs") -> str:
     return pattern
 
 
-def check_upload_condition(value: object) -> UploadCondition:
-    for condition in UPLOAD_CONDITIONS:
-        if value == condition:
-            return condition
-    raise ValueError(f"upload_condition {value!r} is not success, failure or completion")
-
-
 def results_prefix(job_id: str) -> str:
     """The blob prefix of a job's results: ``results/<job>/``."""
     return f"{RESULTS_ROOT}/{job_id}/"
@@ -208,13 +203,24 @@ def _output_path(pattern: str) -> str:
 def output_files(patterns: Sequence[str], container_url: str, prefix: str,
                  condition: UploadCondition) -> list[OutputFile]:
     """The output files of one task whose results go under ``prefix`` (ends with ``/``)."""
-    out = []
-    for pattern in patterns:
-        tail = _output_path(pattern)
-        path = f"{prefix}{tail}" if tail else prefix.rstrip("/")
-        out.append(OutputFile(file_pattern=pattern, container_url=container_url, path=path,
-                              upload_condition=condition))
-    return out
+    return _OutputPlan(patterns, container_url, condition).files(prefix)
+
+
+class _OutputPlan:
+    """A job's output patterns with their blob paths worked out once."""
+
+    __slots__ = ("condition", "parts", "url")
+
+    def __init__(self, patterns: Sequence[str], container_url: str,
+                 condition: UploadCondition) -> None:
+        self.parts = [(pattern, _output_path(pattern)) for pattern in patterns]
+        self.url = container_url
+        self.condition = condition
+
+    def files(self, prefix: str) -> list[OutputFile]:
+        url, condition = self.url, self.condition
+        return [OutputFile(pattern, url, f"{prefix}{tail}" if tail else prefix.rstrip("/"),
+                           condition) for pattern, tail in self.parts]
 
 
 def _positional(blob: str, order: Sequence[str]) -> Callable[..., str]:
@@ -237,6 +243,8 @@ def _split_query(url: str) -> tuple[str, str]:
 #: or ``..``, not ending in ``.``. Anything else goes to ``blob_ref`` for the verdict.
 _SEGMENT = r"(?!\.\.?(?:/|\Z))[\w.~ =+,@()-]+"
 _PLAIN_NAME = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*(?<!\.)\Z", re.ASCII)
+#: Names ``quote(name, safe="/~")`` leaves as they are.
+_URL_SAFE = re.compile(r"[\w.~/-]*\Z", re.ASCII)
 
 
 class _Templated:
@@ -277,8 +285,8 @@ class _Templated:
         if self.template.prefix:
             return ResourceFile(http_url="", file_path="", blob_prefix=name,
                                 storage_container_url=self.base + self.query)
-        return ResourceFile(http_url=f"{self.base}/{quote(name, safe='/~')}{self.query}",
-                            file_path=name)
+        quoted = name if _URL_SAFE.match(name) else quote(name, safe="/~")
+        return ResourceFile(http_url=f"{self.base}/{quoted}{self.query}", file_path=name)
 
 
 def _constant(template: InputTemplate, ctx: BuildContext,
@@ -383,7 +391,7 @@ class TaskData:
         self.prefix = results_prefix(ctx.job_id)
         self.container_url = (ctx.output_container_url(output_container, self.prefix)
                               if self.outputs else "")
-        self.condition = upload_condition
+        self.plan = _OutputPlan(self.outputs, self.container_url, upload_condition)
 
     def check(self, points: Iterable[Sequence[str]]) -> None:
         """Check every name the templated inputs render for ``points`` (each task's
@@ -400,8 +408,7 @@ class TaskData:
         """Each task with its resource and output files, as it streams past."""
         inputs, keys = self.inputs, self.env_keys
         templated = bool(self.templated)
-        outputs, url, prefix, condition = (self.outputs, self.container_url, self.prefix,
-                                           self.condition)
+        outputs, prefix, plan = self.outputs, self.prefix, self.plan.files
         for task in tasks:
             if templated:
                 env = task.environment
@@ -414,6 +421,5 @@ class TaskData:
             if files:
                 task.resource_files = [*task.resource_files, *files]
             if outputs:
-                task.output_files = [*task.output_files, *output_files(
-                    outputs, url, f"{prefix}{task.id}/", condition)]
+                task.output_files = [*task.output_files, *plan(f"{prefix}{task.id}/")]
             yield task

@@ -253,3 +253,15 @@ def test_task_data_reads_fields_from_the_tasks(stub_ctx: Any) -> None:
     assert out.resource_files[1].http_url == "file:///blobs/data/0.5/7-2.bin"
     assert [(o.path, o.upload_condition) for o in out.output_files] == [
         ("results/job-1/7/o.txt", "failure")]
+
+
+def test_inputs_on_the_sweeps_unquoted_path(make_planner: Make) -> None:
+    """A command whose literal text needs no quoting streams through the sweep's other
+    task builder; its tasks get their inputs and outputs the same way."""
+    planner = make_planner(programs={"bare": {"command": "{seed}", "inputs": ["data/{seed}.csv"],
+                                              "outputs": ["o.txt"]}})
+    job, tasks = planner.job(sweep("bare", parameters={"seed": ["x", "y"]}, repeat=2))
+    assert [t.resource_files[0].file_path for t in tasks] == ["x.csv", "x.csv", "y.csv",
+                                                              "y.csv"]
+    assert [t.output_files[0].path for t in tasks] == [
+        f"results/{job.id}/{i}/o.txt" for i in range(4)]
