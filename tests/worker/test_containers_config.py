@@ -183,3 +183,34 @@ def test_worker_context_resolves_registries_and_refuses_unknown_ones(
         ctx.container("x:1", registry="nope")
     with pytest.raises(InvalidParams, match="not a container image"):
         ctx.container("--privileged")
+
+
+def test_a_container_sweep_without_an_engine_is_dead_lettered_naming_the_image(
+        make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    """The whole worker on the embedded default with container_engine "none": the
+    message is dead-lettered ContainerUnavailable naming the image, the job it made is
+    ended, and nothing ran on the host."""
+    from worker.context import job_id_for
+
+    from .harness import RunningWorker
+
+    marker = tmp_path / "ran-on-host"
+    settings = make_settings(
+        programs={"tool": {"command": f"/usr/bin/touch {marker}.{{n}}",
+                           "container_image": "repo/tool:1"}},
+        consumer={"receive_wait": 0.2}, local={"slots": 2, "poll_interval": 0.05,
+                                               "container_engine": "none"},
+        jobs={"poll_interval": 1.0})
+    worker = RunningWorker(settings).start()
+    try:
+        worker.send({"handler": "sweep", "id": "boxed",
+                     "params": {"program": "tool", "parameters": {"n": [1, 2]}}})
+        worker.wait_until(lambda: bool(worker.dead_letters()), what="a dead letter")
+        (dead,) = worker.dead_letters()
+        assert dead.reason == "ContainerUnavailable"
+        assert "repo/tool:1" in dead.description and "container_engine" in dead.description
+        record = worker.app.backend.get_job(job_id_for("sweep", "boxed"))
+        assert record is not None and record.state == "completed"
+    finally:
+        worker.stop()
+    assert not list(tmp_path.glob("ran-on-host*"))
