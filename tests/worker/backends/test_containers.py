@@ -411,3 +411,51 @@ def test_a_real_engine_runs_a_container_task(local: Callable[..., LocalBackend])
     backend.seal_job("job-r")
     wait_done(backend, "job-r", 1, timeout=300)
     assert (backend.task_dir("job-r", "0") / "wd" / "out.txt").read_text() == "hi\n"
+
+
+def test_a_configured_container_program_runs_on_a_container_pool_only(
+        peer: BatchPeer, make_settings: Callable[..., Any],
+        azure: Callable[..., AzureBatchBackend]) -> None:
+    """A sweep of a program configured with an image and an ACR registry, planned by
+    the worker's planner and submitted: on a container pool every task carries the
+    program's containerSettings; on a pool without containers the submission stops
+    with a ConfigFault before a task is sent (the message stays on the queue)."""
+    from worker.app import make_storage
+    from worker.plan import Planner
+    from worker.routing import HandlerRegistry, Router
+
+    settings = make_settings(
+        registries={"acr": {"server": "myacr.azurecr.io", "identity": IDENTITY}},
+        programs={"sim": {"command": "/app/sim --a {a}",
+                          "container_image": "myacr.azurecr.io/sim:2",
+                          "container_registry": "acr",
+                          "container_run_options": "--shm-size 1g"}})
+    storage = make_storage(settings)
+    planner = Planner(router=Router(registry=HandlerRegistry.from_entry_points(), routes=[],
+                                    storage=storage, drop_unrouted=False),
+                      settings=settings, storage=storage)
+    peer.add_pool("docker", container_images=["myacr.azurecr.io/sim:2"])
+
+    def submit(pool: str, key: str) -> None:
+        body = {"handler": "sweep", "id": key, "job": {"pool": pool},
+                "params": {"program": "sim", "parameters": {"a": [1, 2, 3]}}}
+        (planned,) = planner.plan(json.dumps(body).encode(), {}, message_id=key).jobs
+        submitter = Submitter(backend=azure(pool), config=SubmitConfig(max_retries=0),
+                              metrics=Metrics(registry=CollectorRegistry()))
+        try:
+            submitter.submit(planned.job, handler="sweep")
+        finally:
+            submitter.close()
+
+    submit("docker", "boxed")
+    (job_id,) = [str(j.body["id"]) for j in peer.jobs() if "boxed" in str(j.body["id"])]
+    sent = peer.tasks(job_id)
+    assert len(sent) == 3 and all(t["containerSettings"] == {
+        "imageName": "myacr.azurecr.io/sim:2", "containerRunOptions": "--shm-size 1g",
+        "registry": {"registryServer": "myacr.azurecr.io",
+                     "identityReference": {"resourceId": IDENTITY}}} for t in sent)
+    assert peer.undocumented == []
+    before = len(peer.add_requests)
+    with pytest.raises(ConfigFault, match="pool fanout has no container configuration"):
+        submit("fanout", "plain")
+    assert len(peer.add_requests) == before
