@@ -112,8 +112,9 @@ def event_time(raw: str | None) -> datetime | None:
 
 
 def route_digest(rule: RouteConfig) -> str:
-    """A digest of the whole rule: a changed rule gathers into new window jobs."""
-    dumped = rule.model_dump(mode="json")
+    """A digest of the whole rule (what it sets): a changed rule gathers into new
+    window jobs."""
+    dumped = rule.model_dump(mode="json", exclude_defaults=True)
     text = json.dumps(dumped, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
