@@ -63,6 +63,11 @@ _SERVER = re.compile(r"^(?:https?://)?[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(
 _IDENTITY = re.compile(
     r"^/subscriptions/[^/\s]+/resourceGroups/[^/\s]+/providers/"
     r"Microsoft\.ManagedIdentity/userAssignedIdentities/[^/\s]+$", re.IGNORECASE)
+#: ``docker create`` options the task runner controls ("in addition to those
+#: controlled by the Batch Service", BatchTaskContainerSettings.containerRunOptions):
+#: the container's name and how it is attached; refused in ``run_options``.
+_ENGINE_CONTROLLED = frozenset({"--name", "--detach", "--interactive", "--tty",
+                                "--attach"})
 #: Names Docker Hub goes by: an image without a host comes from there.
 DOCKER_HUB = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io",
                         "registry.hub.docker.com", "hub.docker.com"})
@@ -283,9 +288,17 @@ class ContainerSettings:
                              "not taskWorkingDirectory or containerImageDefault")
         if self.run_options is not None:
             try:
-                shlex.split(self.run_options)
+                words = shlex.split(self.run_options)
             except ValueError as exc:
                 raise ValueError(f"container run options do not parse: {exc}") from None
+            for word in words:
+                flag = word.split("=", 1)[0]
+                if flag in _ENGINE_CONTROLLED or (
+                        len(flag) > 1 and flag[0] == "-" and flag[1] != "-"
+                        and set(flag[1:]) & {"d", "i", "t"}):
+                    raise ValueError(
+                        f"container run option {word[:40]!r} is the engine's to set: the "
+                        "task runner names, attaches and removes the container itself")
         if self.registry is not None and self.registry.host != image_host(self.image):
             raise ValueError(f"image {self.image} is not on registry "
                              f"{self.registry.name or self.registry.server} "
