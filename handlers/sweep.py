@@ -10,7 +10,8 @@ Params (validated once, at the message boundary)::
       "repeat": 1,                                # run each point N times
       "aggregate": {"program": "reduce",          # optional final task after all others
                     "on_dependency_failure": "run"},  # run | skip when a task fails
-      "task": {"max_task_retries": 1, "max_wall_clock": "PT1H"}
+      "task": {"max_task_retries": 1, "max_wall_clock": "PT1H"},
+      "inputs": ["data/runs/{alpha}.csv"]         # more per-task inputs (see Data below)
     }
 
 Ranges are half-open (``stop`` excluded) with a positive ``step``; integers stay
