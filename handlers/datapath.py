@@ -103,7 +103,8 @@ class InputTemplate:
     """One input: ``container`` (literal) and ``blob``, a template over task fields.
 
     ``prefix`` when the blob name ends with ``/`` (stage every blob under it).
-    ``head`` is the literal text before the first field (all of it without fields).
+    ``head`` is the literal text before the first field (all of it without fields),
+    with ``{{`` and ``}}`` read as the braces they stand for.
     """
 
     container: str
@@ -152,7 +153,7 @@ def parse_input(text: object, what: str = "input") -> InputTemplate:
     if problem:
         raise ValueError(f"{what}: the blob name of {_show(text)} {problem}")
     return InputTemplate(container=container, blob=blob, fields=tuple(dict.fromkeys(fields)),
-                         head=blob if head is None else head, prefix=prefix)
+                         head=sample if head is None else head, prefix=prefix)
 
 
 def parse_allowed(text: object, what: str = "allowed_inputs") -> tuple[str, str]:
@@ -292,7 +293,7 @@ class _Templated:
 def _constant(template: InputTemplate, ctx: BuildContext,
               allowed: tuple[str, ...] | None, what: str) -> ResourceFile:
     """The resource file of an input without fields (signed once, shared by tasks)."""
-    name = template.blob
+    name = template.head  # all of it, with ``{{`` and ``}}`` read as braces
     if allowed is not None and not name.startswith(allowed):
         raise ForeignStorage(f"{what} {template} is outside the program's allowed inputs")
     if template.prefix:
@@ -322,7 +323,8 @@ def message_input(value: object, ctx: BuildContext, index: int) -> InputTemplate
             raise InvalidParams(f"{what}: a blob URL cannot be a template; write a "
                                 "templated input as \"<container>/<blob name>\"")
         ref = ctx.blob_ref(value)
-        value = f"{ref.container}/{ref.blob}"
+        literal = ref.blob.replace("{", "{{").replace("}", "}}")  # a URL names one blob
+        value = f"{ref.container}/{literal}"
     try:
         return parse_input(value, what)
     except ValueError as exc:

@@ -265,3 +265,18 @@ def test_inputs_on_the_sweeps_unquoted_path(make_planner: Make) -> None:
                                                               "y.csv"]
     assert [t.output_files[0].path for t in tasks] == [
         f"results/{job.id}/{i}/o.txt" for i in range(4)]
+
+
+def test_braces_in_a_blob_url_and_escaped_braces_are_literal(make_planner: Make) -> None:
+    """A blob URL names one blob, braces and all (%7B is not a template field); in a
+    template, {{ and }} stand for braces."""
+    planner = make_planner(programs={**PROGRAMS, "curly": {
+        "command": "run {seed}", "inputs": ["models/{{v1}}.bin"],
+        "allowed_inputs": ["data/"]}})
+    root = planner.storage.root  # type: ignore[attr-defined]
+    _, tasks = planner.job(sweep("curly", parameters={"seed": [1]}, inputs=[
+        f"file://{root}/data/a%7Bseed%7D.csv"]))
+    model, url_input = tasks[0].resource_files
+    assert model.file_path == "{v1}.bin"
+    assert local_path(model.http_url) == f"{root}/models/{{v1}}.bin"
+    assert url_input.file_path == "a{seed}.csv"
