@@ -376,18 +376,20 @@ def test_whole_worker_gathers_a_window_and_reports_it(
     """A running worker: 30 events of one short window make one job of 30 tasks, sealed
     by the monitor after the window, reported once; later events get their own jobs."""
     now = datetime.now(UTC)
-    start = now.replace(microsecond=0) + timedelta(seconds=1)
+    # dated one window ahead: the job is sealed a window plus seal_after after it is
+    # created (an event from the future cannot hold it open longer), whatever the clock
+    start = now + timedelta(seconds=4)
     settings = make_settings(
         local={"slots": 2, "poll_interval": 0.02}, consumer={"receive_wait": 0.2},
         jobs={"poll_interval": 1.0},
         routes=[{"handler": "blobtask", "container": "uploads", "job": "window",
-                 "window": "PT3S", "seal_after": "PT1S", "name": "e2e"}])
+                 "window": "PT4S", "seal_after": "PT1S", "name": "e2e"}])
     worker = RunningWorker(settings, handlers=REGISTRY).start()
     try:
         storage = worker.app.storage
         assert isinstance(storage, LocalStorage)
-        r = rule(window="PT3S", name="e2e")
-        when = (start + timedelta(milliseconds=1)).isoformat()
+        r = rule(window="PT4S", name="e2e")
+        when = start.isoformat()
         w = window_for(r, event_id="x", event_time_text=when, ref=BlobRef("uploads", "x"))
         assert w is not None
         for i in range(30):

@@ -74,7 +74,8 @@ def test_window_job_on_the_batch_peer(make_peer: MakePeer,
     w = start_worker(peer, params={"tasks": 2})
     storage = w.app.storage
     assert isinstance(storage, LocalStorage)
-    when = (datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)).isoformat()
+    # a window ahead: sealed a window plus seal_after after the job's creation
+    when = (datetime.now(UTC) + timedelta(seconds=3)).isoformat()
     win = window_for(rule(window="PT3S", name="peer", params={"tasks": 2}), event_id="x",
                      event_time_text=when, ref=BlobRef("uploads", "x"))
     assert win is not None
