@@ -459,3 +459,17 @@ def test_window_tasks_carry_no_job_actions() -> None:
     assert windowed.display_name == "h window 2026-12-01T12:00:00Z/2026-12-01T13:00:00Z"
     (task,) = list(windowed.tasks)
     assert task.exit_conditions == stripped
+
+
+def test_a_day_of_uploads_makes_one_job_per_hour(
+        local: Callable[..., tuple[Planner, Submitter, LocalBackend]], tmp_path: Path) -> None:
+    """240 uploads spread over a day (PT1H windows) make 24 jobs of 10 tasks, not 240."""
+    planner, submitter, backend = local(start=False)
+    storage = LocalStorage(root=tmp_path / "blobs")
+    day = datetime(2026, 11, 30, tzinfo=UTC)
+    for i in range(240):
+        when = (day + timedelta(minutes=6 * i, seconds=i % 7)).isoformat()
+        submit(planner, submitter, blob_event(storage, f"u/{i}.bin", f"ev-{i}", when))
+    jobs = backend.list_jobs(100)
+    assert len(jobs) == 24
+    assert sorted(sum(j.counts.values()) for j in jobs) == [10] * 24
