@@ -23,7 +23,7 @@ from tests.fakes.batch_peer import BatchPeer
 from worker.backends.azure import AzureBatchBackend, wire
 from worker.backends.azure.rest import ServiceError, path
 from worker.backends.local import LocalBackend
-from worker.backends.local.container import ContainerRuntime
+from worker.backends.local.container import ContainerRuntime, container_name
 from worker.backends.local.store import container_json, container_of
 from worker.config import SubmitConfig
 from worker.errors import ConfigFault, ContainerUnavailable
@@ -459,3 +459,25 @@ def test_a_configured_container_program_runs_on_a_container_pool_only(
     with pytest.raises(ConfigFault, match="pool fanout has no container configuration"):
         submit("fanout", "plain")
     assert len(peer.add_requests) == before
+
+
+def test_recovery_removes_the_container_a_dead_scheduler_left(
+        local: Callable[..., LocalBackend], fake_docker: Path) -> None:
+    """A container task found running at start-up (its scheduler died with the engine's
+    client) has its container removed by name before the task runs again under it."""
+    backend = local("docker", start=False)
+    backend.create_job(job("job-o"))
+    backend.store.add_tasks("job-o", [TaskSpec(id="0", command_line="/bin/true",
+                                               container=ContainerSettings("repo/tool:1"))])
+    backend.seal_job("job-o")
+    (claimed,) = backend.store.claim(1, 2)
+    backend.store.mark_running(claimed.seq, 2**22 + 7, None)  # a pid that is not running
+    backend.start()
+    wait_done(backend, "job-o", 1)
+    name = container_name(backend.home, claimed.seq)
+    recorded = calls(fake_docker)
+    removed = recorded.index(["rm", "--force", name])
+    ran = next(i for i, c in enumerate(recorded) if c[0] == "run")
+    assert removed < ran and recorded[ran][3] == name
+    info = backend.task("job-o", "0")
+    assert info is not None and info.result == "success" and info.requeue_count == 1

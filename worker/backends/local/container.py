@@ -21,6 +21,9 @@ A task with container settings runs the way Azure Batch runs a container task
   line runs the image's own ENTRYPOINT and CMD, as Batch documents;
 - the container runs as this user (``--user uid:gid``; rootless Podman keeps the id
   with ``--userns=keep-id``), so files it writes in the task directory stay this user's.
+- it is named after the executor's home and the task (``fanout-<digest>-<seq>``), so a
+  task stopped or timed out, or found running by a scheduler started after a crash,
+  has its container removed by name (``rm --force``) before it runs again.
 
 The engine is found once (``docker info``, then ``podman info``; ``[local]
 container_engine`` picks one or ``none``) and the answer kept. Without one, container
@@ -31,12 +34,12 @@ the local executor does not log in with a configured registry's password.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import shutil
 import subprocess
 import threading
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,9 +145,13 @@ class ContainerRuntime:
         return None, "; ".join(reasons)
 
 
-def container_name() -> str:
-    """A fresh container name (``--name``), for the clean-up of a stopped task."""
-    return f"fanout-{uuid.uuid4().hex}"
+def container_name(home: Path, seq: int) -> str:
+    """The container name (``--name``) of task ``seq`` of the executor at ``home``: the
+    same for every attempt, so the clean-up of a stopped task, and the recovery after
+    a scheduler that died, can remove it by name (an attempt's container is removed
+    before the next one starts)."""
+    digest = hashlib.sha256(str(home).encode()).hexdigest()[:12]
+    return f"fanout-{digest}-{seq}"
 
 
 def run_argv(engine: Engine, settings: ContainerSettings, argv: Sequence[str], *,

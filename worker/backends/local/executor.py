@@ -53,6 +53,7 @@ from worker.backends.base import (
     JobStatus,
     TaskCounts,
 )
+from worker.backends.local import container as containers
 from worker.backends.local import process
 from worker.backends.local.runner import Node, Outcome, ProcessTable, run_attempt
 from worker.backends.local.store import DEFAULT_RETENTION, Store, TaskInfo, TaskRun
@@ -334,6 +335,12 @@ class LocalBackend:
         for orphan in orphans:
             if orphan.pid is not None and process.kill_orphan(orphan.pid, orphan.proc_start):
                 log.warning("task.orphan_killed", pid=orphan.pid)
+        boxed = [o.seq for o in orphans if o.container]
+        engine = self._node.containers.engine() if boxed else None
+        if engine is not None:
+            for seq in boxed:
+                # The engine's client died with the scheduler; its container may run on.
+                containers.remove(engine, containers.container_name(self.home, seq))
         if orphans:
             log.warning("executor.recovered", tasks=len(orphans),
                         detail="tasks left running by a stopped scheduler will run again")

@@ -296,7 +296,7 @@ def _in_container(run: TaskRun, node: Node, argv: list[str], env: dict[str, str]
     # values from its environment: this process's (DOCKER_HOST, XDG_RUNTIME_DIR...) with
     # them on top.
     names = [k for k in env if k in run.environment or k.startswith("AZ_BATCH_")]
-    name = containers.container_name()
+    name = containers.container_name(node.home, run.seq)
     node.shared_dir.mkdir(parents=True, exist_ok=True)
     command = containers.run_argv(
         engine, run.container, argv, name=name, mounts=[task_dir, node.shared_dir.absolute()],

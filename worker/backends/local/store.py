@@ -257,6 +257,8 @@ class Orphan:
     seq: int
     pid: int | None
     proc_start: int | None
+    #: It runs in a container (whose engine may still run it: remove it too).
+    container: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -647,7 +649,8 @@ class Store:
         now = time.time()
         with self._write() as conn:
             rows = conn.execute(
-                "SELECT t.seq, t.pid, t.proc_start FROM tasks t WHERE t.job_seq IN"
+                "SELECT t.seq, t.pid, t.proc_start, t.container_image IS NOT NULL"
+                " FROM tasks t WHERE t.job_seq IN"
                 " (SELECT seq FROM jobs WHERE state = 'active')"
                 " AND t.state IN ('preparing', 'running')").fetchall()
             conn.executemany(
@@ -655,7 +658,8 @@ class Store:
                 " pid = NULL, proc_start = NULL WHERE seq = ?", [(r[0],) for r in rows])
             conn.executemany("INSERT INTO transitions VALUES (?, ?, 'active', 'recovered')",
                              [(r[0], now) for r in rows])
-        return [Orphan(seq=r[0], pid=r[1], proc_start=r[2]) for r in rows]
+        return [Orphan(seq=r[0], pid=r[1], proc_start=r[2], container=bool(r[3]))
+                for r in rows]
 
     def evaluate_waiting(self) -> int:
         """Check the waiting tasks whose job gained enough satisfying ends since their
