@@ -473,3 +473,25 @@ def test_a_day_of_uploads_makes_one_job_per_hour(
     jobs = backend.list_jobs(100)
     assert len(jobs) == 24
     assert sorted(sum(j.counts.values()) for j in jobs) == [10] * 24
+
+
+def test_window_counts_settle_at_or_above_the_count_at_seal() -> None:
+    """A window job's fanout-tasks is its count when sealed: final counts must reach it
+    (a late event may have added more), never report fewer."""
+    from worker.backends.base import JobRecord, TaskCounts
+    from worker.monitor import settled
+
+    meta = {META_WINDOW: "2026-12-01T12:00:00Z/2026-12-01T13:00:00Z", META_TASKS: "10"}
+    job = JobRecord(id="w", state="completed", metadata=meta,
+                    terminate_reason="AllTasksComplete")
+    assert not settled(job, TaskCounts(completed=9, succeeded=9))
+    assert settled(job, TaskCounts(completed=10, succeeded=10))
+    assert settled(job, TaskCounts(completed=12, succeeded=12))
+    assert not settled(job, TaskCounts(completed=12, running=1))
+    blocked = JobRecord(id="w", state="completed", metadata=meta,
+                        terminate_reason="FanoutBlocked")
+    assert settled(blocked, TaskCounts(completed=10, active=2))
+    assert not settled(blocked, TaskCounts(completed=8))
+    plain = JobRecord(id="p", state="completed", metadata={META_TASKS: "10"},
+                      terminate_reason="AllTasksComplete")
+    assert not settled(plain, TaskCounts(completed=12, succeeded=12))
