@@ -27,7 +27,7 @@ def test_render_merge_runs_in_the_profile_image(
     planner = make_planner(registries=ACR, handlers={"render": {"profiles": {"gpu": {
         "command": "blender -b {scene} -o {output_pattern} -s {start} -e {end} -a",
         "container_image": "myacr.azurecr.io/blender:4.2", "container_registry": "acr",
-        "container_run_options": "--gpus all"}}}})
+        "container_run_options": "--shm-size 2g"}}}})
     job, tasks = planner.job({"handler": "render", "id": "r-1", "params": {
         "scene": SCENE, "frames": {"start": 1, "end": 8}, "frames_per_task": 4,
         "profile": "gpu", "output": {"container": "renders"}, "encode": {"fps": 24}}})
@@ -35,7 +35,7 @@ def test_render_merge_runs_in_the_profile_image(
     container = tasks[0].container
     assert container is not None and all(t.container is container for t in tasks)
     assert container.image == "myacr.azurecr.io/blender:4.2"
-    assert container.run_options == "--gpus all"
+    assert container.run_options == "--shm-size 2g"
     assert container.registry is not None and container.registry.identity_reference == IDENTITY
 
 
