@@ -12,7 +12,6 @@ from azure.batch import models as m
 
 from handlers.base import (
     SATISFY_DEPENDENTS,
-    ContainerRegistry,
     ContainerSettings,
     ExitConditions,
     ExitOptions,
