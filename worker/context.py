@@ -65,9 +65,8 @@ class WorkerContext:
     #: How long the URLs this job's tasks get must stay valid (``sas_lifetime``);
     #: None: the storage's longest.
     sas_lifetime: timedelta | None = None
-    #: The configured ``[registries]``; None: those the program catalog carries
-    #: (``Settings.program_specs()`` returns them with the programs).
-    registries: Mapping[str, ContainerRegistry] | None = None
+    #: The configured ``[registries]`` (``Settings.program_specs().registries``).
+    registries: Mapping[str, ContainerRegistry] = field(default_factory=dict)
 
     def program(self, name: str) -> Program:
         try:
@@ -94,14 +93,8 @@ class WorkerContext:
         return self.storage.input_container_url(container, prefix,
                                                 lifetime=self.sas_lifetime)
 
-    def _registries(self) -> Mapping[str, ContainerRegistry]:
-        if self.registries is not None:
-            return self.registries
-        found: Mapping[str, ContainerRegistry] = getattr(self.programs, "registries", {})
-        return found
-
     def registry(self, name: str) -> ContainerRegistry:
-        registries = self._registries()
+        registries = self.registries
         try:
             return registries[name]
         except (KeyError, TypeError):

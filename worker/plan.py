@@ -140,7 +140,7 @@ class Planner:
             allow_message_commands=self.settings.allow_message_commands,
             programs=self._programs, handler_options=self.settings.handlers,
             storage=storage or self.storage, limits=limits,
-            sas_lifetime=self.sas_lifetime(wall))
+            sas_lifetime=self.sas_lifetime(wall), registries=self._programs.registries)
         request = BuildRequest(handler=work.handler_name, params=work.params,
                                idempotency_key=work.key, properties=properties)
         job = apply_job_options(work.handler.build(request, ctx), work.job, job_id=job_id,

@@ -177,9 +177,10 @@ def test_worker_context_resolves_registries_and_refuses_unknown_ones(
 
     settings = make_settings(registries={"acr": {"server": "myacr.azurecr.io",
                                                  "identity": IDENTITY}})
+    programs = settings.program_specs()
     ctx = WorkerContext(job_id="j", max_tasks=10, allow_message_commands=False,
-                        programs=settings.program_specs(), handler_options={},
-                        storage=make_storage(settings))
+                        programs=programs, handler_options={},
+                        storage=make_storage(settings), registries=programs.registries)
     made = ctx.container("myacr.azurecr.io/x:1", registry="acr",
                          working_directory="containerImageDefault")
     assert made.registry is not None and made.registry.identity_reference == IDENTITY
