@@ -363,6 +363,13 @@ class JobSpec:
     on_task_failure: Literal["noaction", "performexitoptionsjobaction"] = "noaction"
     #: Where the job's results land, for its completion event and ``fanout status``.
     outputs: list[JobOutput] = field(default_factory=list)
+    #: The handler's estimate of the job's task-hours (each task's expected duration
+    #: times its required slots, summed), held against ``limits.max_task_hours``
+    #: before anything is submitted; None: no estimate, no check.
+    estimated_task_hours: float | None = None
+    #: How the estimate was made, for the error over budget (``"20 tasks x PT10M x 1
+    #: slot (programs.pi.expected_duration)"``).
+    estimate_basis: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,6 +393,9 @@ class Program:
     outputs: tuple[str, ...] = ()
     #: When the outputs are uploaded: on the task's ``success``, ``failure`` or ``completion``.
     upload_condition: UploadCondition = "success"
+    #: How long one of its tasks is expected to run (``expected_duration``), for the
+    #: job's estimate (``JobSpec.estimated_task_hours``); None: no estimate.
+    expected_duration: timedelta | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -185,12 +185,15 @@ class SweepHandler:
         outputs = _results(ctx, data, aggregate, agg_program)
         if aggregate is not None:
             tasks = itertools.chain(tasks, [aggregate])
+        hours, basis = estimate_task_hours(program, total, agg_program)
         return JobSpec(
             tasks=tasks,
             task_count=total + extra,
             uses_task_dependencies=bool(params.aggregate),
             metadata={"fanout-program": program.name},
             outputs=outputs,
+            estimated_task_hours=hours,
+            estimate_basis=basis,
         )
 
     def check_options(self, options: Mapping[str, Any]) -> None:
@@ -305,6 +308,35 @@ def parse_params(raw: Any) -> SweepParams:
         return SweepParams.model_validate(raw)
     except ValidationError as exc:
         raise InvalidParams(describe_validation(exc)) from None
+
+
+def estimate_task_hours(program: Program, tasks: int, aggregate: Program | None = None
+                        ) -> tuple[float | None, str | None]:
+    """The sweep's task-hours estimate and how it was made: ``tasks`` x the program's
+    ``expected_duration`` x its required slots, plus the aggregate's own when it
+    declares one. None when the sweep's program declares no expected duration (a
+    message's own command never does): no estimate, no budget check."""
+    if program.expected_duration is None:
+        return None, None
+    hours = tasks * program.expected_duration.total_seconds() * program.required_slots / 3600
+    basis = (f"{tasks} task{'s' if tasks != 1 else ''} x {_iso(program.expected_duration)} x "
+             f"{program.required_slots} slot{'s' if program.required_slots != 1 else ''} "
+             f"(programs.{program.name}.expected_duration)")
+    if aggregate is not None and aggregate.expected_duration is not None:
+        hours += aggregate.expected_duration.total_seconds() * aggregate.required_slots / 3600
+        basis += (f" + aggregate {_iso(aggregate.expected_duration)} x "
+                  f"{aggregate.required_slots} slot{'s' if aggregate.required_slots != 1 else ''}")
+    return hours, basis
+
+
+def _iso(duration: timedelta) -> str:
+    """A duration as ISO 8601 (``PT10M``, ``P1DT2H``)."""
+    seconds = int(duration.total_seconds())
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    time = "".join(f"{n}{u}" for n, u in ((hours, "H"), (minutes, "M"), (seconds, "S")) if n)
+    return "P" + (f"{days}D" if days else "") + (f"T{time}" if time else "" if days else "T0S")
 
 
 def resolve_program(ctx: BuildContext, name: str | None, command: str | None,

@@ -66,6 +66,16 @@ class ProgramConfig(_Section, ContainerFields):
     #: File patterns uploaded after each task (to ``results/<job>/<task>/``).
     outputs: list[str] = Field(default_factory=list)
     upload_condition: Literal["success", "failure", "completion"] = "success"
+    #: How long one of its tasks is expected to run (``PT10M``): the handler's estimate
+    #: of a job's task-hours, checked against ``limits.max_task_hours``.
+    expected_duration: timedelta | None = None
+
+    @field_validator("expected_duration")
+    @classmethod
+    def _positive_duration(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and value <= timedelta(0):
+            raise ValueError("must be a positive duration (PT10M, say)")
+        return value
 
     @field_validator("command")
     @classmethod
@@ -303,6 +313,60 @@ class LimitsConfig(_Section):
     #: SAS still fits a user delegation key's seven days (docs/storage.md).
     max_wall_clock: timedelta = timedelta(days=6)
     allowed_pools: list[str] = Field(default_factory=list)
+    #: The most task-hours one message's job may be estimated at (the handler's
+    #: estimate: each task's expected duration times its required slots, summed);
+    #: None: no budget. A job without an estimate is not checked.
+    max_task_hours: Annotated[float, Field(gt=0)] | None = None
+
+
+#: A cost tag's key: it becomes a Prometheus label name and a metadata name suffix.
+COST_TAG_KEY = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+#: Label names the cost metrics already use.
+RESERVED_TAG_KEYS = frozenset({"handler", "pool", "vm_size"})
+
+
+class CostConfig(_Section):
+    """``[cost]``: cost tags messages may carry, node-seconds, and prices.
+
+    ``allowed_tags`` are the tag keys a message's ``job.tags`` may use (none when
+    empty); they become job metadata (``fanout-tag-<key>``) and labels of the cost
+    metrics, fixed at start-up. ``node_seconds`` says whether the monitor reads a
+    terminal job's task execution times (``at_completion``: one listing of its
+    completed tasks, a page per 1,000, once per job; ``off``: never).
+    ``max_tasks_listed`` skips that listing for a job with more completed tasks.
+    ``prices`` are per node-hour, keyed by the pool's VM size (lower case).
+    """
+
+    allowed_tags: list[str] = Field(default_factory=list)
+    node_seconds: Literal["at_completion", "off"] = "at_completion"
+    max_tasks_listed: PositiveInt = 100_000
+    prices: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "USD"
+
+    @field_validator("allowed_tags")
+    @classmethod
+    def _tag_keys(cls, value: list[str]) -> list[str]:
+        for key in value:
+            if not isinstance(key, str) or not COST_TAG_KEY.match(key):
+                raise ValueError(f"tag key {str(key)[:40]!r} is not 1-32 lower-case letters, "
+                                 "digits and underscores starting with a letter (it becomes "
+                                 "a metric label)")
+            if key in RESERVED_TAG_KEYS:
+                raise ValueError(f"tag key {key!r} is a label the cost metrics already use "
+                                 f"({', '.join(sorted(RESERVED_TAG_KEYS))})")
+        if len(set(value)) != len(value):
+            raise ValueError("a tag key is listed twice")
+        if len(value) > 10:
+            raise ValueError(f"{len(value)} tag keys; at most 10 (each is a metric label)")
+        return value
+
+    @field_validator("prices")
+    @classmethod
+    def _lower_sizes(cls, value: dict[str, float]) -> dict[str, float]:
+        lowered = {k.lower(): v for k, v in value.items()}
+        if len(lowered) != len(value):
+            raise ValueError("a VM size is priced twice (sizes are compared in lower case)")
+        return lowered
 
 
 class MetricsConfig(_Section):
@@ -483,6 +547,7 @@ class Settings(BaseSettings):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     blob: BlobConfig = Field(default_factory=BlobConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    cost: CostConfig = Field(default_factory=CostConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     programs: dict[str, ProgramConfig] = Field(default_factory=dict)
@@ -581,7 +646,8 @@ class Settings(BaseSettings):
                                      inputs=tuple(p.inputs),
                                      allowed_inputs=tuple(p.allowed_inputs),
                                      outputs=tuple(p.outputs),
-                                     upload_condition=p.upload_condition)
+                                     upload_condition=p.upload_condition,
+                                     expected_duration=p.expected_duration)
         return ProgramCatalog(programs, registries)
 
     @classmethod

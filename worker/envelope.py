@@ -16,13 +16,14 @@ Every failure is a ``MessageFault`` with a specific reason code and description.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from handlers.errors import (
     BudgetExceeded,
@@ -47,8 +48,16 @@ class TaskDefaults(BaseModel):
     max_wall_clock: timedelta | None = None
 
 
+#: A cost tag's value: 1-128 letters, digits and ``_ . : / @ + = -``, with inner spaces.
+_TAG_VALUE = re.compile(r"^[A-Za-z0-9_.:/@+=-](?:[A-Za-z0-9 _.:/@+=-]{0,126}[A-Za-z0-9_.:/@+=-])?$")
+_TAG_KEY = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
 class JobOptions(BaseModel):
-    """Job options a message may set; the worker checks them against its limits."""
+    """Job options a message may set; the worker checks them against its limits.
+
+    ``tags`` are cost tags (``{"team": "vision"}``): only keys the operator allows
+    (``cost.allowed_tags``, checked by the planner), kept in the job's metadata."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -58,6 +67,25 @@ class JobOptions(BaseModel):
     max_wall_clock: timedelta | None = None
     display_name: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
     task: TaskDefaults | None = None
+    tags: dict[str, str] | None = None
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _tags_well_formed(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError('tags must be an object of strings, {"team": "vision"}')
+        for key, item in value.items():
+            if not isinstance(key, str) or not _TAG_KEY.match(key):
+                raise ValueError(f"tag key {str(key)[:40]!r} is not 1-32 lower-case letters, "
+                                 "digits and underscores starting with a letter")
+            if not isinstance(item, str):
+                raise ValueError(f"tag {key!r}: the value must be a string")
+            if not _TAG_VALUE.match(item):
+                raise ValueError(f"tag {key!r}: the value {item[:40]!r} is not 1-128 letters, "
+                                 "digits, spaces (not at the ends) and _ . : / @ + = -")
+        return value
 
 
 class _EnvelopeModel(BaseModel):

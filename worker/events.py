@@ -34,6 +34,7 @@ from worker.backends.base import (
     JobRecord,
     TaskCounts,
 )
+from worker.cost import JobCost, tags_of
 from worker.window import PREFIX_DIGITS, parse_display_name, parse_window
 
 EVENT_TYPE = "fanout.job.completed"
@@ -89,6 +90,8 @@ class JobReport:
     job: JobRecord
     counts: TaskCounts
     failed: Sequence[FailedTask]
+    #: Its usage and estimated cost (worker/cost.py); None when not measured.
+    usage: JobCost | None = None
 
     @property
     def failed_omitted(self) -> int:
@@ -126,6 +129,11 @@ def build_event(report: JobReport, *, source: str,
     window = window_json(report)
     if window is not None:
         data["window"] = window
+    tags = tags_of(meta)
+    if tags:
+        data["tags"] = tags
+    if report.usage is not None:
+        data["usage"] = report.usage.json()
     return {
         "specversion": SPEC_VERSION, "type": EVENT_TYPE, "source": source,
         "id": event_id(job.id), "subject": job.id, "time": _iso(end),

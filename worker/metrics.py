@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -25,8 +25,21 @@ _JOB_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 2
 class Metrics:
     """fanout's own collectors, registered on the registry given."""
 
-    def __init__(self, *, registry: CollectorRegistry) -> None:
+    def __init__(self, *, registry: CollectorRegistry, cost_tags: Sequence[str] = ()) -> None:
+        """``cost_tags``: the operator's allowed tag keys (``cost.allowed_tags``), the
+        extra labels of the cost metrics, fixed for the registry's life."""
         self.registry = registry
+        self.cost_tags = tuple(cost_tags)
+        self.job_node_seconds = Counter(
+            "fanout_job_node_seconds", "Node-seconds of reported jobs' tasks (each "
+            "completed task's last attempt x its required slots / the pool's task slots per "
+            "node), by handler and cost tag (\"\" where a job has none).",
+            ["handler", *self.cost_tags], registry=registry)
+        self.job_cost = Counter(
+            "fanout_job_cost", "Estimated cost of reported jobs (node-seconds / 3600 x "
+            "cost.prices of the pool's VM size, in cost.currency), by handler and cost tag; "
+            "jobs on unpriced VM sizes add nothing.",
+            ["handler", *self.cost_tags], registry=registry)
         self.messages = Counter(
             "fanout_messages", "Messages settled, by handler and outcome.",
             ["handler", "outcome"], registry=registry)

@@ -143,6 +143,22 @@ class FailedTask:
 
 
 @dataclass(slots=True)
+class JobUsage:
+    """What a terminal job's tasks took, for its cost (worker/cost.py).
+
+    ``slot_seconds``: over the completed tasks that ran, the wall time of each one's
+    last attempt (Batch's ``executionInfo.endTime - startTime``) times its
+    ``requiredSlots``; ``tasks`` is how many tasks that counted. ``vm_size`` and
+    ``slots_per_node`` are the pool's (Batch's ``vmSize`` and ``taskSlotsPerNode``;
+    the local executor: ``local`` and its slots), None when the pool cannot be read."""
+
+    slot_seconds: float
+    tasks: int
+    vm_size: str | None = None
+    slots_per_node: int | None = None
+
+
+@dataclass(slots=True)
 class BackendStats:
     """What the metrics poller reads from a backend each interval.
 
@@ -225,6 +241,13 @@ class Backend(Protocol):
         exit code and failure info (Azure: one filtered, ``$select``ed listing)."""
         ...
 
+    def job_usage(self, job_id: str, pool: str | None = None) -> JobUsage | None:
+        """A terminal job's slot-seconds and its pool's (``pool``, the job's) VM size
+        and slots per node (Azure: one listing of its completed tasks, ``$select``ed, a
+        page per 1,000, plus one read of the pool per hour); None if there is no such
+        job."""
+        ...
+
     def existing_tasks(self, job_id: str, task_ids: Sequence[str]) -> set[str]:
         """Which of ``task_ids`` the job has (one request per id on Azure; used only for
         an event that arrives after its window job completed)."""
@@ -290,3 +313,5 @@ META_REPORTED = "fanout-reported"
 META_WINDOW = "fanout-window"
 #: When the job monitor seals a window job (ISO 8601, UTC).
 META_SEAL_AT = "fanout-seal-at"
+#: A cost tag of the message (``job.tags``): ``fanout-tag-<key>`` holds its value.
+META_TAG_PREFIX = "fanout-tag-"

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import structlog
 from azure.core.credentials import AzureNamedKeyCredential, TokenCredential
@@ -33,6 +34,7 @@ from worker.backends.base import (
     JobRecord,
     JobState,
     JobStatus,
+    JobUsage,
     TaskCounts,
 )
 from worker.config import BatchConfig, JobsConfig, SubmitConfig
@@ -56,6 +58,11 @@ _JOB_DONE = frozenset({"JobCompleted", "JobBeingDeleted"})
 _INT_ID = re.compile(r"^[0-9]+$")
 #: How many jobs' pools ``add_tasks`` remembers (the oldest is dropped first).
 _JOB_POOLS_MAX = 10_000
+#: How long a pool's VM size and task slots per node are trusted (``job_usage``).
+POOL_SHAPE_TTL = 3600.0
+#: The task fields ``job_usage`` reads (list tasks' ``$select`` takes top-level
+#: properties: ``executionInfo`` holds ``startTime`` and ``endTime``).
+USAGE_SELECT = "id,requiredSlots,executionInfo"
 
 
 class AzureBatchBackend:
@@ -107,6 +114,8 @@ class AzureBatchBackend:
         self._storage = storage
         self._logs_container = logs_container
         self._job_prefixes = tuple(job_prefixes)
+        #: Per pool (lower-case id): (when read, vmSize, taskSlotsPerNode), for costs.
+        self._pool_shapes: dict[str, tuple[float, str | None, int | None]] = {}
 
     @classmethod
     def from_config(cls, batch: BatchConfig, submit: SubmitConfig | None = None, *,
@@ -298,6 +307,68 @@ class AzureBatchBackend:
         items = (reply.body or {}).get("value") or []
         return [wire.failed_task(t, self._logs_prefix(job_id, str(t.get("id"))))
                 for t in items[:limit]]
+
+    def job_usage(self, job_id: str, pool: str | None = None) -> JobUsage | None:
+        """The job's slot-seconds: ``GET /jobs/{id}/tasks`` with ``$filter=state eq
+        'completed'``, ``$select=id,requiredSlots,executionInfo`` and ``maxresults=1000``,
+        every page (``ceil(completed / 1000)`` requests, once per job, by the monitor at
+        its report), summing ``(executionInfo.endTime - startTime) * requiredSlots``.
+        ``startTime`` is the most recent attempt's ("If the Task has been restarted or
+        retried, this is the most recent time at which the Task started running",
+        BatchTaskExecutionInfo), so earlier attempts of a retried task are not in it.
+
+        The pool's ``vmSize`` and ``taskSlotsPerNode`` come from ``GET /pools/{id}``
+        (``$select``), read once an hour per pool. None when the job is gone."""
+        params: dict[str, str | int] = {"$filter": "state eq 'completed'",
+                                        "$select": USAGE_SELECT, "maxresults": MAX_RESULTS}
+        seconds, tasks = 0.0, 0
+        where, query = path("jobs", job_id, "tasks"), params
+        try:
+            while True:
+                reply = self._rest.call("GET", where, params=query)
+                body = reply.body or {}
+                for item in body.get("value") or []:
+                    wall = _wall_seconds(item)
+                    if wall is not None:
+                        seconds += wall * _slots(item)
+                        tasks += 1
+                link = body.get("odata.nextLink")
+                if not link:
+                    break
+                split = urlsplit(link)
+                where, query = split.path, dict(parse_qsl(split.query))
+        except ServiceError as err:
+            if err.status == 404:
+                return None
+            raise classify(err, what=f"list the completed tasks of job {job_id}") from None
+        vm_size, slots = self._pool_shape(pool) if pool else (None, None)
+        return JobUsage(slot_seconds=seconds, tasks=tasks, vm_size=vm_size,
+                        slots_per_node=slots)
+
+    def _pool_shape(self, pool: str) -> tuple[str | None, int | None]:
+        """The pool's ``vmSize`` (lower case) and ``taskSlotsPerNode`` (default 1),
+        cached for ``POOL_SHAPE_TTL``; (None, None) when the pool is gone."""
+        now = time.monotonic()
+        with self._lock:
+            known = self._pool_shapes.get(pool.lower())
+        if known is not None and now - known[0] < POOL_SHAPE_TTL:
+            return known[1], known[2]
+        try:
+            reply = self._rest.call("GET", path("pools", pool),
+                                    params={"$select": "id,vmSize,taskSlotsPerNode"})
+        except ServiceError as err:
+            if err.status == 404:
+                log.warning("batch.pool_missing", pool=pool, why="pricing a job")
+                return None, None
+            raise classify(err, what=f"get pool {pool}") from None
+        body = reply.body or {}
+        size = body.get("vmSize")
+        vm_size = str(size).lower() if isinstance(size, str) and size else None
+        raw = body.get("taskSlotsPerNode")
+        slots = raw if isinstance(raw, int) and not isinstance(raw, bool) and raw > 0 else 1
+        with self._lock:
+            self._pool_shapes[pool.lower()] = (now, vm_size, slots)
+        return vm_size, slots
 
     def existing_tasks(self, job_id: str, task_ids: Sequence[str]) -> set[str]:
         """Which of ``task_ids`` the job has: ``GET /jobs/{id}/tasks/{task}`` with
@@ -717,6 +788,25 @@ def _blocked(waiting: list[dict[str, Any]], blocking: set[str]) -> list[str]:
                 changed = True
     order = {task_id: i for i, task_id in enumerate(deps)}
     return sorted(blocked, key=order.__getitem__)
+
+
+def _wall_seconds(task: dict[str, Any]) -> float | None:
+    """A listed task's last attempt in seconds (``executionInfo.endTime - startTime``);
+    None for a task that never started or has not ended."""
+    info = task.get("executionInfo")
+    if not isinstance(info, dict):
+        return None
+    start = wire.parse_time(info.get("startTime"))
+    end = wire.parse_time(info.get("endTime"))
+    if start is None or end is None:
+        return None
+    return max(0.0, (end - start).total_seconds())
+
+
+def _slots(task: dict[str, Any]) -> int:
+    """A listed task's ``requiredSlots`` (default 1)."""
+    raw = task.get("requiredSlots")
+    return raw if isinstance(raw, int) and not isinstance(raw, bool) and raw > 0 else 1
 
 
 def _merge(total: AddResult, more: AddResult) -> AddResult:

@@ -51,6 +51,7 @@ from worker.backends.base import (
     JobRecord,
     JobState,
     JobStatus,
+    JobUsage,
     TaskCounts,
 )
 from worker.backends.local import container as containers
@@ -64,6 +65,8 @@ log = structlog.get_logger(__name__)
 
 #: Seconds between sweeps for task directories whose retention time has passed.
 PURGE_INTERVAL = 60.0
+#: The local executor's "VM size", for ``[cost.prices]``.
+LOCAL_VM_SIZE = "local"
 
 
 class LocalBackend:
@@ -192,6 +195,16 @@ class LocalBackend:
         for task in failed:
             task.logs = str(self._node.task_dir(stored, task.id))
         return failed
+
+    def job_usage(self, job_id: str, pool: str | None = None) -> JobUsage | None:
+        """The job's slot-seconds (each completed task's last attempt times its
+        required slots) from the store; this machine is one node of ``slots`` slots,
+        its VM size ``local`` (``[cost.prices] local = ...`` prices it)."""
+        found = self.store.usage(job_id)
+        if found is None:
+            return None
+        return JobUsage(slot_seconds=found[0], tasks=found[1], vm_size=LOCAL_VM_SIZE,
+                        slots_per_node=self.slots)
 
     def existing_tasks(self, job_id: str, task_ids: Sequence[str]) -> set[str]:
         """Which of ``task_ids`` the job has (compared case-insensitively)."""

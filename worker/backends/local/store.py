@@ -533,6 +533,21 @@ class Store:
             display_name=name)
             for tid, category, exit_code, code, message, start, end, retries, name in rows]
 
+    def usage(self, job_id: str) -> tuple[float, int] | None:
+        """The job's slot-seconds and how many tasks they cover: over its completed
+        tasks that started, each one's last attempt (``end_time - start_time``, as
+        Batch's ``executionInfo`` reports it) times its required slots; None if there
+        is no such job."""
+        with self._read() as conn:
+            row = conn.execute("SELECT seq FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            seconds, tasks = conn.execute(
+                "SELECT COALESCE(SUM(MAX(end_time - start_time, 0) * required_slots), 0),"
+                " count(*) FROM tasks WHERE job_seq = ? AND state = 'completed'"
+                " AND start_time IS NOT NULL AND end_time IS NOT NULL", (row[0],)).fetchone()
+        return float(seconds), int(tasks)
+
     def existing_tasks(self, job_id: str, task_ids: Sequence[str]) -> set[str]:
         """Which of ``task_ids`` the job has (ids compared case-insensitively)."""
         found: set[str] = set()
