@@ -235,7 +235,7 @@ class App:
               storage: Storage | None = None) -> App:
         """Build the parts; tests pass their own source, backend or storage."""
         registry = CollectorRegistry()
-        metrics = Metrics(registry=registry)
+        metrics = Metrics(registry=registry, cost_tags=settings.cost.allowed_tags)
         health = Health(heartbeat_timeout=settings.consumer.heartbeat_timeout, metrics=metrics)
         storage = storage or make_storage(settings)
         planner = build_planner(settings, storage, handlers=handlers)  # before any state
@@ -299,7 +299,8 @@ class App:
         self.monitor = JobMonitor(backend=self.backend, sink=make_sink(self.settings),
                                   jobs=self.settings.jobs, events=self.settings.events,
                                   metrics=self.metrics,
-                                  interval=monitor_interval(self.settings))
+                                  interval=monitor_interval(self.settings),
+                                  cost=self.settings.cost)
         return self.monitor
 
     def _watcher(self) -> Watcher | None:

@@ -56,7 +56,8 @@ from worker.backends.base import (
     JobRecord,
     TaskCounts,
 )
-from worker.config import EventsConfig, JobsConfig
+from worker.config import CostConfig, EventsConfig, JobsConfig
+from worker.cost import JobCost, price, tags_of
 from worker.errors import ConfigFault, SystemFault
 from worker.events import JobReport, build_event, encode, event_id, outcome_of
 from worker.logs import redact
@@ -91,8 +92,11 @@ class JobMonitor:
 
     def __init__(self, *, backend: Backend, sink: EventSink | None, jobs: JobsConfig,
                  events: EventsConfig, metrics: Metrics, interval: float | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 cost: CostConfig | None = None) -> None:
         self.backend = backend
+        #: ``[cost]``: whether and how a terminal job's usage is read and priced.
+        self.cost = cost if cost is not None else CostConfig()
         self.sink = sink if events.enabled else None
         self.jobs = jobs
         self.events = events
@@ -221,7 +225,8 @@ class JobMonitor:
         if not settled(job, counts) and now - ended < COUNTS_SETTLE:
             return False  # the job is terminal but its counts have not caught up yet
         failed = await self._failed(job, counts, result)
-        report = JobReport(job=job, counts=counts, failed=failed)
+        usage = await self._usage(job, counts, result)
+        report = JobReport(job=job, counts=counts, failed=failed, usage=usage)
         event = build_event(report, source=self.events.source, now=now)
         if not await self._publish(job, event):
             return False
@@ -229,6 +234,7 @@ class JobMonitor:
         await self._call(result, "update_metadata", self.backend.update_job_metadata,
                          job.id, marked)
         self._count(job, counts, failed, ended)
+        self._count_cost(job, usage)
         result.reported.append(job.id)
         log.info("monitor.job_reported", job_id=job.id, outcome=event["data"]["outcome"],
                  failed=counts.failed, event_id=event["id"])
@@ -241,6 +247,37 @@ class JobMonitor:
             collect_failed, self.backend, job, counts, limit=self.events.max_failed_tasks,
             tail_bytes=self.events.stderr_tail_bytes,
             count=lambda operation: self._count_request(result, operation))
+
+    async def _usage(self, job: JobRecord, counts: TaskCounts,
+                     result: PollResult) -> JobCost | None:
+        """The job's usage and estimated cost (worker/cost.py), read once at its report:
+        one listing of its completed tasks (a page per 1,000, counted as
+        ``usage_tasks``), none with ``cost.node_seconds = "off"``, for a job with more
+        than ``cost.max_tasks_listed`` completed tasks, or on a backend without
+        ``job_usage``."""
+        read = getattr(self.backend, "job_usage", None)
+        if self.cost.node_seconds == "off" or read is None:
+            return None
+        if counts.completed > self.cost.max_tasks_listed:
+            log.info("monitor.usage_skipped", job_id=job.id, completed=counts.completed,
+                     limit=self.cost.max_tasks_listed, why="cost.max_tasks_listed")
+            return None
+        for _ in range(max(1, -(-counts.completed // 1000))):
+            self._count_request(result, "usage_tasks")
+        usage = await asyncio.to_thread(read, job.id, job.pool)
+        return price(usage, self.cost) if usage is not None else None
+
+    def _count_cost(self, job: JobRecord, usage: JobCost | None) -> None:
+        """Node-seconds and cost, labelled by handler and the allowed cost tags."""
+        if usage is None:
+            return
+        handler = job.metadata.get(META_HANDLER, "unknown")
+        tags = tags_of(job.metadata)
+        labels = [handler, *(tags.get(key, "") for key in self.metrics.cost_tags)]
+        if usage.node_seconds is not None:
+            self.metrics.job_node_seconds.labels(*labels).inc(usage.node_seconds)
+        if usage.estimated_cost is not None:
+            self.metrics.job_cost.labels(*labels).inc(usage.estimated_cost)
 
     async def _publish(self, job: JobRecord, event: dict[str, Any]) -> bool:
         """Send the event to the configured destination and an allowed reply-to."""

@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 from handlers.base import BuildRequest, JobSpec, OutputFile, TaskSpec
-from worker import window
+from worker import cost, window
 from worker.backends.base import (
     META_KEY,
     META_LOGS,
@@ -153,6 +153,10 @@ class Planner:
             job = apply_job_options(work.handler.build(request, ctx), work.job,
                                     job_id=job_id, default_pool=self.settings.default_pool,
                                     limits=limits, handler=work.handler_name)
+        # Cost tags (the operator's keys only) into the metadata; the handler's estimate
+        # against the task-hours budget, before anything is submitted (worker/cost.py).
+        job.metadata.update(cost.tag_metadata(work.job.tags, self.settings.cost.allowed_tags))
+        cost.check_budget(job, limits)
         return job
 
     def sas_lifetime(self, wall_clock: timedelta | None) -> timedelta:
