@@ -486,14 +486,23 @@ class Handler(Protocol):
     point's name is the handler's name in messages. It is instantiated once with no
     arguments at start-up and must be safe to call from several threads.
 
-    A handler with operator options may also define ``check_options(options)``:
-    the worker calls it once at start-up with the ``[handlers.<name>]`` table, and
-    a ``ValueError`` it raises stops the worker with that message, instead of every
-    message failing later.
+    A handler with operator options may also satisfy :class:`ChecksOptions`.
     """
 
     def build(self, request: BuildRequest, ctx: BuildContext) -> JobSpec:
         """Validate ``request.params`` and return the job; raise a ``MessageFault``."""
+        ...
+
+
+@runtime_checkable
+class ChecksOptions(Protocol):
+    """A handler that checks its operator options before any message: the worker
+    calls ``check_options`` once at start-up with the ``[handlers.<name>]`` table
+    (``{}`` when there is none), and a ``ValueError`` it raises stops the worker with
+    that message, instead of every message failing later."""
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` naming what is wrong with ``options``."""
         ...
 
 

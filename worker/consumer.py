@@ -34,7 +34,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, assert_never
 
 import structlog
 
@@ -52,7 +52,7 @@ from worker.logs import redact
 from worker.metrics import Health, Metrics
 from worker.plan import Planner
 from worker.routing import key_message_id
-from worker.sources.base import Received, Source
+from worker.sources.base import Received, SettleAction, Source
 from worker.submit import Cancelled, SubmitResult, Submitter
 
 log = structlog.get_logger(__name__)
@@ -74,7 +74,7 @@ PROBE_TIMEOUT = 60.0
 class Outcome:
     """What processing decided for one message."""
 
-    action: str  # complete | dead_letter | abandon
+    action: SettleAction
     handler: str = "none"
     reason: str = ""
     description: str = ""
@@ -305,9 +305,11 @@ class Consumer:
             self.metrics.dead_letters.labels(outcome.reason).inc()
             log.warning("message.dead_lettered", reason=outcome.reason,
                         description=outcome.description)
-        else:
+        elif outcome.action == "abandon":
             await self.source.abandon(msg)
             log.warning("message.abandoned", error=outcome.description)
+        else:
+            assert_never(outcome.action)
 
     async def _keep_locked(self, msg: Received, loop: str = "receive") -> None:
         """Renew the message's lock until cancelled; beat the loop's heartbeat meanwhile."""
@@ -420,8 +422,8 @@ async def cancel_and_wait(tasks: list[asyncio.Task[Any]], timeout: float) -> Non
                     note="going on without them")
 
 
-_OUTCOME_LABEL = {"complete": "completed", "dead_letter": "dead_lettered",
-                  "abandon": "abandoned"}
+_OUTCOME_LABEL: dict[SettleAction, str] = {
+    "complete": "completed", "dead_letter": "dead_lettered", "abandon": "abandoned"}
 
 
 def _describe(exc: BaseException) -> str:

@@ -21,7 +21,7 @@ from urllib.parse import unquote, urlsplit
 import structlog
 from pydantic import ValidationError
 
-from handlers.base import BlobRef, Handler, JobSpec
+from handlers.base import BlobRef, ChecksOptions, Handler, JobSpec
 from handlers.errors import (
     InvalidEnvelope,
     MessageFault,
@@ -73,17 +73,17 @@ class HandlerRegistry:
         return cls(handlers)
 
     def check_options(self, options: Mapping[str, Mapping[str, Any]]) -> None:
-        """Let each handler refuse its ``[handlers.<name>]`` table before any message."""
+        """Let each handler that is ``ChecksOptions`` refuse its ``[handlers.<name>]``
+        table before any message."""
         for name in options:
             if name not in self._handlers:
                 raise SettingsError(f"[handlers.{name}]: no handler {name!r} is installed "
                                     f"(installed: {', '.join(self.names)})")
         for name, handler in self._handlers.items():
-            check = getattr(handler, "check_options", None)
-            if check is None:
+            if not isinstance(handler, ChecksOptions):
                 continue
             try:
-                check(options.get(name, {}))
+                handler.check_options(options.get(name, {}))
             except ValueError as exc:
                 raise SettingsError(str(exc)) from None
 

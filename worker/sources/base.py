@@ -9,10 +9,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 #: Queue depth states reported by ``Source.depth`` (a subset per implementation).
 DEPTH_STATES = ("active", "dead_letter", "scheduled", "transfer")
+#: How a message is settled: the name of the ``Source`` method the consumer calls
+#: (``complete``, ``dead_letter``, ``abandon``), and the ``action`` label of
+#: ``fanout_settle_failures_total``.
+SettleAction = Literal["complete", "dead_letter", "abandon"]
+SETTLE_ACTIONS: tuple[SettleAction, ...] = get_args(SettleAction)
 
 
 @dataclass(slots=True)
