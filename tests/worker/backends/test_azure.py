@@ -98,18 +98,6 @@ def test_dependencies_enabled_only_when_the_job_has_them(peer: BatchPeer,
     assert deps is not None and deps.body["usesTaskDependencies"] is True
 
 
-def test_existing_job_is_exists_until_sealed(peer: BatchPeer, make_backend: MakeBackend) -> None:
-    """A second create answers ``exists``; once sealed it answers ``sealed``."""
-    backend = make_backend()
-    assert backend.create_job(job_spec()) == "created"
-    assert backend.create_job(job_spec("JOB-1")) == "exists"  # ids are case-insensitive
-    backend.seal_job("job-1")
-    job = peer.job("job-1")
-    assert job is not None and job.on_all_tasks_complete == "terminatejob"
-    assert backend.create_job(job_spec()) == "sealed"
-    assert len(peer.jobs()) == 1
-
-
 def test_sealed_job_completes_when_its_tasks_do(peer: BatchPeer,
                                                 make_backend: MakeBackend) -> None:
     """Sealing sets terminate-job: the job completes when every task has completed."""
@@ -582,18 +570,6 @@ def test_add_retried_on_a_sealed_and_completed_job_counts_as_existed(
     backend.seal_job("job-1")  # 409 JobCompleted: done
     assert peer.requests["update_job", "JobCompleted"] == 1
     assert peer.requests["add_task_collection", "JobCompleted"] == 1
-
-
-def test_add_to_a_job_completed_without_a_seal_is_rejected(
-        peer: BatchPeer, make_backend: MakeBackend) -> None:
-    """A job terminated before it was sealed (cancelled) never got every task: an add
-    answered JobCompleted is ``BatchRejected``."""
-    backend = make_backend()
-    backend.create_job(job_spec())
-    backend.add_tasks("job-1", tasks(1))
-    backend.terminate_job("job-1", "cancelled")
-    with pytest.raises(BatchRejected, match="completed"):
-        backend.add_tasks("job-1", tasks(2))
 
 
 def image_tasks(n: int, image: str | None) -> list[TaskSpec]:

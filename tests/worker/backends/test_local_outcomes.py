@@ -9,7 +9,7 @@ import signal
 import sqlite3
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -378,41 +378,13 @@ def test_failed_tasks_categories_and_limit(make_backend: MakeBackend, tmp_path: 
     assert backend.failed_tasks("missing", 10) == []
 
 
-def test_list_fanout_jobs_with_completed_since(make_backend: MakeBackend) -> None:
-    backend = make_backend()
-    for job_id in ("active", "early", "late"):
-        backend.create_job(job(job_id, metadata=FANOUT))
-    backend.create_job(job("foreign", metadata={"owner": "someone"}))
-    backend.seal_job("foreign")
-    backend.seal_job("early")
-    early = backend.get_job("early")
-    assert early is not None and early.state_changed is not None
-    wait_for(lambda: datetime.now(UTC) > early.state_changed, "the clock to move on")  # type: ignore[operator]
-    since = datetime.now(UTC)
-    backend.seal_job("late")
-    listed = {r.id: r for r in backend.list_fanout_jobs()}
-    assert sorted(listed) == ["active", "early", "late"]
-    assert sorted(r.id for r in backend.list_fanout_jobs(completed_since=since)) == [
-        "active", "late"]
-    late = listed["late"]
-    assert (late.state, late.terminate_reason, late.metadata) == (
-        "completed", REASON_ALL_COMPLETE, FANOUT)
-    assert late.state_changed is not None and late.state_changed >= since
-    assert listed["active"].end_time is None and listed["active"].terminate_reason is None
-    assert listed["active"].created is not None and listed["active"].created.tzinfo is not None
-
-
-def test_update_job_metadata_replaces_it(make_backend: MakeBackend) -> None:
+def test_update_job_metadata_of_a_missing_job_is_rejected(make_backend: MakeBackend) -> None:
+    """Today's local behaviour (the Azure backend leaves a missing job alone: see the
+    strict xfail in test_backend_contract.py); replacing metadata is in that suite."""
     backend = make_backend(start=False)
-    backend.create_job(job("j", metadata={**FANOUT, "fanout-key": "k"}))
-    backend.seal_job("j")  # completed: metadata may still change
-    backend.update_job_metadata("j", {**FANOUT, "fanout-reported": "event-1"})
-    record = backend.get_job("j")
-    assert record is not None
-    assert record.metadata == {**FANOUT, "fanout-reported": "event-1"}
-    assert backend.job_status("j").metadata == record.metadata  # type: ignore[union-attr]
-    with pytest.raises(BatchRejected):
+    with pytest.raises(BatchRejected) as rejected:
         backend.update_job_metadata("missing", FANOUT)
+    assert rejected.value.reason == "JobNotFound"
 
 
 def test_task_counts_count_preparing_as_running(tmp_path: Path) -> None:
