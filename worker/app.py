@@ -11,7 +11,7 @@ import asyncio
 import os
 import signal
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,8 @@ from worker.sources.base import Source
 from worker.storage.base import Storage
 from worker.storage.refs import check_container, check_prefix, make_ref
 from worker.submit import Submitter
+from worker.tracing import Tracing
+from worker.tracing import setup as setup_tracing
 
 if TYPE_CHECKING:
     from worker.monitor import JobMonitor
@@ -152,7 +154,8 @@ def make_sink(settings: Settings) -> EventSink | None:
 
 
 def build_planner(settings: Settings, storage: Storage, *,
-                  handlers: HandlerRegistry | None = None) -> Planner:
+                  handlers: HandlerRegistry | None = None,
+                  tracing: Tracing | None = None) -> Planner:
     """The router and planner ``fanout run``, ``plan`` and ``send`` all use.
 
     Loads the installed handlers (unless given), lets each refuse its
@@ -165,7 +168,7 @@ def build_planner(settings: Settings, storage: Storage, *,
     registry.check_options(settings.handlers)
     router = Router(registry=registry, routes=settings.routes, storage=storage,
                     drop_unrouted=settings.events.unrouted == "drop")
-    planner = Planner(router=router, settings=settings, storage=storage)
+    planner = Planner(router=router, settings=settings, storage=storage, tracing=tracing)
     checking = _RouteCheckStorage(storage)
     router.check_routes(lambda work: planner.spec(work, {}, checking))
     return planner
@@ -228,27 +231,34 @@ class App:
     submitter: Submitter
     consumer: Consumer
     monitor: JobMonitor | None = None
+    #: OpenTelemetry (``[tracing]``; off: a no-op tracer).
+    tracing: Tracing = field(default_factory=Tracing.off)
 
     @classmethod
     def build(cls, settings: Settings, *, handlers: HandlerRegistry | None = None,
               source: Source | None = None, backend: Backend | None = None,
-              storage: Storage | None = None) -> App:
-        """Build the parts; tests pass their own source, backend or storage."""
+              storage: Storage | None = None, tracing: Tracing | None = None) -> App:
+        """Build the parts; tests pass their own source, backend, storage or tracing
+        (else ``[tracing]`` decides: worker/tracing.py)."""
         registry = CollectorRegistry()
         metrics = Metrics(registry=registry, cost_tags=settings.cost.allowed_tags)
         health = Health(heartbeat_timeout=settings.consumer.heartbeat_timeout, metrics=metrics)
         storage = storage or make_storage(settings)
-        planner = build_planner(settings, storage, handlers=handlers)  # before any state
+        tracing = tracing or setup_tracing(settings.tracing)
+        planner = build_planner(settings, storage, handlers=handlers,  # before any state
+                                tracing=tracing)
         router = planner.router
         source = source or make_source(settings)
         backend = backend or make_backend(settings, storage)
-        submitter = Submitter(backend=backend, config=settings.submit, metrics=metrics)
+        submitter = Submitter(backend=backend, config=settings.submit, metrics=metrics,
+                              tracing=tracing)
         consumer = Consumer(source=source, planner=planner, submitter=submitter,
-                            backend=backend, settings=settings, metrics=metrics, health=health)
+                            backend=backend, settings=settings, metrics=metrics, health=health,
+                            tracing=tracing)
         return cls(settings=settings, registry=registry, metrics=metrics, health=health,
                    storage=storage, source=source, backend=backend, router=router,
                    planner=planner,
-                   submitter=submitter, consumer=consumer)
+                   submitter=submitter, consumer=consumer, tracing=tracing)
 
     async def run(self, *, install_signals: bool = True,
                   started: Callable[[App], Awaitable[None] | None] | None = None) -> None:
@@ -287,6 +297,7 @@ class App:
             await self.source.close()
             self.submitter.close()
             self.backend.close()
+            self.tracing.close()  # flushes the exporter
             server.stop()
             log.info("fanout.stopped")
 
@@ -298,7 +309,7 @@ class App:
 
         self.monitor = JobMonitor(backend=self.backend, sink=make_sink(self.settings),
                                   jobs=self.settings.jobs, events=self.settings.events,
-                                  metrics=self.metrics,
+                                  metrics=self.metrics, tracing=self.tracing,
                                   interval=monitor_interval(self.settings),
                                   cost=self.settings.cost)
         return self.monitor

@@ -383,6 +383,29 @@ class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class TracingConfig(_Section):
+    """``[tracing]``: OpenTelemetry traces, off by default (nothing is sent anywhere).
+
+    With ``enabled = true`` a message's trace context (its ``traceparent`` or
+    ``Diagnostic-Id`` property) continues through receive, plan, submit and the job
+    monitor's report, every task gets it as ``TRACEPARENT``, and the Azure SDKs' calls
+    are traced. ``exporter`` says where spans go: ``otlp`` (OTLP over HTTP to
+    ``endpoint``, by default the OpenTelemetry SDK's, ``http://localhost:4318``),
+    ``azure_monitor`` (Application Insights; needs the ``fanout[azure-monitor]``
+    extra), ``console`` (stdout) or ``none`` (the context is propagated, no span is
+    exported)."""
+
+    enabled: bool = False
+    exporter: Literal["none", "otlp", "azure_monitor", "console"] = "otlp"
+    #: The OTLP/HTTP collector: a base URL (``/v1/traces`` is appended) or the full one.
+    endpoint: str | None = None
+    service_name: str = "fanout"
+    #: The share of new traces recorded; a message's sampled flag wins (parent based).
+    sample_ratio: Annotated[float, Field(ge=0, le=1)] = 1.0
+    #: Application Insights; else ``APPLICATIONINSIGHTS_CONNECTION_STRING`` is read.
+    azure_monitor_connection_string: SecretStr | None = None
+
+
 class RouteConfig(_Section):
     """``[[routes]]``: which handler takes a blob-created event; first match wins.
 
@@ -550,6 +573,7 @@ class Settings(BaseSettings):
     cost: CostConfig = Field(default_factory=CostConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
     programs: dict[str, ProgramConfig] = Field(default_factory=dict)
     registries: dict[str, RegistryConfig] = Field(default_factory=dict)
     handlers: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from typing import Any, assert_never
 
 import structlog
+from opentelemetry.trace import Span, SpanKind
 
 from worker.backends.base import META_HANDLER, REASON_CANCELLED, Backend
 from worker.config import Settings
@@ -54,6 +55,7 @@ from worker.plan import Planner
 from worker.routing import key_message_id
 from worker.sources.base import Received, SettleAction, Source
 from worker.submit import Cancelled, SubmitResult, Submitter
+from worker.tracing import Tracing, extract, mark_failed
 
 log = structlog.get_logger(__name__)
 
@@ -87,8 +89,10 @@ class Consumer:
     def __init__(self, *, source: Source, planner: Planner, submitter: Submitter,
                  backend: Backend, settings: Settings,
                  metrics: Metrics, health: Health,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 tracing: Tracing | None = None) -> None:
         self.source = source
+        self.tracing = tracing or Tracing.off()
         self.planner = planner
         self.submitter = submitter
         self.backend = backend
@@ -191,10 +195,12 @@ class Consumer:
         started = self._clock()
         structlog.contextvars.bind_contextvars(message_id=msg.message_id,
                                                delivery_count=msg.delivery_count)
+        span, token = self._start_receive_span(msg)
         self.metrics.inflight.inc()
         renewer = asyncio.create_task(self._keep_locked(msg, loop))
         try:
             outcome = await self._process_until_settled(msg, loop)
+            _trace_outcome(span, outcome)
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
             if await self._settle(msg, outcome):
@@ -209,7 +215,24 @@ class Consumer:
             await asyncio.gather(renewer, return_exceptions=True)
             self.metrics.inflight.dec()
             self._handled += 1
+            self.tracing.end(span, token)
             structlog.contextvars.clear_contextvars()
+
+    def _start_receive_span(self, msg: Received) -> tuple[Span, object]:
+        """``fanout.receive``: one delivery to its settlement, a child of the trace
+        context the producer put on the message (worker/tracing.py); no-op when off."""
+        if not self.tracing.enabled:
+            return self.tracing.start("fanout.receive")
+        return self.tracing.start(
+            "fanout.receive", kind=SpanKind.CONSUMER, parent=extract(msg.properties),
+            attributes={**self._messaging_attributes(msg), "messaging.operation.type": "receive",
+                        "messaging.servicebus.message.delivery_count": msg.delivery_count,
+                        "messaging.message.body.size": len(msg.body)})
+
+    def _messaging_attributes(self, msg: Received) -> dict[str, Any]:
+        system = "servicebus" if self.settings.queue_kind == "servicebus" else "fanout.local"
+        return {"messaging.system": system, "messaging.destination.name": self.source.name,
+                "messaging.message.id": msg.message_id}
 
     async def _process_until_settled(self, msg: Received, loop: str = "receive") -> Outcome:
         """Process; on a configuration fault, hold the message until the worker heals."""
@@ -223,7 +246,16 @@ class Consumer:
                     return Outcome("abandon", description="shutting down while unready")
 
     def process(self, msg: Received) -> Outcome:
-        """Plan and submit one message's jobs (runs in a worker thread)."""
+        """Plan and submit one message's jobs (runs in a worker thread), in the span
+        ``fanout.process``."""
+        with self.tracing.span("fanout.process", attributes={
+                **self._messaging_attributes(msg), "messaging.operation.type": "process"}
+                if self.tracing.enabled else None) as span:
+            outcome = self._process(msg)
+            _trace_outcome(span, outcome)
+            return outcome
+
+    def _process(self, msg: Received) -> Outcome:
         handler = "none"
         try:
             # A resubmitted copy carries its original message id as the key.
@@ -424,6 +456,19 @@ async def cancel_and_wait(tasks: list[asyncio.Task[Any]], timeout: float) -> Non
 
 _OUTCOME_LABEL: dict[SettleAction, str] = {
     "complete": "completed", "dead_letter": "dead_lettered", "abandon": "abandoned"}
+
+
+def _trace_outcome(span: Span, outcome: Outcome) -> None:
+    """The outcome on a span: its handler, jobs and settlement (failed unless completed)."""
+    if not span.is_recording():
+        return
+    span.set_attributes({"fanout.handler": outcome.handler,
+                         "messaging.servicebus.disposition_status": outcome.action,
+                         "fanout.jobs": [r.job_id for r in outcome.results]})
+    if outcome.reason:
+        span.set_attribute("fanout.dead_letter.reason", outcome.reason)
+    if outcome.action != "complete":
+        mark_failed(span, f"{outcome.action}: {outcome.reason or outcome.description}")
 
 
 def _describe(exc: BaseException) -> str:

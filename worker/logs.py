@@ -16,6 +16,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from worker.tracing import add_trace_ids
+
 _SECRET_PATTERNS = [
     # SAS query parameters: the signature and the user-delegation key fields.
     (re.compile(r"(?i)([?&](?:sig|skoid|sktid|skv|sks|skt|ske)=)[^&\s\"']+"), r"\1REDACTED"),
@@ -78,6 +80,7 @@ def configure(*, fmt: str = "auto", level: str = "info",
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_trace_ids,  # trace_id and span_id while a span is current (tracing on)
     ]
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info if use_json

@@ -63,6 +63,7 @@ from worker.events import JobReport, build_event, encode, event_id, outcome_of
 from worker.logs import redact
 from worker.metrics import Metrics
 from worker.sinks.base import EventSink
+from worker.tracing import META_TRACEPARENT, Tracing, context_of, current_span
 from worker.window import seal_due
 
 log = structlog.get_logger(__name__)
@@ -92,6 +93,7 @@ class JobMonitor:
 
     def __init__(self, *, backend: Backend, sink: EventSink | None, jobs: JobsConfig,
                  events: EventsConfig, metrics: Metrics, interval: float | None = None,
+                 tracing: Tracing | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  cost: CostConfig | None = None) -> None:
         self.backend = backend
@@ -101,6 +103,7 @@ class JobMonitor:
         self.jobs = jobs
         self.events = events
         self.metrics = metrics
+        self.tracing = tracing or Tracing.off()
         self.interval = interval if interval is not None else jobs.poll_interval
         self._clock = clock
         self._last_full: float | None = None
@@ -217,7 +220,23 @@ class JobMonitor:
                     detail="every remaining task waits on a failed dependency; terminated")
 
     async def _report(self, job: JobRecord, now: datetime, result: PollResult) -> bool:
-        """Publish the job's event and mark it reported; False to try again later."""
+        """Publish the job's event and mark it reported; False to try again later.
+
+        Traced as ``fanout.monitor.report``, a child of the job's submit span (its
+        ``fanout-traceparent``), so the report ends the message's trace and the event
+        it publishes carries that trace on (worker/tracing.py)."""
+        if not self.tracing.enabled:
+            return await self._report_job(job, now, result)
+        with self.tracing.span("fanout.monitor.report",
+                               parent=context_of(job.metadata.get(META_TRACEPARENT)),
+                               attributes={"fanout.job.id": job.id,
+                                           "fanout.handler": job.metadata.get(META_HANDLER),
+                                           "fanout.job.state": job.state}) as span:
+            reported = await self._report_job(job, now, result)
+            span.set_attribute("fanout.job.reported", reported)
+            return reported
+
+    async def _report_job(self, job: JobRecord, now: datetime, result: PollResult) -> bool:
         counts = await self._call(result, "task_counts", self.backend.task_counts, job.id)
         if counts is None:
             return True  # deleted meanwhile: nothing left to report on
@@ -236,6 +255,7 @@ class JobMonitor:
         self._count(job, counts, failed, ended)
         self._count_cost(job, usage)
         result.reported.append(job.id)
+        current_span().set_attribute("fanout.job.outcome", event["data"]["outcome"])
         log.info("monitor.job_reported", job_id=job.id, outcome=event["data"]["outcome"],
                  failed=counts.failed, event_id=event["id"])
         return True

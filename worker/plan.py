@@ -31,6 +31,7 @@ from worker.context import WorkerContext, apply_job_options, job_id_for, sas_lif
 from worker.envelope import parse_body
 from worker.routing import Router, Work
 from worker.storage.base import Storage
+from worker.tracing import Tracing
 
 log = structlog.get_logger(__name__)
 
@@ -74,10 +75,12 @@ def request_hash(handler: str, params: Mapping[str, Any], options: Any) -> str:
 class Planner:
     """Turns one message into its jobs; raises a ``MessageFault`` for a bad one."""
 
-    def __init__(self, *, router: Router, settings: Settings, storage: Storage) -> None:
+    def __init__(self, *, router: Router, settings: Settings, storage: Storage,
+                 tracing: Tracing | None = None) -> None:
         self.router = router
         self.settings = settings
         self.storage = storage
+        self.tracing = tracing or Tracing.off()
         self._programs = settings.program_specs()
         window.check_routes(settings.routes, settings.jobs.max_wall_clock)
 
@@ -85,7 +88,21 @@ class Planner:
              message_id: str | None = None, reply_to: str | None = None) -> Plan:
         """Parse, route and build; each job's tasks are still a lazy iterator.
 
-        ``reply_to`` is the queue's ReplyTo; an envelope's ``reply_to`` wins over it."""
+        ``reply_to`` is the queue's ReplyTo; an envelope's ``reply_to`` wins over it.
+        Traced as ``fanout.plan`` (worker/tracing.py)."""
+        with self.tracing.span("fanout.plan", attributes={
+                "messaging.message.id": message_id}) as span:
+            plan = self._plan(body, properties, message_id=message_id, reply_to=reply_to)
+            if self.tracing.enabled:
+                span.set_attributes({
+                    "fanout.jobs": [p.job.id for p in plan.jobs],
+                    "fanout.handlers": sorted({p.handler for p in plan.jobs}),
+                    "fanout.tasks": sum(p.job.task_count for p in plan.jobs),
+                    "fanout.cancels": len(plan.cancels), "fanout.ignored": plan.ignored})
+            return plan
+
+    def _plan(self, body: bytes, properties: Mapping[str, str] | None, *,
+              message_id: str | None, reply_to: str | None) -> Plan:
         parsed = parse_body(body, properties,
                             max_bytes=self.settings.queue.max_message_bytes)
         routed = self.router.route(parsed, message_id=message_id)

@@ -39,12 +39,14 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import structlog
+from opentelemetry.trace import SpanKind
 
 from handlers.base import JobSpec, TaskSpec
 from worker.backends.base import META_REQUEST, REASON_SUBMIT_FAILED, AddResult, Backend
 from worker.config import SubmitConfig
 from worker.errors import BatchRejected, ConfigFault, IdempotencyConflict, SystemFault
 from worker.metrics import Metrics
+from worker.tracing import Tracing
 from worker.window import WindowJob, window_task_ids
 
 log = structlog.get_logger(__name__)
@@ -76,10 +78,12 @@ class Submitter:
     """Submits jobs to one backend; safe to use from several threads at once."""
 
     def __init__(self, *, backend: Backend, config: SubmitConfig, metrics: Metrics,
-                 rng: Callable[[], float] = random.random) -> None:
+                 rng: Callable[[], float] = random.random,
+                 tracing: Tracing | None = None) -> None:
         self.backend = backend
         self.config = config
         self.metrics = metrics
+        self.tracing = tracing or Tracing.off()
         self._rng = rng
         self._pool = ThreadPoolExecutor(max_workers=config.concurrency,
                                         thread_name_prefix="fanout-submit")
@@ -90,7 +94,26 @@ class Submitter:
     def submit(self, job: JobSpec, *, handler: str,
                cancel: threading.Event | None = None) -> SubmitResult:
         """Create, fill and seal ``job``; raise a fault that says what to do with the
-        message (``SystemFault``: abandon, ``BatchRejected``: dead-letter, ...)."""
+        message (``SystemFault``: abandon, ``BatchRejected``: dead-letter, ...).
+
+        Traced as ``fanout.submit``, whose context the job's metadata and every task's
+        ``TRACEPARENT`` carry (worker/tracing.py)."""
+        with self.tracing.span("fanout.submit", kind=SpanKind.PRODUCER, attributes={
+                "fanout.job.id": job.id, "fanout.handler": handler,
+                "fanout.job.pool": job.pool, "fanout.job.task_count": job.task_count,
+                "fanout.job.window": isinstance(job, WindowJob)}) as span:
+            self.tracing.stamp(job)
+            result = self._submit(job, handler, cancel)
+            if self.tracing.enabled:
+                span.set_attributes({
+                    "fanout.tasks.added": result.added, "fanout.tasks.existed": result.existed,
+                    "fanout.submit.requests": result.requests,
+                    "fanout.submit.retries": result.retries,
+                    "fanout.job.already_sealed": result.already_sealed})
+            return result
+
+    def _submit(self, job: JobSpec, handler: str,
+                cancel: threading.Event | None) -> SubmitResult:
         stop = cancel or threading.Event()
         if isinstance(job, WindowJob):
             return self._submit_window(job, handler, stop)
