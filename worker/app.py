@@ -19,6 +19,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from handlers.base import BlobRef
+from worker.admission import Admission
 from worker.backends.base import Backend
 from worker.config import Settings
 from worker.consumer import Consumer, cancel_and_wait
@@ -254,7 +255,10 @@ class App:
                               tracing=tracing)
         consumer = Consumer(source=source, planner=planner, submitter=submitter,
                             backend=backend, settings=settings, metrics=metrics, health=health,
-                            tracing=tracing)
+                            tracing=tracing,
+                            admission=Admission(
+                                limit=settings.admission.max_backlog_per_slot,
+                                metrics=metrics, health=health))
         return cls(settings=settings, registry=registry, metrics=metrics, health=health,
                    storage=storage, source=source, backend=backend, router=router,
                    planner=planner,
@@ -367,6 +371,8 @@ class App:
             m.set_labelled(m.job_tasks, {(k,): v for k, v in stats.job_tasks.items()},
                            seen_tasks)
             m.active_jobs.set(stats.active_jobs)
+            if self.consumer.admission is not None:  # pools' capacity: pause or resume
+                self.consumer.admission.update(stats)
 
         await _poll_forever("backend", interval, once, self.metrics)
 

@@ -369,6 +369,16 @@ class CostConfig(_Section):
         return lowered
 
 
+class AdmissionConfig(_Section):
+    """``[admission]``: stop receiving while the pools are backed up (worker/admission.py).
+
+    With ``max_backlog_per_slot`` set, the consumer takes no new message while any
+    pool's pending tasks (active tasks of fanout's active jobs on it) exceed that many
+    per task slot; None (the default): it never waits for capacity."""
+
+    max_backlog_per_slot: Annotated[float, Field(ge=0)] | None = None
+
+
 class MetricsConfig(_Section):
     """``[metrics]``: the one HTTP port for /metrics, /healthz and /readyz."""
 
@@ -570,6 +580,7 @@ class Settings(BaseSettings):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     blob: BlobConfig = Field(default_factory=BlobConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     cost: CostConfig = Field(default_factory=CostConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     log: LogConfig = Field(default_factory=LogConfig)

@@ -39,6 +39,7 @@ from typing import Any, assert_never
 import structlog
 from opentelemetry.trace import Span, SpanKind
 
+from worker.admission import JOB_QUOTA_CODE, Admission
 from worker.backends.base import META_HANDLER, REASON_CANCELLED, Backend
 from worker.config import Settings
 from worker.errors import (
@@ -90,8 +91,11 @@ class Consumer:
                  backend: Backend, settings: Settings,
                  metrics: Metrics, health: Health,
                  clock: Callable[[], float] = time.monotonic,
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None,
+                 admission: Admission | None = None) -> None:
         self.source = source
+        #: Receiving waits while the pools are backed up (worker/admission.py).
+        self.admission = admission
         self.tracing = tracing or Tracing.off()
         self.planner = planner
         self.submitter = submitter
@@ -149,6 +153,9 @@ class Consumer:
             while not self.stopping:
                 if not self._ready.is_set():
                     await self._wait_ready(name)
+                    continue
+                if self.admission is not None and self.admission.paused:
+                    await self._wait_admitted(name)
                     continue
                 messages = await self._receive()
                 self.health.beat(name)
@@ -240,8 +247,13 @@ class Consumer:
             try:
                 return await asyncio.to_thread(self.process, msg)
             except ConfigFault as fault:
-                self._set_ready(False, f"{fault.code}: {fault.description}")
-                log.error("message.config_fault", code=fault.code, error=fault.description)
+                if fault.code == JOB_QUOTA_CODE and self.admission is not None:
+                    # the account's active-job quota: waiting for capacity, not a fault
+                    self._set_ready(False, self.admission.job_quota(fault.description))
+                else:
+                    self._set_ready(False, f"{fault.code}: {fault.description}")
+                    log.error("message.config_fault", code=fault.code,
+                              error=fault.description)
                 if not await self._wait_ready(loop):
                     return Outcome("abandon", description="shutting down while unready")
 
@@ -390,6 +402,23 @@ class Consumer:
                 stopping.cancel()
         return False
 
+    async def _wait_admitted(self, loop: str = "receive") -> None:
+        """Wait (beating the loop's heartbeat, so ``/healthz`` stays healthy) while
+        admission keeps new receives waiting for capacity, or until stopped."""
+        assert self.admission is not None
+        pause = max(0.05, self.health.heartbeat_timeout / 3)
+        while not self.stopping and self.admission.paused:
+            self.health.beat(loop)
+            opened = asyncio.ensure_future(self.admission.wait_open(pause))
+            stopping = asyncio.ensure_future(self._stopping.wait())
+            try:
+                await asyncio.wait({opened, stopping}, timeout=pause,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                opened.cancel()
+                stopping.cancel()
+        self.health.beat(loop)
+
     async def _probe_loop(self) -> None:
         """While unready: probe the backend and the source (at once at start, then
         every ``unready_backoff``) until both pass, then mark the worker ready."""
@@ -404,6 +433,8 @@ class Consumer:
                 return
             if reason is None:
                 self._set_ready(True)
+                if self.admission is not None:
+                    self.admission.job_quota_cleared()
                 log.info("worker.ready")
             else:
                 self._set_ready(False, reason)

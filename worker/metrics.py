@@ -135,6 +135,22 @@ class Metrics:
         self.poll_errors = Counter(
             "fanout_poll_errors", "Metric polls that failed, by poller.", ["poller"],
             registry=registry)
+        # admission (worker/admission.py)
+        self.admission_paused = Gauge(
+            "fanout_admission_paused", "1 while receiving waits for capacity, by pool ('*': "
+            "the account) and reason (backlog, job_quota, core_quota, resize_error, "
+            "start_task_failed, unusable_nodes, no_nodes, pool_missing).",
+            ["pool", "reason"], registry=registry)
+        self.pool_slots = Gauge(
+            "fanout_pool_slots", "Task slots a pool has or is about to have (usable and "
+            "booting nodes, nodes a resize is adding) x task slots per node.",
+            ["pool"], registry=registry)
+        self.pool_pending_tasks = Gauge(
+            "fanout_pool_pending_tasks", "Active (not yet running) tasks of fanout's active "
+            "jobs on a pool.", ["pool"], registry=registry)
+        self.pool_resize_errors = Gauge(
+            "fanout_pool_resize_errors", "1 for each current resize error of a pool, by code "
+            "(stale ones are not counted).", ["pool", "code"], registry=registry)
 
     def set_labelled(self, gauge: Gauge, values: Mapping[tuple[str, str], int] |
                      Mapping[tuple[str], int],
@@ -167,6 +183,8 @@ class Health:
         self._lock = threading.Lock()
         self._ready = False
         self.reason = "starting"
+        #: Why receiving waits for capacity (worker/admission.py), None while it does not.
+        self.capacity: str | None = None
 
     def beat(self, loop: str = "receive") -> None:
         """Record that the receive loop called ``loop`` is alive."""
@@ -191,8 +209,27 @@ class Health:
         """Mark the worker ready (or not, with a reason /readyz shows)."""
         self._ready = ready
         self.reason = "ok" if ready else reason
+        self._publish_ready()
+
+    def set_capacity(self, reason: str | None) -> None:
+        """Receiving waits for capacity (``reason``: ``waiting for capacity: ...``), or
+        not (None). Distinct from :meth:`set_ready`: a configuration fault and a stuck
+        loop say so in their own words."""
+        self.capacity = reason
+        self._publish_ready()
+
+    @property
+    def why_unready(self) -> str:
+        """What /readyz says while not ready: a fault first, else the capacity wait."""
+        if not self._ready:
+            return self.reason
+        if self.capacity is not None:
+            return self.capacity
+        return "stuck" if not self.alive else "ok"
+
+    def _publish_ready(self) -> None:
         if self._metrics is not None:
-            self._metrics.ready.set(1 if ready else 0)
+            self._metrics.ready.set(1 if self._ready and self.capacity is None else 0)
 
     @property
     def alive(self) -> bool:
@@ -206,7 +243,7 @@ class Health:
 
     @property
     def ready(self) -> bool:
-        return self._ready and self.alive
+        return self._ready and self.capacity is None and self.alive
 
     def since_beat(self) -> float:
         """Seconds since the stalest loop's last beat."""
@@ -250,7 +287,7 @@ def _make_handler(registry: CollectorRegistry,
                         f"{health.since_beat():.1f}s ago\n")
                 self._send(200 if ok else 503, text.encode())
             elif path == "/readyz":
-                text = ("ready\n" if health.ready else f"not ready: {health.reason}\n")
+                text = ("ready\n" if health.ready else f"not ready: {health.why_unready}\n")
                 self._send(200 if health.ready else 503, text.encode())
             else:
                 self._send(404, b"not found: try /metrics, /healthz or /readyz\n")

@@ -512,11 +512,22 @@ class PeerPool:
     allocation_state: str = "steady"
     state: str = "active"
     vm_size: str = "standard_d2s_v3"
+    #: ``taskSlotsPerNode`` ("The default value is 1", BatchPool).
+    task_slots_per_node: int = 1
     created: datetime = field(default_factory=lambda: datetime.now(UTC))
     #: ``virtualMachineConfiguration.containerConfiguration``: None for a pool without
     #: one, else its ``type`` and ``containerImageNames``.
     container_type: str | None = None
     container_images: tuple[str, ...] = ()
+    #: ``resizeErrors`` of the last resize, (code, message) each; answered only while
+    #: the pool is steady ("set only if one or more errors occurred during the last Pool
+    #: resize, and only when the Pool allocationState is Steady", BatchPool).
+    resize_errors: tuple[tuple[str, str], ...] = ()
+    #: ``enableAutoScale`` (with a placeholder ``autoScaleFormula``, required then).
+    enable_auto_scale: bool = False
+    #: ``allocationStateTransitionTime``: when the pool entered its allocation state
+    #: (None: its creation).
+    allocation_changed: datetime | None = None
 
 
 class BatchPeer:
@@ -696,6 +707,48 @@ class BatchPeer:
         with self._lock:
             self._pools[pool_id.lower()] = pool
         return pool
+
+    def set_pool(self, pool_id: str, *, dedicated: Mapping[str, int] | None = None,
+                 low_priority: Mapping[str, int] | None = None,
+                 target_dedicated: int | None = None, target_low_priority: int | None = None,
+                 allocation_state: str | None = None,
+                 resize_errors: list[tuple[str, str]] | None = None,
+                 enable_auto_scale: bool | None = None,
+                 task_slots_per_node: int | None = None) -> PeerPool:
+        """Change a pool in place (a test knob): node counts by state (``total`` follows;
+        the targets are kept unless given), targets, allocation state (a change moves
+        ``allocationStateTransitionTime`` to now, and a new resize clears the resize
+        errors of the last one), resize errors as (code, message), autoscale, slots."""
+        with self._lock:
+            pool = self._pools[pool_id.lower()]
+            for name, counts in (("dedicated", dedicated), ("low_priority", low_priority)):
+                if counts is None:
+                    continue
+                new = {k: int(v) for k, v in counts.items()}
+                unknown = set(new) - set(NODE_STATES)
+                if unknown:
+                    raise ValueError(f"unknown node states {sorted(unknown)}")
+                new["total"] = sum(v for k, v in new.items() if k != "total")
+                setattr(pool, name, new)
+            if target_dedicated is not None:
+                pool.target_dedicated = target_dedicated
+            if target_low_priority is not None:
+                pool.target_low_priority = target_low_priority
+            if allocation_state is not None:
+                if allocation_state not in ("steady", "resizing", "stopping"):  # AllocationState
+                    raise ValueError(f"unknown allocation state {allocation_state!r}")
+                if allocation_state != pool.allocation_state:
+                    pool.allocation_state = allocation_state
+                    pool.allocation_changed = self._clock()
+                    if allocation_state == "resizing":
+                        pool.resize_errors = ()
+            if resize_errors is not None:
+                pool.resize_errors = tuple((str(c), str(m)) for c, m in resize_errors)
+            if enable_auto_scale is not None:
+                pool.enable_auto_scale = enable_auto_scale
+            if task_slots_per_node is not None:
+                pool.task_slots_per_node = task_slots_per_node
+            return pool
 
     def remove_pool(self, pool_id: str) -> None:
         """Delete a pool at once (any case); jobs naming it stay, their tasks wait."""
@@ -1238,15 +1291,21 @@ class BatchPeer:
             "creationTime": _rfc3339(pool.created), "state": pool.state,
             "stateTransitionTime": _rfc3339(pool.created),
             "allocationState": pool.allocation_state,
-            "allocationStateTransitionTime": _rfc3339(pool.created),
+            "allocationStateTransitionTime": _rfc3339(pool.allocation_changed or pool.created),
             "vmSize": pool.vm_size,
             "currentDedicatedNodes": pool.dedicated.get("total", 0),
             "currentLowPriorityNodes": pool.low_priority.get("total", 0),
             "targetDedicatedNodes": pool.target_dedicated,
             "targetLowPriorityNodes": pool.target_low_priority,
-            "taskSlotsPerNode": 1,
+            "taskSlotsPerNode": pool.task_slots_per_node,
             "virtualMachineConfiguration": _vm_configuration(pool),
+            "enableAutoScale": pool.enable_auto_scale,
         }
+        if pool.enable_auto_scale:
+            data["autoScaleFormula"] = "$TargetDedicatedNodes = 0;"
+        if pool.resize_errors and pool.allocation_state == "steady":
+            data["resizeErrors"] = [{"code": code, "message": message}
+                                    for code, message in pool.resize_errors]
         return 200, _select(data, params), {}
 
     def _op_list_node_counts(self, params: Mapping[str, str],

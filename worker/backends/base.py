@@ -158,6 +158,64 @@ class JobUsage:
     slots_per_node: int | None = None
 
 
+#: Node states (Batch's, as the pool node counts API names them) whose nodes run tasks.
+USABLE_NODE_STATES = ("idle", "running")
+#: Node states of nodes on their way to being usable (booting, joining, restarting).
+COMING_NODE_STATES = ("creating", "starting", "waitingForStartTask", "rebooting",
+                      "reimaging")
+
+
+@dataclass(slots=True)
+class ResizeError:
+    """One of a pool's ``resizeErrors`` (Batch's ``ResizeError``: code and message)."""
+
+    code: str
+    message: str = ""
+
+
+@dataclass(slots=True)
+class PoolCapacity:
+    """One pool's free slots and fanout's backlog on it, for admission (worker/admission.py).
+
+    - ``nodes``: node counts by Batch's state names, dedicated and spot summed (the
+      local executor: its slots, as nodes of one slot);
+    - ``slots_per_node``: Batch's ``taskSlotsPerNode`` (default 1);
+    - ``pending``: active (not yet running) tasks of fanout's active jobs on the pool;
+      ``running``: their running ones;
+    - ``current``/``target``: dedicated plus spot sizes; ``allocation_state`` and
+      ``allocation_changed`` are Batch's ``allocationState`` and
+      ``allocationStateTransitionTime``; ``autoscale`` its ``enableAutoScale``;
+    - ``resize_errors``: the pool's ``resizeErrors`` as read (stale ones are told apart
+      by :func:`worker.admission.fresh_resize_errors`);
+    - ``exists``: False when the pool could not be found.
+    """
+
+    pool: str
+    nodes: dict[str, int] = field(default_factory=dict)
+    slots_per_node: int = 1
+    pending: int = 0
+    running: int = 0
+    current: int = 0
+    target: int = 0
+    current_dedicated: int = 0
+    target_dedicated: int = 0
+    current_low_priority: int = 0
+    target_low_priority: int = 0
+    allocation_state: str = "steady"
+    allocation_changed: datetime | None = None
+    autoscale: bool = False
+    resize_errors: list[ResizeError] = field(default_factory=list)
+    exists: bool = True
+
+    def count(self, *states: str) -> int:
+        return sum(self.nodes.get(s, 0) for s in states)
+
+    @property
+    def usable_nodes(self) -> int:
+        """Nodes that can run tasks now (idle or running)."""
+        return self.count(*USABLE_NODE_STATES)
+
+
 @dataclass(slots=True)
 class BackendStats:
     """What the metrics poller reads from a backend each interval.
@@ -167,13 +225,15 @@ class BackendStats:
     - ``pool_size``: keyed by (pool, which) with which in ``current_dedicated``,
       ``target_dedicated``, ``current_low_priority``, ``target_low_priority``;
     - ``active_jobs``: jobs not yet completed (accounts have a quota of them);
-    - ``job_tasks``: task counts by state summed over active jobs.
+    - ``job_tasks``: task counts by state summed over active jobs;
+    - ``pools``: each reported pool's capacity and fanout's backlog on it (admission).
     """
 
     pool_nodes: dict[tuple[str, str], int] = field(default_factory=dict)
     pool_size: dict[tuple[str, str], int] = field(default_factory=dict)
     active_jobs: int = 0
     job_tasks: dict[str, int] = field(default_factory=dict)
+    pools: dict[str, PoolCapacity] = field(default_factory=dict)
 
 
 class Backend(Protocol):
@@ -215,7 +275,8 @@ class Backend(Protocol):
         ...
 
     def stats(self) -> BackendStats:
-        """Pool nodes, pool sizes, active jobs and task counts, for metrics."""
+        """Pool nodes, pool sizes, active jobs and task counts, for metrics; and each
+        pool's capacity and fanout's pending tasks on it, for admission."""
         ...
 
     # -- what the job monitor needs (docs/events.md, docs/azure-batch.md) -----------------

@@ -35,10 +35,13 @@ from worker.backends.base import (
     JobState,
     JobStatus,
     JobUsage,
+    PoolCapacity,
+    ResizeError,
     TaskCounts,
 )
 from worker.config import BatchConfig, JobsConfig, SubmitConfig
 from worker.errors import BatchRejected, ConfigFault, SettingsError, SystemFault
+from worker.logs import redact
 from worker.storage.base import Storage
 
 log = structlog.get_logger(__name__)
@@ -47,6 +50,10 @@ log = structlog.get_logger(__name__)
 POOL_CHECK_TTL = 60.0
 #: The job fields ``job_status`` and ``list_jobs`` read.
 _JOB_SELECT = "id,state,poolInfo,displayName,creationTime,metadata"
+#: The pool fields ``stats`` reads (sizes, and what admission needs).
+_POOL_STATS_SELECT = ("id,currentDedicatedNodes,targetDedicatedNodes,currentLowPriorityNodes,"
+                      "targetLowPriorityNodes,allocationState,allocationStateTransitionTime,"
+                      "resizeErrors,enableAutoScale,taskSlotsPerNode")
 #: The most items one list request returns (jobs and tasks: "Common Parameters and
 #: Headers", maxresults).
 MAX_RESULTS = 1000
@@ -678,20 +685,27 @@ class AzureBatchBackend:
             if wanted and pool.lower() not in wanted:
                 continue
             seen.append(pool)
+            nodes = stats.pools.setdefault(pool, PoolCapacity(pool=pool)).nodes
             for prefix, key in (("", "dedicated"), ("lowpriority_", "lowPriority")):
                 for state, count in (item.get(key) or {}).items():
                     if isinstance(count, int):
                         stats.pool_nodes[pool, prefix + state] = count
+                        if state != "total":  # admission: dedicated and spot summed
+                            nodes[state] = nodes.get(state, 0) + count
         return list(wanted.values()) if wanted else seen
 
     def _pool_size(self, pool: str, stats: BackendStats) -> None:
-        select = ("id,currentDedicatedNodes,targetDedicatedNodes,currentLowPriorityNodes,"
-                  "targetLowPriorityNodes")
+        """One get pool (``$select``ed): sizes for ``pool_size``, and for admission the
+        allocation state and its transition time, resize errors, autoscale and task
+        slots per node (BatchPool in the REST spec)."""
+        capacity = stats.pools.setdefault(pool, PoolCapacity(pool=pool))
         try:
-            reply = self._rest.call("GET", path("pools", pool), params={"$select": select})
+            reply = self._rest.call("GET", path("pools", pool),
+                                    params={"$select": _POOL_STATS_SELECT})
         except ServiceError as err:
             if err.status == 404:
                 log.warning("batch.pool_missing", pool=pool)
+                capacity.exists = False
                 return
             raise
         body = reply.body or {}
@@ -700,10 +714,11 @@ class AzureBatchBackend:
                            ("current_low_priority", "currentLowPriorityNodes"),
                            ("target_low_priority", "targetLowPriorityNodes")):
             stats.pool_size[pool, which] = int(body.get(key) or 0)
+        _fill_capacity(body, capacity)
 
     def _job_stats(self, stats: BackendStats) -> None:
         jobs = self._rest.get_pages("/jobs", {"$filter": "state eq 'active'",
-                                              "$select": "id,metadata"})
+                                              "$select": "id,metadata,poolInfo"})
         stats.active_jobs = len(jobs)
         ours = [j for j in jobs
                 if wire.FANOUT_METADATA_KEY in wire.metadata(j.get("metadata"))]
@@ -711,6 +726,7 @@ class AzureBatchBackend:
             log.info("batch.job_stats_capped", active_fanout_jobs=len(ours),
                      read=self._max_jobs_per_poll)
         totals = dict.fromkeys(("active", "running", "completed", "succeeded", "failed"), 0)
+        by_pool = {p.lower(): c for p, c in stats.pools.items()}  # ids: case-insensitive
         for job in ours[:self._max_jobs_per_poll]:
             try:
                 reply = self._rest.call("GET", path("jobs", str(job["id"]), "taskcounts"))
@@ -718,8 +734,14 @@ class AzureBatchBackend:
                 if err.status == 404:
                     continue  # deleted since it was listed
                 raise
-            for key, value in wire.task_counts(reply.body).items():
+            counts = wire.task_counts(reply.body)
+            for key, value in counts.items():
                 totals[key] += value
+            # admission: fanout's pending tasks per pool, from the same counts
+            capacity = by_pool.get(str((job.get("poolInfo") or {}).get("poolId")).lower())
+            if capacity is not None:
+                capacity.pending += counts["active"]
+                capacity.running += counts["running"]
         stats.job_tasks = totals
 
 
@@ -742,6 +764,32 @@ def make_credential(batch: BatchConfig) -> AzureNamedKeyCredential | TokenCreden
 
 
 _EPOCH = datetime.fromtimestamp(0).astimezone()
+
+
+def _fill_capacity(body: dict[str, Any], capacity: PoolCapacity) -> None:
+    """A get pool answer's fields admission reads (BatchPool in the REST spec):
+    ``allocationState`` and ``allocationStateTransitionTime``, ``resizeErrors``
+    (ResizeError: ``code``, ``message``; "set only if one or more errors occurred during
+    the last Pool resize, and only when the Pool allocationState is Steady"),
+    ``enableAutoScale``, ``taskSlotsPerNode`` ("The default value is 1") and the sizes."""
+    sizes = {key: int(body.get(key) or 0) for key in (
+        "currentDedicatedNodes", "targetDedicatedNodes", "currentLowPriorityNodes",
+        "targetLowPriorityNodes")}
+    capacity.current_dedicated = sizes["currentDedicatedNodes"]
+    capacity.target_dedicated = sizes["targetDedicatedNodes"]
+    capacity.current_low_priority = sizes["currentLowPriorityNodes"]
+    capacity.target_low_priority = sizes["targetLowPriorityNodes"]
+    capacity.current = capacity.current_dedicated + capacity.current_low_priority
+    capacity.target = capacity.target_dedicated + capacity.target_low_priority
+    capacity.allocation_state = str(body.get("allocationState") or "steady").lower()
+    capacity.allocation_changed = wire.parse_time(body.get("allocationStateTransitionTime"))
+    capacity.autoscale = bool(body.get("enableAutoScale"))
+    slots = body.get("taskSlotsPerNode")
+    capacity.slots_per_node = slots if isinstance(slots, int) and slots > 0 else 1
+    capacity.resize_errors = [
+        ResizeError(code=str(e.get("code") or "Unknown"), message=redact(str(e.get("message")
+                                                                          or ""))[:300])
+        for e in body.get("resizeErrors") or [] if isinstance(e, dict)]
 
 
 def _status(job: dict[str, Any]) -> JobStatus:

@@ -52,6 +52,7 @@ from worker.backends.base import (
     JobState,
     JobStatus,
     JobUsage,
+    PoolCapacity,
     TaskCounts,
 )
 from worker.backends.local import container as containers
@@ -159,10 +160,19 @@ class LocalBackend:
         return self.store.list_jobs(limit)
 
     def stats(self) -> BackendStats:
-        """Slots by state (as nodes), active jobs and their task counts."""
+        """Slots by state (as nodes), active jobs and their task counts, and the pool's
+        capacity for admission: its slots as nodes of one slot each, the active tasks of
+        its active jobs as pending (no resize errors: the pool never resizes)."""
         active, counts, busy = self.store.active_summary(self.slots)
         busy = min(busy, self.slots)
+        capacity = PoolCapacity(
+            pool=self.pool, nodes={"running": busy, "idle": self.slots - busy},
+            pending=counts.get("active", 0),
+            running=counts.get("running", 0) + counts.get("preparing", 0),
+            current=self.slots, target=self.slots, current_dedicated=self.slots,
+            target_dedicated=self.slots)
         return BackendStats(
+            pools={self.pool: capacity},
             pool_nodes={(self.pool, "running"): busy, (self.pool, "idle"): self.slots - busy},
             pool_size={(self.pool, "current_dedicated"): 1, (self.pool, "target_dedicated"): 1,
                        (self.pool, "current_low_priority"): 0,
