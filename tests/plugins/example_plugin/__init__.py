@@ -1,0 +1,1 @@
+"""An example fanout plug-in, tested with the plug-in test kit alone (docs/handlers.md)."""
