@@ -680,7 +680,8 @@ class BatchPeer:
                  target_dedicated: int | None = None, target_low_priority: int | None = None,
                  allocation_state: str = "steady",
                  container_images: list[str] | tuple[str, ...] | None = None,
-                 container_type: str = "dockerCompatible") -> PeerPool:
+                 container_type: str = "dockerCompatible", vm_size: str = "standard_d2s_v3",
+                 task_slots_per_node: int = 1) -> PeerPool:
         """Create (or replace) a pool with node counts by state; ``total`` and the
         current sizes follow from the counts, targets default to the current sizes.
 
@@ -703,7 +704,8 @@ class BatchPeer:
                         else target_low_priority,
                         allocation_state=allocation_state, created=self._clock(),
                         container_type=None if container_images is None else container_type,
-                        container_images=tuple(container_images or ()))
+                        container_images=tuple(container_images or ()),
+                        vm_size=vm_size, task_slots_per_node=task_slots_per_node)
         with self._lock:
             self._pools[pool_id.lower()] = pool
         return pool
