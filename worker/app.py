@@ -315,7 +315,8 @@ class App:
                                   jobs=self.settings.jobs, events=self.settings.events,
                                   metrics=self.metrics, tracing=self.tracing,
                                   interval=monitor_interval(self.settings),
-                                  cost=self.settings.cost)
+                                  cost=self.settings.cost,
+                                  preemption=self.settings.preemption)
         return self.monitor
 
     def _watcher(self) -> Watcher | None:

@@ -369,6 +369,34 @@ class CostConfig(_Section):
         return lowered
 
 
+class PreemptionConfig(_Section):
+    """``[preemption]``: Spot/low-priority preemptions (worker/preemption.py).
+
+    With ``count`` (the default) the job monitor lists each active job's pool's
+    preempted nodes once a poll and counts the tasks they were running, per job and
+    per pool. With ``max_per_task`` and ``dedicated_pool`` both set, a task preempted
+    that many times is ended in its job and run again in a companion job on the
+    dedicated pool (off by default)."""
+
+    count: bool = True
+    max_per_task: Annotated[int, Field(ge=1)] | None = None
+    dedicated_pool: str | None = None
+
+    @model_validator(mode="after")
+    def _both(self) -> PreemptionConfig:
+        if (self.max_per_task is None) != (self.dedicated_pool is None):
+            raise ValueError("preemption.max_per_task and preemption.dedicated_pool are "
+                             "set together (or neither)")
+        if self.max_per_task is not None and not self.count:
+            raise ValueError("preemption.max_per_task needs preemption.count = true")
+        return self
+
+    @property
+    def moves(self) -> bool:
+        """Whether tasks are moved to the dedicated pool."""
+        return self.max_per_task is not None and self.dedicated_pool is not None
+
+
 class AdmissionConfig(_Section):
     """``[admission]``: stop receiving while the pools are backed up (worker/admission.py).
 
@@ -582,6 +610,7 @@ class Settings(BaseSettings):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     cost: CostConfig = Field(default_factory=CostConfig)
+    preemption: PreemptionConfig = Field(default_factory=PreemptionConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)

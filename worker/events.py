@@ -92,6 +92,9 @@ class JobReport:
     failed: Sequence[FailedTask]
     #: Its usage and estimated cost (worker/cost.py); None when not measured.
     usage: JobCost | None = None
+    #: Spot preemptions of its tasks and the tasks moved to the dedicated pool
+    #: (worker/preemption.py: ``data.preemptions``); None when none were seen.
+    preemptions: Mapping[str, Any] | None = None
 
     @property
     def failed_omitted(self) -> int:
@@ -134,6 +137,8 @@ def build_event(report: JobReport, *, source: str,
         data["tags"] = tags
     if report.usage is not None:
         data["usage"] = report.usage.json()
+    if report.preemptions is not None:
+        data["preemptions"] = dict(report.preemptions)
     return {
         "specversion": SPEC_VERSION, "type": EVENT_TYPE, "source": source,
         "id": event_id(job.id), "subject": job.id, "time": _iso(end),

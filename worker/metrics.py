@@ -132,6 +132,14 @@ class Metrics:
         self.jobs_deleted = Counter(
             "fanout_jobs_deleted", "Terminal jobs deleted after the retention period.",
             registry=registry)
+        self.tasks_preempted = Counter(
+            "fanout_tasks_preempted", "Tasks of fanout's jobs found running on a Spot/"
+            "low-priority node when it was preempted (Batch requeues them), by pool.",
+            ["pool"], registry=registry)
+        self.tasks_moved = Counter(
+            "fanout_tasks_moved", "Tasks moved to the dedicated pool after "
+            "preemption.max_per_task preemptions, by that pool.", ["pool"],
+            registry=registry)
         self.poll_errors = Counter(
             "fanout_poll_errors", "Metric polls that failed, by poller.", ["poller"],
             registry=registry)

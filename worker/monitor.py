@@ -43,6 +43,7 @@ import structlog
 
 from worker.backends.base import (
     META_HANDLER,
+    META_MOVED_FROM,
     META_REPLY_TO,
     META_REPORTED,
     META_SEAL_AT,
@@ -56,12 +57,13 @@ from worker.backends.base import (
     JobRecord,
     TaskCounts,
 )
-from worker.config import CostConfig, EventsConfig, JobsConfig
+from worker.config import CostConfig, EventsConfig, JobsConfig, PreemptionConfig
 from worker.cost import JobCost, price, tags_of
 from worker.errors import ConfigFault, SystemFault
 from worker.events import JobReport, build_event, encode, event_id, outcome_of
 from worker.logs import redact
 from worker.metrics import Metrics
+from worker.preemption import Preemptions
 from worker.sinks.base import EventSink
 from worker.tracing import META_TRACEPARENT, Tracing, context_of, current_span
 from worker.window import seal_due
@@ -95,7 +97,8 @@ class JobMonitor:
                  events: EventsConfig, metrics: Metrics, interval: float | None = None,
                  tracing: Tracing | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 cost: CostConfig | None = None) -> None:
+                 cost: CostConfig | None = None,
+                 preemption: PreemptionConfig | None = None) -> None:
         self.backend = backend
         #: ``[cost]``: whether and how a terminal job's usage is read and priced.
         self.cost = cost if cost is not None else CostConfig()
@@ -108,6 +111,10 @@ class JobMonitor:
         self._clock = clock
         self._last_full: float | None = None
         self._stopping = asyncio.Event()
+        #: ``[preemption]``: counting preempted tasks and moving them (None: neither).
+        self.preemption = (Preemptions(backend=backend, config=preemption, metrics=metrics,
+                                       call=self._call)
+                           if preemption is not None and preemption.count else None)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -145,6 +152,13 @@ class JobMonitor:
         if full:
             self._last_full = time.monotonic()
         result.listed = len(records)
+        if self.preemption is not None:
+            try:
+                await self.preemption.poll(records, result)
+            except (SystemFault, ConfigFault, OSError) as exc:
+                result.errors += 1
+                self.metrics.monitor_errors.inc()
+                log.warning("monitor.preemption_failed", error=_describe(exc))
         unreported = 0
         for job in records:
             try:
@@ -168,6 +182,8 @@ class JobMonitor:
             await self._check_active(job, result)
             return 1
         if META_REPORTED not in job.metadata:
+            if META_MOVED_FROM in job.metadata:
+                return 1  # a companion: its original reports for both and marks it
             return 0 if await self._report(job, now, result) else 1
         if full and len(result.deleted) < self.jobs.delete_batch:
             ended = job.end_time or job.state_changed
@@ -244,11 +260,24 @@ class JobMonitor:
         if not settled(job, counts) and now - ended < COUNTS_SETTLE:
             return False  # the job is terminal but its counts have not caught up yet
         failed = await self._failed(job, counts, result)
+        fold = None
+        if self.preemption is not None:
+            # a job whose tasks moved to the dedicated pool waits for its companion and
+            # reports the moved tasks as their copies ended (worker/preemption.py)
+            fold = await self.preemption.fold(job, counts, failed, result,
+                                              limit=self.events.max_failed_tasks,
+                                              tail_bytes=self.events.stderr_tail_bytes)
+            if fold is None:
+                return False
+            counts, failed = fold.counts, fold.failed
         usage = await self._usage(job, counts, result)
-        report = JobReport(job=job, counts=counts, failed=failed, usage=usage)
+        report = JobReport(job=job, counts=counts, failed=failed, usage=usage,
+                           preemptions=fold.data if fold is not None else None)
         event = build_event(report, source=self.events.source, now=now)
         if not await self._publish(job, event):
             return False
+        if fold is not None and self.preemption is not None:
+            await self.preemption.reported(fold, event["id"], result)
         marked = {**job.metadata, META_REPORTED: event["id"]}
         await self._call(result, "update_metadata", self.backend.update_job_metadata,
                          job.id, marked)

@@ -142,7 +142,7 @@ NODE_STATES = ("creating", "idle", "offline", "preempted", "rebooting", "reimagi
 #: Operation names, for :class:`FaultPlan.operations` and the request record.
 OPERATIONS = ("create_job", "list_jobs", "get_job", "update_job", "terminate_job",
               "delete_job", "add_task_collection", "get_task_counts", "list_tasks",
-              "get_task", "get_pool", "list_node_counts")
+              "get_task", "get_pool", "list_node_counts", "list_nodes", "terminate_task")
 
 # failureInfo codes, from TaskFailureInformationCodes in the Batch .NET SDK
 # (sdk/batch/Microsoft.Azure.Batch/src/Common/BatchErrorCodeStrings.cs in
@@ -189,7 +189,8 @@ MAX_PEER_RETRIES = 100
 # (``x-ms-pageable: {"nextLinkName": "odata.nextLink"}`` on the list operations).
 
 _PAGES = {"BatchJobListResult": "BatchJob", "BatchTaskListResult": "BatchTask",
-          "BatchPoolNodeCountsListResult": "BatchPoolNodeCounts"}
+          "BatchPoolNodeCountsListResult": "BatchPoolNodeCounts",
+          "BatchNodeListResult": "BatchNode"}
 #: The request body model of each operation that takes one (the spec's body parameters:
 #: Jobs_CreateJob ``job``, Jobs_UpdateJob ``job``, Jobs_TerminateJob ``parameters``,
 #: Tasks_CreateTaskCollection ``taskCollection``).
@@ -201,7 +202,8 @@ ANSWER_MODELS = {"list_jobs": "BatchJobListResult", "get_job": "BatchJob",
                  "add_task_collection": "BatchCreateTaskCollectionResult",
                  "get_task_counts": "BatchTaskCountsResult", "list_tasks": "BatchTaskListResult",
                  "get_task": "BatchTask", "get_pool": "BatchPool",
-                 "list_node_counts": "BatchPoolNodeCountsListResult"}
+                 "list_node_counts": "BatchPoolNodeCountsListResult",
+                 "list_nodes": "BatchNodeListResult"}
 #: Every error answer: "default": {"schema": {"$ref": "#/definitions/BatchError"}}.
 ERROR_MODEL = "BatchError"
 
@@ -420,6 +422,8 @@ class PeerTask:
     run_end: datetime | None = None
     run_kind: str | None = None
     run_exit: int | None = None
+    #: When Batch last requeued it (its node was preempted: :meth:`BatchPeer.preempt_task`).
+    requeued: datetime | None = None
 
     def __post_init__(self) -> None:
         if self.state_changed is None:
@@ -501,6 +505,18 @@ class PeerJob:
 
 
 @dataclass
+class PeerNode:
+    """A compute node, kept only for preemption (``GET /pools/{id}/nodes``): its state,
+    when it entered it, and the (job id, task id) pairs of its ``recentTasks``."""
+
+    id: str
+    state: str
+    state_changed: datetime
+    is_dedicated: bool = False
+    recent_tasks: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
 class PeerPool:
     """A pool: its sizes and node counts (dedicated and low priority) by state."""
 
@@ -519,6 +535,8 @@ class PeerPool:
     #: one, else its ``type`` and ``containerImageNames``.
     container_type: str | None = None
     container_images: tuple[str, ...] = ()
+    #: Compute nodes the peer keeps (only those :meth:`BatchPeer.preempt_task` made).
+    nodes: dict[str, PeerNode] = field(default_factory=dict)
     #: ``resizeErrors`` of the last resize, (code, message) each; answered only while
     #: the pool is steady ("set only if one or more errors occurred during the last Pool
     #: resize, and only when the Pool allocationState is Steady", BatchPool).
@@ -870,6 +888,51 @@ class BatchPeer:
                 self._move(job, task, state, now)
             self._settle(job, now)
 
+    def preempt_task(self, job_id: str, task_id: str, node_id: str | None = None) -> str:
+        """Preempt the Spot/low-priority node a running task is on, as the service does
+        ("Tasks which were running on the Compute Node when it was preempted will be
+        rescheduled when another Compute Node becomes available", BatchNodeState
+        ``preempted`` in the spec): the node (``node_id``, else a new one) enters the
+        ``preempted`` state with the task in its ``recentTasks``, the pool's
+        ``lowPriority.preempted`` count follows, and the task is requeued: ``active``
+        again (in runner mode it runs again after ``delay``). Its ``retryCount`` and
+        ``requeueCount`` stay as they were: the spec counts retries after a non-zero
+        exit and requeues "as the result of a user request" (a pool shrunk or a job
+        disabled with ``requeue``), and a preemption is neither. Returns the node id."""
+        with self._lock:
+            self._advance()
+            job = self._jobs[job_id.lower()]
+            task = job.tasks[task_id.lower()]
+            if task.state not in ("running", "preparing"):
+                raise ValueError(f"task {task_id} is {task.state}, not on a node")
+            pool = self._pools[(job.pool or "").lower()]
+            now = self._clock()
+            node_id = node_id or f"tvm-spot-{len(pool.nodes) + 1}"
+            node = pool.nodes.get(node_id.lower())
+            if node is None:
+                node = pool.nodes[node_id.lower()] = PeerNode(node_id, "preempted", now)
+            node.state, node.state_changed = "preempted", now
+            node.recent_tasks = [*node.recent_tasks, (job.id, task.id)][-10:]
+            pool.low_priority["preempted"] = sum(
+                1 for n in pool.nodes.values() if n.state == "preempted")
+            pool.low_priority["total"] = max(pool.low_priority.get("total", 0),
+                                             pool.low_priority["preempted"])
+            task.start_time = None
+            task.run_end = task.run_kind = None
+            task.requeued = now
+            self._move(job, task, "active", now)
+            return node.id
+
+    def restore_node(self, pool_id: str, node_id: str) -> None:
+        """Capacity is back: the preempted node is ``idle`` again (its id kept,
+        "reinitialized", batch-spot-vms)."""
+        with self._lock:
+            pool = self._pools[pool_id.lower()]
+            node = pool.nodes[node_id.lower()]
+            node.state, node.state_changed = "idle", self._clock()
+            pool.low_priority["preempted"] = sum(
+                1 for n in pool.nodes.values() if n.state == "preempted")
+
     def record(self) -> dict[str, Any]:
         """Everything accepted, as JSON-ready data (jobs with their tasks, outcomes)."""
         with self._lock:
@@ -940,6 +1003,10 @@ class BatchPeer:
                 return "get_task", (job_id, task_id)
             case ["pools", pool_id] if method == "GET":
                 return "get_pool", (pool_id,)
+            case ["pools", pool_id, "nodes"] if method == "GET":
+                return "list_nodes", (pool_id,)
+            case ["jobs", job_id, "tasks", task_id, "terminate"] if method == "POST":
+                return "terminate_task", (job_id, task_id)
             case ["nodecounts"] if method == "GET":
                 return "list_node_counts", ()
         raise PeerError(400, "InvalidUri", f"The requested URI {method} {path} does not "
@@ -1310,6 +1377,65 @@ class BatchPeer:
                                     for code, message in pool.resize_errors]
         return 200, _select(data, params), {}
 
+    def _op_list_nodes(self, pool_id: str, params: Mapping[str, str],
+                       body: bytes) -> tuple[int, Any, dict[str, str]]:
+        """``GET /pools/{id}/nodes`` ("Nodes_ListNodes"): ``$filter`` over the "List
+        nodes in a pool" properties of "OData filters in Batch" (:data:`NODE_FILTERS`),
+        ``$select``, ``maxresults`` 1..1000. Only nodes :meth:`preempt_task` made exist;
+        ``recentTasks`` entries carry each task's current state and execution info."""
+        pool = self._pools.get(pool_id.lower())
+        if pool is None:
+            raise PeerError(404, "PoolNotFound", "The specified pool does not exist.")
+        text = params.get("$filter")
+        keep = _compile_filter(text, NODE_FILTERS) if text else None
+        items: list[dict[str, Any]] = []
+        for index, node in enumerate(pool.nodes.values()):
+            recent: list[dict[str, Any]] = []
+            for job_id, task_id in node.recent_tasks:
+                job = self._jobs.get(job_id.lower())
+                task = job.tasks.get(task_id.lower()) if job is not None else None
+                if job is None or task is None:
+                    continue
+                info: dict[str, Any] = {
+                    "taskUrl": f"{self._base()}/jobs/{job.id}/tasks/{task.id}",
+                    "jobId": job.id, "taskId": task.id, "taskState": task.state}
+                execution = self._task_json(job, task).get("executionInfo")
+                if execution is not None:
+                    info["executionInfo"] = execution
+                recent.append(info)
+            item: dict[str, Any] = {
+                "id": node.id, "url": f"{self._base()}/pools/{pool.id}/nodes/{node.id}",
+                "state": node.state, "schedulingState": "enabled",
+                "stateTransitionTime": _rfc3339(node.state_changed),
+                "lastBootTime": _rfc3339(pool.created),
+                "allocationTime": _rfc3339(pool.created),
+                "ipAddress": f"10.0.0.{4 + index}", "vmSize": pool.vm_size,
+                "totalTasksRun": len(recent), "runningTasksCount": 0,
+                "runningTaskSlotsCount": 0, "totalTasksSucceeded": 0,
+                "isDedicated": node.is_dedicated}
+            if recent:
+                item["recentTasks"] = recent
+            if keep is None or keep(item):
+                items.append(item)
+        return 200, self._page(items, params, f"/pools/{pool.id}/nodes", 1000,
+                               limit=1000), {}
+
+    def _op_terminate_task(self, job_id: str, task_id: str, params: Mapping[str, str],
+                           body: bytes) -> tuple[int, Any, dict[str, str]]:
+        """``POST /jobs/{id}/tasks/{id}/terminate`` ("Tasks_TerminateTask": "When the Task
+        has been terminated, it moves to the completed state"): 204; a completed task is
+        409 ``TaskCompleted``."""
+        job = self._need_job(job_id)
+        task = job.tasks.get(task_id.lower())
+        if task is None:
+            raise PeerError(404, "TaskNotFound", "The specified task does not exist.")
+        if task.state == "completed":
+            raise PeerError(409, "TaskCompleted", "The specified task is already completed.")
+        now = self._clock()
+        self._complete(job, task, now, kind="job_terminated", exit_code=None)
+        self._settle(job, now)
+        return 204, None, {}
+
     def _op_list_node_counts(self, params: Mapping[str, str],
                              body: bytes) -> tuple[int, Any, dict[str, str]]:
         wanted = _pool_filter(params.get("$filter"))
@@ -1512,6 +1638,7 @@ class BatchPeer:
                     ready = self._deps_ready(job, task)
                     if ready is not None:
                         start = max(ready, task.created, self._runner_since,
+                                    task.requeued or task.created,
                                     pool.created if pool else ready) + delay
                         events.append((start, order, task))
                 elif task.state in ("running", "preparing") and task.run_end is not None:
@@ -1638,7 +1765,7 @@ class BatchPeer:
         if task.previous_state is not None and task.previous_changed is not None:
             out["previousState"] = task.previous_state
             out["previousStateTransitionTime"] = _rfc3339(task.previous_changed)
-        if task.state == "completed" or task.start_time is not None:
+        if task.state == "completed" or task.start_time is not None or task.requeued:
             info: dict[str, Any] = {"retryCount": task.retry_count, "requeueCount": 0}
             if task.start_time is not None:
                 info["startTime"] = _rfc3339(task.start_time)
@@ -2154,6 +2281,11 @@ JOB_FILTERS: dict[str, tuple[frozenset[str], str]] = {
     "executionInfo/poolId": (_ALL_OPS, "string"),
 }
 #: The "List tasks" properties of the same page.
+#: The "List nodes in a pool" properties of the same page (those the peer keeps).
+NODE_FILTERS: dict[str, tuple[frozenset[str], str]] = {
+    "state": (_EQ_OPS, "string"),
+    "stateTransitionTime": (_CMP_OPS, "datetime"),
+}
 TASK_FILTERS: dict[str, tuple[frozenset[str], str]] = {
     "id": (_ALL_OPS, "string"),
     "state": (_EQ_OPS, "string"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal, Protocol
 
 from handlers.base import JobSpec, TaskSpec
@@ -236,6 +236,33 @@ class BackendStats:
     pools: dict[str, PoolCapacity] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Preemption:
+    """A task that was running on a Spot/low-priority node when the node was preempted
+    (Batch requeues such tasks; see worker/preemption.py).
+
+    ``at`` is when the node entered the ``preempted`` state: with ``node_id`` it names
+    one preemption, so a node seen preempted by several polls counts once."""
+
+    pool: str
+    node_id: str
+    at: datetime | None
+    job_id: str
+    task_id: str
+
+    @property
+    def key(self) -> str:
+        when = self.at.astimezone(UTC).strftime("%Y%m%dT%H%M%S.%f") if self.at else "-"
+        return f"{self.node_id}@{when}"
+
+
+#: What :meth:`Backend.move_task` did: this call copied the task to the companion job
+#: (``moved``) or found the copy there already (``exists``: an earlier attempt or another
+#: replica made it), the task had ended by itself first (``finished``), it is still
+#: being ended (``pending``: ask again), or its job cannot lose a task (``unmovable``).
+MoveResult = Literal["moved", "exists", "finished", "pending", "unmovable"]
+
+
 class Backend(Protocol):
     """A batch engine. Methods raise ``SystemFault`` for transient failures,
     ``ConfigFault`` for configuration ones and ``BatchRejected`` for invalid input."""
@@ -342,6 +369,21 @@ class Backend(Protocol):
         ``stderr.txt``), read with a range read; None where there is none."""
         ...
 
+    # -- Spot preemption (worker/preemption.py) -------------------------------------------
+
+    def preempted_tasks(self, pool: str) -> list[Preemption]:
+        """The tasks that were running on the pool's nodes now in the ``preempted`` state
+        (Azure: one ``$filter``ed, ``$select``ed listing of the pool's nodes); none on a
+        backend without preemption (the local executor)."""
+        ...
+
+    def move_task(self, job_id: str, task_id: str, *, to_job: str, pool: str,
+                  metadata: dict[str, str]) -> MoveResult:
+        """End the task in its job and add a copy of it (same id) to ``to_job`` on
+        ``pool``, created with ``metadata`` if missing. Idempotent: a task already
+        copied is not copied again, whichever replica asks."""
+        ...
+
     def close(self) -> None:
         """Release clients and, for the local executor, stop running tasks."""
         ...
@@ -376,3 +418,8 @@ META_WINDOW = "fanout-window"
 META_SEAL_AT = "fanout-seal-at"
 #: A cost tag of the message (``job.tags``): ``fanout-tag-<key>`` holds its value.
 META_TAG_PREFIX = "fanout-tag-"
+#: Spot preemptions of the job's tasks, as compact JSON (worker/preemption.py).
+META_PREEMPTION = "fanout-preemption"
+#: On a companion job (tasks moved to a dedicated pool after preemptions): the id of
+#: the job its tasks came from, which reports for both.
+META_MOVED_FROM = "fanout-moved-from"

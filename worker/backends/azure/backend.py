@@ -35,7 +35,9 @@ from worker.backends.base import (
     JobState,
     JobStatus,
     JobUsage,
+    MoveResult,
     PoolCapacity,
+    Preemption,
     ResizeError,
     TaskCounts,
 )
@@ -482,6 +484,122 @@ class AzureBatchBackend:
         data = self._storage.read_tail(ref, max_bytes)
         return None if data is None else data.decode("utf-8", errors="replace")
 
+    # -- Spot preemption (worker/preemption.py) -------------------------------------
+
+    def preempted_tasks(self, pool: str) -> list[Preemption]:
+        """One ``GET /pools/{pool}/nodes`` with ``$filter=state eq 'preempted'`` (the
+        list-nodes filter allows ``eq`` on ``state``) and ``$select`` (one page per
+        1,000 preempted nodes): the tasks each preempted node's ``recentTasks`` names
+        that had not ended before the node entered the state (see
+        :func:`_preempted`). A pool that is gone has none."""
+        try:
+            nodes = self._rest.get_pages(
+                path("pools", pool, "nodes"),
+                {"$filter": "state eq 'preempted'",
+                 "$select": "id,state,stateTransitionTime,recentTasks",
+                 "maxresults": MAX_RESULTS})
+        except ServiceError as err:
+            if err.status == 404:
+                return []
+            raise classify(err, what=f"list preempted nodes of pool {pool}") from None
+        return [event for node in nodes for event in _preempted(pool, node)]
+
+    def move_task(self, job_id: str, task_id: str, *, to_job: str, pool: str,
+                  metadata: dict[str, str]) -> MoveResult:
+        """End the task in its job (``POST .../tasks/{id}/terminate``) and add a copy of
+        it (``GET`` the task, keep its create properties) to ``to_job``, created on
+        ``pool`` with the job's priority and constraints when missing (``JobExists``
+        and ``TaskExists`` mean another attempt or replica did it). ``unmovable`` for a
+        job that uses task dependencies or whose ``onTaskFailure`` is not ``noaction``;
+        ``finished`` when the task ended by itself before it was ended here;
+        ``pending`` while the terminate has not completed it yet."""
+        try:
+            job = self._rest.call("GET", path("jobs", job_id), params={
+                "$select": "id,state,usesTaskDependencies,onTaskFailure,priority,constraints"}
+                ).body or {}
+        except ServiceError as err:
+            if err.status == 404:
+                return "unmovable"
+            raise classify(err, what=f"get job {job_id}") from None
+        if job.get("usesTaskDependencies") or str(
+                job.get("onTaskFailure") or "noaction").lower() != "noaction":
+            return "unmovable"
+        task = self._get_task(job_id, task_id)
+        if task is None:
+            return "unmovable"
+        if task.get("state") != "completed":
+            try:
+                self._rest.call("POST", path("jobs", job_id, "tasks", task_id, "terminate"))
+            except ServiceError as err:
+                if err.status == 404:
+                    return "unmovable"
+                if err.code != "TaskCompleted" and err.status != 409:
+                    raise classify(err, what=f"terminate task {task_id} of job {job_id}"
+                                   ) from None
+            task = self._get_task(job_id, task_id)
+            if task is None:
+                return "unmovable"
+            if task.get("state") != "completed":
+                return "pending"
+        info = task.get("executionInfo") or {}
+        if str(info.get("result") or "").lower() == "success" or wire.failure_category(
+                info, task.get("constraints"))[0] != "cancelled":
+            return "finished"
+        self._companion(to_job, pool, job, metadata)
+        copy = {k: v for k, v in task.items() if k in _TASK_COPY}
+        try:
+            reply = self._rest.call("POST", path("jobs", to_job, "addtaskcollection"),
+                                    body=_dumps({"value": [copy]}))
+        except ServiceError as err:
+            raise self._job_fault(err, f"add task {task_id} to job {to_job}") from None
+        items = (reply.body or {}).get("value") or []
+        for item in items:
+            status = str(item.get("status", "")).lower()
+            code, message = wire.error_parts(item.get("error"))
+            if status == "success":
+                continue
+            if code == "TaskExists":
+                return "exists"
+            transient = status == "servererror" or code in wire.TRANSIENT_CODES
+            fault = SystemFault if transient else BatchRejected
+            raise fault(f"add task {task_id} to job {to_job}: {code}: {message}")
+        if not items:
+            raise SystemFault(f"add task {task_id} to job {to_job}: no answer for it")
+        log.info("batch.task_moved", job_id=job_id, task_id=task_id, to_job=to_job, pool=pool)
+        return "moved"
+
+    def _get_task(self, job_id: str, task_id: str) -> dict[str, Any] | None:
+        try:
+            reply = self._rest.call("GET", path("jobs", job_id, "tasks", task_id))
+        except ServiceError as err:
+            if err.status == 404:
+                return None
+            raise classify(err, what=f"get task {task_id} of job {job_id}") from None
+        return dict(reply.body or {})
+
+    def _companion(self, job_id: str, pool: str, original: dict[str, Any],
+                   metadata: dict[str, str]) -> None:
+        """Create the companion job (no action when its tasks complete: the monitor
+        seals it once its original is terminal); ``JobExists`` is fine."""
+        body: dict[str, Any] = {
+            "id": job_id, "poolInfo": {"poolId": pool}, "onAllTasksComplete": "noaction",
+            "priority": int(original.get("priority") or 0),
+            "metadata": [{"name": k, "value": v} for k, v in metadata.items()]}
+        limits = {k: v for k, v in (original.get("constraints") or {}).items()
+                  if k in ("maxWallClockTime", "maxTaskRetryCount")}
+        if limits:
+            body["constraints"] = limits
+        try:
+            self._rest.call("POST", "/jobs", body=_dumps(body))
+        except ServiceError as err:
+            if err.code != "JobExists":
+                raise classify(err, what=f"create job {job_id}") from None
+            return
+        self._remember_pool(job_id, pool)
+        with self._lock:
+            self._pools.setdefault(pool, None)
+        log.info("batch.job_created", job_id=job_id, pool=pool, companion_of=original.get("id"))
+
     def close(self) -> None:
         self._rest.close()
         close = getattr(self._credential, "close", None)
@@ -743,6 +861,35 @@ class AzureBatchBackend:
                 capacity.pending += counts["active"]
                 capacity.running += counts["running"]
         stats.job_tasks = totals
+
+
+#: The task properties a moved task's copy keeps (those Tasks_CreateTaskCollection
+#: takes; its dependencies are none: only jobs without dependencies lose tasks).
+_TASK_COPY = frozenset({"id", "displayName", "commandLine", "containerSettings",
+                        "resourceFiles", "outputFiles", "environmentSettings", "constraints",
+                        "requiredSlots", "exitConditions", "userIdentity",
+                        "applicationPackageReferences"})
+
+
+def _preempted(pool: str, node: dict[str, Any]) -> list[Preemption]:
+    """The tasks a preempted node was running: its ``recentTasks`` not completed, or
+    completed after the node entered ``preempted`` (requeued, then run elsewhere)."""
+    if str(node.get("state") or "").lower() != "preempted":
+        return []
+    at = wire.parse_time(node.get("stateTransitionTime"))
+    found: list[Preemption] = []
+    for item in node.get("recentTasks") or []:
+        if not isinstance(item, dict) or not item.get("jobId") or not item.get("taskId"):
+            continue
+        if item.get("subtaskId") not in (None, 0):
+            continue  # a multi-instance subtask: its task is counted once
+        if str(item.get("taskState") or "").lower() == "completed":
+            ended = wire.parse_time((item.get("executionInfo") or {}).get("endTime"))
+            if at is None or ended is None or ended < at:
+                continue
+        found.append(Preemption(pool=pool, node_id=str(node.get("id")), at=at,
+                                job_id=str(item["jobId"]), task_id=str(item["taskId"])))
+    return found
 
 
 def make_credential(batch: BatchConfig) -> AzureNamedKeyCredential | TokenCredential:

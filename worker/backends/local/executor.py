@@ -52,7 +52,9 @@ from worker.backends.base import (
     JobState,
     JobStatus,
     JobUsage,
+    MoveResult,
     PoolCapacity,
+    Preemption,
     TaskCounts,
 )
 from worker.backends.local import container as containers
@@ -254,6 +256,15 @@ class LocalBackend:
     def update_job_metadata(self, job_id: str, metadata: dict[str, str]) -> None:
         """Replace the job's metadata (completed jobs too)."""
         self.store.update_metadata(job_id, metadata)
+
+    def preempted_tasks(self, pool: str) -> list[Preemption]:
+        """None: this machine is never preempted (the monitor counts zero)."""
+        return []
+
+    def move_task(self, job_id: str, task_id: str, *, to_job: str, pool: str,
+                  metadata: dict[str, str]) -> MoveResult:
+        """Nothing to move to: the local executor has one pool and no preemption."""
+        return "unmovable"
 
     def task_log_tail(self, job_id: str, task_id: str, name: str = "stderr.txt",
                       max_bytes: int = 4096) -> str | None:
