@@ -528,12 +528,15 @@ def _job_detail(settings: Settings, backend: Any, job: Any) -> dict[str, Any]:
     from worker.backends.base import TaskCounts
     from worker.events import JobReport, build_event
     from worker.monitor import collect_failed
+    from worker.preemption import report_json
 
     counts = _backend_call(lambda: backend.task_counts(job.id)) or TaskCounts()
     failed = _backend_call(lambda: collect_failed(
         backend, job, counts, limit=settings.events.max_failed_tasks,
         tail_bytes=settings.events.stderr_tail_bytes))
-    report = JobReport(job=job, counts=counts, failed=failed)
+    report = JobReport(job=job, counts=counts, failed=failed,
+                       preemptions=report_json(job.id, job.metadata,
+                                               settings.preemption.dedicated_pool))
     data: dict[str, Any] = build_event(report, source=settings.events.source)["data"]
     data["state"] = job.state
     data["counts"] = {"active": counts.active, "running": counts.running,
@@ -559,6 +562,10 @@ def _print_detail(d: dict[str, Any]) -> None:
         f"{d['counts']['active']} waiting")
     if d["duration_seconds"] is not None:
         say(f"duration  {d['duration_seconds']:.1f} s ({d['start_time']} to {d['end_time']})")
+    if d.get("preemptions"):
+        from worker.preemption import summary_line
+
+        say(f"preempted {summary_line(d['preemptions'])}")
     if d["failed_tasks"]:
         say("failed tasks")
     for f in d["failed_tasks"]:

@@ -159,21 +159,38 @@ class PreemptionState:
                 "companion_pool": pool if self.moved else None}
 
 
-def summary(job_id: str, metadata: Mapping[str, str]) -> str | None:
-    """One line for ``fanout status JOB``; None for a job never preempted."""
+def report_json(job_id: str, metadata: Mapping[str, str],
+                dedicated_pool: str | None) -> dict[str, Any] | None:
+    """``data.preemptions`` from the job's metadata (for ``fanout status JOB``, while the
+    job runs too); None for a job never preempted."""
     state = PreemptionState.load(metadata)
     if not state.total and not state.moved:
         return None
-    top = sorted(state.tasks.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
-    text = f"{state.total} preemption{'s' if state.total != 1 else ''}"
+    return state.event_json(companion_id(job_id), dedicated_pool)
+
+
+def summary_line(data: Mapping[str, Any]) -> str:
+    """``data.preemptions`` in one line, as ``fanout status JOB`` prints it."""
+    total = int(data.get("total") or 0)
+    tasks = dict(data.get("tasks") or {})
+    top = list(tasks.items())[:5]
+    text = f"{total} preemption{'s' if total != 1 else ''}"
     if top:
+        more = len(tasks) > len(top) or data.get("tasks_omitted")
         text += " (" + ", ".join(f"task {t}: {n}" for t, n in top)
-        text += ", ..." if len(state.tasks) > len(top) else ""
-        text += ")"
-    if state.moved:
-        text += (f"; {len(state.moved)} task{'s' if len(state.moved) != 1 else ''} moved to "
-                 f"{companion_id(job_id)}")
+        text += ", ...)" if more else ")"
+    moved = list(data.get("moved") or [])
+    if moved:
+        text += (f"; {len(moved)} task{'s' if len(moved) != 1 else ''} moved to "
+                 f"{data.get('companion_job')} on {data.get('companion_pool') or '?'}")
     return text
+
+
+def summary(job_id: str, metadata: Mapping[str, str],
+            dedicated_pool: str | None = None) -> str | None:
+    """The status line of a job's preemptions; None for a job never preempted."""
+    data = report_json(job_id, metadata, dedicated_pool)
+    return None if data is None else summary_line(data)
 
 
 @dataclass(slots=True)

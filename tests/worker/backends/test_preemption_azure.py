@@ -13,16 +13,19 @@ import asyncio
 import json
 from collections import Counter
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
 from azure.core.credentials import AzureNamedKeyCredential
+from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
 from handlers.base import JobSpec, TaskSpec
 from tests.fakes.batch_peer import BatchPeer
 from worker.backends.azure import AzureBatchBackend
+from worker.cli import main
 from worker.config import EventsConfig, JobsConfig, PreemptionConfig
 from worker.events import schema
 from worker.metrics import Metrics
@@ -122,7 +125,8 @@ def test_requeued_task_keeps_its_counters(spot_peer: BatchPeer) -> None:
         node = preempt(spot_peer, "sweep-p0", "1")
         task = spot_peer.task_json("sweep-p0", "1")
         assert task["state"] == "active"
-        assert (task["executionInfo"]["retryCount"], task["executionInfo"]["requeueCount"]) == (0, 0)
+        info = task["executionInfo"]
+        assert (info["retryCount"], info["requeueCount"]) == (0, 0)
         (found,) = backend.preempted_tasks("fanout")
         assert (found.node_id, found.job_id, found.task_id, found.pool) == (
             node, "sweep-p0", "1", "fanout")
@@ -136,10 +140,11 @@ def test_requeued_task_keeps_its_counters(spot_peer: BatchPeer) -> None:
     assert spot_peer.undocumented == []
 
 
-def test_counts_in_metric_event_and_status(spot_peer: BatchPeer) -> None:
+def test_counts_in_metric_event_and_status(spot_peer: BatchPeer, tmp_path: Path) -> None:
     """Task 1 preempted twice (two nodes), task 3 once: the job's metadata, the pool
-    metric, the completion event and the status line count 3; a node still preempted
-    at the next polls counts once; a job never preempted has no ``preemptions``."""
+    metric, ``fanout status JOB`` and the completion event count 3; a node still
+    preempted at the next polls counts once; a job never preempted has no
+    ``preemptions``."""
     backend = backend_for(spot_peer)
     sink = Sink()
     monitor = monitor_for(backend, sink)
@@ -158,6 +163,15 @@ def test_counts_in_metric_event_and_status(spot_peer: BatchPeer) -> None:
         assert registry.get_sample_value("fanout_tasks_preempted_total", {"pool": "fanout"}) == 3
         line = summary("sweep-p1", {"fanout-preemption": state.dump()})
         assert line == "3 preemptions (task 1: 2, task 3: 1)"
+        config = tmp_path / "fanout.toml"
+        config.write_text(f'home = "{tmp_path / "home"}"\n[batch]\naccount_url = "{spot_peer.url}"'
+                          f'\naccount_name = "{spot_peer.account}"\npool = "fanout"\n')
+        cli = CliRunner(env={"FANOUT_BATCH__ACCOUNT_KEY": spot_peer.key})
+        shown = cli.invoke(main, ["--config", str(config), "status", "sweep-p1"])
+        assert shown.exit_code == 0, shown.output
+        assert "preempted 3 preemptions (task 1: 2, task 3: 1)" in shown.output
+        calm = cli.invoke(main, ["--config", str(config), "status", "sweep-calm"])
+        assert calm.exit_code == 0 and "preempted" not in calm.output
         finish(spot_peer, "sweep-p1")
         finish(spot_peer, "sweep-calm")
         poll(monitor)
