@@ -22,9 +22,9 @@ the submit span: the report is the end of the same story (and the completion eve
 it publishes carries the context on), whichever replica reports it, however long
 the job ran.
 
-Spans that the Azure SDKs start with no fanout span around them (the pollers, the
-readiness probe, Service Bus receive calls that return nothing) are not sampled:
-tracing follows work, not the idle loops.
+Client spans that the Azure SDKs start with no span around them (the pollers, the
+readiness probe, Service Bus receive calls) are not sampled: tracing follows work,
+not the idle loops.
 """
 
 from __future__ import annotations
@@ -274,8 +274,9 @@ def otlp_endpoint(endpoint: str | None) -> str | None:
 
 
 def work_sampler(ratio: float) -> Sampler:
-    """Parent based with ``ratio`` for new traces, dropping the Azure SDKs' root spans:
-    an SDK call outside any fanout span is a poll or a probe, not work."""
+    """Parent based with ``ratio`` for new traces, dropping client spans that start a
+    trace: an Azure SDK call (every one is a ``CLIENT`` span) outside any other span is
+    a poll, a probe or an empty receive, not work."""
     from opentelemetry.sdk.trace.sampling import (
         Decision,
         ParentBased,
@@ -292,7 +293,7 @@ def work_sampler(ratio: float) -> Sampler:
                           attributes: Any = None, links: Sequence[Any] | None = None,
                           trace_state: Any = None) -> SamplingResult:
             parent = trace.get_current_span(parent_context).get_span_context()
-            if not parent.is_valid and not name.startswith("fanout."):
+            if not parent.is_valid and kind == SpanKind.CLIENT:
                 return SamplingResult(Decision.DROP)
             return inner.should_sample(parent_context, trace_id, name, kind, attributes,
                                        links, trace_state)
