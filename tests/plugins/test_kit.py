@@ -192,7 +192,7 @@ def test_settings_ignore_the_environment_and_the_working_directory(
     assert make_settings(home=tmp_path / "h").home == tmp_path / "h"
 
 
-def test_the_default_home_is_not_written(tmp_path: Path) -> None:
+def test_planning_writes_nothing_under_home(tmp_path: Path) -> None:
     kit = harness({"checksum": ChecksumHandler()}, home=tmp_path / "home")
     kit.build("checksum", {"inputs": INPUTS})
     assert not (tmp_path / "home").exists()
