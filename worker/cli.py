@@ -334,13 +334,20 @@ def _duration(value: Any) -> float | None:
               help="Live progress until the job (or every listed job) ends.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--limit", default=20, show_default=True, help="How many recent jobs.")
+@click.option("--pools", "pools", is_flag=True,
+              help="The pools instead: slots, pending tasks, resize errors, and whether "
+                   "admission waits for capacity (and why).")
 @pass_ctx
-def status(ctx: Ctx, job_id: str | None, watch: bool, as_json: bool, limit: int) -> None:
+def status(ctx: Ctx, job_id: str | None, watch: bool, as_json: bool, limit: int,
+           pools: bool) -> None:
     """fanout's jobs and their task counts; with JOB (a job id or an idempotency
     key), that job's outcome, failed tasks (category, exit code, stderr tail) and
     outputs. ``--watch JOB`` returns when the job ends: exit 0 if it succeeded, 4 if
-    it failed, was cancelled or timed out."""
+    it failed, was cancelled or timed out. ``--pools``: each pool's capacity."""
     with _backend(ctx) as backend:
+        if pools:
+            _status_pools(ctx, backend, as_json=as_json)
+            return
         if job_id:
             _status_one(ctx, backend, job_id, watch=watch, as_json=as_json)
             return
@@ -581,6 +588,42 @@ def _print_detail(d: dict[str, Any]) -> None:
         say(f"  ... and {d['failed_tasks_omitted']} more failed tasks")
     for o in d["outputs"]:
         say(f"output    {o['name']}: {o['location']}")
+
+
+def _status_pools(ctx: Ctx, backend: Any, *, as_json: bool) -> None:
+    """``status --pools``: one stats read (the metrics poll's requests), each pool as
+    admission sees it (worker/admission.py) under ``admission.max_backlog_per_slot``."""
+    from worker.admission import WAITING, views
+
+    limit = ctx.settings.admission.max_backlog_per_slot
+    found = views(_backend_call(backend.stats), limit)
+    if as_json:
+        click.echo(json.dumps([v.as_json() for v in found], indent=2))
+        return
+    if not found:
+        out.print("no pools to report")
+        return
+    waiting = [v for v in found if v.wait is not None]
+    out.print(f"{WAITING}: " + "; ".join(v.wait.text() for v in waiting if v.wait)
+              if waiting else "admitting work" + ("" if limit is not None else
+                                                  " (admission.max_backlog_per_slot is not set)"),
+              markup=False, highlight=False)
+    table = Table("pool", "slots", "pending", "running", "per slot", "nodes", "allocation",
+                  "status")
+    for v in found:
+        cap = v.capacity
+        nodes = ", ".join(f"{state} {n}" for state, n in sorted(cap.nodes.items()) if n)
+        per = "-" if v.per_slot is None else f"{v.per_slot:.2f}"
+        alloc = cap.allocation_state + (" (autoscale)" if cap.autoscale else "") + \
+            f" {cap.current}/{cap.target}"
+        state = "ok" if v.wait is None else f"{WAITING}: {v.wait.reason}: {v.wait.detail}"
+        table.add_row(v.pool, str(v.slots), str(v.pending), str(v.running), per,
+                      nodes or "none", alloc, state)
+    out.print(table)
+    for v in found:
+        for e in v.resize_errors:
+            out.print(f"resize error  {v.pool}  {e.code}: {e.message}", markup=False,
+                      highlight=False)
 
 
 def _status_json(job: JobStatus) -> dict[str, Any]:

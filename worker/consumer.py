@@ -110,6 +110,8 @@ class Consumer:
         self._probe_delay = 0.0  # the first probe runs at once
         self._cancel = threading.Event()  # tells submitter threads to give up
         self._handled = 0
+        #: Receive calls in flight (admission: a pause stops the next ones).
+        self.receiving = 0
 
     @property
     def stopping(self) -> bool:
@@ -157,7 +159,11 @@ class Consumer:
                 if self.admission is not None and self.admission.paused:
                     await self._wait_admitted(name)
                     continue
-                messages = await self._receive()
+                self.receiving += 1  # a receive begun before a pause still takes its message
+                try:
+                    messages = await self._receive()
+                finally:
+                    self.receiving -= 1
                 self.health.beat(name)
                 for msg in messages:
                     if self.stopping:
