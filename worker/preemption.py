@@ -299,7 +299,11 @@ class Preemptions:
             return Fold(counts, failed, state.event_json(companion_job,
                                                          self.config.dedicated_pool))
         if other.state != "completed":
+            if other.state != "active":
+                return None  # terminating (or disabled by someone): wait for its end
             if job.terminate_reason not in (None, REASON_ALL_COMPLETE):
+                # the original was cancelled, timed out or ended otherwise: so is its
+                # companion, with the same reason
                 await self._call(result, "terminate_job", self.backend.terminate_job,
                                  companion_job, job.terminate_reason or REASON_CANCELLED)
             elif not other.sealed:
