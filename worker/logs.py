@@ -24,6 +24,8 @@ _SECRET_PATTERNS = [
     # Connection-string style secrets.
     (re.compile(r"(?i)((?:AccountKey|SharedAccessKey|SharedAccessSignature|"
                 r"SharedAccessKeyName)=)[^;\s\"']+"), r"\1REDACTED"),
+    # An Application Insights connection string's key ([tracing] azure_monitor).
+    (re.compile(r"(?i)(InstrumentationKey=)[^;\s\"']+"), r"\1REDACTED"),
     # Authorization headers.
     (re.compile(r"(?i)(SharedKey(?:Lite)?\s+[^:\s]+:)[A-Za-z0-9+/=]+"), r"\1REDACTED"),
     (re.compile(r"(?i)(Bearer\s+)[A-Za-z0-9\-_.~+/=]+"), r"\1REDACTED"),

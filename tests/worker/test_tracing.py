@@ -246,3 +246,31 @@ def test_stamp_wraps_the_lazy_task_stream_without_touching_shared_dicts() -> Non
     assert [t.environment for t in tasks] == [{"A": "1", TRACEPARENT: value}] * 2
     assert shared == {"A": "1"}
     tracing.close()
+
+
+def test_an_application_insights_key_is_redacted_from_logs() -> None:
+    from worker.logs import redact
+
+    conn = "InstrumentationKey=0f1e2d3c-aaaa-bbbb-cccc-000000000000;IngestionEndpoint=https://x/"
+    assert "0f1e2d3c" not in redact(f"exporter failed for {conn}")
+
+
+def test_setup_builds_a_sampled_provider_and_close_undoes_the_sdk_plugin(
+        make_settings: Callable[..., Settings]) -> None:
+    from azure.core.settings import settings as azure_settings
+
+    from .tracing_support import session_provider
+
+    session_provider()  # installed first: setup() must not make its own provider global
+    tracing = tracing_mod.setup(make_settings(tracing={
+        "enabled": True, "exporter": "none", "sample_ratio": 0.0}).tracing)
+    try:
+        assert tracing.enabled and tracing.provider is not None
+        assert azure_settings.tracing_implementation() is not None
+        with tracing.span("fanout.process") as span:
+            assert not span.is_recording()  # ratio 0: new traces are not recorded
+        with tracing.span("fanout.process", parent=extract({"traceparent": PRODUCER})) as span:
+            assert span.is_recording()  # the producer sampled it: parent based
+    finally:
+        tracing.close()
+    assert azure_settings.tracing_implementation() is None
