@@ -316,3 +316,81 @@ def test_companion_id_fits_batch_ids() -> None:
     long = "sweep-" + "a" * 58
     made = companion_id(long)
     assert len(made) == 64 and made.endswith("-dp") and made != companion_id(long[:-1] + "b")
+
+
+def seed_state(peer: BatchPeer, job_id: str, state: PreemptionState) -> None:
+    """The job's fanout-preemption as a replica killed midway left it."""
+    job = peer.job(job_id)
+    assert job is not None
+    meta = [m for m in job.body.get("metadata") or [] if m["name"] != "fanout-preemption"]
+    job.body["metadata"] = [*meta, {"name": "fanout-preemption", "value": state.dump()}]
+
+
+def test_a_move_cut_short_after_the_terminate_is_finished(spot_peer: BatchPeer) -> None:
+    """A replica wrote the intent, ended task 1 and died: the job has completed
+    meanwhile (task 1 was its last), and the next poll, by another replica, copies the
+    task, seals the companion and reports the job once the copy has run."""
+    backend = backend_for(spot_peer)
+    sink = Sink()
+    monitor = monitor_for(backend, sink, POLICY)
+    job_id = "sweep-p5"
+    try:
+        submit(backend, job_id, 3)
+        spot_peer.set_task_state(job_id, "1", "running")
+        seed_state(spot_peer, job_id, PreemptionState(total=2, tasks={"1": 2}, pending=["1"]))
+        for task in ("0", "2"):
+            spot_peer.set_task_state(job_id, task, "completed")
+        backend._rest.call("POST", f"/jobs/{job_id}/tasks/1/terminate")
+        job = spot_peer.job(job_id)
+        assert job is not None and job.state == "completed"
+        poll(monitor)
+        assert [t["id"] for t in spot_peer.tasks(companion_id(job_id))] == ["1"]
+        assert sink.events == {}
+        finish(spot_peer, companion_id(job_id))
+        poll(monitor)
+        poll(monitor)
+    finally:
+        backend.close()
+    (event,) = sink.events.values()
+    assert event["data"]["outcome"] == "succeeded"
+    assert event["data"]["tasks"]["succeeded"] == 3
+    assert event["data"]["preemptions"]["moved"] == ["1"]
+    assert state_of(spot_peer, job_id).pending == []
+
+
+def test_a_cancelled_original_ends_its_companion(spot_peer: BatchPeer) -> None:
+    """The original is cancelled while its moved task runs on the dedicated pool: the
+    companion is terminated with the same reason and the one event says cancelled."""
+    backend = backend_for(spot_peer)
+    sink = Sink()
+    monitor = monitor_for(backend, sink, PreemptionConfig(max_per_task=1,
+                                                          dedicated_pool="cpu-dedicated"))
+    job_id = "sweep-p6"
+    try:
+        submit(backend, job_id, 2)
+        preempt(spot_peer, job_id, "0")
+        poll(monitor)
+        spot_peer.set_task_state(companion_id(job_id), "0", "running")
+        backend.terminate_job(job_id, "FanoutCancelled")
+        poll(monitor)
+        other = spot_peer.job(companion_id(job_id))
+        assert other is not None and other.state == "completed"
+        assert other.terminate_reason == "FanoutCancelled"
+        poll(monitor)
+    finally:
+        backend.close()
+    (event,) = sink.events.values()
+    assert event["data"]["outcome"] == "cancelled"
+    assert event["data"]["preemptions"]["moved"] == ["0"]
+    assert event["subject"] == job_id
+
+
+def test_the_worker_counts_preemptions_by_default() -> None:
+    """Settings turn counting on (the app's monitor gets ``[preemption]``); moving stays
+    off until both keys are set."""
+    from worker.config import Settings
+
+    settings = Settings()
+    assert settings.preemption.count and not settings.preemption.moves
+    with pytest.raises(ValueError, match="set together"):
+        PreemptionConfig(dedicated_pool="cpu-dedicated")
