@@ -50,8 +50,10 @@ def test_allowed_tags_become_job_metadata_and_count_in_the_request_hash(
     """Allowed keys land in the job's metadata as fanout-tag-<key>; another value makes
     another request digest (so a redelivery with other tags is an IdempotencyConflict)."""
     p = planner(make_settings, cost={"allowed_tags": ["team", "project"]})
-    body = {"handler": "sweep", "id": "t1", "job": {"tags": {"team": "vision", "project": "p-7"}},
-            "params": {"program": "pi", "parameters": {"samples": [10], "seed": [1]}}}
+    body: dict[str, Any] = {"handler": "sweep", "id": "t1",
+                            "job": {"tags": {"team": "vision", "project": "p-7"}},
+                            "params": {"program": "pi",
+                                       "parameters": {"samples": [10], "seed": [1]}}}
     (planned,) = p.plan(json.dumps(body).encode()).jobs
     meta = planned.job.metadata
     assert meta["fanout-tag-team"] == "vision" and meta["fanout-tag-project"] == "p-7"
@@ -93,10 +95,11 @@ def test_malformed_tags_are_an_invalid_envelope(tags: Any, says: str) -> None:
 
 
 def test_tag_values_with_spaces_and_punctuation_pass() -> None:
-    from worker.envelope import parse_body
+    from worker.envelope import Envelope, parse_body
 
     parsed = parse_body(json.dumps({"handler": "sweep", "job": {
         "tags": {"team": "Data Science", "project": "proj-7/a.b@c:d+e=f_g"}}}).encode())
+    assert isinstance(parsed, Envelope)
     assert parsed.job.tags == {"team": "Data Science", "project": "proj-7/a.b@c:d+e=f_g"}
 
 
