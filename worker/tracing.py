@@ -12,8 +12,9 @@ value; and ``tracestate``), is the parent of the spans fanout makes of it::
       fanout.process          INTERNAL  plan and submit (the worker thread)
         fanout.plan           INTERNAL  parse, route, build the jobs
         fanout.submit         PRODUCER  one job: create, add tasks, seal
-          POST /jobs ...      CLIENT    azure-core's spans of the Batch calls
-    fanout.monitor.report     INTERNAL  the job's completion event (later, any replica)
+          POST, PATCH         CLIENT    azure-core's spans of the Batch calls
+          fanout.monitor.report  INTERNAL  the job's completion event (later, on any
+            GET, PATCH ...                 replica), and the monitor's calls for it
 
 The submit span's context goes into the job's metadata (``fanout-traceparent``) and
 into every task's environment as ``TRACEPARENT``, so a task's own spans join the
