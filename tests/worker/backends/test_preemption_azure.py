@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from handlers.base import JobSpec, TaskSpec
 from tests.fakes.batch_peer import BatchPeer
 from worker.backends.azure import AzureBatchBackend
+from worker.backends.azure.wire import parse_duration
 from worker.cli import main
 from worker.config import EventsConfig, JobsConfig, PreemptionConfig
 from worker.events import schema
@@ -67,7 +68,7 @@ def monitor_for(backend: AzureBatchBackend, sink: Sink | None = None,
 
 
 def submit(backend: AzureBatchBackend, job_id: str, tasks: int, *,
-           dependencies: bool = False) -> None:
+           dependencies: bool = False, wall_clock: timedelta | None = None) -> None:
     specs = [TaskSpec(id=str(i), command_line=f"python3 -c 'print({i})'",
                       environment={"SEED": str(i)}) for i in range(tasks)]
     if dependencies:
@@ -75,7 +76,7 @@ def submit(backend: AzureBatchBackend, job_id: str, tasks: int, *,
                               depends_on_ranges=((0, tasks - 1),)))
     job = JobSpec(tasks=specs, task_count=len(specs), id=job_id, pool="fanout",
                   metadata={"fanout-handler": "sweep", "fanout-tasks": str(len(specs))},
-                  uses_task_dependencies=dependencies)
+                  uses_task_dependencies=dependencies, max_wall_clock=wall_clock)
     assert backend.create_job(job) == "created"
     backend.add_tasks(job_id, specs)
     backend.seal_job(job_id)
@@ -219,7 +220,7 @@ def test_policy_moves_a_task_once_with_two_monitors(spot_peer: BatchPeer) -> Non
     job_id = "sweep-p2"
     companion = companion_id(job_id)
     try:
-        submit(backend_a, job_id, 4)
+        submit(backend_a, job_id, 4, wall_clock=timedelta(hours=2))
         preempt(spot_peer, job_id, "2", "tvm-a")
         poll(first, second)
         assert spot_peer.job(companion) is None  # one preemption: below the limit
@@ -228,6 +229,9 @@ def test_policy_moves_a_task_once_with_two_monitors(spot_peer: BatchPeer) -> Non
         poll(first, second)
         other = spot_peer.job(companion)
         assert other is not None and other.pool == "cpu-dedicated"
+        # the companion gets what is left of the original's wall clock, not a fresh one
+        left = parse_duration(other.body["constraints"]["maxWallClockTime"])
+        assert left is not None and timedelta(hours=1) < left <= timedelta(hours=2)
         assert [t["id"] for t in spot_peer.tasks(companion)] == ["2"]
         copy = spot_peer.tasks(companion)[0]
         original = spot_peer.tasks(job_id)[2]

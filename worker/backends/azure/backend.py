@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -515,7 +515,8 @@ class AzureBatchBackend:
         ``pending`` while the terminate has not completed it yet."""
         try:
             job = self._rest.call("GET", path("jobs", job_id), params={
-                "$select": "id,state,usesTaskDependencies,onTaskFailure,priority,constraints"}
+                "$select": "id,state,usesTaskDependencies,onTaskFailure,priority,constraints,"
+                           "creationTime"}
                 ).body or {}
         except ServiceError as err:
             if err.status == 404:
@@ -585,8 +586,17 @@ class AzureBatchBackend:
             "id": job_id, "poolInfo": {"poolId": pool}, "onAllTasksComplete": "noaction",
             "priority": int(original.get("priority") or 0),
             "metadata": [{"name": k, "value": v} for k, v in metadata.items()]}
-        limits = {k: v for k, v in (original.get("constraints") or {}).items()
-                  if k in ("maxWallClockTime", "maxTaskRetryCount")}
+        given = original.get("constraints") or {}
+        limits: dict[str, Any] = {}
+        if "maxTaskRetryCount" in given:
+            limits["maxTaskRetryCount"] = given["maxTaskRetryCount"]
+        # what is left of the original's wall clock: its tasks' deadline (and the
+        # lifetime of the SAS URLs in their files) holds wherever they run
+        wall = wire.parse_duration(given.get("maxWallClockTime"))
+        created = wire.parse_time(original.get("creationTime"))
+        if wall is not None and created is not None and wall < timedelta(days=365 * 100):
+            left = created + wall - datetime.now(UTC)
+            limits["maxWallClockTime"] = wire.iso_duration(max(left, timedelta(minutes=1)))
         if limits:
             body["constraints"] = limits
         try:
