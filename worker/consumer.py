@@ -22,6 +22,12 @@ have each been probed once; after a configuration fault it stays unready until b
 probe well again (one probe task, so the loops do not probe in a crowd). Liveness: each
 receive loop beats its own heartbeat, so ``/healthz`` fails when any loop is stuck.
 
+Admission (worker/admission.py): while a pool's backlog is over
+``admission.max_backlog_per_slot`` the loops take no new message (they keep beating;
+``/readyz`` says ``waiting for capacity: ...``); a receive already under way and the
+messages received finish normally. A create refused for the account's job quota holds
+its message like a configuration fault, but reads as a capacity wait.
+
 Shutdown: the first ``stop()`` stops receiving and drains in-flight messages
 within ``drain_grace``; what is unfinished by then is interrupted and abandoned.
 """
