@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,15 +24,18 @@ from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
 from handlers.base import JobSpec, TaskSpec
-from tests.fakes.batch_peer import BatchPeer
+from tests.fakes.batch_peer import BatchPeer, Runner
 from worker.backends.azure import AzureBatchBackend
 from worker.backends.azure.wire import parse_duration
 from worker.cli import main
-from worker.config import EventsConfig, JobsConfig, PreemptionConfig
+from worker.config import EventsConfig, JobsConfig, PreemptionConfig, Settings
+from worker.context import job_id_for
 from worker.events import schema
 from worker.metrics import Metrics
 from worker.monitor import JobMonitor
 from worker.preemption import PreemptionState, companion_id, summary
+
+from ..harness import RunningWorker
 
 POLICY = PreemptionConfig(max_per_task=2, dedicated_pool="cpu-dedicated")
 
@@ -398,3 +402,41 @@ def test_the_worker_counts_preemptions_by_default() -> None:
     assert settings.preemption.count and not settings.preemption.moves
     with pytest.raises(ValueError, match="set together"):
         PreemptionConfig(dedicated_pool="cpu-dedicated")
+
+
+def test_the_whole_worker_moves_a_preempted_task(
+        spot_peer: BatchPeer, make_settings: Callable[..., Settings]) -> None:
+    """The worker on the peer in runner mode: a 4-task sweep (no aggregate), task 1
+    preempted while it runs; with max_per_task = 1 the monitor moves it to the
+    dedicated pool, where it runs and succeeds; the one event says so and the metrics
+    count it."""
+    spot_peer.set_runner(Runner(delay=1.0))
+    settings = make_settings(
+        backend={"kind": "azure"},
+        batch={"account_url": spot_peer.url, "account_name": spot_peer.account,
+               "pool": "fanout", "poll_interval": 0.5},
+        consumer={"receive_wait": 0.2, "unready_backoff": 0.1},
+        jobs={"poll_interval": 0.2},
+        preemption={"max_per_task": 1, "dedicated_pool": "cpu-dedicated"})
+    w = RunningWorker(settings, backend=backend_for(spot_peer)).start()
+    try:
+        w.send({"handler": "sweep", "id": "spot-1", "params": {
+            "program": "pi", "parameters": {"samples": [10], "seed": {"start": 0, "stop": 4}}}})
+        job_id = job_id_for("sweep", "spot-1")
+        w.wait_until(lambda: spot_peer.job(job_id) is not None
+                     and "1" in {t["id"] for t in spot_peer.tasks(job_id)}
+                     and spot_peer.task(job_id, "1").state == "running",
+                     what="task 1 running")
+        spot_peer.preempt_task(job_id, "1")
+        data = w.wait_event(job_id)["data"]
+        assert data["outcome"] == "succeeded"
+        assert data["tasks"] == {"total": 4, "succeeded": 4, "failed": 0, "not_run": 0}
+        assert data["preemptions"]["moved"] == ["1"]
+        assert data["preemptions"]["companion_pool"] == "cpu-dedicated"
+        copy = spot_peer.task(companion_id(job_id), "1")
+        assert copy.state == "completed" and copy.result == "success"
+        assert w.sample("fanout_tasks_preempted_total", {"pool": "fanout"}) == 1
+        assert w.sample("fanout_tasks_moved_total", {"pool": "cpu-dedicated"}) == 1
+        assert [e["subject"] for e in w.events()] == [job_id]
+    finally:
+        w.stop()
