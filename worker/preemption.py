@@ -67,9 +67,10 @@ from worker.metrics import Metrics
 log = structlog.get_logger(__name__)
 
 #: Preemptions remembered per job (older ones are no longer on a preempted node).
-MAX_EVENTS = 64
-#: Tasks whose preemption counts a job's metadata keeps (the total counts them all).
-MAX_TASKS = 1000
+MAX_EVENTS = 32
+#: Tasks whose preemption counts a job's metadata keeps (the total counts them all): the
+#: metadata comes back with every job listing, so it stays a few KB.
+MAX_TASKS = 200
 #: Tasks a completion event lists by id (``tasks_omitted`` says how many more).
 MAX_EVENT_TASKS = 100
 #: The suffix of a companion job's id.
@@ -92,8 +93,9 @@ def companion_id(job_id: str) -> str:
 class PreemptionState:
     """What a job's ``fanout-preemption`` metadata holds: ``total`` preemptions of its
     tasks, ``tasks`` per task (at most :data:`MAX_TASKS`), the ``events`` already
-    counted (node@time), and the policy's ``pending``, ``moved`` and ``kept`` tasks
-    (kept: ended by themselves first, or in a job that cannot lose a task)."""
+    counted (a digest of node, time and task each), and the policy's ``pending``,
+    ``moved`` and ``kept`` tasks (kept: ended by themselves first, or in a job that
+    cannot lose a task)."""
 
     total: int = 0
     tasks: dict[str, int] = field(default_factory=dict)
@@ -132,7 +134,7 @@ class PreemptionState:
         seen = set(self.events)
         new: list[Preemption] = []
         for event in events:
-            key = f"{event.key}/{event.task_id.lower()}"
+            key = _digest(f"{event.key}/{event.task_id.lower()}")
             if key in seen:
                 continue
             seen.add(key)
@@ -349,6 +351,11 @@ class Preemptions:
             return
         await self._call(result, "update_metadata", self.backend.update_job_metadata,
                          fold.companion, {**other.metadata, META_REPORTED: event_id})
+
+
+def _digest(text: str) -> str:
+    """A preemption's short name in the metadata (node, time and task, hashed)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _known(tasks: Mapping[str, int], task_id: str) -> str:
