@@ -596,10 +596,14 @@ def _status_pools(ctx: Ctx, backend: Any, *, as_json: bool) -> None:
     from worker.admission import WAITING, views
 
     limit = ctx.settings.admission.max_backlog_per_slot
-    found = views(_backend_call(backend.stats), limit)
+    stats = _backend_call(backend.stats)
+    found = views(stats, limit)
     if as_json:
         click.echo(json.dumps([v.as_json() for v in found], indent=2))
         return
+    # the account's job quota is not readable from the data plane: /readyz names a
+    # refusal (job_quota); here, how many jobs count against it
+    out.print(f"account: {stats.active_jobs} active jobs", markup=False, highlight=False)
     if not found:
         out.print("no pools to report")
         return

@@ -8,6 +8,7 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -198,3 +199,28 @@ def test_stats_read_capacity_without_extra_requests(peer: BatchPeer) -> None:
         assert cap.allocation_changed is not None and cap.allocation_changed >= first
         assert view(cap, 0.5).slots == (3 + 1) * 4  # the node the resize still adds
     assert peer.undocumented == []
+
+
+def test_status_pools_names_the_cause_on_azure(peer: BatchPeer, tmp_path: Path) -> None:
+    """``fanout status --pools`` against the peer: the pool's wait and its current resize
+    error; the account's active jobs."""
+    from click.testing import CliRunner
+
+    from worker.cli import main
+
+    peer.set_pool("fanout", target_dedicated=5, resize_errors=[CORE])
+    peer.seed_job("busy", tasks=9, metadata=OURS)
+    config = tmp_path / "fanout.toml"
+    config.write_text(f'home = "{tmp_path / "home"}"\n[batch]\naccount_url = "{peer.url}"\n'
+                      f'account_name = "{peer.account}"\npool = "fanout"\n'
+                      "[admission]\nmax_backlog_per_slot = 2\n")
+    result = CliRunner().invoke(main, ["--config", str(config), "status", "--pools"],
+                                env={"FANOUT_BATCH__ACCOUNT_KEY": peer.key})
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert ("waiting for capacity: pool fanout: core_quota: AccountCoreQuotaReached: The "
+            "specified account has reached its core quota. (9 pending tasks over 2 per slot "
+            "x 2 slots)") in text
+    assert "resize error fanout AccountCoreQuotaReached:" in text
+    assert "account: 1 active jobs" in text
+    assert peer.key not in result.output
