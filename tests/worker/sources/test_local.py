@@ -96,14 +96,6 @@ def test_send_receive_complete(make_queue: MakeQueue) -> None:
     assert run(queue.depth()) == {"active": 0, "dead_letter": 0, "scheduled": 0}
 
 
-def test_send_without_id_makes_unique_ids(make_queue: MakeQueue) -> None:
-    """Messages sent without an id get distinct 32-hex-digit ids that they keep."""
-    queue = make_queue()
-    ids = [run(queue.send(b"x")) for _ in range(3)]
-    assert len(set(ids)) == 3 and all(len(i) == 32 for i in ids)
-    assert [m.message_id for m in run(queue.receive(10, 0))] == ids
-
-
 def test_receive_returns_oldest_first_up_to_max(make_queue: MakeQueue) -> None:
     """Receive locks the oldest messages first, at most max_messages of them."""
     queue = make_queue()
@@ -198,18 +190,6 @@ def test_settling_an_expired_lock_raises(make_queue: MakeQueue, clock: FakeClock
     assert receive_one(queue).delivery_count == 1
 
 
-def test_settling_twice_raises(make_queue: MakeQueue) -> None:
-    """A completed message cannot be settled again: its lock is gone."""
-    queue = make_queue()
-    run(queue.send(b"x"))
-    msg = receive_one(queue)
-    run(queue.complete(msg))
-    with pytest.raises(LockLost):
-        run(queue.complete(msg))
-    with pytest.raises(LockLost):
-        run(queue.abandon(msg))
-
-
 def test_dead_letter_keeps_reason_and_description(make_queue: MakeQueue) -> None:
     """dead_letter stores the reason and the description, truncated to 4096 characters."""
     queue = make_queue()
@@ -221,35 +201,6 @@ def test_dead_letter_keeps_reason_and_description(make_queue: MakeQueue) -> None
     assert dead.description == "y" * MAX_DESCRIPTION
     assert dead.properties == {"p": "1"}
     assert run(queue.depth()) == {"active": 1, "dead_letter": 1, "scheduled": 0}
-
-
-def test_dead_letters_oldest_first_and_limited(make_queue: MakeQueue, clock: FakeClock) -> None:
-    """dead_letters lists the earliest dead-lettered first, at most limit of them."""
-    queue = make_queue()
-    for name in ("a", "b", "c"):
-        run(queue.send(b"x", message_id=name))
-    for msg in run(queue.receive(3, 0)):
-        run(queue.dead_letter(msg, "R", msg.message_id))
-        clock.advance(1)
-    assert [d.message_id for d in run(queue.dead_letters(limit=2))] == ["a", "b"]
-
-
-def test_resubmit_keeps_id_and_resets_count(make_queue: MakeQueue) -> None:
-    """Resubmitting a dead letter requeues a copy with delivery count 0, a new message
-    id, and the original id as its idempotency key (fanout-idempotency-key)."""
-    queue = make_queue(max_delivery_count=2)
-    run(queue.send(b"x", message_id="again", properties={"a": "b"}))
-    for _ in range(2):
-        run(queue.abandon(receive_one(queue)))
-    [dead] = run(queue.dead_letters())
-    assert dead.sequence_number is not None
-    copy_id = run(queue.resubmit(dead.sequence_number))
-    assert copy_id and copy_id != "again"
-    assert run(queue.dead_letters()) == []
-    msg = receive_one(queue)
-    assert (msg.message_id, msg.delivery_count, msg.body) == (copy_id, 0, b"x")
-    assert msg.properties == {"a": "b", "fanout-idempotency-key": "again"}
-    assert run(queue.resubmit(dead.sequence_number)) is None
 
 
 def test_resubmit_ignores_active_messages(make_queue: MakeQueue) -> None:
@@ -276,15 +227,6 @@ def test_depth_by_state_and_scheduling(make_queue: MakeQueue, clock: FakeClock) 
     clock.advance(100)
     assert run(queue.depth()) == {"active": 2, "dead_letter": 1, "scheduled": 0}
     assert receive_one(queue).body == b"later"
-
-
-def test_message_survives_close_and_reopen(make_queue: MakeQueue) -> None:
-    """A sent message is still there after the queue is closed and reopened."""
-    first = make_queue()
-    run(first.send(b"durable", message_id="d", properties={"x": "y"}))
-    run(first.close())
-    msg = receive_one(make_queue())
-    assert (msg.body, msg.message_id, msg.properties) == (b"durable", "d", {"x": "y"})
 
 
 KILLED_SENDER = """

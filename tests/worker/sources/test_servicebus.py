@@ -107,28 +107,6 @@ def sdk_dead_letters(peer: ServiceBusPeer, queue: str = QUEUE) -> list[tuple[Any
 # --------------------------------------------------------------------------- settlement
 
 
-def test_send_receive_complete(peer: ServiceBusPeer) -> None:
-    """A sent message arrives with its id, properties and broker fields; complete removes it."""
-    async def scenario() -> Received:
-        async with open_source(peer) as source:
-            sent = await source.send(b'{"handler": "sweep"}', message_id="m-1",
-                                     properties={"aeg-event-type": "Notification"})
-            assert sent == "m-1"
-            msg = await receive_one(source)
-            await source.complete(msg)
-            return msg
-
-    msg = run(scenario())
-    assert msg.body == b'{"handler": "sweep"}'
-    assert msg.message_id == "m-1"
-    assert msg.delivery_count == 0
-    assert msg.properties == {"aeg-event-type": "Notification"}
-    assert msg.sequence_number is not None and msg.sequence_number > 0
-    assert msg.enqueued_time is not None and msg.locked_until is not None
-    assert msg.locked_until > msg.enqueued_time
-    assert peer.counts(QUEUE) == {"active": 0, "locked": 0, "deferred": 0, "dead_letter": 0}
-
-
 def test_event_grid_properties_pass_through(peer: ServiceBusPeer) -> None:
     """Event Grid's aeg-* application properties reach the consumer as strings."""
     props = {"aeg-event-type": "Notification", "aeg-subscription-name": "BLOBS",
@@ -144,24 +122,6 @@ def test_event_grid_properties_pass_through(peer: ServiceBusPeer) -> None:
     msg = run(scenario())
     assert msg.message_id == "evt-1"
     assert dict(msg.properties) == props
-
-
-def test_abandon_redelivers_with_higher_delivery_count(peer: ServiceBusPeer) -> None:
-    """An abandoned message comes back at once with its delivery count one higher."""
-    peer.put(QUEUE, b"again", message_id="a-1")
-
-    async def scenario() -> tuple[Received, Received]:
-        async with open_source(peer) as source:
-            first = await receive_one(source)
-            await source.abandon(first)
-            second = await receive_one(source)
-            await source.complete(second)
-            return first, second
-
-    first, second = run(scenario())
-    assert (first.message_id, second.message_id) == ("a-1", "a-1")
-    assert (first.delivery_count, second.delivery_count) == (0, 1)
-    assert peer.counts(QUEUE)["active"] == 0
 
 
 def test_dead_letter_reason_and_description_readable_through_sdk(peer: ServiceBusPeer) -> None:
@@ -220,50 +180,6 @@ def test_a_busy_renewal_is_a_system_fault_and_keeps_the_receiver(peer: ServiceBu
 
     run(scenario())
     assert peer.counts(QUEUE) == {"active": 0, "locked": 0, "deferred": 0, "dead_letter": 0}
-
-
-def test_lost_lock_raises_lock_lost_and_the_message_comes_back(peer: ServiceBusPeer) -> None:
-    """Settling after the lock expired raises LockLost; the message is redelivered."""
-    peer.put(QUEUE, b"slow", message_id="slow-1")
-
-    async def scenario() -> Received:
-        async with open_source(peer) as source:
-            msg = await receive_one(source)
-            await asyncio.sleep(LOCK * 1.5)
-            with pytest.raises(LockLost):
-                await source.complete(msg)
-            with pytest.raises(LockLost):
-                await source.renew_lock(msg)
-            again = await receive_one(source)
-            await source.complete(again)
-            return again
-
-    again = run(scenario())
-    assert again.message_id == "slow-1"
-    assert again.delivery_count == 1
-    assert peer.counts(QUEUE)["active"] == 0
-
-
-def test_max_delivery_count_dead_letters(make_peer: MakePeer) -> None:
-    """After max delivery count abandons the service dead-letters the message itself."""
-    peer = make_peer(max_delivery_count=2)
-    peer.put(QUEUE, b"poison", message_id="p-1")
-
-    async def scenario() -> list[int]:
-        async with open_source(peer, max_delivery_count=2) as source:
-            counts = []
-            for _ in range(2):
-                msg = await receive_one(source)
-                counts.append(msg.delivery_count)
-                await source.abandon(msg)
-            assert await source.receive(1, 0.5) == []
-            dead = await source.dead_letters()
-            assert [(d.message_id, d.reason) for d in dead] == [
-                ("p-1", "MaxDeliveryCountExceeded")]
-            return counts
-
-    assert run(scenario()) == [0, 1]
-    assert peer.counts(QUEUE)["dead_letter"] == 1
 
 
 def test_topic_subscription(make_peer: MakePeer) -> None:
@@ -543,27 +459,6 @@ def test_source_needs_a_namespace_or_connection_string() -> None:
 
 
 
-# --------------------------------------------------------------------------- reply-to
-
-
-def test_reply_to_round_trip(peer: ServiceBusPeer) -> None:
-    """send(reply_to=...) sets the message's ReplyTo and receive
-    fills Received.reply_to from it; without one it is None."""
-    peer.put(QUEUE, b"plain", message_id="r-0")
-
-    async def scenario() -> list[Received]:
-        async with open_source(peer) as source:
-            await source.send(b"{}", message_id="r-1", reply_to="answers")
-            got = await source.receive(2, 3.0)
-            for msg in got:
-                await source.complete(msg)
-            return got
-
-    assert [m.message_id for m in peer.messages(QUEUE)] == ["r-0"]
-    got = run(scenario())
-    assert [(m.message_id, m.reply_to) for m in got] == [("r-0", None), ("r-1", "answers")]
-
-
 # --------------------------------------------------------------------------- service rules
 
 
@@ -634,18 +529,6 @@ def test_a_session_queue_is_a_config_fault_naming_sessions(make_peer: MakePeer) 
     assert (receive.code, probe.code) == ("SessionRequired", "SessionRequired")
     assert "requires sessions" in probe.description
     assert missing.code == "EntityNotFound" and "'missing'" in missing.description
-
-
-def test_probe_passes_on_a_plain_queue(peer: ServiceBusPeer) -> None:
-    """probe() opens and closes a link, locking nothing."""
-    peer.put(QUEUE, b"x", message_id="p")
-
-    async def scenario() -> None:
-        async with open_source(peer) as source:
-            await source.probe()
-
-    run(scenario())
-    assert peer.counts(QUEUE) == {"active": 1, "locked": 0, "deferred": 0, "dead_letter": 0}
 
 
 def test_a_prefetch_beyond_the_lock_is_refused(peer: ServiceBusPeer) -> None:
