@@ -242,7 +242,7 @@ class Preemptions:
     async def _moves(self, job: JobRecord, state: PreemptionState, result: Any) -> None:
         limit = self.config.max_per_task or 0
         due = [t for t, n in state.tasks.items() if n >= limit and not state.decided(t)]
-        for task in [*state.pending, *due]:
+        for task in dict.fromkeys([*state.pending, *due]):
             if state.decided(task):
                 continue
             await self._move(job, state, task, result)
