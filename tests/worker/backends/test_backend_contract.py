@@ -435,6 +435,32 @@ def test_list_jobs_carries_task_counts(request: pytest.FixtureRequest,
     assert sum(listed.counts.values()) == 2  # by state: locally one may have started
 
 
+def test_stats_count_active_jobs_and_their_tasks(engine: Engine) -> None:
+    """``active_jobs`` is the jobs not completed; ``job_tasks`` sums the task counts of
+    fanout's active jobs by state."""
+    b = engine.backend
+    b.create_job(spec("a", metadata=FANOUT))
+    b.create_job(spec("b", metadata=FANOUT))
+    b.create_job(spec("done", metadata=FANOUT))
+    b.seal_job("done")
+    b.add_tasks("a", [engine.long_task("runs"), engine.task("waits")])
+    b.add_tasks("b", [engine.task("waits")])
+    engine.hold("a", "runs")
+    stats = b.stats()
+    assert stats.active_jobs == 2
+    assert {k: stats.job_tasks.get(k) for k in ("active", "running", "completed")} == {
+        "active": 2, "running": 1, "completed": 0}
+
+
+def test_log_tails_of_no_task_are_none_and_names_are_checked(engine: Engine) -> None:
+    b = engine.backend
+    b.create_job(spec("j"))
+    assert b.task_log_tail("j", "nobody") is None
+    assert b.task_log_tail("missing", "t", "stdout.txt") is None
+    with pytest.raises(ValueError):
+        b.task_log_tail("j", "nobody", "../secrets")
+
+
 # -- what the monitor reads -------------------------------------------------------------------
 
 

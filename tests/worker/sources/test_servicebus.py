@@ -458,7 +458,6 @@ def test_source_needs_a_namespace_or_connection_string() -> None:
                          queue=QueueConfig())
 
 
-
 # --------------------------------------------------------------------------- service rules
 
 
