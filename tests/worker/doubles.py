@@ -17,6 +17,9 @@ from worker.backends.base import (
     JobRecord,
     JobState,
     JobStatus,
+    JobUsage,
+    MoveResult,
+    Preemption,
     TaskCounts,
     TaskError,
 )
@@ -139,6 +142,20 @@ class MemoryBackend:
 
     def blocked_tasks(self, job_id: str, limit: int) -> list[str] | None:
         return []
+
+    def job_usage(self, job_id: str, pool: str | None = None) -> JobUsage | None:
+        return None
+
+    def existing_tasks(self, job_id: str, task_ids: Sequence[str]) -> set[str]:
+        store = self.tasks.get(job_id, {})
+        return {t for t in task_ids if t.lower() in store}
+
+    def preempted_tasks(self, pool: str) -> list[Preemption]:
+        return []
+
+    def move_task(self, job_id: str, task_id: str, *, to_job: str, pool: str,
+                  metadata: dict[str, str]) -> MoveResult:
+        return "unmovable"
 
     def terminate_job(self, job_id: str, reason: str) -> None:
         with self._lock:
