@@ -5,7 +5,13 @@ oldest available messages for ``lock_duration`` seconds under a fresh lock token
 ``complete``, ``abandon``, ``dead_letter`` and ``renew_lock`` work only while the
 caller still holds that lock (else ``LockLost``); a lock that expires counts as a
 delivery, and a message that reaches ``max_delivery_count`` deliveries is
-dead-lettered with reason ``MaxDeliveryExceeded``.
+dead-lettered by the queue itself with reason ``MaxDeliveryCountExceeded``, the reason
+Service Bus gives when it dead-letters a message whose delivery count passed the
+entity's ``MaxDeliveryCount``
+(https://learn.microsoft.com/azure/service-bus-messaging/service-bus-dead-letter-queues,
+its table of the reasons the broker sets). The consumer's own
+dead-letter of a message failing its last delivery keeps fanout's reason
+``MaxDeliveryExceeded`` (with the error).
 
 A message keeps its ``reply_to`` (Service Bus's ``ReplyTo``). With a
 ``duplicate_window``, a send whose message id was already sent within that many
@@ -93,14 +99,17 @@ CREATE INDEX IF NOT EXISTS messages_state ON messages(state, scheduled_at);
 # pick messages_state and sort or scan every active message on each receive.
 
 # Unlock and count one more delivery; dead-letter the message if that reaches the
-# maximum. Right-hand sides see the row's old values. Parameters: now, max, expired.
+# maximum, with the broker's reason: Service Bus dead-letters such a message as
+# MaxDeliveryCountExceeded ("Message couldn't be consumed after maximum delivery
+# attempts", service-bus-dead-letter-queues), whether its lock lapsed or it was
+# abandoned. Right-hand sides see the row's old values. Parameters: now, max, expired.
 _REDELIVER = """
     lock_token = NULL, locked_until = NULL,
     delivery_count = delivery_count + 1,
     expired_count = expired_count + :expired,
     state = CASE WHEN delivery_count + 1 >= :max THEN 'dead_letter' ELSE state END,
     dead_letter_reason = CASE WHEN delivery_count + 1 >= :max
-        THEN 'MaxDeliveryExceeded' ELSE dead_letter_reason END,
+        THEN 'MaxDeliveryCountExceeded' ELSE dead_letter_reason END,
     dead_letter_description = CASE WHEN delivery_count + 1 >= :max
         THEN 'delivered ' || (delivery_count + 1) || ' times, reaching the max delivery '
             || 'count of ' || :max || ': its lock expired ' || (expired_count + :expired)

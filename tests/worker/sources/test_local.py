@@ -121,7 +121,8 @@ def test_abandon_redelivers_with_count(make_queue: MakeQueue) -> None:
 
 
 def test_max_delivery_count_dead_letters(make_queue: MakeQueue) -> None:
-    """Abandoning up to the max delivery count dead-letters with MaxDeliveryExceeded."""
+    """Abandoning up to the max delivery count dead-letters with the service's reason,
+    MaxDeliveryCountExceeded (the consumer's own is MaxDeliveryExceeded)."""
     queue = make_queue(max_delivery_count=3)
     run(queue.send(b"x", message_id="bad"))
     for _ in range(3):
@@ -129,7 +130,8 @@ def test_max_delivery_count_dead_letters(make_queue: MakeQueue) -> None:
     assert run(queue.receive(1, 0)) == []
     assert run(queue.depth()) == {"active": 0, "dead_letter": 1, "scheduled": 0}
     [dead] = run(queue.dead_letters())
-    assert (dead.message_id, dead.reason, dead.delivery_count) == ("bad", "MaxDeliveryExceeded", 3)
+    assert (dead.message_id, dead.reason, dead.delivery_count) == (
+        "bad", "MaxDeliveryCountExceeded", 3)
     assert "abandoned 3 times" in (dead.description or "")
 
 
@@ -158,7 +160,7 @@ def test_lock_expiry_reaching_max_dead_letters(make_queue: MakeQueue, clock: Fak
     clock.advance(LOCK + 1)
     assert run(queue.receive(1, 0)) == []
     [dead] = run(queue.dead_letters())
-    assert dead.reason == "MaxDeliveryExceeded"
+    assert dead.reason == "MaxDeliveryCountExceeded"
     assert "lock expired 2 times" in (dead.description or "")
 
 
