@@ -272,9 +272,7 @@ class App:
                                bind=self.settings.metrics.bind, port=self.settings.metrics.port)
         server.start()
         self.metrics_port = server.port
-        start = getattr(self.backend, "start", None)
-        if callable(start):
-            start()
+        self.backend.start()
         if install_signals:
             self._install_signals()
         pollers = [asyncio.create_task(self._poll_queue(), name="queue-poller"),

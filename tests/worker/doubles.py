@@ -62,6 +62,9 @@ class MemoryBackend:
         if fail:
             raise SystemFault("injected 503", retry_after=None)
 
+    def start(self) -> None:
+        pass
+
     def probe(self) -> None:
         if self.config_fault is not None:
             raise self.config_fault

@@ -216,6 +216,24 @@ class PoolCapacity:
         return self.count(*USABLE_NODE_STATES)
 
 
+def fresh_resize_errors(cap: PoolCapacity) -> list[ResizeError]:
+    """The pool's resize errors that still explain a shortfall (worker/admission.py's
+    module doc): none while it resizes or once it has reached its targets."""
+    if cap.allocation_state != "steady" or not cap.resize_errors:
+        return []
+    short = (cap.current_dedicated < cap.target_dedicated
+             or cap.current_low_priority < cap.target_low_priority)
+    return list(cap.resize_errors) if short else []
+
+
+def slots(cap: PoolCapacity) -> int:
+    """Task slots the pool has or is about to have (worker/admission.py's module doc)."""
+    nodes = cap.usable_nodes + cap.count(*COMING_NODE_STATES)
+    if cap.allocation_state == "resizing" and not fresh_resize_errors(cap):
+        nodes += max(0, cap.target - cap.current)
+    return nodes * max(1, cap.slots_per_node)
+
+
 @dataclass(slots=True)
 class BackendStats:
     """What the metrics poller reads from a backend each interval.
@@ -270,6 +288,13 @@ class Backend(Protocol):
     @property
     def max_tasks_per_request(self) -> int:
         """The largest chunk ``add_tasks`` takes (100 on Azure Batch)."""
+        ...
+
+    def start(self) -> None:
+        """Start what runs in this process before the worker serves (the local
+        executor's scheduler; nothing on Azure Batch, whose service runs the tasks).
+        ``fanout run`` calls it once; ``ConfigFault`` when it cannot start (another
+        process already runs the local scheduler on the same home)."""
         ...
 
     def probe(self) -> None:

@@ -150,6 +150,9 @@ class AzureBatchBackend:
     def max_tasks_per_request(self) -> int:
         return wire.MAX_TASKS_PER_REQUEST
 
+    def start(self) -> None:
+        """Nothing to start: the Batch service runs the tasks."""
+
     def probe(self) -> None:
         """Read the default pool (or the pool node counts when none is configured):
         ``ConfigFault`` while auth is refused or the pool does not exist."""
