@@ -108,7 +108,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 from xml.sax.saxutils import escape
 
@@ -132,6 +132,9 @@ from proton import (
 )
 from proton.handlers import FlowController
 from proton.reactor import ApplicationEvent, Container, EventInjector
+
+if TYPE_CHECKING:
+    from proton._data import PythonAMQPData
 
 __all__ = ["PeerMessage", "ServiceBusPeer"]
 
@@ -223,8 +226,10 @@ def _sections(encoded: bytes) -> list[tuple[int, bytes, Any]]:
         code = -1
         if isinstance(value, Described):
             descriptor = value.descriptor
-            code = _SYMBOLIC_DESCRIPTORS.get(str(descriptor), -1) \
-                if isinstance(descriptor, symbol) else int(descriptor)
+            if isinstance(descriptor, symbol):
+                code = _SYMBOLIC_DESCRIPTORS.get(str(descriptor), -1)
+            elif isinstance(descriptor, int):  # a ulong
+                code = int(descriptor)
         out.append((code, bytes(encoded[offset:offset + used]), value))
         offset += used
     return out
@@ -280,6 +285,18 @@ def _stored_from(encoded: bytes, sequence_number: int) -> _Stored:
                    application_properties, b"".join(body))
 
 
+def _amqp_map(mapping: Mapping[str, Any]) -> dict[PythonAMQPData, PythonAMQPData]:
+    """A copy of ``mapping`` typed as the AMQP map proton encodes."""
+    return {key: value for key, value in mapping.items()}
+
+
+def _message_properties(message: Message) -> dict[Any, Any]:
+    """A decoded message's application properties, {} when it has none (proton's
+    ``Message.__init__`` sets the attribute to None, so mypy infers only None)."""
+    properties: dict[Any, Any] | None = message.properties
+    return properties or {}
+
+
 def _encoded(value: Any) -> bytes:
     data = Data()
     data.put_object(value)
@@ -306,7 +323,7 @@ def _encode_for_delivery(stored: _Stored, *, locked: bool) -> bytes:
              stored.properties_raw]
     if stored.application_properties:
         parts.append(_encoded(Described(ulong(_APPLICATION_PROPERTIES),
-                                        dict(stored.application_properties))))
+                                        _amqp_map(stored.application_properties))))
     parts.append(stored.body_raw)
     return b"".join(parts)
 
@@ -651,10 +668,10 @@ class ServiceBusPeer:
             properties: Mapping[str, Any] | None = None) -> list[int]:
         """Enqueue a message as if a client had sent it (or, for ``<q>/$DeadLetterQueue``,
         as if the service had dead-lettered it); returns its sequence numbers."""
-        fields = [message_id] if message_id is not None else []
+        fields: list[PythonAMQPData] = [message_id] if message_id is not None else []
         raw = b"".join([
             _encoded(Described(ulong(_PROPERTIES), fields)) if fields else b"",
-            _encoded(Described(ulong(_APPLICATION_PROPERTIES), dict(properties)))
+            _encoded(Described(ulong(_APPLICATION_PROPERTIES), _amqp_map(properties)))
             if properties else b"",
             _encoded(Described(ulong(_DATA), body)),
         ])
@@ -872,7 +889,10 @@ class ServiceBusPeer:
             entity, stored = found
             stored.locked_until = time.time() + entity.lock_duration
             expirations.append(_ms(stored.locked_until))
-        return 200, {"expirations": Array(UNDESCRIBED, Data.TIMESTAMP, *expirations)}, None
+        # proton annotates Array's descriptor as AMQP data, though UNDESCRIBED (a Constant)
+        # is its documented value for an undescribed array
+        expiring = Array(UNDESCRIBED, Data.TIMESTAMP, *expirations)  # type: ignore[arg-type]
+        return 200, {"expirations": expiring}, None
 
     def _peek(self, entity: _Entity, body: Mapping[str, Any]) -> tuple[int, Any, str | None]:
         start = int(body.get("from-sequence-number") or 0)
@@ -897,7 +917,7 @@ class ServiceBusPeer:
         return 200, {}, None
 
 
-def _info() -> dict[symbol, str]:
+def _info() -> dict[PythonAMQPData, PythonAMQPData]:
     """An error's info map: pyamqp indexes it unconditionally."""
     return {symbol("com.microsoft:tracking-id"): str(uuid.uuid4())}
 
@@ -936,7 +956,7 @@ def _uuid(value: Any) -> uuid.UUID:
 # --------------------------------------------------------------------------- AMQP handler
 
 
-_OUTCOMES = {
+_OUTCOMES: dict[int, str] = {
     Delivery.ACCEPTED: "complete",
     Delivery.RELEASED: "release",
 }
@@ -1184,7 +1204,9 @@ class _Handler(FlowController):
         with self.peer._lock:
             found = self.peer._locked(_raw_tag(delivery))
             if found is not None:
-                self.peer._settle(*found, *self._outcome(delivery))
+                entity, stored = found
+                outcome, reason, description = self._outcome(delivery)
+                self.peer._settle(entity, stored, outcome, reason, description)
         delivery.answered = True
         if delivery.settled:  # settled by the client already: nothing to echo
             delivery.settle()
@@ -1210,7 +1232,9 @@ class _Handler(FlowController):
         state = delivery.remote_state
         if state == Delivery.REJECTED:
             condition = delivery.remote.condition
-            info = dict(condition.info or {}) if condition is not None else {}
+            info = condition.info if condition is not None else None
+            if not isinstance(info, dict):
+                info = {}
             return ("dead-letter", _text(info.get(symbol("DeadLetterReason"),
                                                   info.get("DeadLetterReason"))),
                     _text(info.get(symbol("DeadLetterErrorDescription"),
@@ -1238,13 +1262,14 @@ class _Handler(FlowController):
                 break
             if presettled:  # receive-and-delete
                 del entity.messages[stored.sequence_number]
-                delivery = link.delivery(uuid.uuid4().bytes_le)
+                # proton annotates the tag as str; AMQP tags are binary (a random tag here)
+                delivery = link.delivery(uuid.uuid4().bytes_le)  # type: ignore[arg-type]
                 link.send(_encode_for_delivery(stored, locked=False))
                 link.advance()
                 delivery.settle()
             else:
                 tag = self.peer._lock_message(entity, stored)
-                link.delivery(tag)
+                link.delivery(tag)  # type: ignore[arg-type]  # the lock token's 16 bytes
                 link.send(_encode_for_delivery(stored, locked=True))
                 link.advance()
         if link.drain_mode:
@@ -1255,7 +1280,7 @@ class _Handler(FlowController):
     def _answer_cbs(self, link: Link, payload: bytes) -> None:
         request = Message()
         request.decode(payload)
-        audience = _text((request.properties or {}).get("name")) or ""
+        audience = _text(_message_properties(request).get("name")) or ""
         with self.peer._lock:
             self.peer.cbs_tokens.append((audience, _text(request.body) or ""))
             known = self.peer._known(_path(audience))
@@ -1269,7 +1294,7 @@ class _Handler(FlowController):
     def _answer_management(self, link: Link, payload: bytes) -> None:
         request = Message()
         request.decode(payload)
-        props = {str(k): v for k, v in (request.properties or {}).items()}
+        props = {str(k): v for k, v in _message_properties(request).items()}
         body = {str(k): v for k, v in (request.body or {}).items()} \
             if isinstance(request.body, dict) else {}
         with self.peer._lock:

@@ -7,6 +7,7 @@ directly: batches, receive-and-delete, defer, peek, release on close, topics.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TypedDict
 
 import pytest
 from azure.servicebus import (
@@ -21,7 +22,15 @@ from azure.servicebus.exceptions import (
 
 from tests.fakes.servicebus_peer import ServiceBusPeer
 
-OPTIONS = {"retry_total": 0, "retry_backoff_factor": 0.05}
+
+class RetryOptions(TypedDict):
+    """The SDK clients' retry keywords (typed, so ``**OPTIONS`` type-checks)."""
+
+    retry_total: int
+    retry_backoff_factor: float
+
+
+OPTIONS: RetryOptions = {"retry_total": 0, "retry_backoff_factor": 0.05}
 
 
 @pytest.fixture

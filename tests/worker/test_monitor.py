@@ -40,10 +40,11 @@ class ScriptedBackend:
 
     def add(self, job_id: str, *, state: str = "completed", counts: TaskCounts,
             reason: str | None = "AllTasksComplete", sealed: bool = True,
-            ended: datetime = NOW - timedelta(minutes=5), **meta: str) -> JobRecord:
+            ended: datetime = NOW - timedelta(minutes=5),
+            meta: Mapping[str, str] | None = None) -> JobRecord:
         record = JobRecord(id=job_id, state=state, sealed=sealed, pool="p",
                            metadata={"fanout-handler": "sweep", "fanout-key": "k-" + job_id,
-                                     "fanout-message-id": "m-" + job_id, **meta},
+                                     "fanout-message-id": "m-" + job_id, **(meta or {})},
                            created=ended - timedelta(minutes=10),
                            start_time=ended - timedelta(minutes=10),
                            end_time=ended if state == "completed" else None,
@@ -182,14 +183,14 @@ def test_counts_from_before_the_tasks_existed_are_not_final() -> None:
     until they add up; past the settle time it reports what it has."""
     backend, sink = ScriptedBackend(), RecordingSink()
     backend.add("j", counts=TaskCounts(), ended=NOW - timedelta(seconds=5),
-                **{"fanout-tasks": "3"})
+                meta={"fanout-tasks": "3"})
     m = monitor(backend, sink)
     assert poll(m).reported == []
     backend.counts["j"] = TaskCounts(completed=3, succeeded=2, failed=1)
     assert poll(m).reported == ["j"]
     assert sink.sent[0][0]["data"]["tasks"]["total"] == 3
     backend.add("old", counts=TaskCounts(), ended=NOW - timedelta(minutes=10),
-                **{"fanout-tasks": "3"})
+                meta={"fanout-tasks": "3"})
     assert poll(m).reported == ["old"]
 
 
@@ -239,9 +240,9 @@ def test_reply_to_only_when_the_operator_allows_it() -> None:
     """The event also goes to the message's reply-to when it is an allowed entity."""
     backend, sink = ScriptedBackend(), RecordingSink()
     backend.add("ok", counts=TaskCounts(completed=1, succeeded=1),
-                **{"fanout-reply-to": "team-a"})
+                meta={"fanout-reply-to": "team-a"})
     backend.add("no", counts=TaskCounts(completed=1, succeeded=1),
-                **{"fanout-reply-to": "somewhere-else"})
+                meta={"fanout-reply-to": "somewhere-else"})
     poll(monitor(backend, sink, allowed_reply_to=["team-a"]))
     assert sorted((e["subject"], to or "") for e, _, to in sink.sent) == [
         ("no", ""), ("ok", ""), ("ok", "team-a")]
@@ -253,10 +254,10 @@ def test_reported_jobs_past_retention_are_deleted_in_bounded_batches() -> None:
     old = NOW - timedelta(days=8)
     for i in range(5):
         backend.add(f"old{i}", counts=TaskCounts(completed=1, succeeded=1), ended=old,
-                    **{"fanout-reported": "x"})
+                    meta={"fanout-reported": "x"})
     backend.add("unreported", counts=TaskCounts(completed=1, succeeded=1), ended=old)
     backend.add("recent", counts=TaskCounts(completed=1, succeeded=1),
-                **{"fanout-reported": "x"})
+                meta={"fanout-reported": "x"})
     m = JobMonitor(backend=backend, sink=sink,  # type: ignore[arg-type]
                    jobs=JobsConfig(delete_batch=3), events=EventsConfig(),
                    metrics=Metrics(registry=CollectorRegistry()), clock=lambda: NOW)

@@ -12,7 +12,8 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
-from typing import Any
+from types import TracebackType
+from typing import Any, TypedDict
 
 import pytest
 from azure.core.credentials import AccessToken
@@ -35,8 +36,19 @@ from worker.sources.servicebus import ServiceBusSource, _namespace_host, classif
 
 QUEUE = "jobs"
 LOCK = 1.0  # the peer's lock duration, seconds: short so expiry tests stay fast
+
+
+class RetryOptions(TypedDict):
+    """The SDK clients' retry keywords (typed, so ``**CLIENT_OPTIONS`` type-checks)."""
+
+    retry_total: int
+    retry_backoff_factor: float
+    retry_backoff_max: float
+
+
 #: Fail fast: the SDK's own retries would otherwise wait seconds per fault.
-CLIENT_OPTIONS = {"retry_total": 1, "retry_backoff_factor": 0.05, "retry_backoff_max": 0.2}
+CLIENT_OPTIONS: RetryOptions = {"retry_total": 1, "retry_backoff_factor": 0.05,
+                                "retry_backoff_max": 0.2}
 
 MakePeer = Callable[..., ServiceBusPeer]
 
@@ -214,6 +226,14 @@ class FakeTokenCredential:
 
     async def close(self) -> None:
         pass
+
+    async def __aenter__(self) -> FakeTokenCredential:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None = None,
+                        exc_value: BaseException | None = None,
+                        traceback: TracebackType | None = None) -> None:
+        await self.close()
 
 
 def test_entra_id_credential_path(peer: ServiceBusPeer) -> None:
