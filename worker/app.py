@@ -208,14 +208,6 @@ class _RouteCheckStorage:
         raise NotImplementedError("the route check reads nothing")
 
 
-def monitor_interval(settings: Settings) -> float:
-    """The monitor's poll interval: ``jobs.poll_interval`` on Azure; locally, where a
-    poll costs a few SQLite reads, a tenth of it and at least a second."""
-    if settings.backend_kind == "azure":
-        return settings.jobs.poll_interval
-    return max(1.0, settings.jobs.poll_interval / 10)
-
-
 @dataclass
 class App:
     """Every long-lived part of a running worker."""
@@ -312,7 +304,7 @@ class App:
         self.monitor = JobMonitor(backend=self.backend, sink=make_sink(self.settings),
                                   jobs=self.settings.jobs, events=self.settings.events,
                                   metrics=self.metrics, tracing=self.tracing,
-                                  interval=monitor_interval(self.settings),
+                                  interval=self.settings.backend_config.monitor_interval,
                                   cost=self.settings.cost,
                                   preemption=self.settings.preemption)
         return self.monitor
@@ -359,8 +351,7 @@ class App:
         seen_nodes: set[tuple[str, ...]] = set()
         seen_sizes: set[tuple[str, ...]] = set()
         seen_tasks: set[tuple[str, ...]] = set()
-        interval = (self.settings.batch.poll_interval if self.settings.backend_kind == "azure"
-                    else max(1.0, self.settings.local.poll_interval * 10))
+        interval = self.settings.backend_config.stats_interval
 
         async def once() -> None:
             stats = await asyncio.to_thread(self.backend.stats)

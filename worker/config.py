@@ -226,7 +226,15 @@ class LocalExecutorConfig(_Section):
 
     slots: Annotated[int, Field(ge=0)] = 0  # 0 means the machine's CPU count
     pool: str = "local"
+    #: Seconds between scheduler ticks.
     poll_interval: PositiveFloat = 0.2
+    #: Seconds between reads of the executor's stats (metrics, admission); unset: ten
+    #: times ``poll_interval``, at least 1 (2 by default).
+    stats_interval: PositiveFloat = 2.0
+    #: Seconds between the job monitor's polls; unset: a tenth of
+    #: ``jobs.poll_interval``, at least 1 (3 by default): a local poll costs a few
+    #: SQLite reads.
+    monitor_interval: PositiveFloat = 3.0
     #: What runs container tasks: ``auto`` (docker, else podman, whichever answers
     #: ``info``), one of them, or ``none`` (container tasks are refused).
     container_engine: Literal["auto", "docker", "podman", "none"] = "auto"
@@ -234,6 +242,15 @@ class LocalExecutorConfig(_Section):
     @property
     def slot_count(self) -> int:
         return self.slots or os.cpu_count() or 1
+
+    def with_intervals(self, jobs: JobsConfig) -> LocalExecutorConfig:
+        """This section with the poll intervals it leaves unset derived, as above."""
+        derived: dict[str, float] = {}
+        if "stats_interval" not in self.model_fields_set:
+            derived["stats_interval"] = max(1.0, self.poll_interval * 10)
+        if "monitor_interval" not in self.model_fields_set:
+            derived["monitor_interval"] = max(1.0, jobs.poll_interval / 10)
+        return self.model_copy(update=derived) if derived else self
 
 
 class BatchConfig(_Section):
@@ -243,12 +260,26 @@ class BatchConfig(_Section):
     account_name: str | None = None
     account_key: SecretStr | None = None
     pool: str | None = None
+    #: Seconds between reads of the pools' and jobs' stats (metrics, admission).
     poll_interval: PositiveFloat = 30.0
+    #: Seconds between the job monitor's polls; unset: ``jobs.poll_interval``.
+    monitor_interval: PositiveFloat = 30.0
     managed_identity_client_id: str | None = None
 
     @property
     def configured(self) -> bool:
         return bool(self.account_url)
+
+    @property
+    def stats_interval(self) -> float:
+        """Seconds between stats polls: ``poll_interval``."""
+        return self.poll_interval
+
+    def with_intervals(self, jobs: JobsConfig) -> BatchConfig:
+        """This section with ``monitor_interval``, when unset, from ``jobs``."""
+        if "monitor_interval" in self.model_fields_set:
+            return self
+        return self.model_copy(update={"monitor_interval": jobs.poll_interval})
 
 
 class StorageConfig(_Section):
@@ -562,9 +593,10 @@ class JobsConfig(_Section):
     """``[jobs]``: operator limits on every job, and the job monitor.
 
     Every job gets ``max_wall_clock`` unless its message asks for less; the monitor
-    polls fanout's jobs every ``poll_interval`` seconds (on Azure; locally a tenth of
-    it, at least one second), ends jobs whose remaining tasks can never run, reports
-    each terminal job once, and deletes terminal jobs after ``retention``.
+    polls fanout's jobs every ``monitor_interval`` of the backend's section
+    (``[batch]``: by default ``poll_interval``; ``[local]``: by default a tenth of it,
+    at least one second), ends jobs whose remaining tasks can never run, reports each
+    terminal job once, and deletes terminal jobs after ``retention``.
     """
 
     max_wall_clock: timedelta = timedelta(days=1)
@@ -634,6 +666,8 @@ class Settings(BaseSettings):
             raise ValueError("limits.min_priority is above limits.max_priority")
         if not self.programs:
             self.programs = demo_programs(self.backend_kind)
+        self.local = self.local.with_intervals(self.jobs)
+        self.batch = self.batch.with_intervals(self.jobs)
         self._check_registries()
         return self
 
@@ -662,6 +696,12 @@ class Settings(BaseSettings):
         if self.backend.kind == "auto":
             return "azure" if self.batch.configured else "local"
         return self.backend.kind
+
+    @property
+    def backend_config(self) -> LocalExecutorConfig | BatchConfig:
+        """The configured backend's own section (``[batch]`` on Azure, else
+        ``[local]``): its ``stats_interval`` and ``monitor_interval``."""
+        return self.batch if self.backend_kind == "azure" else self.local
 
     @property
     def storage_kind(self) -> str:

@@ -1,7 +1,8 @@
 """The job monitor: the second loop. It follows every job fanout created to its end.
 
 A peer of the consumer, not part of it: it reads the backend and writes events, and
-never touches messages. Each poll (``jobs.poll_interval``):
+never touches messages. Each poll (the backend section's ``monitor_interval``: on
+Azure by default ``jobs.poll_interval``):
 
 1. one listing of fanout's jobs (a ``$filter``ed, ``$select``ed page per 1,000 jobs on
    Azure): every job not yet completed, and the completed ones whose state changed

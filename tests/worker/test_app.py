@@ -46,4 +46,4 @@ def test_the_local_executor_keeps_task_directories_for_jobs_retention(
         assert backend.store._retention == 3 * 86400  # type: ignore[attr-defined]
     finally:
         backend.close()
-    assert app.monitor_interval(settings) == 3.0
+    assert settings.backend_config.monitor_interval == 3.0

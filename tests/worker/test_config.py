@@ -141,3 +141,25 @@ def test_configured_programs_replace_the_demo(empty_config: Path) -> None:
     settings = load_settings(empty_config, overrides={
         "programs": {"sim": {"command": "python3 sim.py {a}"}}})
     assert list(settings.programs) == ["sim"]
+
+
+def test_each_backend_section_gives_its_poll_intervals(empty_config: Path) -> None:
+    """The stats and monitor intervals come from the backend's own section; unset, they
+    follow the older keys as before (locally ten scheduler ticks and a tenth of
+    jobs.poll_interval, at least a second each; on Azure batch.poll_interval and
+    jobs.poll_interval), and a value set wins."""
+    local = load_settings(empty_config).backend_config
+    assert (local.stats_interval, local.monitor_interval) == (2.0, 3.0)
+    derived = load_settings(empty_config, overrides={
+        "local": {"poll_interval": 0.5}, "jobs": {"poll_interval": 5}}).backend_config
+    assert (derived.stats_interval, derived.monitor_interval) == (5.0, 1.0)
+    chosen = load_settings(empty_config, overrides={"local": {
+        "stats_interval": 0.5, "monitor_interval": 0.25}}).backend_config
+    assert (chosen.stats_interval, chosen.monitor_interval) == (0.5, 0.25)
+    azure = {"account_url": "https://acct.westeurope.batch.azure.com", "account_key": "a2V5"}
+    batch = load_settings(empty_config, overrides={
+        "batch": {**azure, "poll_interval": 12}, "jobs": {"poll_interval": 7}}).backend_config
+    assert (batch.stats_interval, batch.monitor_interval) == (12.0, 7.0)
+    batch = load_settings(empty_config, overrides={
+        "batch": {**azure, "monitor_interval": 4}}).backend_config
+    assert (batch.stats_interval, batch.monitor_interval) == (30.0, 4.0)
