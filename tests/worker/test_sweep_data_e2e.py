@@ -25,6 +25,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 from click.testing import CliRunner
+from pydantic import SecretStr
 
 from handlers.base import BlobRef, OutputFile, ResourceFile, UploadCondition
 from tests.fakes.azurite import ACCOUNT_KEY, Azurite, run_azurite
@@ -226,7 +227,7 @@ def test_the_data_path_on_batch_and_azurite(make_settings: Callable[..., Setting
     aggregate staging results/<job>/ as storageContainerUrl + blobPrefix; played as a
     node, the job computes the same total as on the embedded default."""
     admin = AzureBlobStorage(config=BlobConfig(account_url=azurite.account_url,
-                                               account_key=ACCOUNT_KEY))
+                                               account_key=SecretStr(ACCOUNT_KEY)))
     try:
         for container in ("data", "fanout-results"):
             admin.ensure_container(container)

@@ -9,12 +9,13 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 import structlog
 from azure.core.exceptions import ClientAuthenticationError
 from azure.storage.blob import BlobServiceClient, ContainerClient
+from pydantic import SecretStr
 
 from handlers.base import BlobRef
 from handlers.errors import ForeignStorage
@@ -47,7 +48,7 @@ def _put(url: str, azurite: Azurite, data: bytes) -> int:
 def _with_path(container_url: str, blob: str) -> str:
     """``<container>/<blob>?<sas>`` from a container SAS URL, as Batch builds it."""
     base, _, query = container_url.partition("?")
-    return f"{base}/{urllib.request.quote(blob)}?{query}"
+    return f"{base}/{quote(blob)}?{query}"
 
 
 def _query(url: str) -> dict[str, str]:
@@ -108,7 +109,7 @@ def test_expired_sas_is_refused_by_the_service(azurite: Azurite, new_container: 
     container = new_container()
     past = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=3)
     storage = AzureBlobStorage(
-        config=BlobConfig(account_url=azurite.account_url, account_key=ACCOUNT_KEY),
+        config=BlobConfig(account_url=azurite.account_url, account_key=SecretStr(ACCOUNT_KEY)),
         clock=lambda: past, max_lifetime=timedelta(hours=2),
     )
     storage.upload(BlobRef(container, "a.mp4"), b"a")
@@ -150,6 +151,7 @@ def test_parse_url_of_the_configured_account(azurite: Azurite, make_azure: Make)
     """Azurite's own blob URLs parse; another port, host or account is ForeignStorage."""
     storage = make_azure(azurite)
     port = urlsplit(azurite.url).port
+    assert port is not None
     assert storage.parse_url(f"{azurite.account_url}/videos/my%20clip.mp4") == BlobRef(
         "videos", "my clip.mp4")
     signed = storage.input_url(BlobRef("videos", "a b.mp4"))
@@ -173,7 +175,7 @@ def test_alias_urls_are_accepted(azurite: Azurite, make_azure: Make) -> None:
 def test_host_style_account_accepts_its_dfs_twin() -> None:
     """A .blob. account also accepts its Data Lake .dfs. URLs (Gen2 events carry them)."""
     storage = AzureBlobStorage(config=BlobConfig(
-        account_url="https://stmedia01.blob.core.windows.net", account_key=ACCOUNT_KEY))
+        account_url="https://stmedia01.blob.core.windows.net", account_key=SecretStr(ACCOUNT_KEY)))
     ref = storage.parse_url("https://stmedia01.dfs.core.windows.net/lake/raw/a.csv")
     assert ref == BlobRef("lake", "raw/a.csv")
     assert storage.input_url(ref).startswith("https://stmedia01.blob.core.windows.net/lake/raw/")
@@ -200,7 +202,7 @@ def test_connection_string_signs_with_its_key(azurite: Azurite,
                                               new_container: Callable[[], str]) -> None:
     """A connection string with an AccountKey configures the account and signs SAS."""
     container = new_container()
-    config = BlobConfig(connection_string=azurite.connection_string)
+    config = BlobConfig(connection_string=SecretStr(azurite.connection_string))
     storage = AzureBlobStorage(config=config)
     assert storage.sas_kind == "account_key"
     storage.upload(BlobRef(container, "a"), b"via connection string")
@@ -235,7 +237,7 @@ def test_user_delegation_sas_cannot_outlive_its_key() -> None:
                          max_lifetime=timedelta(days=7))
     AzureBlobStorage(config=BlobConfig(account_url=url), credential=FakeEntraCredential(),
                      max_lifetime=timedelta(days=7) - timedelta(minutes=10)).close()
-    AzureBlobStorage(config=BlobConfig(account_url=url, account_key=ACCOUNT_KEY),
+    AzureBlobStorage(config=BlobConfig(account_url=url, account_key=SecretStr(ACCOUNT_KEY)),
                      max_lifetime=timedelta(days=400)).close()
 
 
@@ -245,7 +247,7 @@ def test_hierarchical_namespace_scopes_output_sas_to_the_directory() -> None:
     Azurite has no hierarchical namespace, so this checks the SAS's fields only.
     """
     storage = AzureBlobStorage(config=BlobConfig(
-        account_url="https://stlake.blob.core.windows.net", account_key=ACCOUNT_KEY,
+        account_url="https://stlake.blob.core.windows.net", account_key=SecretStr(ACCOUNT_KEY),
         hierarchical_namespace=True))
     scoped = _query(storage.output_container_url("renders", "shot 1/job1/frame-"))
     assert (scoped["sr"], scoped["sdd"], scoped["sp"]) == ("d", "2", "cw")
@@ -374,7 +376,7 @@ def test_against_the_official_azurite_image(tmp_path: Any) -> None:
     with image as container:
         endpoint = f"http://{container.get_container_host_ip()}:{container.get_exposed_port(10000)}"
         storage = AzureBlobStorage(config=BlobConfig(
-            account_url=f"{endpoint}/devstoreaccount1", account_key=ACCOUNT_KEY))
+            account_url=f"{endpoint}/devstoreaccount1", account_key=SecretStr(ACCOUNT_KEY)))
         storage.ensure_container("videos")
         storage.upload(BlobRef("videos", "a b.mp4"), b"docker")
         url = storage.input_url(BlobRef("videos", "a b.mp4"))
@@ -395,7 +397,7 @@ def test_read_tail_is_a_range_read(azurite: Azurite, make_azure: Make,
             ranges.append(request.http_request.headers.get("x-ms-range"))
 
     storage = AzureBlobStorage(
-        config=BlobConfig(account_url=azurite.account_url, account_key=ACCOUNT_KEY),
+        config=BlobConfig(account_url=azurite.account_url, account_key=SecretStr(ACCOUNT_KEY)),
         client_options={"raw_request_hook": record})
     container = new_container()
     ref = BlobRef(container, "job-1/t1/stderr.txt")
