@@ -48,11 +48,14 @@ from typing import Any
 import structlog
 
 from worker.backends.base import (
-    COMING_NODE_STATES,
     BackendStats,
     PoolCapacity,
     ResizeError,
 )
+
+# The capacity arithmetic, shared with the metrics' collector, is re-exported here.
+from worker.backends.base import fresh_resize_errors as fresh_resize_errors
+from worker.backends.base import slots as slots
 from worker.metrics import Health, Metrics
 
 log = structlog.get_logger(__name__)
@@ -70,24 +73,6 @@ JOB_QUOTA_CODE = "ActiveJobAndScheduleQuotaReached"
 ACCOUNT = "*"
 #: The prefix of every /readyz reason of a capacity wait.
 WAITING = "waiting for capacity"
-
-
-def fresh_resize_errors(cap: PoolCapacity) -> list[ResizeError]:
-    """The pool's resize errors that still explain a shortfall (see the module doc):
-    none while it resizes or once it has reached its targets."""
-    if cap.allocation_state != "steady" or not cap.resize_errors:
-        return []
-    short = (cap.current_dedicated < cap.target_dedicated
-             or cap.current_low_priority < cap.target_low_priority)
-    return list(cap.resize_errors) if short else []
-
-
-def slots(cap: PoolCapacity) -> int:
-    """Task slots the pool has or is about to have (module doc)."""
-    nodes = cap.usable_nodes + cap.count(*COMING_NODE_STATES)
-    if cap.allocation_state == "resizing" and not fresh_resize_errors(cap):
-        nodes += max(0, cap.target - cap.current)
-    return nodes * max(1, cap.slots_per_node)
 
 
 def is_core_quota(code: str) -> bool:
@@ -197,10 +182,8 @@ class Admission:
         self._job_quota: Wait | None = None
         self._open = asyncio.Event()
         self._open.set()
-        self._seen_paused: set[tuple[str, ...]] = set()
-        self._seen_slots: set[tuple[str, ...]] = set()
-        self._seen_pending: set[tuple[str, ...]] = set()
-        self._seen_errors: set[tuple[str, ...]] = set()
+        #: The (pool, reason) series of ``fanout_admission_paused`` exported now.
+        self._exported: frozenset[tuple[str, str]] = frozenset()
         #: Per pool: the current resize errors (codes) and the transition they belong
         #: to, and the (unusable, startTaskFailed) counts, as last logged.
         self._logged_errors: dict[str, tuple[Any, ...]] = {}
@@ -228,18 +211,14 @@ class Admission:
         return f"{WAITING}: " + "; ".join(w.text() for w in self._waits)
 
     def update(self, stats: BackendStats) -> None:
-        """Take a poll's pool capacities: set the gauges, log what changed, pause or
-        resume the receive loops."""
+        """Take a poll's pool capacities: log what changed, pause or resume the receive
+        loops. (The per-pool gauges come from the same snapshot, by the metrics'
+        ``BackendStatsCollector``.)"""
         self.views = views(stats, self.limit)
-        m = self.metrics
-        m.set_labelled(m.pool_slots, {(v.pool,): v.slots for v in self.views}, self._seen_slots)
-        m.set_labelled(m.pool_pending_tasks, {(v.pool,): v.pending for v in self.views},
-                       self._seen_pending)
-        m.set_labelled(m.pool_resize_errors, {(v.pool, e.code): 1 for v in self.views
-                                              for e in v.resize_errors}, self._seen_errors)
         for v in self.views:
             self._log_pool(v)
         self._set_waits(tuple(v.wait for v in self.views if v.wait is not None))
+        self._export_paused()  # a pool gone without a change of waits takes its series
 
     def job_quota(self, detail: str) -> str:
         """The account's active-job quota is full (a create was refused): count it and
@@ -284,9 +263,24 @@ class Admission:
         self._publish()
 
     def _publish(self) -> None:
-        paused = {(w.pool, w.reason): 1 for w in self.waits}
-        self.metrics.set_labelled(self.metrics.admission_paused, paused, self._seen_paused)
+        self._export_paused()
         self.health.set_capacity(self.reason())
+
+    def _export_paused(self) -> None:
+        """``fanout_admission_paused``: 1 per current cause; a cause that has passed reads
+        0 while its pool is still reported (so ``min_over_time`` in
+        ``FanoutWaitingForCapacity`` sees it end) and is dropped with its pool."""
+        paused = {(w.pool, w.reason) for w in self.waits}
+        pools = {v.pool for v in self.views} | {ACCOUNT}
+        gauge = self.metrics.admission_paused
+        for pool, reason in self._exported - paused:
+            if pool in pools:
+                gauge.labels(pool, reason).set(0)
+            else:
+                gauge.remove(pool, reason)
+        for pool, reason in paused:
+            gauge.labels(pool, reason).set(1)
+        self._exported = frozenset(paused | {k for k in self._exported if k[0] in pools})
 
     def _log_pool(self, v: PoolView) -> None:
         cap = v.capacity

@@ -337,30 +337,20 @@ class App:
             loop.add_signal_handler(sig, on_signal, sig)
 
     async def _poll_queue(self) -> None:
-        seen: set[tuple[str, ...]] = set()
         name = self.source.name
 
-        async def once() -> None:
-            depth = await self.source.depth()
-            self.metrics.set_labelled(self.metrics.queue_messages,
-                                      {(name, state): n for state, n in depth.items()}, seen)
+        async def once() -> None:  # a source reports the same states every time
+            for state, n in (await self.source.depth()).items():
+                self.metrics.queue_messages.labels(name, state).set(n)
 
         await _poll_forever("queue", self.settings.queue.poll_interval, once, self.metrics)
 
     async def _poll_backend(self) -> None:
-        seen_nodes: set[tuple[str, ...]] = set()
-        seen_sizes: set[tuple[str, ...]] = set()
-        seen_tasks: set[tuple[str, ...]] = set()
         interval = self.settings.backend_config.stats_interval
 
         async def once() -> None:
             stats = await asyncio.to_thread(self.backend.stats)
-            m = self.metrics
-            m.set_labelled(m.pool_nodes, stats.pool_nodes, seen_nodes)
-            m.set_labelled(m.pool_size, stats.pool_size, seen_sizes)
-            m.set_labelled(m.job_tasks, {(k,): v for k, v in stats.job_tasks.items()},
-                           seen_tasks)
-            m.active_jobs.set(stats.active_jobs)
+            self.metrics.backend_stats.update(stats)  # a failed read keeps the last one
             if self.consumer.admission is not None:  # pools' capacity: pause or resume
                 self.consumer.admission.update(stats)
 

@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+from worker.backends.base import BackendStats, fresh_resize_errors, slots
 
 #: Message outcomes, the ``outcome`` label of ``fanout_messages_total``.
 OUTCOMES = ("completed", "dead_lettered", "abandoned")
@@ -28,6 +39,8 @@ class Metrics:
     def __init__(self, *, registry: CollectorRegistry, cost_tags: Sequence[str] = ()) -> None:
         """``cost_tags``: the operator's allowed tag keys (``cost.allowed_tags``), the
         extra labels of the cost metrics, fixed for the registry's life."""
+        # no ``_created`` series (process-wide): no dashboard or alert reads them
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry
         self.cost_tags = tuple(cost_tags)
         self.job_node_seconds = Counter(
@@ -79,18 +92,9 @@ class Metrics:
         self.queue_messages = Gauge(
             "fanout_queue_messages", "Messages in the queue, by state.",
             ["queue", "state"], registry=registry)
-        self.pool_nodes = Gauge(
-            "fanout_pool_nodes", "Pool nodes (local executor: slots), by state.",
-            ["pool", "state"], registry=registry)
-        self.pool_size = Gauge(
-            "fanout_pool_size", "Pool current and target sizes.",
-            ["pool", "which"], registry=registry)
-        self.active_jobs = Gauge(
-            "fanout_active_jobs", "Jobs not yet completed (accounts have a quota).",
-            registry=registry)
-        self.job_tasks = Gauge(
-            "fanout_job_tasks", "Tasks of active jobs, by state.", ["state"],
-            registry=registry)
+        #: The pool, job and capacity gauges, from the last ``Backend.stats()`` read.
+        self.backend_stats = BackendStatsCollector()
+        registry.register(self.backend_stats)
         self.ready = Gauge(
             "fanout_ready", "1 while the worker can take work, 0 while it backs off.",
             registry=registry)
@@ -149,27 +153,94 @@ class Metrics:
             "the account) and reason (backlog, job_quota, core_quota, resize_error, "
             "start_task_failed, unusable_nodes, no_nodes, pool_missing).",
             ["pool", "reason"], registry=registry)
-        self.pool_slots = Gauge(
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    stats: BackendStats
+    taken: float  # Unix time of the read
+
+
+class BackendStatsCollector(Collector):
+    """The gauges derived from ``Backend.stats()``, built at each scrape from the last
+    snapshot the stats poller stored with :meth:`update`.
+
+    Only what the snapshot holds is exported: a pool deleted (or no longer reported), a
+    state no active job's tasks are in any more, a resize error that has cleared, drop
+    out of the scrape instead of reading 0 for ever. Before the first successful read
+    the families are empty. A failed read stores nothing: the last snapshot stays
+    (admission decides on it too), ``fanout_poll_errors_total{poller="backend"}``
+    counts the failure and ``fanout_backend_stats_timestamp_seconds`` says how old it is.
+
+    The snapshot is swapped in as one reference (atomic under the GIL) and never
+    mutated, so the scrape thread reads one consistent poll without a lock.
+    """
+
+    def __init__(self) -> None:
+        self._snapshot: _Snapshot | None = None
+
+    def update(self, stats: BackendStats, taken: float | None = None) -> None:
+        """Replace the snapshot with a fresh read (the caller no longer mutates it)."""
+        self._snapshot = _Snapshot(stats, time.time() if taken is None else taken)
+
+    @property
+    def stats(self) -> BackendStats | None:
+        snapshot = self._snapshot
+        return None if snapshot is None else snapshot.stats
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        """The families without samples: registering never calls :meth:`collect`."""
+        return iter(_families())
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        snapshot = self._snapshot  # one read: the poller may swap it meanwhile
+        families = _families()
+        if snapshot is None:
+            return iter(families)
+        nodes, size, jobs, tasks, slot_count, pending, errors, taken = families
+        stats = snapshot.stats
+        for (pool, state), n in sorted(stats.pool_nodes.items()):
+            nodes.add_metric([pool, state], n)
+        for (pool, which), n in sorted(stats.pool_size.items()):
+            size.add_metric([pool, which], n)
+        jobs.add_metric([], stats.active_jobs)
+        for state, n in sorted(stats.job_tasks.items()):
+            tasks.add_metric([state], n)
+        for _, cap in sorted(stats.pools.items()):
+            slot_count.add_metric([cap.pool], slots(cap))
+            pending.add_metric([cap.pool], cap.pending)
+            for code in sorted({e.code for e in fresh_resize_errors(cap)}):
+                errors.add_metric([cap.pool, code], 1)
+        taken.add_metric([], snapshot.taken)
+        return iter(families)
+
+
+def _families() -> list[GaugeMetricFamily]:
+    """The backend stats gauges, empty, in the order :meth:`BackendStatsCollector.collect`
+    fills them."""
+    return [
+        GaugeMetricFamily("fanout_pool_nodes", "Pool nodes (local executor: slots), by state.",
+                          labels=["pool", "state"]),
+        GaugeMetricFamily("fanout_pool_size", "Pool current and target sizes.",
+                          labels=["pool", "which"]),
+        GaugeMetricFamily("fanout_active_jobs",
+                          "Jobs not yet completed (accounts have a quota)."),
+        GaugeMetricFamily("fanout_job_tasks", "Tasks of active jobs, by state.",
+                          labels=["state"]),
+        GaugeMetricFamily(
             "fanout_pool_slots", "Task slots a pool has or is about to have (usable and "
             "booting nodes, nodes a resize is adding) x task slots per node.",
-            ["pool"], registry=registry)
-        self.pool_pending_tasks = Gauge(
+            labels=["pool"]),
+        GaugeMetricFamily(
             "fanout_pool_pending_tasks", "Active (not yet running) tasks of fanout's active "
-            "jobs on a pool.", ["pool"], registry=registry)
-        self.pool_resize_errors = Gauge(
+            "jobs on a pool.", labels=["pool"]),
+        GaugeMetricFamily(
             "fanout_pool_resize_errors", "1 for each current resize error of a pool, by code "
-            "(stale ones are not counted).", ["pool", "code"], registry=registry)
-
-    def set_labelled(self, gauge: Gauge, values: Mapping[tuple[str, str], int] |
-                     Mapping[tuple[str], int],
-                     seen: set[tuple[str, ...]]) -> None:
-        """Set a labelled gauge to ``values``, zeroing label sets seen before but gone now."""
-        keys: set[tuple[str, ...]] = set(values)
-        for labels in seen - keys:
-            gauge.labels(*labels).set(0)
-        for labels, value in values.items():
-            gauge.labels(*labels).set(value)
-        seen.update(keys)
+            "(stale ones are not counted).", labels=["pool", "code"]),
+        GaugeMetricFamily(
+            "fanout_backend_stats_timestamp_seconds", "Unix time of the last successful "
+            "backend stats read, which the pool, job and capacity gauges show."),
+    ]
 
 
 class Health:

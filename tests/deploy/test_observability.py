@@ -14,6 +14,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
+from worker.backends.base import BackendStats, PoolCapacity, ResizeError
 from worker.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,12 +39,13 @@ needs_promtool = pytest.mark.skipif(
 
 
 def exported_names() -> set[str]:
-    """Every sample name fanout's registry can expose (counters' _total, histograms' parts)."""
+    """Every sample name fanout's registry can expose (counters' _total, histograms' parts;
+    no ``_created``: fanout turns those series off)."""
     registry = CollectorRegistry()
     Metrics(registry=registry)
-    suffixes = {"counter": ("_total", "_created"), "gauge": ("",),
-                "histogram": ("_bucket", "_sum", "_count", "_created"),
-                "summary": ("", "_sum", "_count", "_created"), "info": ("_info",)}
+    suffixes = {"counter": ("_total",), "gauge": ("",),
+                "histogram": ("_bucket", "_sum", "_count"),
+                "summary": ("", "_sum", "_count"), "info": ("_info",)}
     names = set()
     for family in registry.collect():
         names |= {family.name + s for s in suffixes.get(family.type, ("",))}
@@ -302,11 +304,12 @@ def _live_metrics() -> bytes:
     m.inflight.set(2)
     m.queue_messages.labels("fanout", "active").set(7)
     m.queue_messages.labels("fanout", "dead_letter").set(1)
-    m.pool_nodes.labels("cpu", "idle").set(2)
-    m.pool_nodes.labels("cpu", "lowpriority_preempted").set(1)
-    m.pool_size.labels("cpu", "target_dedicated").set(2)
-    m.active_jobs.set(4)
-    m.job_tasks.labels("running").set(8)
+    m.backend_stats.update(BackendStats(
+        pool_nodes={("cpu", "idle"): 2, ("cpu", "lowpriority_preempted"): 1},
+        pool_size={("cpu", "target_dedicated"): 2}, active_jobs=4, job_tasks={"running": 8},
+        pools={"cpu": PoolCapacity(pool="cpu", nodes={"idle": 2}, pending=3,
+                                   resize_errors=[ResizeError("AllocationTimedOut")],
+                                   target_dedicated=3, current_dedicated=2)}))
     m.ready.set(1)
     m.heartbeat.set(1.7e9)
     m.poll_errors.labels("backend").inc()

@@ -129,7 +129,9 @@ def test_pause_sets_the_metric_and_readiness_and_resumes() -> None:
     admission, metrics, health = make_admission(limit=1)
     admission.update(stats_of(pool(pending=1)))
     assert not admission.paused and health.ready
-    admission.update(stats_of(pool(pending=3)))
+    stats = stats_of(pool(pending=3))
+    admission.update(stats)
+    metrics.backend_stats.update(stats)  # the stats poller stores the same snapshot
     assert admission.paused
     assert not health.ready and health.alive
     assert health.why_unready.startswith("waiting for capacity: pool p: backlog: 3 pending")
@@ -141,6 +143,19 @@ def test_pause_sets_the_metric_and_readiness_and_resumes() -> None:
     assert not admission.paused and health.ready
     assert sample(metrics, "fanout_admission_paused", {"pool": "p", "reason": "backlog"}) == 0
     assert sample(metrics, "fanout_ready", {}) == 1
+
+
+def test_a_passed_pause_reads_0_until_its_pool_goes() -> None:
+    """A cause that has passed reads 0 (the alert's min_over_time sees it end) while its
+    pool is reported, and leaves the scrape with the pool."""
+    admission, metrics, _ = make_admission(limit=1)
+    labels = {"pool": "p", "reason": "backlog"}
+    admission.update(stats_of(pool(pending=3)))
+    assert sample(metrics, "fanout_admission_paused", labels) == 1
+    admission.update(stats_of(pool(pending=0)))
+    assert sample(metrics, "fanout_admission_paused", labels) == 0
+    admission.update(stats_of(pool(pool="q")))
+    assert sample(metrics, "fanout_admission_paused", labels) is None
 
 
 def test_a_config_fault_is_told_apart_from_a_capacity_wait() -> None:
@@ -178,6 +193,7 @@ def test_resize_errors_are_counted_and_logged_once_per_change() -> None:
     with capture_logs() as logs:
         admission.update(stats_of(short))
         admission.update(stats_of(short))
+    metrics.backend_stats.update(stats_of(short))
     assert [e["event"] for e in logs] == ["pool.resize_errors"]
     assert logs[0]["errors"] == ["AccountCoreQuotaReached: The Batch account core quota "
                                  "was reached."]
@@ -191,7 +207,8 @@ def test_resize_errors_are_counted_and_logged_once_per_change() -> None:
         admission.update(stats_of(later))
         admission.update(stats_of(pool(resize_errors=[QUOTA])))  # target reached: stale
     assert [e["event"] for e in logs] == ["pool.resize_errors", "pool.resize_errors_cleared"]
-    assert sample(metrics, "fanout_pool_resize_errors", labels) == 0
+    metrics.backend_stats.update(stats_of(pool(resize_errors=[QUOTA])))
+    assert sample(metrics, "fanout_pool_resize_errors", labels) is None  # gone, not 0
 
 
 def test_job_quota_is_a_capacity_wait_on_the_account() -> None:
