@@ -169,10 +169,22 @@ def build_planner(settings: Settings, storage: Storage, *,
     registry.check_options(settings.handlers)
     router = Router(registry=registry, routes=settings.routes, storage=storage,
                     drop_unrouted=settings.events.unrouted == "drop")
-    planner = Planner(router=router, settings=settings, storage=storage, tracing=tracing)
+    planner = make_planner(settings, router, storage, tracing=tracing)
     checking = _RouteCheckStorage(storage)
     router.check_routes(lambda work: planner.spec(work, {}, checking))
     return planner
+
+
+def make_planner(settings: Settings, router: Router, storage: Storage, *,
+                 tracing: Tracing | None = None) -> Planner:
+    """A planner over ``router`` given the sections of ``settings`` it reads, without
+    the start-up checks of :func:`build_planner`. Tasks upload their logs on Azure."""
+    return Planner(router=router, storage=storage, programs=settings.program_specs(),
+                   limits=settings.limits, jobs=settings.jobs, blob=settings.blob,
+                   queue=settings.queue, cost=settings.cost,
+                   handler_options=settings.handlers, default_pool=settings.default_pool,
+                   allow_message_commands=settings.allow_message_commands,
+                   log_uploads=settings.backend_kind == "azure", tracing=tracing)
 
 
 class _RouteCheckStorage:
@@ -246,7 +258,8 @@ class App:
         submitter = Submitter(backend=backend, config=settings.submit, metrics=metrics,
                               tracing=tracing)
         consumer = Consumer(source=source, planner=planner, submitter=submitter,
-                            backend=backend, settings=settings, metrics=metrics, health=health,
+                            backend=backend, config=settings.consumer, queue=settings.queue,
+                            queue_kind=settings.queue_kind, metrics=metrics, health=health,
                             tracing=tracing,
                             admission=Admission(
                                 limit=settings.admission.max_backlog_per_slot,

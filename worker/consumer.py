@@ -47,7 +47,7 @@ from opentelemetry.trace import Span, SpanKind
 
 from worker.admission import JOB_QUOTA_CODE, Admission
 from worker.backends.base import META_HANDLER, REASON_CANCELLED, Backend
-from worker.config import Settings
+from worker.config import ConsumerConfig, QueueConfig
 from worker.errors import (
     ConfigFault,
     LockLost,
@@ -94,11 +94,13 @@ class Consumer:
     """Receives messages from a ``Source`` and turns each into submitted jobs."""
 
     def __init__(self, *, source: Source, planner: Planner, submitter: Submitter,
-                 backend: Backend, settings: Settings,
-                 metrics: Metrics, health: Health,
+                 backend: Backend, config: ConsumerConfig, queue: QueueConfig,
+                 metrics: Metrics, health: Health, queue_kind: str = "local",
                  clock: Callable[[], float] = time.monotonic,
                  tracing: Tracing | None = None,
                  admission: Admission | None = None) -> None:
+        """``config`` is ``[consumer]``; ``queue`` is ``[queue]`` (its lock duration) and
+        ``queue_kind`` the resolved kind (``servicebus`` or ``local``, for tracing)."""
         self.source = source
         #: Receiving waits while the pools are backed up (worker/admission.py).
         self.admission = admission
@@ -106,7 +108,9 @@ class Consumer:
         self.planner = planner
         self.submitter = submitter
         self.backend = backend
-        self.settings = settings
+        self.config = config
+        self.queue = queue
+        self.queue_kind = queue_kind
         self.metrics = metrics
         self.health = health
         self._clock = clock
@@ -131,20 +135,20 @@ class Consumer:
     def stop(self) -> None:
         """Stop receiving; in-flight messages drain within the grace period."""
         if not self._stopping.is_set():
-            log.info("consumer.stopping", grace=self.settings.consumer.drain_grace)
+            log.info("consumer.stopping", grace=self.config.drain_grace)
         self._stopping.set()
 
     async def run(self) -> None:
         """Check the source's settings, run the receive loops (unready until the first
         probes pass) until ``stop()``; then drain and return."""
-        await self.source.check_capacity(self.settings.consumer.concurrency)
+        await self.source.check_capacity(self.config.concurrency)
         self._set_ready(False, "starting: probing the backend and the queue")
         prober = asyncio.create_task(self._probe_loop(), name="fanout-probe")
         loops = [asyncio.create_task(self._receive_loop(i), name=f"fanout-receive-{i}")
-                 for i in range(self.settings.consumer.concurrency)]
+                 for i in range(self.config.concurrency)]
         await self._stopping.wait()
         await cancel_and_wait([prober], ABANDON_GRACE)
-        _, pending = await asyncio.wait(loops, timeout=self.settings.consumer.drain_grace)
+        _, pending = await asyncio.wait(loops, timeout=self.config.drain_grace)
         if pending:
             log.warning("consumer.drain_timeout", unfinished=len(pending))
             self._cancel.set()
@@ -186,7 +190,7 @@ class Consumer:
         The receive is bounded: a source call that neither returns nor fails (a
         half-open connection) is cancelled, and the loop goes on; the source drops
         the receiver of a call that timed out and reconnects."""
-        wait = self.settings.consumer.receive_wait
+        wait = self.config.receive_wait
         receiving = asyncio.ensure_future(asyncio.wait_for(
             self.source.receive(1, wait), wait + SETTLE_TIMEOUT))
         stopping = asyncio.ensure_future(self._stopping.wait())
@@ -249,7 +253,7 @@ class Consumer:
                         "messaging.message.body.size": len(msg.body)})
 
     def _messaging_attributes(self, msg: Received) -> dict[str, Any]:
-        system = "servicebus" if self.settings.queue_kind == "servicebus" else "fanout.local"
+        system = "servicebus" if self.queue_kind == "servicebus" else "fanout.local"
         return {"messaging.system": system, "messaging.destination.name": self.source.name,
                 "messaging.message.id": msg.message_id}
 
@@ -369,7 +373,7 @@ class Consumer:
 
     async def _keep_locked(self, msg: Received, loop: str = "receive") -> None:
         """Renew the message's lock until cancelled; beat the loop's heartbeat meanwhile."""
-        lock = self.settings.queue.lock_duration
+        lock = self.queue.lock_duration
         locked_until = msg.locked_until
         while True:
             if locked_until is not None:
@@ -398,7 +402,7 @@ class Consumer:
     async def _wait_ready(self, loop: str = "receive") -> bool:
         """Wait (beating the loop's heartbeat) until the probe task finds the worker
         ready; False if stopped meanwhile."""
-        pause = max(0.05, min(self.settings.consumer.unready_backoff,
+        pause = max(0.05, min(self.config.unready_backoff,
                               self.health.heartbeat_timeout / 3))
         while not self.stopping:
             if self._ready.is_set():
@@ -434,7 +438,7 @@ class Consumer:
     async def _probe_loop(self) -> None:
         """While unready: probe the backend and the source (at once at start, then
         every ``unready_backoff``) until both pass, then mark the worker ready."""
-        backoff = self.settings.consumer.unready_backoff
+        backoff = self.config.unready_backoff
         while not self.stopping:
             await self._unready.wait()
             if await self._sleep(self._probe_delay):

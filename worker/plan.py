@@ -26,7 +26,14 @@ from worker.backends.base import (
     META_REQUEST,
     META_TASKS,
 )
-from worker.config import Settings
+from worker.config import (
+    BlobConfig,
+    CostConfig,
+    JobsConfig,
+    LimitsConfig,
+    ProgramCatalog,
+    QueueConfig,
+)
 from worker.context import WorkerContext, apply_job_options, job_id_for, sas_lifetime
 from worker.envelope import parse_body
 from worker.routing import Router, Work
@@ -73,16 +80,35 @@ def request_hash(handler: str, params: Mapping[str, Any], options: Any) -> str:
 
 
 class Planner:
-    """Turns one message into its jobs; raises a ``MessageFault`` for a bad one."""
+    """Turns one message into its jobs; raises a ``MessageFault`` for a bad one.
 
-    def __init__(self, *, router: Router, settings: Settings, storage: Storage,
+    Given the sections it reads (``worker.app.make_planner`` picks them):
+    ``programs`` (``Settings.program_specs()``), ``[limits]``, ``[jobs]``, ``[blob]``
+    (the SAS wait allowance), ``[queue]`` (the largest message), ``[cost]`` (the
+    allowed tags), the ``[handlers.<name>]`` tables, the default pool, whether messages
+    may carry commands, and whether tasks upload their logs (on Azure); the router's
+    routes are checked against ``jobs.max_wall_clock`` (worker/window.py)."""
+
+    def __init__(self, *, router: Router, storage: Storage, programs: ProgramCatalog,
+                 limits: LimitsConfig, jobs: JobsConfig, blob: BlobConfig,
+                 queue: QueueConfig, cost: CostConfig,
+                 handler_options: Mapping[str, Mapping[str, Any]], default_pool: str,
+                 allow_message_commands: bool = False, log_uploads: bool = False,
                  tracing: Tracing | None = None) -> None:
         self.router = router
-        self.settings = settings
         self.storage = storage
+        self.programs = programs
+        self.limits = limits
+        self.jobs = jobs
+        self.blob = blob
+        self.queue = queue
+        self.cost = cost
+        self.handler_options = handler_options
+        self.default_pool = default_pool
+        self.allow_message_commands = allow_message_commands
+        self.log_uploads = log_uploads
         self.tracing = tracing or Tracing.off()
-        self._programs = settings.program_specs()
-        window.check_routes(settings.routes, settings.jobs.max_wall_clock)
+        window.check_routes(router.routes, jobs.max_wall_clock)
 
     def plan(self, body: bytes, properties: Mapping[str, str] | None = None, *,
              message_id: str | None = None, reply_to: str | None = None) -> Plan:
@@ -104,7 +130,7 @@ class Planner:
     def _plan(self, body: bytes, properties: Mapping[str, str] | None, *,
               message_id: str | None, reply_to: str | None) -> Plan:
         parsed = parse_body(body, properties,
-                            max_bytes=self.settings.queue.max_message_bytes)
+                            max_bytes=self.queue.max_message_bytes)
         routed = self.router.route(parsed, message_id=message_id)
         plan = Plan(ignored=list(routed.ignored), cancels=list(routed.cancels))
         for work in routed.works:
@@ -123,7 +149,7 @@ class Planner:
             handler=work.handler_name, job_id=job_id_for(work.handler_name, work.key))
         job = self.spec(work, properties)
         if job.max_wall_clock is None:
-            job.max_wall_clock = self.settings.jobs.max_wall_clock
+            job.max_wall_clock = self.jobs.max_wall_clock
         if work.window is not None:
             own = work.without_window()
             job = window.gather(job, work.window, handler=work.handler_name,
@@ -148,45 +174,45 @@ class Planner:
         limits enforced; ``storage`` replaces the worker's store (the start-up route
         check passes one that signs nothing)."""
         job_id = job_id_for(work.handler_name, work.key)
-        limits = self.settings.limits
+        limits = self.limits
         # The URLs the handler asks for live the job's own wall clock plus the wait
         # allowance: the message's option, else the operator's default.
-        wall = work.job.max_wall_clock or self.settings.jobs.max_wall_clock
+        wall = work.job.max_wall_clock or self.jobs.max_wall_clock
         ctx = WorkerContext(
             job_id=job_id, max_tasks=limits.max_tasks_per_message,
-            allow_message_commands=self.settings.allow_message_commands,
-            programs=self._programs, handler_options=self.settings.handlers,
+            allow_message_commands=self.allow_message_commands,
+            programs=self.programs, handler_options=self.handler_options,
             storage=storage or self.storage, limits=limits,
-            sas_lifetime=self.sas_lifetime(wall), registries=self._programs.registries)
+            sas_lifetime=self.sas_lifetime(wall), registries=self.programs.registries)
         request = BuildRequest(handler=work.handler_name, params=work.params,
                                idempotency_key=work.key, properties=properties)
         job = apply_job_options(work.handler.build(request, ctx), work.job, job_id=job_id,
-                                default_pool=self.settings.default_pool, limits=limits,
+                                default_pool=self.default_pool, limits=limits,
                                 handler=work.handler_name)
         if job.max_wall_clock is not None and job.max_wall_clock > wall:
             # The handler chose a longer wall clock of its own (within the limit): build
             # again, so its URLs live as long as the job may.
             ctx = replace(ctx, sas_lifetime=self.sas_lifetime(job.max_wall_clock))
             job = apply_job_options(work.handler.build(request, ctx), work.job,
-                                    job_id=job_id, default_pool=self.settings.default_pool,
+                                    job_id=job_id, default_pool=self.default_pool,
                                     limits=limits, handler=work.handler_name)
         # Cost tags (the operator's keys only) into the metadata; the handler's estimate
         # against the task-hours budget, before anything is submitted (worker/cost.py).
-        job.metadata.update(cost.tag_metadata(work.job.tags, self.settings.cost.allowed_tags))
+        job.metadata.update(cost.tag_metadata(work.job.tags, self.cost.allowed_tags))
         cost.check_budget(job, limits)
         return job
 
     def sas_lifetime(self, wall_clock: timedelta | None) -> timedelta:
         """How long the URLs of a job with this max wall clock must stay valid."""
-        return sas_lifetime(wall_clock or self.settings.jobs.max_wall_clock,
-                            self.settings.limits, self.settings.blob.sas_wait_allowance)
+        return sas_lifetime(wall_clock or self.jobs.max_wall_clock, self.limits,
+                            self.blob.sas_wait_allowance)
 
     def _upload_logs(self, job: JobSpec) -> None:
         """On Azure, every task uploads its stdout.txt and stderr.txt to
         ``<jobs.logs_container>/<job>/<task>/`` (on failure by default), so the logs
         outlive nodes that scale to zero; locally they stay in the task directory."""
-        jobs = self.settings.jobs
-        if self.settings.backend_kind != "azure" or jobs.log_upload == "never":
+        jobs = self.jobs
+        if not self.log_uploads or jobs.log_upload == "never":
             return
         url = self.storage.output_container_url(jobs.logs_container, job.id,
                                                 lifetime=self.sas_lifetime(job.max_wall_clock))

@@ -36,7 +36,7 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from handlers.base import Handler, JobSpec, TaskSpec
-from worker.app import build_planner, make_storage
+from worker.app import build_planner, make_planner, make_storage
 from worker.config import Settings, describe_settings_error
 from worker.errors import SettingsError
 from worker.plan import Plan, Planner
@@ -141,7 +141,7 @@ def harness(handlers: Mapping[str, Handler] | None = None, *,
     else:
         router = Router(registry=registry, routes=settings.routes, storage=store,
                         drop_unrouted=settings.events.unrouted == "drop")
-        planner = Planner(router=router, settings=settings, storage=store)
+        planner = make_planner(settings, router, store)
     return Harness(settings=settings, planner=planner)
 
 

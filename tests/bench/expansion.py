@@ -25,9 +25,8 @@ LINE = "/bin/sh -c 'python3 sim.py --alpha {alpha} --beta {beta} --gamma {gamma}
 
 def arm_fanout(side: int) -> None:
     """Parse, validate, route and build the sweep, then stream every TaskSpec."""
-    from worker.app import make_storage
+    from worker.app import make_planner, make_storage
     from worker.config import load_settings
-    from worker.plan import Planner
     from worker.routing import HandlerRegistry, Router
 
     quiet_logs()
@@ -40,7 +39,7 @@ def arm_fanout(side: int) -> None:
         storage = make_storage(settings)
         router = Router(registry=HandlerRegistry.from_entry_points(), routes=[],
                         storage=storage)
-        planner = Planner(router=router, settings=settings, storage=storage)
+        planner = make_planner(settings, router, storage)
         body = json.dumps({"handler": "sweep", "params": {"program": "sim", "parameters": {
             name: {"start": 0, "stop": side} for name in ("alpha", "beta", "gamma")}}})
         before = peak_rss_mb()

@@ -26,9 +26,8 @@ PER_REQUEST = 100
 
 
 def _planner(home: Path) -> Any:
-    from worker.app import make_storage
+    from worker.app import make_planner, make_storage
     from worker.config import load_settings
-    from worker.plan import Planner
     from worker.routing import HandlerRegistry, Router
 
     empty = home / "empty.toml"
@@ -39,7 +38,7 @@ def _planner(home: Path) -> Any:
         "programs": {"sim": {"command": "python3 sim.py --alpha {alpha} --beta {beta}"}}})
     storage = make_storage(settings)
     router = Router(registry=HandlerRegistry.from_entry_points(), routes=[], storage=storage)
-    return Planner(router=router, settings=settings, storage=storage)
+    return make_planner(settings, router, storage)
 
 
 def _body(tasks: int) -> bytes:

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from handlers.base import ID_PATTERN
 from handlers.errors import MessageFault
-from worker.app import make_storage
+from worker.app import make_planner, make_storage
 from worker.config import Settings, load_settings
 from worker.envelope import BlobEvent, Envelope, parse_body
 from worker.plan import Plan, Planner
@@ -199,7 +199,7 @@ def planner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Planner]:
     storage = make_storage(settings_)
     router = Router(registry=HandlerRegistry.from_entry_points(), routes=settings_.routes,
                     storage=storage)
-    yield Planner(router=router, settings=settings_, storage=storage)
+    yield make_planner(settings_, router, storage)
 
 
 def blob_root(planner: Planner) -> str:

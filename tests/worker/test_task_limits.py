@@ -17,6 +17,7 @@ from handlers.base import BuildContext, BuildRequest, JobSpec, TaskSpec
 from handlers.errors import BudgetExceeded
 from tests.worker.doubles import MemoryBackend
 from tests.worker.harness import RunningWorker
+from worker.app import make_planner
 from worker.cli import EXIT_BAD_MESSAGE, main
 from worker.config import Settings, SubmitConfig
 from worker.metrics import Metrics
@@ -116,7 +117,7 @@ class Rogue:
 def planner(settings: Settings, handler: Any) -> Planner:
     storage = LocalStorage(root=settings.home / "blobs")
     router = Router(registry=HandlerRegistry({"rogue": handler}), routes=[], storage=storage)
-    return Planner(router=router, settings=settings, storage=storage)
+    return make_planner(settings, router, storage)
 
 
 @pytest.mark.parametrize("retries, wall, words", [

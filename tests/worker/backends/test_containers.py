@@ -420,8 +420,7 @@ def test_a_configured_container_program_runs_on_a_container_pool_only(
     the worker's planner and submitted: on a container pool every task carries the
     program's containerSettings; on a pool without containers the submission stops
     with a ConfigFault before a task is sent (the message stays on the queue)."""
-    from worker.app import make_storage
-    from worker.plan import Planner
+    from worker.app import make_planner, make_storage
     from worker.routing import HandlerRegistry, Router
 
     settings = make_settings(
@@ -431,9 +430,9 @@ def test_a_configured_container_program_runs_on_a_container_pool_only(
                           "container_registry": "acr",
                           "container_run_options": "--shm-size 1g"}})
     storage = make_storage(settings)
-    planner = Planner(router=Router(registry=HandlerRegistry.from_entry_points(), routes=[],
-                                    storage=storage, drop_unrouted=False),
-                      settings=settings, storage=storage)
+    planner = make_planner(settings, Router(registry=HandlerRegistry.from_entry_points(),
+                                            routes=[], storage=storage, drop_unrouted=False),
+                           storage)
     peer.add_pool("docker", container_images=["myacr.azurecr.io/sim:2"])
 
     def submit(pool: str, key: str) -> None:
