@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import tomllib
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -464,7 +465,7 @@ def pool_formula(pool: str, text: str | None = None) -> str:
     return "\n".join(bicep.interpolate(line, values) for line in lines)
 
 
-def evaluate(formula: str, *, pending: list[float], slots: int, preempted: float = 0,
+def evaluate(formula: str, *, pending: Sequence[float], slots: int, preempted: float = 0,
              ) -> tuple[float, float, str]:
     """(spot target, dedicated target, deallocation) for samples newest-last."""
     result = Evaluator({
@@ -536,7 +537,7 @@ def test_each_formula_breakage_is_caught(breakage: str) -> None:
     text = POOL.read_text()
     assert old in text
     formula = pool_formula("cpu", text.replace(old, new))
-    checks = [
+    checks: list[Callable[[], bool]] = [
         lambda: evaluate(formula, pending=[0] * TEN_MINUTES, slots=4) == (0, 0, "taskcompletion"),
         lambda: evaluate(formula, pending=[8] * TEN_MINUTES, slots=4)[0] == 2,
         lambda: evaluate(formula, pending=[12] * TEN_MINUTES, slots=4, preempted=1)[1] == 1,
@@ -658,14 +659,14 @@ def container_problems(main: str, pool: str) -> list[str]:
             found.append(f"{pool_name}: its nodes may start before AcrPull is granted")
         if given.get("imageReference") != "containerPoolImageReference":
             found.append(f"{pool_name}: not on the container node image")
-    image = re.search(r"param containerPoolImageReference object = \{(.*?)\}", main, re.S)
+    reference = re.search(r"param containerPoolImageReference object = \{(.*?)\}", main, re.S)
     agent = defaults.get("containerPoolNodeAgentSkuId", "")
-    if not image or "'microsoft-dsvm'" not in image.group(1) or \
-            "'ubuntu-hpc'" not in image.group(1):
+    if not reference or "'microsoft-dsvm'" not in reference.group(1) or \
+            "'ubuntu-hpc'" not in reference.group(1):
         found.append("the container node image is not microsoft-dsvm ubuntu-hpc "
                      "(Docker-compatible, NVIDIA container toolkit)")
     else:
-        sku = re.search(r"sku:\s*'(\d\d)(\d\d)'", image.group(1))
+        sku = re.search(r"sku:\s*'(\d\d)(\d\d)'", reference.group(1))
         if not sku or agent != f"batch.node.ubuntu {sku.group(1)}.{sku.group(2)}":
             found.append(f"node agent {agent!r} does not match the image's Ubuntu")
     return found + pool_module_problems(pool)

@@ -73,6 +73,12 @@ def raw_tasks(sdk: BatchClient, job_id: str, **kwargs: Any) -> dict[str, dict[st
     return {t.id: t.as_dict() for t in sdk.list_tasks(job_id, **kwargs)}
 
 
+def execution(job: m.BatchJob) -> m.BatchJobExecutionInfo:
+    """The job's executionInfo, which the service always reports."""
+    assert job.execution_info is not None, f"job {job.id} has no executionInfo"
+    return job.execution_info
+
+
 def error_code(err: pytest.ExceptionInfo[HttpResponseError]) -> str | None:
     return err.value.error.code if err.value.error is not None else None
 
@@ -207,7 +213,7 @@ def test_job_action_terminate_on_failed_task(peer: BatchPeer, clock: ManualClock
     peer.set_task_state("j", "never", "running")
     clock.advance(2)
     job = sdk.get_job("j")
-    assert (job.state, job.execution_info.termination_reason) == ("completed", "TaskFailed")
+    assert (job.state, execution(job).termination_reason) == ("completed", "TaskFailed")
 
 
 # -- terminate, delete, wall clock, all tasks complete ---------------------------------
@@ -222,8 +228,8 @@ def test_terminate_ends_running_tasks_and_leaves_active_ones(peer: BatchPeer) ->
     peer.set_task_state("j", "run", "running")
     assert terminate(sdk, "j") == 202
     job = sdk.get_job("j")
-    assert (job.state, job.execution_info.termination_reason) == ("completed", "UserTerminate")
-    assert job.execution_info.end_time is not None
+    assert (job.state, execution(job).termination_reason) == ("completed", "UserTerminate")
+    assert execution(job).end_time is not None
     tasks = raw_tasks(sdk, "j")
     assert tasks["wait"]["state"] == "active"
     ended = tasks["run"]["executionInfo"]
@@ -250,7 +256,7 @@ def test_terminate_reason_and_terminating_state(clock: ManualClock) -> None:
         assert "JobBeingTerminated" in str(busy.value)
         clock.advance(30)
         job = sdk.get_job("j")
-        assert (job.state, job.execution_info.termination_reason) == (
+        assert (job.state, execution(job).termination_reason) == (
             "completed", "FanoutCancelled")
 
 
@@ -287,7 +293,7 @@ def test_job_max_wall_clock_and_all_tasks_complete(peer: BatchPeer, clock: Manua
     assert sdk.get_job("slow").state == "active"
     peer.set_task_state("done", "t", "completed")
     clock.advance(1)
-    reasons = {j.id: (j.state, j.execution_info.termination_reason) for j in sdk.list_jobs()}
+    reasons = {j.id: (j.state, execution(j).termination_reason) for j in sdk.list_jobs()}
     assert reasons == {"slow": ("completed", "MaxWallClockTimeExpiry"),
                        "done": ("completed", "AllTasksComplete")}
 
@@ -420,7 +426,7 @@ def test_seeded_jobs_are_cheap_and_answer_counts(peer: BatchPeer) -> None:
     assert (counts.active, counts.running, counts.completed) == (10_000, 0, 0)
     job = sdk.get_job("seed-7")
     assert [(i.name, i.value) for i in job.metadata or []] == [("fanout-handler", "sweep")]
-    assert sdk.get_job("old").execution_info.termination_reason == "AllTasksComplete"
+    assert execution(sdk.get_job("old")).termination_reason == "AllTasksComplete"
     failed = list(sdk.list_tasks("mixed", filter="executionInfo/result eq 'failure'"))
     assert [t.id for t in failed] == ["seed9"]
     terminate(sdk, "mixed")

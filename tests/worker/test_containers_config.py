@@ -102,9 +102,9 @@ def test_a_password_never_shows_in_repr_logs_or_plan(config: Path, tmp_path: Pat
     runner = CliRunner()
     args = ["--config", str(config), "plan", "-H", "sweep", "-p", "program=hubsim",
             "-p", "parameters.alpha=[1,2]"]
-    text = runner.invoke(main, args)
-    assert text.exit_code == 0, text.output
-    assert "[in fanoutbot/sim:1]" in text.output and PASSWORD not in text.output
+    as_text = runner.invoke(main, args)
+    assert as_text.exit_code == 0, as_text.output
+    assert "[in fanoutbot/sim:1]" in as_text.output and PASSWORD not in as_text.output
     as_json = runner.invoke(main, [*args, "--json"])
     assert as_json.exit_code == 0, as_json.output
     assert PASSWORD not in as_json.output
@@ -213,6 +213,7 @@ def test_a_container_sweep_without_an_engine_is_dead_lettered_naming_the_image(
         worker.wait_until(lambda: bool(worker.dead_letters()), what="a dead letter")
         (dead,) = worker.dead_letters()
         assert dead.reason == "ContainerUnavailable"
+        assert dead.description is not None
         assert "repo/tool:1" in dead.description and "container_engine" in dead.description
         record = worker.app.backend.get_job(job_id_for("sweep", "boxed"))
         assert record is not None and record.state == "completed"

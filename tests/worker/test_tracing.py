@@ -88,7 +88,8 @@ def test_one_trace_from_the_producer_to_the_task_and_the_report(
     receive, process = one(found, "fanout.receive"), one(found, "fanout.process")
     plan, submit = one(found, "fanout.plan"), one(found, "fanout.submit")
     report = one(found, "fanout.monitor.report")
-    assert parent_id(receive) == int(PRODUCER_SPAN, 16) and receive.parent.is_remote
+    assert parent_id(receive) == int(PRODUCER_SPAN, 16)
+    assert receive.parent is not None and receive.parent.is_remote
     assert receive.kind == SpanKind.CONSUMER
     assert parent_id(process) == receive.context.span_id
     assert parent_id(plan) == process.context.span_id
@@ -103,7 +104,8 @@ def test_one_trace_from_the_producer_to_the_task_and_the_report(
     assert (process.attributes or {})["fanout.handler"] == "sweep"
     assert (submit.attributes or {})["fanout.job.id"] == job_id
     assert (submit.attributes or {})["fanout.job.task_count"] == 2
-    assert (submit.attributes or {})["fanout.submit.requests"] >= 1
+    requests = (submit.attributes or {})["fanout.submit.requests"]
+    assert isinstance(requests, int) and requests >= 1
     assert (report.attributes or {})["fanout.job.outcome"] == "succeeded"
 
     submit_tp = f"00-{TRACE_ID}-{submit.context.span_id:016x}-01"

@@ -47,7 +47,7 @@ from worker.window import (
     window_task,
 )
 
-REGISTRY = HandlerRegistry({"blobtask": BlobTask()})  # type: ignore[dict-item]
+REGISTRY = HandlerRegistry({"blobtask": BlobTask()})
 
 
 def rule(**kw: Any) -> RouteConfig:
@@ -398,9 +398,12 @@ def test_whole_worker_gathers_a_window_and_reports_it(
         backend = worker.app.backend
         assert isinstance(backend, LocalBackend)
         job_id = job_id_for("blobtask", w.key)
-        worker.wait_until(lambda: bool(worker.call(worker.app.monitor.sink.peek(10))),
+        monitor = worker.app.monitor
+        assert monitor is not None and monitor.sink is not None
+        sink = monitor.sink
+        worker.wait_until(lambda: bool(worker.call(sink.peek(10))),
                           timeout=20, what="the window job's event")
-        (published,) = worker.call(worker.app.monitor.sink.peek(10))
+        (published,) = worker.call(sink.peek(10))
         event = json.loads(published.body)
         assert event["subject"] == job_id and event["data"]["tasks"]["total"] == 30
         assert event["data"]["outcome"] == "succeeded"
