@@ -87,8 +87,8 @@ def parse(text: str) -> tuple[list[Instruction], list[Stage]]:
         ins = Instruction(keyword.upper(), flags, rest)
         if ins.keyword == "FROM":
             parts = rest.split()
-            name = parts[2] if len(parts) >= 3 and parts[1].upper() == "AS" else None
-            stages.append(Stage(base=parts[0], name=name))
+            alias = parts[2] if len(parts) >= 3 and parts[1].upper() == "AS" else None
+            stages.append(Stage(base=parts[0], name=alias))
         elif stages:
             stages[-1].instructions.append(ins)
         else:

@@ -252,7 +252,7 @@ def _keda_problems(objects: list[Obj], deployment: Obj, settings: Settings) -> l
 
 
 def _events_problems(settings: Settings) -> list[str]:
-    found = []
+    found: list[str] = []
     events = settings.events
     if not events.enabled or events.topic:
         return found

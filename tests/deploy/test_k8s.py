@@ -146,7 +146,8 @@ def _pod(objects: list[Obj]) -> Obj:
     return pod
 
 
-BREAKAGES: dict[str, Callable[[list[Obj]], None]] = {
+#: Each breaks the manifests in place; what it returns is ignored.
+BREAKAGES: dict[str, Callable[[list[Obj]], object]] = {
     "liveness on the wrong path": lambda o: _container(o)["livenessProbe"]["httpGet"].update(
         path="/metrics"),
     "readiness on the liveness path": lambda o: _container(o)["readinessProbe"]["httpGet"].update(

@@ -43,7 +43,7 @@ def test_duplicate_entry_points_are_a_startup_error(monkeypatch: pytest.MonkeyPa
 
 
 def router(tmp_path: Path, *rules: RouteConfig, drop: bool = False) -> Router:
-    registry = HandlerRegistry({"transcode": Dummy(), "render": Dummy()})  # type: ignore[dict-item]
+    registry = HandlerRegistry({"transcode": Dummy(), "render": Dummy()})
     return Router(registry=registry, routes=rules, storage=LocalStorage(root=tmp_path),
                   drop_unrouted=drop)
 
@@ -201,7 +201,7 @@ def test_a_handler_bug_in_the_route_check_names_the_rule(
         make_settings: Callable[..., Settings]) -> None:
     """Not a message fault, still a SettingsError that says which rule."""
     settings = make_settings(routes=[{"handler": "broken"}])
-    registry = HandlerRegistry({"broken": Broken()})  # type: ignore[dict-item]
+    registry = HandlerRegistry({"broken": Broken()})
     with pytest.raises(SettingsError, match=r"^routes\[0\] \(handler 'broken'\): building a "
                                             r"job for uploads/example failed: KeyError"):
         build_planner(settings, make_storage(settings), handlers=registry)

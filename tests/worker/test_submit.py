@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -56,7 +56,7 @@ def test_requests_run_concurrently_within_the_bound(metrics: Metrics) -> None:
     now = [0]
     peak = [0]
 
-    def add(job_id: str, tasks: list[TaskSpec]) -> AddResult:
+    def add(job_id: str, tasks: Sequence[TaskSpec]) -> AddResult:
         with lock:
             now[0] += 1
             peak[0] = max(peak[0], now[0])
@@ -158,7 +158,7 @@ def test_a_transient_fault_leaves_the_job_for_the_redelivery(metrics: Metrics) -
     adds the rest of the tasks to the same job."""
     backend = MemoryBackend()
 
-    def unavailable(job_id: str, tasks: list[TaskSpec]) -> AddResult:
+    def unavailable(job_id: str, tasks: Sequence[TaskSpec]) -> AddResult:
         raise SystemFault("injected 503")
 
     backend.add_tasks = unavailable  # type: ignore[method-assign]
