@@ -311,11 +311,21 @@ class Backend(Protocol):
         ...
 
     def add_tasks(self, job_id: str, tasks: Sequence[TaskSpec]) -> AddResult:
-        """Add one chunk; a task that already exists counts in ``existed``."""
+        """Add one chunk; a task that already exists counts in ``existed``.
+
+        As Batch's add-collection answers: a malformed task (an invalid id) refuses the
+        whole chunk, ``BatchRejected``, nothing added; a missing job is a
+        ``SystemFault`` (a redelivery creates it again); a completed job is
+        ``BatchRejected`` with reason ``JobCompleted``, unless it was sealed (an earlier
+        delivery added every task): then the chunk counts as existing. A window job
+        (``fanout-window``) is sealed by the monitor, not by its submitters, so a
+        completed one is always ``JobCompleted`` (the event then runs in a job of its
+        own)."""
         ...
 
     def seal_job(self, job_id: str) -> None:
-        """Declare that every task is added: the job terminates when they complete."""
+        """Declare that every task is added: the job terminates when they complete.
+        A job completed already is done; a missing job is a ``SystemFault``."""
         ...
 
     def job_status(self, job_id: str) -> JobStatus | None:
@@ -323,7 +333,10 @@ class Backend(Protocol):
         ...
 
     def list_jobs(self, limit: int = 50) -> list[JobStatus]:
-        """Recent jobs with their task counts, newest first."""
+        """Recent jobs, newest first, for ``fanout status``. ``counts`` (and
+        ``succeeded``/``failed``) may be left empty: Azure reads none here (one request
+        per page of the job listing, none per job), the local executor fills them as
+        they cost it nothing; ``job_status`` reads one job's counts on every backend."""
         ...
 
     def stats(self) -> BackendStats:
@@ -385,7 +398,9 @@ class Backend(Protocol):
 
     def update_job_metadata(self, job_id: str, metadata: dict[str, str]) -> None:
         """Replace the job's metadata with ``metadata`` (Batch's PATCH replaces the
-        whole list); allowed on completed jobs."""
+        whole list); allowed on completed jobs. Like terminate and delete, a job that is
+        gone is no error and is left as it is (Batch: 404 ``JobNotFound``; the monitor
+        marks jobs it listed, which may have been deleted since)."""
         ...
 
     def task_log_tail(self, job_id: str, task_id: str, name: str = "stderr.txt",

@@ -19,10 +19,11 @@ from typing import Any, TypeVar
 import pytest
 
 from handlers.base import JobSpec, OutputFile, ResourceFile, TaskSpec, UploadCondition
+from worker.backends.base import META_WINDOW
 from worker.backends.local import LocalBackend
 from worker.backends.local.runner import ProcessTable
 from worker.backends.local.store import Store
-from worker.errors import BatchRejected, ConfigFault
+from worker.errors import BatchRejected, ConfigFault, SystemFault
 
 T = TypeVar("T")
 CONDITIONS: tuple[UploadCondition, ...] = ("success", "failure", "completion")
@@ -243,21 +244,29 @@ def test_duplicates_keep_the_first_id_and_insertion_order(make_backend: MakeBack
 
 
 def test_add_reports_invalid_tasks(make_backend: MakeBackend) -> None:
-    """Bad ids and dependencies on a job without them are per-task errors, not faults."""
+    """As Batch answers an add-collection request: dependencies on a job without them
+    are per-task errors; a malformed task (its id, a dependency's id or an id range)
+    refuses the whole chunk (400 InvalidPropertyValue: ``BatchRejected``, nothing
+    added); a missing job is a ``SystemFault`` (404 JobNotFound: a redelivery creates
+    it again)."""
     backend = make_backend(start=False)
     backend.create_job(job("j"))
     result = backend.add_tasks("j", [
-        TaskSpec(id="bad id!", command_line="true"),
         TaskSpec(id="dep", command_line="true", depends_on=("x",)),
         TaskSpec(id="fine", command_line="true"),
     ])
     assert result.added == 1
-    assert {(e.task_id, e.code, e.transient) for e in result.errors} == {
-        ("bad id!", "InvalidPropertyValue", False),
-        ("dep", "TaskDependenciesNotSpecifiedOnJob", False)}
-    with pytest.raises(BatchRejected):
+    assert [(e.task_id, e.code, e.transient) for e in result.errors] == [
+        ("dep", "TaskDependenciesNotSpecifiedOnJob", False)]
+    for bad in (TaskSpec(id="bad id!", command_line="true"),
+                TaskSpec(id="d1", command_line="true", depends_on=("no spaces",)),
+                TaskSpec(id="d2", command_line="true", depends_on_ranges=((3, 1),))):
+        with pytest.raises(BatchRejected, match="InvalidPropertyValue"):
+            backend.add_tasks("j", [TaskSpec(id="other", command_line="true"), bad])
+    assert [t.id for t in backend.tasks("j")] == ["fine"]
+    with pytest.raises(SystemFault, match="JobNotFound"):
         backend.add_tasks("nope", [TaskSpec(id="a", command_line="true")])
-    with pytest.raises(BatchRejected):
+    with pytest.raises(SystemFault, match="JobNotFound"):
         backend.seal_job("nope")
     with pytest.raises(BatchRejected):
         backend.create_job(job(""))
@@ -306,19 +315,35 @@ def test_add_from_threads_while_running(make_backend: MakeBackend) -> None:
 # -- jobs, order and stats ---------------------------------------------------------------
 
 
-def test_a_new_task_for_a_sealed_completed_job_is_rejected(make_backend: MakeBackend) -> None:
-    """The job completes at its seal once its tasks have; a task it never had cannot be
-    added then (the seal, the counts and ``sealed`` from create_job are in
-    test_backend_contract.py)."""
+def test_an_add_to_a_sealed_completed_job_counts_as_existed(make_backend: MakeBackend) -> None:
+    """The job completes at its seal once its tasks have; an add then is taken as an
+    earlier delivery's, sent again, and counts as existing without adding anything, as
+    the Azure backend does (fanout seals a job only after every task was added), unless
+    it is a window job, which the monitor seals: then ``JobCompleted`` (the seal, the
+    counts and ``sealed`` from create_job are in test_backend_contract.py)."""
     backend = make_backend()
     backend.create_job(job("j"))
     backend.add_tasks("j", [TaskSpec(id="t", command_line="true")])
     wait_for(settled(backend, "j", 1), "the task")
     backend.seal_job("j")
     assert backend.job_status("j").state == "completed"  # type: ignore[union-attr]
+    again = backend.add_tasks("j", [TaskSpec(id="late", command_line="true")])
+    assert (again.added, again.existed, again.errors) == (0, 1, [])
+    assert [t.id for t in backend.tasks("j")] == ["t"]
+    backend.create_job(job("w", metadata={META_WINDOW: "2026-01-01T00:00:00Z/PT1H"}))
+    backend.seal_job("w")
     with pytest.raises(BatchRejected) as rejected:
-        backend.add_tasks("j", [TaskSpec(id="late", command_line="true")])
+        backend.add_tasks("w", [TaskSpec(id="late", command_line="true")])
     assert rejected.value.reason == "JobCompleted"
+
+
+def test_metadata_of_a_missing_job_is_left_alone(make_backend: MakeBackend) -> None:
+    """As on Azure (404 JobNotFound ignored), like terminate and delete."""
+    backend = make_backend(start=False)
+    backend.update_job_metadata("gone", {"k": "v"})
+    backend.terminate_job("gone", "UserTerminate")
+    backend.delete_job("gone")
+    assert backend.get_job("gone") is None
 
 
 def test_sealed_job_completes_when_last_task_does(make_backend: MakeBackend, tmp_path: Path

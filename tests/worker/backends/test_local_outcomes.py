@@ -378,15 +378,6 @@ def test_failed_tasks_categories_and_limit(make_backend: MakeBackend, tmp_path: 
     assert backend.failed_tasks("missing", 10) == []
 
 
-def test_update_job_metadata_of_a_missing_job_is_rejected(make_backend: MakeBackend) -> None:
-    """Today's local behaviour (the Azure backend leaves a missing job alone: see the
-    strict xfail in test_backend_contract.py); replacing metadata is in that suite."""
-    backend = make_backend(start=False)
-    with pytest.raises(BatchRejected) as rejected:
-        backend.update_job_metadata("missing", FANOUT)
-    assert rejected.value.reason == "JobNotFound"
-
-
 def test_task_counts_count_preparing_as_running(tmp_path: Path) -> None:
     store = Store(path=tmp_path / "executor.db", pool="local")
     store.create_job(job("j"))

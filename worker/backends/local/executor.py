@@ -131,7 +131,11 @@ class LocalBackend:
 
     def add_tasks(self, job_id: str, tasks: Sequence[TaskSpec]) -> AddResult:
         """Add one chunk in one transaction; ids already in the job (compared
-        case-insensitively) count in ``existed``.
+        case-insensitively) count in ``existed``. As on Azure Batch (see
+        ``Store.add_tasks``): a missing job is a ``SystemFault``, a malformed task
+        refuses the whole chunk (``BatchRejected``), and a completed job that was sealed
+        counts the chunk as existing (a window job's is ``BatchRejected``
+        ``JobCompleted``).
 
         A chunk with a container task when no container engine answers is refused
         whole, before anything is stored: ``ContainerUnavailable`` naming the image (the
@@ -149,7 +153,8 @@ class LocalBackend:
         return result
 
     def seal_job(self, job_id: str) -> None:
-        """The job completes once every task has completed."""
+        """The job completes once every task has completed. A missing job is a
+        ``SystemFault``, as Batch's 404 ``JobNotFound`` is on the Azure backend."""
         self.store.seal_job(job_id)
         self._wake.set()
 
@@ -254,8 +259,11 @@ class LocalBackend:
         log.info("job.deleted", job_id=stored, tasks_ended=len(running))
 
     def update_job_metadata(self, job_id: str, metadata: dict[str, str]) -> None:
-        """Replace the job's metadata (completed jobs too)."""
-        self.store.update_metadata(job_id, metadata)
+        """Replace the job's metadata (completed jobs too). A missing job is left as
+        it is, as on the Azure backend, where Job - Update answers 404 ``JobNotFound``
+        and is ignored like a terminate or delete of a job that is gone."""
+        if not self.store.update_metadata(job_id, metadata):
+            log.info("job.metadata_skipped", job_id=job_id, code="JobNotFound")
 
     def preempted_tasks(self, pool: str) -> list[Preemption]:
         """None: this machine is never preempted (the monitor counts zero)."""

@@ -59,6 +59,7 @@ from handlers.base import (
     TaskSpec,
 )
 from worker.backends.base import (
+    META_WINDOW,
     REASON_ALL_COMPLETE,
     REASON_TASK_FAILED,
     TASK_STATES,
@@ -413,7 +414,7 @@ class Store:
         with self._write() as conn:
             row = conn.execute("SELECT seq FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
-                raise BatchRejected(f"job {job_id!r} does not exist", reason="JobNotFound")
+                raise _job_not_found("seal", job_id)
             conn.execute("UPDATE jobs SET sealed = 1 WHERE seq = ?", (row[0],))
             # Range dependencies on ids that were never added are now moot: recheck.
             conn.execute("UPDATE tasks SET recheck_at = 0 WHERE job_seq = ? AND state = 'active'"
@@ -468,12 +469,15 @@ class Store:
             conn.execute("DELETE FROM jobs WHERE seq = ?", (job_seq,))
         return stored, running
 
-    def update_metadata(self, job_id: str, metadata: dict[str, str]) -> None:
-        """Replace the job's metadata (completed jobs too)."""
+    def update_metadata(self, job_id: str, metadata: dict[str, str]) -> bool:
+        """Replace the job's metadata (completed jobs too); False when there is no such
+        job, which is left as it is: Batch answers 404 ``JobNotFound`` to Job - Update
+        (``PATCH /jobs/{jobId}``) of a missing job, and the Azure backend ignores that as
+        it does for terminate and delete."""
         with self._write() as conn:
-            if conn.execute("UPDATE jobs SET metadata = ? WHERE id = ?",
-                            (json.dumps(metadata) if metadata else None, job_id)).rowcount == 0:
-                raise BatchRejected(f"job {job_id!r} does not exist", reason="JobNotFound")
+            return conn.execute("UPDATE jobs SET metadata = ? WHERE id = ?",
+                                (json.dumps(metadata) if metadata else None,
+                                 job_id)).rowcount > 0
 
     def job_record(self, job_id: str) -> JobRecord | None:
         """One job as the monitor reads it, or None."""
@@ -614,18 +618,41 @@ class Store:
     # -- tasks -----------------------------------------------------------------------
 
     def add_tasks(self, job_id: str, tasks: Sequence[TaskSpec]) -> AddResult:
-        """Insert one chunk in one transaction; existing ids count as ``existed``."""
+        """Insert one chunk in one transaction; existing ids count as ``existed``.
+
+        As Batch's Task - Add Collection (``POST /jobs/{jobId}/addtaskcollection``)
+        answers, in its order:
+
+        - a missing job is 404 ``JobNotFound``: a ``SystemFault`` here, as on the Azure
+          backend (the job was deleted after it was created, or is not visible yet: a
+          redelivery of the message creates it again);
+        - a malformed task (an id, or a dependency id, that is not 1-64 letters, digits,
+          hyphens or underscores; a dependency range not ``0 <= start <= end``) fails the
+          whole request, 400 ``InvalidPropertyValue``: ``BatchRejected``, and no task of
+          the chunk is added (the body is validated before any task is added; the Azure
+          backend maps that 400 to ``BatchRejected``);
+        - a completed job is 409 ``JobCompleted``. The Azure backend counts the chunk
+          as existing when the job was sealed (an earlier delivery added every task
+          before it sealed the job, which has completed since), and the same is done
+          here; for a window job (``fanout-window`` metadata), which the monitor seals
+          whatever events are still to come, it stays ``BatchRejected`` with reason
+          ``JobCompleted``, so the submitter's late-event fallback runs the event in a
+          job of its own (worker/submit.py).
+        """
         now = time.time()
         with self._write() as conn:
-            row = conn.execute("SELECT seq, state, uses_dependencies FROM jobs WHERE id = ?",
-                               (job_id,)).fetchone()
+            row = conn.execute(
+                "SELECT seq, state, uses_dependencies, sealed, metadata FROM jobs WHERE id = ?",
+                (job_id,)).fetchone()
             if row is None:
-                raise BatchRejected(f"job {job_id!r} does not exist", reason="JobNotFound")
-            job_seq, state, uses_deps = row
+                raise _job_not_found("add tasks to", job_id)
+            job_seq, state, uses_deps, sealed, metadata = row
+            rows, errors = _task_rows(job_seq, tasks, now, bool(uses_deps))
             if state != "active":
+                if sealed and not _is_window(metadata):
+                    return AddResult(existed=len(tasks))
                 raise BatchRejected(f"job {job_id!r} is completed; no task can be added",
                                     reason="JobCompleted")
-            rows, errors = _task_rows(job_seq, tasks, now, bool(uses_deps))
             added = conn.executemany(_INSERT_TASK, rows).rowcount if rows else 0
         return AddResult(added=added, existed=len(rows) - added, errors=errors)
 
@@ -1054,23 +1081,27 @@ def _numeric_id(task_id: str) -> int | None:
 
 def _task_rows(job_seq: int, tasks: Sequence[TaskSpec], now: float,
                uses_deps: bool) -> tuple[list[tuple[Any, ...]], list[TaskError]]:
-    """Validate and flatten one chunk; this is the per-task hot path of a sweep."""
+    """Validate and flatten one chunk; this is the per-task hot path of a sweep.
+
+    A malformed task is ``BatchRejected`` for the whole chunk (see ``_malformed``);
+    what Batch reports per task in a 200 answer (dependencies on a job without them)
+    is a ``TaskError``."""
     rows: list[tuple[Any, ...]] = []
     errors: list[TaskError] = []
     dumps = json.dumps
     valid_id = ID_PATTERN.match
     for t in tasks:
         tid = t.id
-        if not valid_id(tid):
-            errors.append(TaskError(tid, "InvalidPropertyValue",
-                                    "a task id is 1-64 letters, digits, hyphens or underscores"))
-            continue
         ids, ranges = t.depends_on, t.depends_on_ranges
+        if not valid_id(tid) or ((ids or ranges) and _bad_dependencies(ids, ranges)):
+            raise _malformed(t)
         waiting = 0
         if ids or ranges:
-            problem = _dependency_problem(ids, ranges, uses_deps)
-            if problem is not None:
-                errors.append(TaskError(tid, problem[0], problem[1]))
+            if not uses_deps:
+                # Batch reports this one per task, in the 200 answer's results (409
+                # TaskDependenciesNotSpecifiedOnJob)
+                errors.append(TaskError(tid, "TaskDependenciesNotSpecifiedOnJob",
+                                        "the job was not created with uses_task_dependencies"))
                 continue
             waiting = 1
         env, rfiles, ofiles, wall, keep, exits = (t.environment, t.resource_files,
@@ -1110,15 +1141,42 @@ def _disables(conditions: ExitConditions) -> bool:
     return any(o is not None and o.job_action == "disable" for o in options)
 
 
-def _dependency_problem(ids: Sequence[str], ranges: Sequence[tuple[int, int]],
-                        uses_deps: bool) -> tuple[str, str] | None:
-    if not uses_deps:
-        return ("TaskDependenciesNotSpecifiedOnJob",
-                "the job was not created with uses_task_dependencies")
-    for lo, hi in ranges:
-        if lo < 0 or hi < lo:
-            return ("InvalidPropertyValue", f"dependency range {lo}..{hi} is not 0 <= start <= end")
-    return None
+def _malformed(task: TaskSpec) -> BatchRejected:
+    """The whole chunk refused for one malformed task, as Batch's body validation
+    refuses an add-collection request: 400 ``InvalidPropertyValue`` ("The value
+    provided for one of the properties in the request body is invalid", with the
+    property's name; the REST spec's TaskAddParameter ``id``: "can contain any
+    combination of alphanumeric characters including hyphens and underscores, and
+    cannot contain more than 64 characters"; the same for each of ``dependsOn``'s
+    ``taskIds``, and a ``taskIdRanges`` entry whose start is negative or past its end).
+    The Azure backend maps that answer to ``BatchRejected`` with the service's code
+    first in the description, and so is this."""
+    if not ID_PATTERN.match(task.id):
+        what = f"id {task.id!r}: a task id is 1-64 letters, digits, hyphens or underscores"
+    elif bad := [d for d in task.depends_on if not ID_PATTERN.match(d)]:
+        what = (f"dependsOn.taskIds {bad[0]!r}: a task id is 1-64 letters, digits, "
+                "hyphens or underscores")
+    else:
+        lo, hi = next(r for r in task.depends_on_ranges if r[0] < 0 or r[1] < r[0])
+        what = f"dependsOn.taskIdRanges {lo}..{hi}: a range needs 0 <= start <= end"
+    return BatchRejected(f"InvalidPropertyValue: task {task.id}: {what}; no task of the "
+                         "request was added")
+
+
+def _bad_dependencies(ids: Sequence[str], ranges: Sequence[tuple[int, int]]) -> bool:
+    return not all(map(ID_PATTERN.match, ids)) or any(lo < 0 or hi < lo for lo, hi in ranges)
+
+
+def _job_not_found(what: str, job_id: str) -> SystemFault:
+    """A job that is gone: Batch answers 404 ``JobNotFound``, which the Azure backend
+    takes as transient (deleted since it was created, or not visible yet), so the
+    message is delivered again and its redelivery creates the job again."""
+    return SystemFault(f"{what} job {job_id}: JobNotFound: the job does not exist")
+
+
+def _is_window(metadata: str | None) -> bool:
+    """Whether the job's metadata (as stored) marks a window job."""
+    return bool(metadata) and META_WINDOW in json.loads(metadata or "{}")
 
 
 def _missing(conn: sqlite3.Connection, job_seq: int, ids_json: str | None,
