@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import pytest
 
 from handlers.base import JobSpec, OutputFile, ResourceFile, TaskSpec, UploadCondition
-from worker.backends.base import META_WINDOW
+from worker.backends.base import META_WINDOW, AddResult
 from worker.backends.local import LocalBackend
 from worker.backends.local.runner import ProcessTable
 from worker.backends.local.store import Store
@@ -335,6 +335,46 @@ def test_an_add_to_a_sealed_completed_job_counts_as_existed(make_backend: MakeBa
     with pytest.raises(BatchRejected) as rejected:
         backend.add_tasks("w", [TaskSpec(id="late", command_line="true")])
     assert rejected.value.reason == "JobCompleted"
+
+
+def test_a_job_deleted_mid_submission_is_created_again_by_the_redelivery(
+        make_backend: MakeBackend) -> None:
+    """The job is deleted after the submitter created it: its add is a ``SystemFault``
+    (404 JobNotFound on Azure), so the message is abandoned rather than dead-lettered,
+    and the redelivery's submission creates the job again with every task."""
+    from prometheus_client import CollectorRegistry
+
+    from worker.config import SubmitConfig
+    from worker.metrics import Metrics
+    from worker.submit import Submitter
+
+    backend = make_backend(start=False)
+    real_add = backend.add_tasks
+    deleted: list[str] = []
+
+    def add_after_a_delete(job_id: str, tasks: Sequence[TaskSpec]) -> AddResult:
+        if not deleted:
+            deleted.append(job_id)
+            backend.delete_job(job_id)
+        return real_add(job_id, tasks)
+
+    backend.add_tasks = add_after_a_delete  # type: ignore[method-assign]
+    submitter = Submitter(backend=backend, metrics=Metrics(registry=CollectorRegistry()),
+                          config=SubmitConfig(max_retries=1, backoff_base=0.001,
+                                              backoff_max=0.01))
+    try:
+        def spec() -> JobSpec:
+            return JobSpec(tasks=iter([TaskSpec(id=f"t{i}", command_line="true")
+                                       for i in range(3)]), task_count=3, id="j")
+        with pytest.raises(SystemFault, match="JobNotFound"):
+            submitter.submit(spec(), handler="sweep")
+        assert backend.get_job("j") is None
+        result = submitter.submit(spec(), handler="sweep")
+    finally:
+        submitter.close()
+    assert (result.added, result.existed) == (3, 0)
+    record = backend.get_job("j")
+    assert record is not None and record.sealed
 
 
 def test_metadata_of_a_missing_job_is_left_alone(make_backend: MakeBackend) -> None:
