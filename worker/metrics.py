@@ -183,11 +183,6 @@ class BackendStatsCollector(Collector):
         """Replace the snapshot with a fresh read (the caller no longer mutates it)."""
         self._snapshot = _Snapshot(stats, time.time() if taken is None else taken)
 
-    @property
-    def stats(self) -> BackendStats | None:
-        snapshot = self._snapshot
-        return None if snapshot is None else snapshot.stats
-
     def describe(self) -> Iterator[GaugeMetricFamily]:
         """The families without samples: registering never calls :meth:`collect`."""
         return iter(_families())
