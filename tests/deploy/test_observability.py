@@ -98,7 +98,9 @@ def test_recording_rules_the_dashboard_and_alerts_use_are_defined() -> None:
 
 def _rule_groups(path: Path) -> list[dict[str, Any]]:
     data = yaml.safe_load(path.read_text())
-    return data["spec"]["groups"] if data.get("kind") == "PrometheusRule" else data["groups"]
+    groups: list[dict[str, Any]] = (data["spec"]["groups"] if data.get("kind") == "PrometheusRule"
+                                    else data["groups"])
+    return groups
 
 
 def test_the_prometheus_rule_has_the_same_rules_as_alerts_yaml() -> None:

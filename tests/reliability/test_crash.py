@@ -71,7 +71,10 @@ def crash_and_restart(d: Daemon, points: list[int], count: Callable[[], int]) ->
     """Kill the daemon each time ``count()`` reaches a point; return what was in."""
     partials = []
     for point in points:
-        wait_for(lambda p=point: count() >= p, 60, f"{point} tasks", interval=0.002)
+        def reached(p: int = point) -> bool:
+            return count() >= p
+
+        wait_for(reached, 60, f"{point} tasks", interval=0.002)
         d.kill()
         partials.append(count())
         d.start().wait_started()

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -35,7 +35,7 @@ from .conftest import batch_config
 
 #: A fifth of requests fail: 429 and 503 (both with Retry-After), and connections
 #: dropped before and after the request took effect.
-STORM = {"throttle": 0.05, "unavailable": 0.05, "drop": 0.05, "drop_after": 0.05}
+STORM = FaultPlan(throttle=0.05, unavailable=0.05, drop=0.05, drop_after=0.05)
 FAILED = ("throttled", "unavailable", "dropped", "dropped_after")
 
 
@@ -122,7 +122,7 @@ def test_storm_lands_every_task_once_with_bounded_backed_off_retries(
     max_retries times, after pauses of at least base x 2^attempt and Retry-After."""
     base, retry_after, max_retries = 0.02, 1, 8
     peer, rec, sub, registry = submitter(
-        FaultPlan(**STORM, retry_after=retry_after, seed=3),
+        replace(STORM, retry_after=retry_after, seed=3),
         chunk_size=100, concurrency=8, max_retries=max_retries, backoff_base=base,
         backoff_max=5.0)
     result = sub.submit(job(5000), handler="sweep")
@@ -134,7 +134,7 @@ def test_storm_lands_every_task_once_with_bounded_backed_off_retries(
     # dropped-after-effect requests come back on retry as TaskExists, counted as existing
     assert result.existed == peer.task_outcomes["TaskExists"]
     assert peer.job("faults") is not None and \
-        peer.job("faults").on_all_tasks_complete == "terminatejob"  # type: ignore[union-attr]
+        peer.job("faults").on_all_tasks_complete == "terminatejob"
 
     # the storm really happened, with every kind of fault
     adds = {outcome: peer.requests["add_task_collection", outcome] for outcome in FAILED}
@@ -201,7 +201,7 @@ def test_daemon_under_storm_completes_every_message_once(
     try:
         # the metrics poller reads the peer once at start: let it finish before the storm
         w.wait_until(lambda: peer.requests["list_jobs", "ok"] >= 1, what="the first poll")
-        peer.set_faults(FaultPlan(**STORM, seed=11))
+        peer.set_faults(replace(STORM, seed=11))
         keys = [f"storm-{i}" for i in range(3)]
         for key in keys:
             w.send({"handler": "sweep", "id": key, "params": {

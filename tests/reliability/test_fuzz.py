@@ -25,7 +25,7 @@ from handlers.base import ID_PATTERN
 from handlers.errors import MessageFault
 from worker.app import make_planner, make_storage
 from worker.config import Settings, load_settings
-from worker.envelope import BlobEvent, Envelope, parse_body
+from worker.envelope import BlobEvent, Cancel, Envelope, parse_body
 from worker.plan import Plan, Planner
 from worker.routing import HandlerRegistry, Router
 from worker.storage.local import LocalStorage
@@ -245,13 +245,14 @@ def outcome(planner: Planner, body: bytes, properties: dict[str, str] | None = N
 @CI
 @given(st.binary(max_size=512))
 def test_arbitrary_bytes_parse_or_fault(body: bytes) -> None:
-    """Any bytes are an envelope, events, or a MessageFault with a known reason."""
+    """Any bytes are an envelope, a cancel request, events, or a MessageFault with a
+    known reason."""
     try:
         parsed = parse_body(body, max_bytes=256)
     except MessageFault as fault:
         assert fault.reason in REASONS
         return
-    assert isinstance(parsed, Envelope) or all(isinstance(e, BlobEvent) for e in parsed)
+    assert isinstance(parsed, Envelope | Cancel) or all(isinstance(e, BlobEvent) for e in parsed)
 
 
 @CI
@@ -318,7 +319,7 @@ def test_fuzzing_reaches_valid_plans(planner: Planner) -> None:
 
 templates = st.lists(st.one_of(
     st.sampled_from(["{v}", "{w}", "{task_index}", "{repeat_index}", "{{", "}}"]),
-    st.text(st.characters(exclude_categories=("Cs",), exclude_characters="{}\x00"),
+    st.text(st.characters(exclude_categories=["Cs"], exclude_characters="{}\x00"),
             max_size=6)), min_size=1, max_size=6).map("".join)
 
 

@@ -7,11 +7,13 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
 
+from handlers.base import JobSpec, TaskSpec
+from worker.backends.base import AddResult, JobState
 from worker.config import Settings
 from worker.errors import ConfigFault, SystemFault
 from worker.sources.local import LocalQueue
@@ -117,7 +119,7 @@ def test_system_fault_abandons_then_succeeds(worker: Callable[..., RunningWorker
     calls = {"n": 0}
     create = backend.create_job
 
-    def flaky(job):  # type: ignore[no-untyped-def]
+    def flaky(job: JobSpec) -> JobState:
         calls["n"] += 1
         if calls["n"] == 1:
             raise SystemFault("503 from the service")
@@ -229,7 +231,7 @@ def test_event_loop_stays_free_while_100k_tasks_are_built(
     backend = MemoryBackend()
     inner = backend.add_tasks
 
-    def cpu_bound(job_id, tasks):  # type: ignore[no-untyped-def]
+    def cpu_bound(job_id: str, tasks: Sequence[TaskSpec]) -> AddResult:
         until = time.perf_counter() + 0.004  # pure-Python work holding the GIL, as
         while time.perf_counter() < until:   # serializing a request body does
             pass
@@ -240,8 +242,12 @@ def test_event_loop_stays_free_while_100k_tasks_are_built(
     w.send({"handler": "sweep", "params": {"program": "pi", "parameters": {
         "samples": {"start": 1, "stop": 1001}, "seed": {"start": 0, "stop": 100}}}})
     beats: list[float] = []
-    w.wait_until(lambda: (beats.append(w.app.health.since_beat()) or False)
-                 or w.app.consumer.handled >= 1, timeout=120, what="100k sweep handled")
+
+    def beat_then_handled() -> bool:
+        beats.append(w.app.health.since_beat())
+        return w.app.consumer.handled >= 1
+
+    w.wait_until(beat_then_handled, timeout=120, what="100k sweep handled")
     (tasks,) = backend.tasks.values()
     assert len(tasks) == 100_000
     assert w.sample("fanout_messages_total", {"handler": "sweep", "outcome": "completed"}) == 1

@@ -74,7 +74,7 @@ def probe_with_av(path: Path, *, count: bool = False) -> dict[str, Any]:
         for stream in container.streams:
             codec = stream.codec_context
             entry: dict[str, Any] = {"codec_type": stream.type, "codec_name": codec.name}
-            if stream.type == "video":
+            if isinstance(codec, av.VideoCodecContext):
                 entry.update(width=codec.width, height=codec.height)
             found[stream.type] = entry
         if count and "video" in found:

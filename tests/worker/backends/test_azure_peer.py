@@ -18,7 +18,7 @@ from azure.core.credentials import AzureNamedKeyCredential
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ServiceResponseError
 from azure.core.pipeline import PipelineContext, PipelineRequest
 from azure.core.pipeline.policies import RetryPolicy
-from azure.core.rest import HttpRequest
+from azure.core.rest import HttpRequest, HttpResponse
 
 from tests.fakes.batch_peer import BatchPeer, FaultPlan, shared_key_signature
 
@@ -176,7 +176,7 @@ def test_throttled_answer_carries_retry_after(peer: BatchPeer) -> None:
     with pytest.raises(HttpResponseError) as throttled:
         client(peer).get_pool("fanout")
     assert throttled.value.status_code == 429
-    assert throttled.value.response is not None
+    assert isinstance(throttled.value.response, HttpResponse)
     assert throttled.value.response.headers["Retry-After"] == "7"
 
 
