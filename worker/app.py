@@ -178,13 +178,13 @@ def build_planner(settings: Settings, storage: Storage, *,
 def make_planner(settings: Settings, router: Router, storage: Storage, *,
                  tracing: Tracing | None = None) -> Planner:
     """A planner over ``router`` given the sections of ``settings`` it reads, without
-    the start-up checks of :func:`build_planner`. Tasks upload their logs on Azure."""
+    the start-up checks of :func:`build_planner`."""
     return Planner(router=router, storage=storage, programs=settings.program_specs(),
                    limits=settings.limits, jobs=settings.jobs, blob=settings.blob,
                    queue=settings.queue, cost=settings.cost,
                    handler_options=settings.handlers, default_pool=settings.default_pool,
                    allow_message_commands=settings.allow_message_commands,
-                   log_uploads=settings.backend_kind == "azure", tracing=tracing)
+                   log_uploads=settings.backend_config.uploads_logs, tracing=tracing)
 
 
 class _RouteCheckStorage:

@@ -243,6 +243,11 @@ class LocalExecutorConfig(_Section):
     def slot_count(self) -> int:
         return self.slots or os.cpu_count() or 1
 
+    @property
+    def uploads_logs(self) -> bool:
+        """Whether tasks upload their logs: no, they stay in the task directory."""
+        return False
+
     def with_intervals(self, jobs: JobsConfig) -> LocalExecutorConfig:
         """This section with the poll intervals it leaves unset derived, as above."""
         derived: dict[str, float] = {}
@@ -274,6 +279,12 @@ class BatchConfig(_Section):
     def stats_interval(self) -> float:
         """Seconds between stats polls: ``poll_interval``."""
         return self.poll_interval
+
+    @property
+    def uploads_logs(self) -> bool:
+        """Whether tasks upload their logs (to ``jobs.logs_container``, as
+        ``jobs.log_upload`` says): yes, nodes may scale to zero."""
+        return True
 
     def with_intervals(self, jobs: JobsConfig) -> BatchConfig:
         """This section with ``monitor_interval``, when unset, from ``jobs``."""
@@ -700,7 +711,8 @@ class Settings(BaseSettings):
     @property
     def backend_config(self) -> LocalExecutorConfig | BatchConfig:
         """The configured backend's own section (``[batch]`` on Azure, else
-        ``[local]``): its ``stats_interval`` and ``monitor_interval``."""
+        ``[local]``): its ``stats_interval``, ``monitor_interval`` and
+        ``uploads_logs``."""
         return self.batch if self.backend_kind == "azure" else self.local
 
     @property
