@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Iterator
 
 import pytest
 import structlog
@@ -13,7 +14,7 @@ from worker.logs import configure, redact
 
 
 @pytest.fixture(autouse=True)
-def _restore_logging():  # type: ignore[no-untyped-def]
+def _restore_logging() -> Iterator[None]:
     """Put structlog and the root logger back as they were."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level

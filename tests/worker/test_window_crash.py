@@ -12,9 +12,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,7 +69,7 @@ def tasks_of(home: Path) -> dict[str, int]:
         backend.close()
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -126,7 +127,7 @@ def test_window_of_1000_events_exactly_once_across_sigkill(
         finally:
             backend.close()
 
-        async def events() -> list[dict[str, object]]:
+        async def events() -> list[dict[str, Any]]:
             sink = LocalEventSink(path=home / "events.db")
             try:
                 return [json.loads(p.body) for p in await sink.peek(10)]
@@ -136,8 +137,8 @@ def test_window_of_1000_events_exactly_once_across_sigkill(
         wait_for(lambda: bool(asyncio.run(events())), 10, "the completion event")
         (event,) = asyncio.run(events())
         assert event["subject"] == job_id
-        assert event["data"]["tasks"]["total"] == EVENTS  # type: ignore[index]
-        assert event["data"]["outcome"] == "succeeded"  # type: ignore[index]
+        assert event["data"]["tasks"]["total"] == EVENTS
+        assert event["data"]["outcome"] == "succeeded"
     finally:
         second.send_signal(signal.SIGTERM)
         assert second.wait(30) == 0
