@@ -5,6 +5,7 @@ staging of every task's results."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
@@ -14,8 +15,16 @@ from handlers import datapath
 from handlers.base import JobOutput, ResourceFile, TaskSpec
 from handlers.errors import ForeignStorage, InvalidParams
 from handlers.sweep import SweepHandler
+from worker.storage.local import LocalStorage
 
 from .conftest import PlanHarness
+
+
+def local_root(planner: PlanHarness) -> Path:
+    """The root of the harness's storage, the local default here."""
+    storage = planner.storage
+    assert isinstance(storage, LocalStorage)
+    return storage.root
 
 Make = Callable[..., PlanHarness]
 
@@ -49,7 +58,7 @@ def local_path(url: str) -> str:
 def test_templated_inputs_are_staged_per_task(planner: PlanHarness) -> None:
     """Each task gets its own sample at its blob name, and the model every task shares
     is one resource file (signed once) for all of them."""
-    root = planner.storage.root  # type: ignore[attr-defined]
+    root = local_root(planner)
     job, tasks = planner.job(sweep("analyse", parameters={"sample": ["a", "b c", "ü"]}))
     assert len(tasks) == 3
     for task, sample in zip(tasks, ["a", "b c", "ü"], strict=True):
@@ -64,7 +73,7 @@ def test_templated_inputs_are_staged_per_task(planner: PlanHarness) -> None:
 def test_outputs_go_to_the_tasks_results_prefix(planner: PlanHarness) -> None:
     """Plain files keep their name, wildcard patterns their literal folders, under
     results/<job>/<task>/ of fanout-results; the job lists the location."""
-    root = planner.storage.root  # type: ignore[attr-defined]
+    root = local_root(planner)
     job, tasks = planner.job(sweep("analyse", parameters={"sample": ["a", "b"]}))
     prefix = f"results/{job.id}/1"
     outs = tasks[1].output_files
@@ -124,7 +133,7 @@ def test_a_sweep_without_data_is_untouched(planner: PlanHarness) -> None:
 def test_message_inputs_within_the_allowed_prefixes(planner: PlanHarness) -> None:
     """A message may add inputs under the program's allowed_inputs, as container/blob,
     {container, blob} or a blob URL of the storage (no fields in a URL)."""
-    root = planner.storage.root  # type: ignore[attr-defined]
+    root = local_root(planner)
     url = f"file://{root}/shared/calibration.dat"
     _, tasks = planner.job(sweep("runs", parameters={"seed": [1, 2]}, inputs=[
         "data/runs/{seed}/input.csv", {"container": "data", "blob": "runs/all.csv"}, url,
@@ -273,7 +282,7 @@ def test_braces_in_a_blob_url_and_escaped_braces_are_literal(make_planner: Make)
     planner = make_planner(programs={**PROGRAMS, "curly": {
         "command": "run {seed}", "inputs": ["models/{{v1}}.bin"],
         "allowed_inputs": ["data/"]}})
-    root = planner.storage.root  # type: ignore[attr-defined]
+    root = local_root(planner)
     _, tasks = planner.job(sweep("curly", parameters={"seed": [1]}, inputs=[
         f"file://{root}/data/a%7Bseed%7D.csv"]))
     model, url_input = tasks[0].resource_files

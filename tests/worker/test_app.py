@@ -11,6 +11,7 @@ import pytest
 
 from worker import app
 from worker.backends.base import BackendStats
+from worker.backends.local import LocalBackend
 from worker.config import Settings
 from worker.errors import SystemFault
 
@@ -47,7 +48,8 @@ def test_the_local_executor_keeps_task_directories_for_jobs_retention(
     settings = make_settings(jobs={"retention": "P3D", "poll_interval": 30})
     backend = app.make_backend(settings, app.make_storage(settings))
     try:
-        assert backend.store._retention == 3 * 86400  # type: ignore[attr-defined]
+        assert isinstance(backend, LocalBackend)
+        assert backend.store._retention == 3 * 86400
     finally:
         backend.close()
     assert settings.backend_config.monitor_interval == 3.0

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from handlers.base import JobSpec
 from handlers.errors import BudgetExceeded, InvalidEnvelope
 from worker.backends.base import JobUsage
+from worker.backends.local import LocalBackend
 from worker.cli import main
 from worker.config import CostConfig, LimitsConfig, Settings
 from worker.context import job_id_for
@@ -229,9 +230,12 @@ def test_local_usage_and_cost_in_the_event_and_the_tagged_metrics(
     data = w.wait_event(job_id)["data"]
     assert data["outcome"] == "succeeded" and data["tags"] == {"team": "vision"}
     usage = data["usage"]
-    store = w.app.backend.store  # type: ignore[attr-defined]
+    backend = w.app.backend
+    assert isinstance(backend, LocalBackend)
+    store = backend.store
     tasks = store.tasks(job_id)
-    walls = [t.end_time - t.start_time for t in tasks]
+    walls = [t.end_time - t.start_time for t in tasks
+             if t.end_time is not None and t.start_time is not None]
     assert len(walls) == 3 and all(w_ >= 0.3 for w_ in walls)
     assert usage["tasks_measured"] == 3 and usage["task_slots_per_node"] == 2
     assert usage["vm_size"] == "local" and usage["currency"] == "USD"

@@ -352,7 +352,8 @@ def test_monitor_seals_reports_and_names_failed_events(
     monitor = JobMonitor(backend=backend, sink=sink, jobs=JobsConfig(), events=EventsConfig(),
                          metrics=Metrics(registry=CollectorRegistry()), clock=lambda: clock[0])
     assert asyncio.run(monitor.poll()).sealed == []
-    assert not backend.get_job(job_id).sealed  # type: ignore[union-attr]
+    record = backend.get_job(job_id)
+    assert record is not None and not record.sealed
     clock[0] = datetime(2026, 11, 1, 13, 0, 1, tzinfo=UTC)
     assert asyncio.run(monitor.poll()).sealed == [job_id]
     record = backend.get_job(job_id)

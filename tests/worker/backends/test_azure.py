@@ -564,7 +564,8 @@ def test_add_retried_on_a_sealed_and_completed_job_counts_as_existed(
     backend.seal_job("job-1")
     for i in range(3):
         peer.set_task_state("job-1", f"t{i}", "completed")
-    assert peer.job("job-1") is not None and peer.job("job-1").state == "completed"  # type: ignore[union-attr]
+    ended = peer.job("job-1")
+    assert ended is not None and ended.state == "completed"
     again = backend.add_tasks("job-1", tasks(3))
     assert (again.added, again.existed, again.errors) == (0, 3, [])
     backend.seal_job("job-1")  # 409 JobCompleted: done

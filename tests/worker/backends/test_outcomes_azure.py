@@ -87,9 +87,13 @@ def test_every_task_succeeds(make_peer: MakePeer, start_worker: StartWorker) -> 
     job = peer.job(job_id)
     assert job is not None
     meta = {m["name"]: m["value"] for m in job.body["metadata"]}
-    w.wait_until(lambda: "fanout-reported" in {
-        m["name"] for m in (peer.job(job_id).body.get("metadata") or [])},  # type: ignore[union-attr]
-        what="the marker patched")
+
+    def marked() -> bool:
+        current = peer.job(job_id)
+        return current is not None and "fanout-reported" in {
+            m["name"] for m in (current.body.get("metadata") or [])}
+
+    w.wait_until(marked, what="the marker patched")
     assert meta["fanout-handler"] == "sweep" and len(meta["fanout-request"]) == 32
 
 

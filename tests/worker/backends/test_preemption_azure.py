@@ -267,7 +267,9 @@ def test_policy_moves_a_task_once_with_two_monitors(spot_peer: BatchPeer) -> Non
     assert data["preemptions"]["companion_job"] == companion
     assert data["preemptions"]["companion_pool"] == "cpu-dedicated"
     assert data["preemptions"]["tasks"] == {"2": 2}
-    meta = {m["name"]: m["value"] for m in spot_peer.job(companion).body["metadata"]}  # type: ignore[union-attr]
+    companion_job = spot_peer.job(companion)
+    assert companion_job is not None
+    meta = {m["name"]: m["value"] for m in companion_job.body["metadata"]}
     assert meta["fanout-moved-from"] == job_id and "fanout-reported" in meta
     moved = sum(m.metrics.registry.get_sample_value(
         "fanout_tasks_moved_total", {"pool": "cpu-dedicated"}) or 0 for m in (first, second))
