@@ -32,7 +32,7 @@ def metrics() -> Metrics:
 
 
 def submitter(backend: MemoryBackend, metrics: Metrics, **config: float) -> Submitter:
-    cfg = SubmitConfig(backoff_base=0.001, backoff_max=0.01, **config)  # type: ignore[arg-type]
+    cfg = SubmitConfig.model_validate({"backoff_base": 0.001, "backoff_max": 0.01, **config})
     return Submitter(backend=backend, config=cfg, metrics=metrics)
 
 
