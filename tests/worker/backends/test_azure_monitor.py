@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from azure.core.credentials import AzureNamedKeyCredential
+from pydantic import SecretStr
 
 from handlers.base import (
     BlobRef,
@@ -95,7 +96,7 @@ def test_from_config_takes_storage_and_jobs(peer: BatchPeer, tmp_path: Path) -> 
     """The old call still works; with [jobs] and storage, logs are named and read;
     log_upload = never means no logs."""
     batch = BatchConfig(account_url=peer.url, account_name=peer.account,
-                        account_key=peer.key)  # type: ignore[arg-type]
+                        account_key=SecretStr(peer.key))
     plain = AzureBatchBackend.from_config(batch)
     storage = LocalStorage(root=tmp_path)
     with_logs = AzureBatchBackend.from_config(batch, storage=storage,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -65,16 +66,22 @@ def test_container_settings_body_reads_back_as_the_sdk_model() -> None:
     assert wire.container_settings_body(SIM) is body  # one dict for a job's tasks
 
 
+def code_of(problem: tuple[str, str] | None) -> str | None:
+    return problem[0] if problem is not None else None
+
+
 def test_pool_checks_follow_the_spec() -> None:
     """Errors: a container task on a plain pool, a plain task on a container pool, a
     registry identity the pool lists no such identity for. Only a warning: an image the
     pool does not prefetch that no registry covers (it may be public)."""
     plain, no_ids = None, wire.PoolContainers(type="dockerCompatible", images=("a:1",))
     with_ids = wire.PoolContainers(type="dockerCompatible", identities=("/other",))
-    assert wire.container_problem("p", plain, SIM)[0] == "PoolNotContainerEnabled"  # type: ignore[index]
-    assert wire.container_problem("p", no_ids, None)[0] == "ContainerImageRequired"  # type: ignore[index]
+    assert code_of(wire.container_problem("p", plain, SIM)) == "PoolNotContainerEnabled"
+    assert code_of(wire.container_problem("p", no_ids, None)) == "ContainerImageRequired"
     assert wire.container_problem("p", no_ids, SIM) is None  # identities not listed
-    code, text = wire.container_problem("p", with_ids, SIM)  # type: ignore[misc]
+    problem = wire.container_problem("p", with_ids, SIM)
+    assert problem is not None
+    code, text = problem
     assert code == "ContainerRegistryIdentityNotOnPool" and IDENTITY in text
     ok = wire.PoolContainers(type="dockerCompatible", identities=(IDENTITY.lower(),))
     assert wire.container_problem("p", ok, SIM) is None
@@ -377,20 +384,18 @@ def test_engine_detection_is_done_once_and_explains_itself() -> None:
     """`info` is asked once; a missing binary, a failing `info` and "none" each say why."""
     asked: list[list[str]] = []
 
-    class Done:
-        def __init__(self, code: int, err: bytes = b"") -> None:
-            self.returncode, self.stderr = code, err
-
-    def run(argv: list[str], **_: Any) -> Done:
+    def run(argv: list[str], **_: Any) -> subprocess.CompletedProcess[bytes]:
         asked.append(argv)
-        return Done(1, b"Cannot connect to the Docker daemon") if "docker" in argv[0] \
-            else Done(0)
+        if "docker" in argv[0]:
+            return subprocess.CompletedProcess(argv, 1, None,  # stdout is DEVNULL
+                                               b"Cannot connect to the Docker daemon")
+        return subprocess.CompletedProcess(argv, 0, None, b"")
 
-    runtime = ContainerRuntime("auto", which=lambda n: f"/usr/bin/{n}", run=run)  # type: ignore[arg-type]
+    runtime = ContainerRuntime("auto", which=lambda n: f"/usr/bin/{n}", run=run)
     engine = runtime.engine()
     assert engine is not None and engine.name == "podman"
     assert runtime.engine() is engine and len(asked) == 2
-    docker = ContainerRuntime("docker", which=lambda n: f"/usr/bin/{n}", run=run)  # type: ignore[arg-type]
+    docker = ContainerRuntime("docker", which=lambda n: f"/usr/bin/{n}", run=run)
     assert docker.engine() is None
     assert "exited 1: Cannot connect to the Docker daemon" in docker.why_not()
     assert "not on PATH" in ContainerRuntime("podman", which=lambda n: None).why_not()
