@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 import pytest
 
 from handlers.base import JobSpec, OutputFile, ResourceFile, TaskSpec, UploadCondition
-from worker.backends.base import META_WINDOW, AddResult
-from worker.backends.local import LocalBackend
+from worker.backends.base import META_WINDOW, AddResult, JobStatus
+from worker.backends.local import LocalBackend, TaskInfo
 from worker.backends.local.runner import ProcessTable
 from worker.backends.local.store import Store
 from worker.errors import BatchRejected, ConfigFault, SystemFault
@@ -40,6 +40,20 @@ def wait_for(probe: Callable[[], T], what: str, timeout: float = 30.0) -> T:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def task_of(source: LocalBackend | Store, job_id: str, task_id: str) -> TaskInfo:
+    """The task's record, which must exist."""
+    info = source.task(job_id, task_id)
+    assert info is not None, f"no task {job_id}/{task_id}"
+    return info
+
+
+def status_of(backend: LocalBackend, job_id: str) -> JobStatus:
+    """The job's status, which must exist."""
+    status = backend.job_status(job_id)
+    assert status is not None, f"no job {job_id}"
+    return status
 
 
 def py(code: str, *args: str) -> str:
@@ -305,7 +319,7 @@ def test_add_from_threads_while_running(make_backend: MakeBackend) -> None:
     for thread in threads:
         thread.join()
     backend.seal_job("j")
-    wait_for(lambda: backend.job_status("j").state == "completed",  # type: ignore[union-attr]
+    wait_for(lambda: status_of(backend, "j").state == "completed",
              "the job to complete", timeout=120)
     status = backend.job_status("j")
     assert status is not None and (status.succeeded, status.failed) == (400, 0)
@@ -326,7 +340,7 @@ def test_an_add_to_a_sealed_completed_job_counts_as_existed(make_backend: MakeBa
     backend.add_tasks("j", [TaskSpec(id="t", command_line="true")])
     wait_for(settled(backend, "j", 1), "the task")
     backend.seal_job("j")
-    assert backend.job_status("j").state == "completed"  # type: ignore[union-attr]
+    assert status_of(backend, "j").state == "completed"
     again = backend.add_tasks("j", [TaskSpec(id="late", command_line="true")])
     assert (again.added, again.existed, again.errors) == (0, 1, [])
     assert [t.id for t in backend.tasks("j")] == ["t"]
@@ -396,11 +410,11 @@ def test_sealed_job_completes_when_last_task_does(make_backend: MakeBackend, tmp
                                                              "sleep 0.02; done"))])
     backend.seal_job("j")
     assert backend.create_job(job("j")) == "sealed"
-    wait_for(lambda: backend.task("j", "t").state == "running",  # type: ignore[union-attr]
+    wait_for(lambda: task_of(backend, "j", "t").state == "running",
              "the task to run")
-    assert backend.job_status("j").state == "active"  # type: ignore[union-attr]
+    assert status_of(backend, "j").state == "active"
     gate.touch()
-    wait_for(lambda: backend.job_status("j").state == "completed",  # type: ignore[union-attr]
+    wait_for(lambda: status_of(backend, "j").state == "completed",
              "the job to complete")
 
 
@@ -433,7 +447,7 @@ def test_stats_count_slots_and_tasks(make_backend: MakeBackend, tmp_path: Path) 
     wait_cmd = sh(f"while [ ! -f {gate} ]; do sleep 0.02; done")
     backend.add_tasks("j", [TaskSpec(id="big", command_line=wait_cmd, required_slots=2),
                             TaskSpec(id="next", command_line=wait_cmd, required_slots=2)])
-    wait_for(lambda: backend.task("j", "big").state == "running",  # type: ignore[union-attr]
+    wait_for(lambda: task_of(backend, "j", "big").state == "running",
              "the big task to run")
     stats = backend.stats()
     assert stats.pool_nodes == {("p", "running"): 2, ("p", "idle"): 1}
@@ -450,7 +464,7 @@ def test_task_wider_than_the_executor_still_runs(make_backend: MakeBackend) -> N
     backend.create_job(job("j"))
     backend.add_tasks("j", [TaskSpec(id="wide", command_line="true", required_slots=8)])
     wait_for(settled(backend, "j", 1), "the wide task")
-    assert backend.task("j", "wide").result == "success"  # type: ignore[union-attr]
+    assert task_of(backend, "j", "wide").result == "success"
 
 
 def test_another_instance_reads_but_cannot_schedule(make_backend: MakeBackend) -> None:
@@ -496,10 +510,10 @@ def test_dependency_on_a_range(make_backend: MakeBackend) -> None:
     backend.add_tasks("j", [TaskSpec(id=str(i), command_line=sh(
         f"mkdir -p {shared}/done && touch {shared}/done/{i}")) for i in range(20)])
     backend.seal_job("j")
-    wait_for(lambda: backend.job_status("j").state == "completed",  # type: ignore[union-attr]
+    wait_for(lambda: status_of(backend, "j").state == "completed",
              "the job to complete")
     assert (backend.home / "shared" / "n").read_text().strip() == "20"
-    assert backend.task("j", "agg").result == "success"  # type: ignore[union-attr]
+    assert task_of(backend, "j", "agg").result == "success"
 
 
 def test_range_waits_for_missing_ids_until_sealed(make_backend: MakeBackend) -> None:
@@ -510,9 +524,9 @@ def test_range_waits_for_missing_ids_until_sealed(make_backend: MakeBackend) -> 
                             TaskSpec(id="agg", command_line="true", depends_on_ranges=((0, 5),)),
                             TaskSpec(id="later", command_line="true")])
     wait_for(settled(backend, "j", 2), "tasks 0 and later")
-    assert backend.task("j", "agg").state == "active"  # type: ignore[union-attr]
+    assert task_of(backend, "j", "agg").state == "active"
     backend.seal_job("j")
-    wait_for(lambda: backend.job_status("j").state == "completed",  # type: ignore[union-attr]
+    wait_for(lambda: status_of(backend, "j").state == "completed",
              "the job to complete")
 
 
@@ -533,8 +547,8 @@ def test_failed_dependency_blocks_dependents(make_backend: MakeBackend) -> None:
     status = backend.job_status("j")
     assert status is not None
     assert (status.state, status.counts["active"], status.failed) == ("active", 2, 2)
-    assert backend.task("j", "blocked").state == "active"  # type: ignore[union-attr]
-    assert backend.task("j", "in-range").state == "active"  # type: ignore[union-attr]
+    assert task_of(backend, "j", "blocked").state == "active"
+    assert task_of(backend, "j", "in-range").state == "active"
 
 
 def test_range_readiness_uses_counts_not_rescans(tmp_path: Path,
@@ -569,7 +583,7 @@ def test_range_readiness_uses_counts_not_rescans(tmp_path: Path,
         if not runs:
             break
     assert done == 10_001
-    assert store.task("j", "agg").result == "success"  # type: ignore[union-attr]
+    assert task_of(store, "j", "agg").result == "success"
     assert 1 <= len(checks) <= 3
     store.close()
 
@@ -656,7 +670,7 @@ def test_resource_files_are_staged(make_backend: MakeBackend, tmp_path: Path,
         resource_files=[ResourceFile(file_url(source), "sub/dir/a.txt"),
                         ResourceFile(web["url"] + "/blob.bin?sig=SECRET", "b.bin", "0755")])])
     wait_for(settled(backend, "j", 1), "the task")
-    assert backend.task("j", "t").result == "success"  # type: ignore[union-attr]
+    assert task_of(backend, "j", "t").result == "success"
     assert (backend.task_dir("j", "t") / "stdout.txt").read_text() == "local dataweb data"
 
 
@@ -675,7 +689,7 @@ def test_container_resource_files_are_staged(make_backend: MakeBackend, tmp_path
         resource_files=[ResourceFile("", "frames-in", storage_container_url=file_url(container),
                                      blob_prefix="shot1/")])])
     wait_for(settled(backend, "j", 1), "the task")
-    assert backend.task("j", "t").result == "success"  # type: ignore[union-attr]
+    assert task_of(backend, "j", "t").result == "success"
     listing = (tmp_path / "out" / "listing.txt").read_text().split()
     assert "0001.png" in listing and "0002.png" in listing and "shot2.png" not in listing
 
@@ -742,7 +756,7 @@ def test_output_files_follow_upload_conditions(make_backend: MakeBackend, tmp_pa
             assert (root / "logs" / "stdout.txt").read_text() == "done\n"
             assert (root / "logs" / "stderr.txt").exists()
         assert not (tmp_path / task_id / other).exists()
-    assert backend.task("j", "good").result == "success"  # type: ignore[union-attr]
+    assert task_of(backend, "j", "good").result == "success"
 
 
 def test_output_upload_over_http(make_backend: MakeBackend, web: dict[str, Any]) -> None:
@@ -754,7 +768,7 @@ def test_output_upload_over_http(make_backend: MakeBackend, web: dict[str, Any])
         id="t", command_line=sh("echo hello > 'out file.txt'"),
         output_files=[OutputFile("out file.txt", container, "dir/out file.txt")])])
     wait_for(settled(backend, "j", 1), "the task")
-    assert backend.task("j", "t").result == "success"  # type: ignore[union-attr]
+    assert task_of(backend, "j", "t").result == "success"
     assert web["puts"] == {"/container/dir/out%20file.txt?sv=1&sig=SECRET":
                            ("BlockBlob", b"hello\n")}
 
@@ -778,7 +792,7 @@ def test_failed_upload_fails_the_task(make_backend: MakeBackend, tmp_path: Path)
     assert (info.result, info.exit_code, info.failure_code) == ("failure", 0, "FileUploadError")
     refused = backend.task("j", "refused")
     assert refused is not None and refused.failure_code == "FileUploadError"
-    assert backend.task("j", "after").result == "success"  # type: ignore[union-attr]
+    assert task_of(backend, "j", "after").result == "success"
 
 
 def test_retention_deletes_task_directories(make_backend: MakeBackend) -> None:
@@ -792,7 +806,7 @@ def test_retention_deletes_task_directories(make_backend: MakeBackend) -> None:
     wait_for(settled(backend, "j", 2), "both tasks")
     wait_for(lambda: not backend.task_dir("j", "brief").exists(), "the directory to go")
     assert (backend.task_dir("j", "kept") / "stdout.txt").exists()
-    assert backend.task("j", "brief").result == "success"  # type: ignore[union-attr]
+    assert task_of(backend, "j", "brief").result == "success"
 
 
 def test_the_backend_retention_applies_to_tasks_without_their_own(
@@ -806,7 +820,7 @@ def test_the_backend_retention_applies_to_tasks_without_their_own(
     backend.start()
     wait_for(settled(backend, "j", 1), "the task")
     wait_for(lambda: not backend.task_dir("j", "plain").exists(), "the directory to go")
-    assert backend.task("j", "plain").result == "success"  # type: ignore[union-attr]
+    assert task_of(backend, "j", "plain").result == "success"
 
 
 # -- stopping and crash recovery ---------------------------------------------------------
@@ -887,7 +901,7 @@ def test_recovers_after_the_scheduler_is_killed(make_backend: MakeBackend, tmp_p
     backend.start()
     wait_for(lambda: not alive(orphan), "the orphaned task to be killed")
     gate.touch()
-    wait_for(lambda: backend.job_status("j").state == "completed",  # type: ignore[union-attr]
+    wait_for(lambda: status_of(backend, "j").state == "completed",
              "the job to complete")
     done = backend.task("j", "t")
     assert done is not None

@@ -23,7 +23,7 @@ from handlers.base import (
     ResourceFile,
     TaskSpec,
 )
-from tests.worker.backends.test_local import MakeBackend, alive, job, sh, wait_for
+from tests.worker.backends.test_local import MakeBackend, alive, job, sh, task_of, wait_for
 from worker.backends.base import (
     META_HANDLER,
     REASON_ALL_COMPLETE,
@@ -104,8 +104,8 @@ def test_fan_in_runs_when_failed_dependencies_satisfy(make_backend: MakeBackend)
     backend.seal_job("j")
     wait_for(lambda: completed(backend, "j"), "the job to complete")
     assert (backend.home / "shared" / "agg-ran").exists()
-    assert backend.task("j", "agg").result == "success"  # type: ignore[union-attr]
-    assert backend.task("j", "1").result == "failure"  # type: ignore[union-attr]
+    assert task_of(backend, "j", "agg").result == "success"
+    assert task_of(backend, "j", "1").result == "failure"
     record = backend.get_job("j")
     assert record is not None and record.terminate_reason == REASON_ALL_COMPLETE
     assert backend.task_counts("j") == TaskCounts(completed=4, succeeded=3, failed=1)
@@ -158,7 +158,7 @@ def test_exit_codes_and_ranges_choose_the_dependency_action(make_backend: MakeBa
     backend.store.evaluate_waiting()
     assert state(backend, "j", "after-c21") == "active"
     assert state(backend, "j", "after-c0") == "active"
-    assert backend.task("j", "c0").result == "success"  # type: ignore[union-attr]
+    assert task_of(backend, "j", "c0").result == "success"
     assert sorted(backend.blocked_tasks("j", 10) or []) == ["after-c0", "after-c21"]
 
 
@@ -318,7 +318,7 @@ def test_terminate_from_another_process_stops_the_task(make_backend: MakeBackend
     finally:
         other.close()
     wait_for(lambda: not alive(pid), "the scheduler to stop the task")
-    assert backend.task("j", "sleeper").failure_code == "TaskEnded"  # type: ignore[union-attr]
+    assert task_of(backend, "j", "sleeper").failure_code == "TaskEnded"
 
 
 def test_delete_removes_records_and_directories(make_backend: MakeBackend) -> None:
@@ -482,7 +482,7 @@ def test_a_version_1_database_is_upgraded(tmp_path: Path) -> None:
     assert done is not None and done.terminate_reason == REASON_ALL_COMPLETE
     assert [r.id for r in store.fanout_jobs(None)] == ["done"]
     store.finish(run.seq, success=True, exit_code=0, failure_code=None, failure_message=None)
-    assert store.task("old", "needs-0").result == "success"  # type: ignore[union-attr]
+    assert task_of(store, "old", "needs-0").result == "success"
     store.close()
     assert Store(path=path, pool="local").job_status("old") is not None  # opens again
 
@@ -529,6 +529,6 @@ def test_satisfying_failures_keep_readiness_counted(tmp_path: Path,
             store.finish(run.seq, success=ok, exit_code=0 if ok else 1,
                          failure_code=None if ok else "FailureExitCode", failure_message=None)
         store.evaluate_waiting()
-    assert store.task("j", "agg").result == "success"  # type: ignore[union-attr]
+    assert task_of(store, "j", "agg").result == "success"
     assert 1 <= len(checks) <= 3
     store.close()
