@@ -82,7 +82,7 @@ def alive(pid: int) -> bool:
     """True if ``pid`` runs (a zombie nobody reaped counts as dead)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or being reaped (ESRCH)
         return False
     return stat[stat.rfind(")") + 2] not in "ZX"
 
