@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Mapping
 
 from pydantic import BaseModel, field_validator, model_validator
 
 from handlers.base import (
     BuildContext,
+    ContainerRegistry,
     ContainerSettings,
     ContainerWorkingDirectory,
     check_image,
 )
+from handlers.errors import InvalidParams
 
 #: A ``[registries.<name>]`` table's name.
 REGISTRY_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -95,3 +98,26 @@ class ContainerFields(BaseModel):
         return ctx.container(self.container_image, registry=self.container_registry,
                              run_options=self.container_run_options,
                              working_directory=self.container_working_directory)
+
+
+def find_registry(registries: Mapping[str, ContainerRegistry], name: str) -> ContainerRegistry:
+    """The configured registry ``name``; ``InvalidParams`` listing the configured ones."""
+    try:
+        return registries[name]
+    except (KeyError, TypeError):
+        known = ", ".join(sorted(registries)) or "none"
+        raise InvalidParams(f"no container registry named {str(name)[:64]!r} is "
+                            f"configured ([registries]: {known})") from None
+
+
+def make_container(registries: Mapping[str, ContainerRegistry], image: str, *,
+                   registry: str | None = None, run_options: str | None = None,
+                   working_directory: ContainerWorkingDirectory = "taskWorkingDirectory"
+                   ) -> ContainerSettings:
+    """``BuildContext.container``: the settings, with ``InvalidParams`` for a bad one."""
+    found = find_registry(registries, registry) if registry is not None else None
+    try:
+        return ContainerSettings(image=image, registry=found, run_options=run_options,
+                                 working_directory=working_directory)
+    except ValueError as exc:
+        raise InvalidParams(f"container: {exc}") from None

@@ -37,7 +37,9 @@ from handlers.base import (
     Program,
     TaskSpec,
 )
-from handlers.errors import BudgetExceeded, ForeignStorage, InvalidParams, UnknownProgram
+from handlers.containers import find_registry, make_container
+from handlers.errors import ForeignStorage, InvalidParams, UnknownProgram
+from handlers.limits import check_retries, check_wall_clock
 
 __all__ = ["StubContext", "TaskLimits", "make_context", "request", "tasks_of"]
 
@@ -108,35 +110,19 @@ class StubContext:
         return f"{self.blob_root.rstrip('/')}/{quote(container)}"
 
     def registry(self, name: str) -> ContainerRegistry:
-        if name not in self.registries:
-            known = ", ".join(sorted(self.registries)) or "none"
-            raise InvalidParams(f"no container registry named {str(name)[:64]!r} is "
-                                f"configured ([registries]: {known})")
-        return self.registries[name]
+        return find_registry(self.registries, name)
 
     def container(self, image: str, *, registry: str | None = None,
                   run_options: str | None = None,
                   working_directory: ContainerWorkingDirectory = "taskWorkingDirectory"
                   ) -> ContainerSettings:
-        found = self.registry(registry) if registry is not None else None
-        try:
-            return ContainerSettings(image=image, registry=found, run_options=run_options,
-                                     working_directory=working_directory)
-        except ValueError as exc:
-            raise InvalidParams(f"container: {exc}") from None
+        return make_container(self.registries, image, registry=registry,
+                              run_options=run_options, working_directory=working_directory)
 
     def check_task_limits(self, *, max_task_retries: int | None = None,
                           max_wall_clock: timedelta | None = None) -> None:
-        limits = self.limits
-        retries = max_task_retries
-        if retries is not None and limits.max_task_retries != -1 and (
-                retries == -1 or retries > limits.max_task_retries):
-            raise BudgetExceeded(f"max_task_retries {retries} is over this worker's limit "
-                                 f"of {limits.max_task_retries} (limits.max_task_retries)")
-        wall = max_wall_clock
-        if wall is not None and (wall > limits.max_wall_clock or wall.total_seconds() <= 0):
-            raise BudgetExceeded(f"max_wall_clock {wall} is outside this worker's limit "
-                                 f"of {limits.max_wall_clock} (limits.max_wall_clock)")
+        check_retries(max_task_retries, self.limits.max_task_retries)
+        check_wall_clock(max_wall_clock, self.limits.max_wall_clock)
 
 
 def make_context(programs: Mapping[str, Program | str] | None = None, *,

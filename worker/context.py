@@ -29,7 +29,10 @@ from handlers.base import (
     Program,
     TaskSpec,
 )
-from handlers.errors import BudgetExceeded, InvalidParams, UnknownProgram
+from handlers.containers import find_registry, make_container
+from handlers.errors import BudgetExceeded, UnknownProgram
+from handlers.limits import check_retries as limited_retries
+from handlers.limits import check_wall_clock as limited_wall_clock
 from worker.config import LimitsConfig
 from worker.envelope import JobOptions, TaskDefaults
 from worker.storage.base import Storage
@@ -94,24 +97,14 @@ class WorkerContext:
                                                 lifetime=self.sas_lifetime)
 
     def registry(self, name: str) -> ContainerRegistry:
-        registries = self.registries
-        try:
-            return registries[name]
-        except (KeyError, TypeError):
-            known = ", ".join(sorted(registries)) or "none"
-            raise InvalidParams(f"no container registry named {str(name)[:64]!r} is "
-                                f"configured ([registries]: {known})") from None
+        return find_registry(self.registries, name)
 
     def container(self, image: str, *, registry: str | None = None,
                   run_options: str | None = None,
                   working_directory: ContainerWorkingDirectory = "taskWorkingDirectory"
                   ) -> ContainerSettings:
-        found = self.registry(registry) if registry is not None else None
-        try:
-            return ContainerSettings(image=image, registry=found, run_options=run_options,
-                                     working_directory=working_directory)
-        except ValueError as exc:
-            raise InvalidParams(f"container: {exc}") from None
+        return make_container(self.registries, image, registry=registry,
+                              run_options=run_options, working_directory=working_directory)
 
     def check_task_limits(self, *, max_task_retries: int | None = None,
                           max_wall_clock: timedelta | None = None) -> None:
@@ -134,21 +127,13 @@ def sas_lifetime(wall_clock: timedelta, limits: LimitsConfig,
 
 
 def check_retries(retries: int | None, limits: LimitsConfig) -> None:
-    """``BudgetExceeded`` for a ``max_task_retries`` over ``limits.max_task_retries``;
-    -1 (unlimited, as in Batch) only when the limit is -1 too."""
-    if retries is None or limits.max_task_retries == -1:
-        return
-    if retries == -1 or retries > limits.max_task_retries:
-        raise BudgetExceeded(f"max_task_retries {retries} is over this worker's limit "
-                             f"of {limits.max_task_retries} (limits.max_task_retries)")
+    """``BudgetExceeded`` for a ``max_task_retries`` over ``limits.max_task_retries``."""
+    limited_retries(retries, limits.max_task_retries)
 
 
 def check_wall_clock(wall: timedelta | None, limits: LimitsConfig) -> None:
-    """``BudgetExceeded`` for a ``max_wall_clock`` over ``limits.max_wall_clock``, or
-    one that is not positive."""
-    if wall is not None and (wall > limits.max_wall_clock or wall.total_seconds() <= 0):
-        raise BudgetExceeded(f"max_wall_clock {wall} is outside this worker's limit "
-                             f"of {limits.max_wall_clock} (limits.max_wall_clock)")
+    """``BudgetExceeded`` for a ``max_wall_clock`` over ``limits.max_wall_clock``."""
+    limited_wall_clock(wall, limits.max_wall_clock)
 
 
 def limit_tasks(tasks: Iterable[TaskSpec], defaults: TaskDefaults | None,
