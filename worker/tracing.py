@@ -254,9 +254,12 @@ def make_exporter(config: TracingConfig) -> SpanExporter | None:
                             "exporter: pip install 'fanout[azure-monitor]'") from None
     secret = config.azure_monitor_connection_string
     try:
-        if secret is not None:
-            return AzureMonitorTraceExporter(connection_string=secret.get_secret_value())
-        return AzureMonitorTraceExporter()  # APPLICATIONINSIGHTS_CONNECTION_STRING
+        # Typed here: without the optional extra installed, mypy sees the class as Any.
+        exporter: SpanExporter = (
+            AzureMonitorTraceExporter(connection_string=secret.get_secret_value())
+            if secret is not None
+            else AzureMonitorTraceExporter())  # APPLICATIONINSIGHTS_CONNECTION_STRING
+        return exporter
     except ValueError as exc:  # the message names what is missing, not the secret
         raise SettingsError(f"tracing.exporter = \"azure_monitor\": {type(exc).__name__}: "
                             "the connection string is missing or malformed (set "
