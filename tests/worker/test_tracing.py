@@ -225,12 +225,33 @@ def test_exporters_are_built_from_settings(make_settings: Callable[..., Settings
     assert tracing_mod.otlp_endpoint("http://c:4318/custom") == "http://c:4318/custom"
     assert tracing_mod.make_exporter(make_settings(tracing={
         "enabled": True, "exporter": "none"}).tracing) is None
-    pytest.importorskip("azure.monitor.opentelemetry.exporter")
-    conn = "InstrumentationKey=00000000-0000-0000-0000-000000000000;IngestionEndpoint=https://x/"
-    monitor = tracing_mod.make_exporter(make_settings(tracing={
-        "enabled": True, "exporter": "azure_monitor",
-        "azure_monitor_connection_string": conn}).tracing)
-    assert type(monitor).__name__ == "AzureMonitorTraceExporter"
+
+
+AZURE_MONITOR = {"enabled": True, "exporter": "azure_monitor",
+                 "azure_monitor_connection_string":
+                     "InstrumentationKey=00000000-0000-0000-0000-000000000000;"
+                     "IngestionEndpoint=https://x/"}
+
+
+def test_the_azure_monitor_exporter_is_built_from_settings(
+        make_settings: Callable[..., Settings]) -> None:
+    """The dev install has the [azure-monitor] extra, so this runs everywhere."""
+    from azure.monitor.opentelemetry.exporter import AzureMonitorTraceExporter
+
+    monitor = tracing_mod.make_exporter(make_settings(tracing=AZURE_MONITOR).tracing)
+    assert isinstance(monitor, AzureMonitorTraceExporter)
+
+
+def test_without_the_extra_the_azure_monitor_exporter_is_a_settings_error(
+        make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from worker.errors import SettingsError
+
+    monkeypatch.setitem(sys.modules, "azure.monitor.opentelemetry.exporter", None)
+    with pytest.raises(SettingsError, match=r"pip install 'fanout\[azure-monitor\]'") as caught:
+        tracing_mod.make_exporter(make_settings(tracing=AZURE_MONITOR).tracing)
+    assert "InstrumentationKey" not in str(caught.value)
 
 
 def test_stamp_wraps_the_lazy_task_stream_without_touching_shared_dicts() -> None:
