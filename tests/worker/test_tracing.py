@@ -12,6 +12,7 @@ import io
 import json
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -234,9 +235,15 @@ AZURE_MONITOR = {"enabled": True, "exporter": "azure_monitor",
 
 
 def test_the_azure_monitor_exporter_is_built_from_settings(
-        make_settings: Callable[..., Settings]) -> None:
-    """The dev install has the [azure-monitor] extra, so this runs everywhere."""
+        make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    """The dev install has the [azure-monitor] extra, so this runs everywhere. (The
+    exporter keeps its retry files under the temporary directory: the test's own.)"""
+    import tempfile
+
     from azure.monitor.opentelemetry.exporter import AzureMonitorTraceExporter
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
     monitor = tracing_mod.make_exporter(make_settings(tracing=AZURE_MONITOR).tracing)
     assert isinstance(monitor, AzureMonitorTraceExporter)
