@@ -6,7 +6,7 @@ marked ``MISS`` in the table and ``"ok": false`` in the JSON. See docs/performan
 
     python -m tests.bench                     # everything (a few minutes)
     python -m tests.bench --only expansion    # one benchmark
-    python -m tests.bench --runs 1            # one measurement per arm
+    python -m tests.bench --runs 1            # one measurement per arm (default 5)
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
     parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS),
                         help="run only this benchmark (repeatable)")
-    parser.add_argument("--runs", type=int, default=3,
+    parser.add_argument("--runs", type=int, default=5,
                         help="fresh-process measurements per arm; the median is reported")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results.json")
     args = parser.parse_args(argv)

@@ -88,11 +88,16 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MB (Linux: ru_maxrss is KiB)."""
-    import resource
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """A process's own peak resident set size so far, in MB: ``VmHWM`` of
+    /proc/<pid>/status, the high-water mark of this process image's memory.
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Not ``ru_maxrss``: Linux carries that across ``execve`` from the process that
+    forked, so a fresh arm's figure could be its driver's peak rather than its own."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"^VmHWM:\s+(\d+) kB", text, re.MULTILINE)
+    assert match, "no VmHWM"
+    return int(match.group(1)) / 1024
 
 
 def rss_mb(pid: int) -> float:
