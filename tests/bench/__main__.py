@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.bench import execution, expansion, soak, submission, throughput
+from tests.bench import execution, expansion, monitor, soak, submission, throughput
 from tests.bench.common import REPO, Figure, machine
 
 BENCHMARKS: dict[str, Callable[[int], list[Figure]]] = {
@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, Callable[[int], list[Figure]]] = {
     "throughput": lambda runs: throughput.run(runs=runs),
     "execution": lambda runs: execution.run(runs=runs),
     "soak": lambda runs: soak.run(),
+    "monitor": lambda runs: monitor.run(runs=runs),
 }
 
 

@@ -88,7 +88,17 @@ Run it by hand, for a manual ``fanout run`` against it::
 
     python -m tests.fakes.batch_peer --port 8090 --pool fanout --latency 0.05
 
-``GET /_peer/record`` (no auth) returns everything accepted as JSON.
+Test administration, for a peer in another process (the benchmarks'), outside the
+Batch API: paths under ``/_peer/``, which no Batch operation has and the SDK never
+calls, without auth (the peer listens on 127.0.0.1), never counted in
+:attr:`BatchPeer.requests`:
+
+- ``GET /_peer/record``: everything accepted, as JSON (:meth:`BatchPeer.record`);
+- ``GET /_peer/requests``: the requests answered, by operation and outcome;
+- ``POST /_peer/seed`` ``{"jobs": [{"id", "tasks", "metadata", ...}]}``:
+  :meth:`BatchPeer.seed_job` for each;
+- ``POST /_peer/finish`` ``{"jobs": [ids]}``: :meth:`BatchPeer.finish_seeded`, every
+  task of those seeded jobs succeeding at one instant.
 """
 
 from __future__ import annotations
@@ -819,6 +829,32 @@ class BatchPeer:
             self._jobs[job_id.lower()] = job
             return job
 
+    def finish_seeded(self, job_ids: list[str]) -> datetime:
+        """Every active and running task of these seeded jobs succeeds at one instant
+        (returned); a job with ``onAllTasksComplete: terminatejob`` then completes with
+        ``AllTasksComplete``, as :meth:`_settle` ends any job whose tasks have all
+        completed. Unknown and unseeded jobs are refused with ``KeyError``."""
+        with self._lock:
+            self._advance()
+            now = self._clock()
+            jobs = [self._jobs[j.lower()] for j in job_ids]
+            if any(job.virtual is None for job in jobs):
+                raise KeyError("only seeded jobs can be finished this way")
+            for job in jobs:
+                self._finish_virtual(job, now)
+            return now
+
+    def _finish_virtual(self, job: PeerJob, at: datetime) -> None:
+        assert job.virtual is not None
+        ended = job.virtual["active"] + job.virtual["running"]
+        job.virtual.update(active=0, running=0, succeeded=job.virtual["succeeded"] + ended)
+        for counts in (job.counts, job.slot_counts):
+            counts.update(active=-counts["active"], running=-counts["running"],
+                          completed=ended, succeeded=ended)
+        self._snapshot(job, at)
+        self._touch(job, at)
+        self._settle(job, at)
+
     def job(self, job_id: str) -> PeerJob | None:
         """The job with this id (any case), or None."""
         with self._lock:
@@ -943,6 +979,30 @@ class BatchPeer:
                 "outcomes": dict(self.outcomes),
                 "task_outcomes": dict(self.task_outcomes),
             }
+
+    def admin(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        """A ``/_peer/`` request (see the module docstring): test administration,
+        not a Batch operation."""
+        try:
+            match method, path:
+                case "GET", "/_peer/record":
+                    return 200, self.record()
+                case "GET", "/_peer/requests":
+                    with self._lock:
+                        rows = [[op, outcome, n] for (op, outcome), n in self.requests.items()]
+                    return 200, {"requests": rows}
+                case "POST", "/_peer/seed":
+                    jobs = json.loads(body or b"{}").get("jobs") or []
+                    for spec in jobs:
+                        job_id, kwargs = _seed_args(spec)
+                        self.seed_job(job_id, **kwargs)
+                    return 200, {"seeded": len(jobs)}
+                case "POST", "/_peer/finish":
+                    ids = [str(j) for j in json.loads(body or b"{}").get("jobs") or []]
+                    return 200, {"finished": len(ids), "at": _rfc3339(self.finish_seeded(ids))}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            return 400, {"error": f"{type(exc).__name__}: {exc}"}
+        return 404, {"error": f"no test administration at {method} {path}"}
 
     # -- request handling (called from handler threads) ---------------------------------
 
@@ -1876,8 +1936,8 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         split = urlsplit(self.path)
-        if split.path == "/_peer/record":
-            self._answer(200, peer.record(), {})
+        if split.path.startswith("/_peer/"):
+            self._answer(*peer.admin(self.command, split.path, body), {})
             return
         params = {k: v[0] for k, v in parse_qs(split.query).items()}
         operation = "unknown"
@@ -2468,6 +2528,20 @@ def _pool_filter(text: str | None) -> str | None:
                         "$filter=poolId eq '<pool>' on node counts.",
                         {"QueryParameterName": "$filter", "QueryParameterValue": text})
     return match.group(1).lower()
+
+
+#: What ``POST /_peer/seed`` may say of a job besides its ``id``: arguments of
+#: :meth:`BatchPeer.seed_job` that JSON can carry.
+_SEED_KEYS = frozenset({"pool", "tasks", "counts", "metadata", "state",
+                        "on_all_tasks_complete", "on_task_failure", "terminate_reason"})
+
+
+def _seed_args(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A seeded job's id and the other arguments, refusing anything else."""
+    unknown = set(spec) - _SEED_KEYS - {"id"}
+    if unknown:
+        raise ValueError(f"unknown seed properties {sorted(unknown)}")
+    return str(spec["id"]), {k: v for k, v in spec.items() if k != "id"}
 
 
 def _rfc3339(when: datetime) -> str:
