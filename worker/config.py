@@ -623,6 +623,10 @@ class JobsConfig(_Section):
     delete_batch: PositiveInt = 50
     #: A job with more active tasks than this is not checked for blocked tasks.
     blocked_check_limit: PositiveInt = 1000
+    #: Jobs the monitor follows at once in a poll (each its requests in order): a
+    #: burst of completed jobs costs a few round trips each, so one at a time a
+    #: thousand take minutes; this many backend requests are in flight at most.
+    monitor_concurrency: PositiveInt = 16
     #: Azure: where tasks upload stdout.txt and stderr.txt (``<job>/<task>/``).
     logs_container: str = "fanout-logs"
     #: Azure: upload logs of failed tasks only (``failure``) or of every task.

@@ -22,6 +22,13 @@ Azure by default ``jobs.poll_interval``):
    at most ``jobs.delete_batch`` a poll; a sweep that reached that bound makes the
    next poll a full sweep too, so deletions keep up with a busy account.
 
+Steps 2 to 4 run ``jobs.monitor_concurrency`` jobs at a time, each in a thread of the
+monitor's own pool: a burst of completed jobs costs a few requests each in sequence
+(counts, usage, marker), so one job at a time a thousand of them would take minutes
+of round trips. Each job's own steps stay in order: its event is published before its
+marker is written. The deletion bound is reserved before each delete, so jobs in
+flight together never exceed it.
+
 State lives in the jobs, not here: any replica can report any job, and one killed
 mid-report leaves the job to the next poll of any replica. Events therefore go out at
 least once; their id derives from the job id and is the Service Bus message id, so
@@ -32,13 +39,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import random
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -56,6 +67,7 @@ from worker.backends.base import (
     Backend,
     FailedTask,
     JobRecord,
+    JobUsage,
     TaskCounts,
 )
 from worker.config import CostConfig, EventsConfig, JobsConfig, PreemptionConfig
@@ -76,6 +88,8 @@ log = structlog.get_logger(__name__)
 #: show unfinished tasks is re-read on the next poll until this has passed.
 COUNTS_SETTLE = timedelta(minutes=2)
 
+_T = TypeVar("_T")
+
 
 @dataclass(slots=True)
 class PollResult:
@@ -89,6 +103,8 @@ class PollResult:
     sealed: list[str] = field(default_factory=list)
     requests: Counter[str] = field(default_factory=Counter)
     errors: int = 0
+    #: Per pool (lower case), set once this poll's first usage read of it has ended.
+    priced: dict[str, asyncio.Event] = field(default_factory=dict, repr=False)
 
 
 class JobMonitor:
@@ -112,6 +128,11 @@ class JobMonitor:
         self._clock = clock
         self._last_full: float | None = None
         self._stopping = asyncio.Event()
+        #: The threads backend calls run in (``jobs.monitor_concurrency``), made on
+        #: first use: apart from the event loop's default pool, which the consumer uses.
+        self._executor: ThreadPoolExecutor | None = None
+        #: Request counts are kept from worker threads too (:func:`collect_failed`).
+        self._counting = threading.Lock()
         #: ``[preemption]``: counting preempted tasks and moving them (None: neither).
         self.preemption = (Preemptions(backend=backend, config=preemption, metrics=metrics,
                                        call=self._call)
@@ -122,6 +143,12 @@ class JobMonitor:
 
     async def run(self) -> None:
         """Poll until ``stop()`` (or cancelled); a failed poll is logged and counted."""
+        try:
+            await self._run()
+        finally:
+            self._close_threads()
+
+    async def _run(self) -> None:
         # Replicas start together on a rollout: a random first delay spreads their polls.
         await self._sleep(random.uniform(0, min(self.interval, 5.0)))
         while not self._stopping.is_set():
@@ -160,18 +187,38 @@ class JobMonitor:
                 result.errors += 1
                 self.metrics.monitor_errors.inc()
                 log.warning("monitor.preemption_failed", error=_describe(exc))
-        unreported = 0
-        for job in records:
-            try:
-                unreported += await self._follow(job, now, full, result)
-            except (SystemFault, ConfigFault, OSError) as exc:
-                result.errors += 1
-                self.metrics.monitor_errors.inc()
-                log.warning("monitor.job_failed", job_id=job.id, error=_describe(exc))
+        unreported = await self._follow_all(records, now, full, result)
         if len(result.deleted) >= self.jobs.delete_batch:
             self._last_full = None  # more may be due: the next poll sweeps again
         self.metrics.jobs_monitored.set(unreported)
         return result
+
+    async def _follow_all(self, records: list[JobRecord], now: datetime, full: bool,
+                          result: PollResult) -> int:
+        """Every job's step, ``jobs.monitor_concurrency`` at a time (workers taking the
+        next job as they finish one); returns how many are still unreported. A job's
+        failure is its own; anything else ends the poll, the other workers cancelled."""
+        pending = iter(records)
+        counted = [0]
+        workers = min(self.jobs.monitor_concurrency, len(records))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(workers):
+                    group.create_task(self._follow_each(pending, now, full, result, counted))
+        except BaseExceptionGroup as grouped:
+            raise grouped.exceptions[0] from None
+        return counted[0]
+
+    async def _follow_each(self, pending: Iterator[JobRecord], now: datetime, full: bool,
+                           result: PollResult, counted: list[int]) -> None:
+        """One worker of :meth:`_follow_all`: the shared iterator hands each job out once."""
+        for job in pending:
+            try:
+                counted[0] += await self._follow(job, now, full, result)
+            except (SystemFault, ConfigFault, OSError) as exc:
+                result.errors += 1
+                self.metrics.monitor_errors.inc()
+                log.warning("monitor.job_failed", job_id=job.id, error=_describe(exc))
 
     async def _follow(self, job: JobRecord, now: datetime, full: bool,
                       result: PollResult) -> int:
@@ -189,11 +236,21 @@ class JobMonitor:
         if full and len(result.deleted) < self.jobs.delete_batch:
             ended = job.end_time or job.state_changed
             if ended is not None and now - ended >= self.jobs.retention:
-                await self._call(result, "delete_job", self.backend.delete_job, job.id)
-                result.deleted.append(job.id)
-                self.metrics.jobs_deleted.inc()
-                log.info("monitor.job_deleted", job_id=job.id, ended=ended.isoformat())
+                await self._delete(job, ended, result)
         return 0
+
+    async def _delete(self, job: JobRecord, ended: datetime, result: PollResult) -> None:
+        """Delete a reported job past retention. Its place in ``result.deleted`` is
+        taken before the request, so deletions in flight together keep to
+        ``jobs.delete_batch``; a failed one gives its place back."""
+        result.deleted.append(job.id)
+        try:
+            await self._call(result, "delete_job", self.backend.delete_job, job.id)
+        except BaseException:
+            result.deleted.remove(job.id)
+            raise
+        self.metrics.jobs_deleted.inc()
+        log.info("monitor.job_deleted", job_id=job.id, ended=ended.isoformat())
 
     async def _seal_window(self, job: JobRecord, now: datetime, result: PollResult) -> None:
         """Seal a window job whose window (plus its seal delay) has passed.
@@ -293,7 +350,7 @@ class JobMonitor:
     async def _failed(self, job: JobRecord, counts: TaskCounts,
                       result: PollResult) -> list[FailedTask]:
         """The failed tasks an event lists (see :func:`collect_failed`)."""
-        return await asyncio.to_thread(
+        return await self._in_thread(
             collect_failed, self.backend, job, counts, limit=self.events.max_failed_tasks,
             tail_bytes=self.events.stderr_tail_bytes,
             count=lambda operation: self._count_request(result, operation))
@@ -314,8 +371,26 @@ class JobMonitor:
             return None
         for _ in range(max(1, -(-counts.completed // 1000))):
             self._count_request(result, "usage_tasks")
-        usage = await asyncio.to_thread(read, job.id, job.pool)
+        usage = await self._read_usage(read, job, result)
         return price(usage, self.cost) if usage is not None else None
+
+    async def _read_usage(self, read: Callable[[str, str | None], JobUsage | None],
+                          job: JobRecord, result: PollResult) -> JobUsage | None:
+        """``read`` in a thread; the first read of each pool in a poll goes alone.
+
+        With it the backend reads the pool's shape (VM size, slots) and keeps it for an
+        hour: one get pool per pool an hour (docs/azure-batch.md). Reports in flight
+        together before it is kept would each read it."""
+        pool = (job.pool or "").lower()
+        gate = result.priced.get(pool)
+        if gate is not None:
+            await gate.wait()
+            return await self._in_thread(read, job.id, job.pool)
+        gate = result.priced[pool] = asyncio.Event()
+        try:
+            return await self._in_thread(read, job.id, job.pool)
+        finally:
+            gate.set()
 
     def _count_cost(self, job: JobRecord, usage: JobCost | None) -> None:
         """Node-seconds and cost, labelled by handler and the allowed cost tags."""
@@ -366,10 +441,25 @@ class JobMonitor:
                     *args: Any, **kwargs: Any) -> Any:
         """One backend call in a worker thread, counted by operation."""
         self._count_request(result, operation)
-        return await asyncio.to_thread(fn, *args, **kwargs)
+        return await self._in_thread(fn, *args, **kwargs)
+
+    async def _in_thread(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """``fn`` in one of the monitor's threads, with this task's context (log
+        bindings, the current span), as ``asyncio.to_thread`` would run it."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=self.jobs.monitor_concurrency,
+                                                thread_name_prefix="fanout-monitor")
+        call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def _close_threads(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
 
     def _count_request(self, result: PollResult, operation: str) -> None:
-        result.requests[operation] += 1
+        with self._counting:
+            result.requests[operation] += 1
         self.metrics.monitor_requests.labels(operation).inc()
 
     async def _sleep(self, seconds: float) -> None:
