@@ -9,8 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from worker.logs import configure, redact
+from worker.logs import _substitute, configure, redact
 
 
 @pytest.fixture(autouse=True)
@@ -62,3 +64,39 @@ def test_json_logs_are_redacted_for_structlog_and_stdlib() -> None:
     text = stream.getvalue()
     assert not any(leak in text for leak in LEAKS), text
     assert "Traceback" in events[2]["exception"]
+
+
+#: Pieces of secret shapes, in mixed case, and the characters around them.
+_FRAGMENTS = ["?sig=", "&skoid=", "&SKT=", "&ske=", "AccountKey=", "sharedaccesskey=",
+              "SharedAccessSignature=", "SharedAccessKeyName=", "instrumentationKEY=",
+              "SharedKey ", "sharedkeylite acct:", "Bearer ", "BEARER\t", '"password": "',
+              "Password=", "client_secret:", "account_key = ", "acct:", "abc", "Zm9v==", ";",
+              "&", "?", '"', "'", " ", ":", "=", "ſig=", "\u212a", "ı", "é", "sig", "key"]
+
+
+@settings(max_examples=400, derandomize=True, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_FRAGMENTS), st.booleans()), max_size=12))
+def test_redact_fast_path_changes_nothing(parts: list[tuple[str, bool]]) -> None:
+    """The pre-check that returns most text untouched decides exactly as the six
+    substitutions would: any text they would change, it passes on to them."""
+    text = "".join(p.swapcase() if flip else p for p, flip in parts)
+    assert redact(text) == _substitute(text)
+
+
+def test_redact_scrubs_non_ascii_text_the_pattern_folds() -> None:
+    """Non-ASCII text always gets the substitutions: ``(?i)`` folds the long s onto
+    ``s``, so a lower-cased ASCII search alone would have let this one through."""
+    assert redact("?ſig=secret123") == "?ſig=REDACTED"
+
+
+def test_structlog_events_are_scrubbed_once_and_stdlib_records_still() -> None:
+    """The formatter leaves structlog's already scrubbed events alone (no second pass)
+    but scrubs the values of a stdlib record, and the rendered line either way."""
+    stream = io.StringIO()
+    configure(fmt="json", level="info", stream=stream)
+    structlog.get_logger("t").info("calling", note="password=hunter2", count=3)
+    logging.getLogger("azure.test").warning("password=hunter3 in %s", "a request")
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["note"] == "password=REDACTED" and first["count"] == 3
+    assert second["event"] == "password=REDACTED in a request"
+    assert "hunter" not in stream.getvalue()
