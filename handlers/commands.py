@@ -101,21 +101,58 @@ def sh_escape(quoted: str) -> str:
     return quoted.replace("'", _QUOTED_QUOTE)
 
 
-def sh_format(template: CommandTemplate, order: Sequence[str]) -> str | None:
-    """``sh(template.render_quoted(values))`` as one positional format string, or None.
+def sh_parts(template: CommandTemplate, order: Sequence[str]) -> list[str | int] | None:
+    """``sh(template.render_quoted(values))`` as its pieces, or None.
 
-    ``result.format(*args)`` takes the values in ``order``, each through :func:`quote`
-    then :func:`sh_escape`, and equals ``sh(template.render_quoted(...))``: when the
-    template's literal text needs quoting (a space is enough) ``shlex.quote`` wraps the
-    whole line in ``'...'`` and escapes each ``'``, which distributes over the parts.
-    None when the literal text alone would not need quoting. This spares building a
-    million command lines a ``shlex.quote`` of each whole line.
+    The pieces are literal text (the ``/bin/sh -c '`` around it included) and, for each
+    field, its position in ``order``; joining them with each value put through
+    :func:`quote` then :func:`sh_escape` gives exactly ``sh(...)``: when the template's
+    literal text needs quoting (a space is enough) ``shlex.quote`` wraps the whole line
+    in ``'...'`` and escapes each ``'``, which distributes over the parts. None when the
+    literal text alone would not need quoting. This spares building a million command
+    lines a ``shlex.quote`` of each whole line, and lets a caller substitute the values
+    that change rarely once (:func:`bind_parts`).
     """
-    parts = []
+    parts: list[str | int] = ["/bin/sh -c '"]
     needs_quoting = False
     for literal, name, _spec, _conversion in _FORMATTER.parse(template.source):
         needs_quoting = needs_quoting or (bool(literal) and shlex.quote(literal) != literal)
-        parts.append(sh_escape(literal).replace("{", "{{").replace("}", "}}"))
+        parts.append(sh_escape(literal))
         if name is not None:
-            parts.append(f"{{{order.index(name)}}}")
-    return "/bin/sh -c '" + "".join(parts) + "'" if needs_quoting else None
+            parts.append(order.index(name))
+    parts.append("'")
+    return bind_parts(parts, {}) if needs_quoting else None
+
+
+def bind_parts(parts: Sequence[str | int], values: Mapping[int, str]) -> list[str | int]:
+    """``parts`` with the positions in ``values`` replaced by their (escaped) text and
+    adjacent text joined: what is left alternates text and positions, and starts and
+    ends with text (``[head, 2, tail]`` for a single position left)."""
+    out: list[str | int] = []
+    run = ""  # the text since the last position left
+    for part in parts:
+        text = values.get(part) if isinstance(part, int) else part
+        if text is None:
+            out += [run, part]
+            run = ""
+        else:
+            run += text
+    out.append(run)
+    return out
+
+
+def parts_format(parts: Sequence[str | int]) -> str:
+    """The ``str.format`` string that joins ``parts``: ``{i}`` for position ``i``."""
+    return "".join(f"{{{p}}}" if isinstance(p, int) else p.replace("{", "{{").replace("}", "}}")
+                   for p in parts)
+
+
+def sh_format(template: CommandTemplate, order: Sequence[str]) -> str | None:
+    """``sh(template.render_quoted(values))`` as one positional format string, or None
+    (when :func:`sh_parts` is None).
+
+    ``result.format(*args)`` takes the values in ``order``, each through :func:`quote`
+    then :func:`sh_escape`, and equals ``sh(template.render_quoted(...))``.
+    """
+    parts = sh_parts(template, order)
+    return None if parts is None else parts_format(parts)

@@ -54,7 +54,7 @@ import random
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -62,6 +62,7 @@ from handlers import datapath
 from handlers.base import (
     BuildContext,
     BuildRequest,
+    ContainerSettings,
     DependencyFailure,
     ExitConditions,
     JobOutput,
@@ -71,13 +72,24 @@ from handlers.base import (
     TaskSpec,
     fan_in_exit_conditions,
 )
-from handlers.commands import CommandTemplate, as_text, quote, sh, sh_escape, sh_format
+from handlers.commands import (
+    CommandTemplate,
+    as_text,
+    bind_parts,
+    parts_format,
+    quote,
+    sh,
+    sh_escape,
+    sh_parts,
+)
 from handlers.errors import BudgetExceeded, InvalidParams, describe_validation
 
 Scalar = int | float | str | bool
 #: Template fields every sweep task offers besides its parameters.
 BUILTIN_FIELDS = ("task_index", "repeat_index")
 AGGREGATE_ID = "aggregate"
+TASK_INDEX = "FANOUT_TASK_INDEX"
+REPEAT_INDEX = "FANOUT_REPEAT_INDEX"
 
 
 class Range(BaseModel):
@@ -478,26 +490,122 @@ def _unrank(index: int, axes: list[list[str]]) -> tuple[str, ...]:
 def _tasks(params: SweepParams, grid: Grid, program: Program, template: CommandTemplate,
            conditions: ExitConditions | None = None) -> Iterator[TaskSpec]:
     """Stream the sweep's tasks; values are quoted once per distinct value, not per task,
-    and each command line is one ``str.format`` call (``sh_format``). Every task gets
-    the same ``conditions`` object (one attribute store per task, no copy)."""
-    fields = grid.fields
-    shell_line = sh_format(template, [*fields, *BUILTIN_FIELDS])
-    if shell_line is None:
-        yield from _tasks_generic(params, grid, program, template, conditions)
-        return
-    fmt = shell_line.format
+    and each command line is put together from pieces (``sh_parts``) instead of quoted
+    whole. Every task gets the same ``conditions`` object (one attribute store per
+    task, no copy). A plain function returning the stream, not a generator of its own,
+    so the stream has no extra layer per task."""
+    parts = sh_parts(template, [*grid.fields, *BUILTIN_FIELDS])
+    if parts is None:
+        return _tasks_generic(params, grid, program, template, conditions)
     escaped = {v: sh_escape(quote(v)) for axis in grid.axes.values() for v in axis}
+    shared = _Shared.of(params, program, conditions)
+    if params.mode == "product" and grid.axes:
+        return _product_tasks(params, grid, program, parts, escaped, shared)
+    return _row_tasks(params, grid, program, parts, escaped, shared)
+
+
+class _Shared(NamedTuple):
+    """What every task of the sweep has the same: the message's ``task`` options, the
+    program's slots and container, the aggregate's exit conditions."""
+
+    retries: int | None
+    wall: timedelta | None
+    retention: timedelta | None
+    slots: int
+    container: ContainerSettings | None
+    conditions: ExitConditions | None
+
+    @classmethod
+    def of(cls, params: SweepParams, program: Program,
+           conditions: ExitConditions | None) -> _Shared:
+        opts = params.task
+        return cls(opts.max_task_retries, opts.max_wall_clock, opts.retention,
+                   program.required_slots, program.container, conditions)
+
+    @property
+    def plain(self) -> bool:
+        """True when a task's defaults already are all of it but the conditions."""
+        return (self.retries is None and self.wall is None and self.retention is None
+                and self.slots == 1 and self.container is None)
+
+
+def _product_tasks(params: SweepParams, grid: Grid, program: Program,
+                   parts: list[str | int], escaped: Mapping[str, str],
+                   shared: _Shared) -> Iterator[TaskSpec]:
+    """Mode ``product``, as nested loops: the last parameter varies fastest, so what
+    depends only on the others (their environment entries, their text in the command
+    line) is done once per combination of theirs, not once per task. Each task still
+    gets a whole environment of its own (one ``dict.copy`` of a working dict that is
+    never handed out) and a whole command line of its own."""
+    *outer, inner = grid.axes.values()
+    last = len(grid.fields) - 1  # the last parameter's position in ``parts``
+    keys = [f"FANOUT_PARAM_{name.upper()}" for name in grid.fields]
+    *outer_keys, inner_key = keys
+    work = {**program.environment, **dict.fromkeys([*keys, TASK_INDEX, REPEAT_INDEX], "")}
+    repeats = [str(rep) for rep in range(params.repeat)]
+    single = len(repeats) == 1
+    work[REPEAT_INDEX] = repeats[0]
+    inner_pairs = [(value, escaped[value]) for value in inner]
+    plain, conditions = shared.plain, shared.conditions
+    retries, wall, retention, slots, container, _ = shared
+    index = 0
+    for prefix in itertools.product(*outer):
+        work.update(zip(outer_keys, prefix, strict=True))
+        bound = bind_parts(parts, {i: escaped[v] for i, v in enumerate(prefix)})
+        concat = _concat_shape(bound, last)
+        fmt = None if concat else parts_format(_shift(bound, last)).format
+        head, tail = concat or ("", "")
+        for value, text in inner_pairs:
+            work[inner_key] = value
+            line = head + text + tail
+            for rep in repeats:
+                task_id = str(index)
+                index += 1
+                if fmt is not None:
+                    line = fmt(text, task_id, rep)
+                if not single:
+                    work[REPEAT_INDEX] = rep
+                env = work.copy()
+                env[TASK_INDEX] = task_id
+                task = TaskSpec(task_id, line, env)  # positional: the per-task path is hot
+                if not plain:
+                    task.max_task_retries, task.max_wall_clock = retries, wall
+                    task.retention, task.required_slots, task.container = (
+                        retention, slots, container)
+                if conditions is not None:
+                    task.exit_conditions = conditions
+                yield task
+
+
+def _concat_shape(bound: list[str | int], last: int) -> tuple[str, str] | None:
+    """``(head, tail)`` when the line is ``head + <last parameter> + tail`` (the
+    template names the last parameter once and neither task nor repeat index)."""
+    if len(bound) == 3 and bound[1] == last:
+        return str(bound[0]), str(bound[2])
+    return None
+
+
+def _shift(bound: list[str | int], last: int) -> list[str | int]:
+    """Positions ``last``, ``last + 1``, ``last + 2`` (the last parameter, task and
+    repeat index) as 0, 1, 2: the arguments of the per-task ``str.format``."""
+    return [p - last if isinstance(p, int) else p for p in bound]
+
+
+def _row_tasks(params: SweepParams, grid: Grid, program: Program,
+               parts: list[str | int], escaped: Mapping[str, str],
+               shared: _Shared) -> Iterator[TaskSpec]:
+    """The other modes (zip, combinations, random): one row of values per point, each
+    command line one ``str.format`` call."""
+    fields = grid.fields
+    fmt = parts_format(parts).format
     lookup = escaped.__getitem__
     identity = all(e == v for v, e in escaped.items())  # digits and the like: no quoting
     env_keys = [f"FANOUT_PARAM_{name.upper()}" for name in fields]
-    env_keys += ["FANOUT_TASK_INDEX", "FANOUT_REPEAT_INDEX"]
+    env_keys += [TASK_INDEX, REPEAT_INDEX]
     base_env = dict(program.environment)
     repeats = [str(rep) for rep in range(params.repeat)]
-    opts = params.task
-    retries, wall, retention = opts.max_task_retries, opts.max_wall_clock, opts.retention
-    slots, container = program.required_slots, program.container
-    plain = (retries is None and wall is None and retention is None and slots == 1
-             and container is None)
+    plain, conditions = shared.plain, shared.conditions
+    retries, wall, retention, slots, container, _ = shared
     for index, (row, rep) in enumerate(_with_repeats(grid.rows(), repeats)):
         task_id = str(index)
         point = (*row, task_id, rep)
@@ -508,8 +616,8 @@ def _tasks(params: SweepParams, grid: Grid, program: Program, template: CommandT
         line = fmt(*point) if identity else fmt(*map(lookup, row), task_id, rep)
         task = TaskSpec(task_id, line, env)  # positional: the per-task path is hot
         if not plain:
-            task.max_task_retries, task.max_wall_clock, task.retention = retries, wall, retention
-            task.required_slots, task.container = slots, container
+            task.max_task_retries, task.max_wall_clock = retries, wall
+            task.retention, task.required_slots, task.container = retention, slots, container
         if conditions is not None:
             task.exit_conditions = conditions
         yield task

@@ -318,7 +318,7 @@ def test_fuzzing_reaches_valid_plans(planner: Planner) -> None:
 
 
 templates = st.lists(st.one_of(
-    st.sampled_from(["{v}", "{w}", "{task_index}", "{repeat_index}", "{{", "}}"]),
+    st.sampled_from(["{v}", "{w}", "{x}", "{task_index}", "{repeat_index}", "{{", "}}"]),
     st.text(st.characters(exclude_categories=["Cs"], exclude_characters="{}\x00"),
             max_size=6)), min_size=1, max_size=6).map("".join)
 
@@ -326,28 +326,46 @@ templates = st.lists(st.one_of(
 @CI
 @given(templates, st.lists(texts, min_size=1, max_size=4, unique=True),
        st.lists(st.integers(-3, 3), min_size=1, max_size=3, unique=True),
+       st.lists(st.sampled_from(["1", "a b", "'", "{x}", ""]), max_size=2, unique=True),
+       st.permutations(["v", "w", "x"]), st.sampled_from(["product", "random"]),
        st.integers(1, 3), st.dictionaries(st.sampled_from(["X", "FANOUT_PARAM_V",
                                                            "FANOUT_TASK_INDEX"]),
                                           st.text(max_size=3), max_size=2),
        st.booleans())
 def test_fast_command_lines_equal_the_generic_quoting(
-        template: str, vs: list[str], ws: list[int], repeat: int, environment: dict[str, str],
-        options: bool) -> None:
-    """The sweep's one-format-call command lines (``sh_format``) are exactly what quoting
-    each value and then the whole line (``sh``) gives, environments included."""
+        template: str, vs: list[str], ws: list[int], xs: list[str], order: list[str],
+        mode: str, repeat: int, environment: dict[str, str], options: bool) -> None:
+    """The sweep's pieced-together command lines (``sh_parts``; mode ``product`` nested
+    by its last parameter, the others a row at a time) are exactly what quoting each
+    value and then the whole line (``sh``) gives, environments included, with two or
+    three parameters in any order (so any of them is the one that varies fastest)."""
     from handlers.base import Program
-    from handlers.commands import CommandTemplate, sh_format
-    from handlers.sweep import Grid, _tasks, _tasks_generic, expand_axis, parse_params
+    from handlers.commands import CommandTemplate, sh_parts
+    from handlers.sweep import (
+        BUILTIN_FIELDS,
+        Grid,
+        _tasks,
+        _tasks_generic,
+        expand_axis,
+        parse_params,
+    )
 
+    values: dict[str, list[Any]] = {"v": list(vs), "w": list(ws), "x": list(xs)}
     try:
         parsed = CommandTemplate(template)
-        raw = {"program": "p", "parameters": {"v": vs, "w": ws}, "repeat": repeat}
+        raw: dict[str, Any] = {"program": "p", "repeat": repeat, "mode": mode,
+                               "parameters": {n: values[n] for n in order if values[n]}}
+        if mode == "random":
+            raw |= {"samples": 2 if len(vs) * len(ws) > 1 else 1, "seed": 7}
         if options:
             raw["task"] = {"max_task_retries": 2, "max_wall_clock": "PT1H"}
         params = parse_params(raw)
         axes = {n: expand_axis(n, s, 1000) for n, s in params.parameters.items()}
     except (ValueError, MessageFault):
         return  # a template or values the handler refuses anyway
+    fields = [*axes, *BUILTIN_FIELDS]
+    if parsed.missing(fields):
+        return  # the handler refuses a template naming a parameter the sweep lacks
     program = Program(name="p", command=template, environment=environment,
                       required_slots=2 if options else 1)
     from handlers.base import SATISFY_DEPENDENTS
@@ -359,5 +377,5 @@ def test_fast_command_lines_equal_the_generic_quoting(
     assert all(t.exit_conditions is conditions for t in fast)
     assert [list(t.environment.items()) for t in fast] == \
         [list(t.environment.items()) for t in generic]
-    event("fast path" if sh_format(parsed, ["v", "w", "task_index", "repeat_index"])
-          else "generic fallback")
+    event("fast path" if sh_parts(parsed, fields) else "generic fallback")
+    event(f"{mode}, {len(axes)} parameters")
