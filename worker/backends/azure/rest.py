@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
-import requests
 from azure.batch import BatchClient
 from azure.core.credentials import AzureNamedKeyCredential, TokenCredential
 from azure.core.exceptions import (
@@ -34,11 +33,9 @@ from azure.core.exceptions import (
     ServiceResponseTimeoutError,
 )
 from azure.core.pipeline.policies import RetryPolicy
-from azure.core.pipeline.transport import RequestsTransport
 from azure.core.rest import HttpRequest
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
+from worker.backends.azure.transport import PooledTransport
 from worker.backends.azure.wire import API_VERSION, JSON_CONTENT_TYPE, error_parts
 from worker.errors import BatchRejected, ConfigFault, FanoutError, SystemFault
 from worker.logs import redact
@@ -77,22 +74,17 @@ class Reply:
 def make_client(*, endpoint: str, credential: AzureNamedKeyCredential | TokenCredential,
                 connections: int = 10, connect_timeout: float = 10.0,
                 read_timeout: float = 60.0, **kwargs: Any) -> BatchClient:
-    """A ``BatchClient`` with retries off and a connection pool of ``connections``.
+    """A ``BatchClient`` with retries off, on a :class:`PooledTransport` of
+    ``connections`` keep-alive connections and the given timeouts.
 
-    The default pool holds 10 connections; with more requests in flight urllib3 logs
-    "connection pool is full, discarding connection" and reconnects, so size it to the
-    submit concurrency (plus the poller's).
+    Size ``connections`` to the submit concurrency (plus the poller's): with more
+    requests in flight than connections, urllib3 logs "connection pool is full,
+    discarding connection" and reconnects.
     """
-    session = requests.Session()
-    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=connections,
-                          max_retries=Retry(total=False, redirect=False, raise_on_status=False))
-    for scheme in ("http://", "https://"):
-        session.mount(scheme, adapter)
-    transport = RequestsTransport(session=session, session_owner=True)
+    transport = PooledTransport(endpoint, connections=connections,
+                                connect_timeout=connect_timeout, read_timeout=read_timeout)
     return BatchClient(endpoint, credential, api_version=API_VERSION, transport=transport,
-                       retry_policy=RetryPolicy.no_retries(),
-                       connection_timeout=connect_timeout, read_timeout=read_timeout,
-                       **kwargs)
+                       retry_policy=RetryPolicy.no_retries(), **kwargs)
 
 
 class Rest:
@@ -112,7 +104,11 @@ class Rest:
         query: dict[str, Any] = {"api-version": API_VERSION, **(params or {})}
         request = HttpRequest(method, path, params=query, headers=headers, content=body)
         try:
-            response = self.client.send_request(request, **self._options)
+            # stream=True: azure-core's ContentDecodePolicy would parse the JSON answer
+            # into the pipeline's context, where nothing reads it; it is parsed once,
+            # here (the transport has read the body whole either way)
+            response = self.client.send_request(request, stream=True, **self._options)
+            content = response.read()
         except HttpResponseError as exc:
             if exc.response is None:
                 raise _no_answer(exc, f"{method} {path}") from None
@@ -121,7 +117,7 @@ class Rest:
             raise _no_answer(exc, f"{method} {path}") from None
         if response.status_code >= 300:
             raise _service_error(response)
-        return Reply(response.status_code, _json(response.content))
+        return Reply(response.status_code, _json(content))
 
     def get_pages(self, path: str, params: Mapping[str, str | int], *,
                   max_items: int | None = None) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -95,6 +95,63 @@ def task_body(task: TaskSpec) -> dict[str, Any]:
     if task.environment:
         body["environmentSettings"] = [{"name": k, "value": v}
                                        for k, v in task.environment.items()]
+    body.update(_tail(task))
+    if task.container is not None:
+        body["containerSettings"] = container_settings_body(task.container)
+    if task.exit_conditions is not None:
+        body["exitConditions"] = exit_conditions_body(task.exit_conditions)
+    return body
+
+
+def collection_body(tasks: Sequence[TaskSpec]) -> bytes:
+    """The add-task-collection request body, compact JSON: the bytes
+    ``json.dumps({"value": [task_body(t) ...]}, separators=(",", ":"))`` gives.
+
+    Written out directly rather than through dicts and ``json.dumps``: the fields
+    every task has (id, command line, environment) are joined from pre-encoded
+    fragments, with strings escaped by ``json``'s own C escaper; the settings a job's
+    tasks share (container, exit conditions) are encoded once per body. About 1 µs
+    a task instead of 4-5 (docs/performance.md)."""
+    shared: dict[int, str] = {}
+    parts = [_task_json(t, shared) for t in tasks]
+    return ('{"value":[' + ",".join(parts) + "]}").encode("utf-8")
+
+
+def _task_json(task: TaskSpec, shared: dict[int, str]) -> str:
+    """One task's JSON, the fields in ``task_body``'s order."""
+    try:
+        head = _head_json(task)
+    except TypeError:  # a value that is not a string: the general encoder says how
+        return _compact(task_body(task))
+    tail = _tail(task)
+    parts = [head]
+    if tail:
+        parts.append("," + _compact(tail)[1:-1])
+    if task.container is not None:
+        parts.append(',"containerSettings":' + _shared_json(
+            task.container, container_settings_body, shared))
+    if task.exit_conditions is not None:
+        parts.append(',"exitConditions":' + _shared_json(
+            task.exit_conditions, exit_conditions_body, shared))
+    parts.append("}")
+    return "".join(parts)
+
+
+def _head_json(task: TaskSpec) -> str:
+    """``{"id":..,"commandLine":..[,"displayName":..][,"environmentSettings":[..]]``,
+    without the closing brace."""
+    head = '{"id":' + _enc(task.id) + ',"commandLine":' + _enc(task.command_line)
+    if task.display_name:
+        head += ',"displayName":' + _enc(task.display_name)
+    if task.environment:
+        head += ',"environmentSettings":[' + ",".join(
+            _env_name(k) + _enc(v) + "}" for k, v in task.environment.items()) + "]"
+    return head
+
+
+def _tail(task: TaskSpec) -> dict[str, Any]:
+    """The optional fields after the environment and before the container settings."""
+    body: dict[str, Any] = {}
     if task.resource_files:
         body["resourceFiles"] = [_resource_file(r) for r in task.resource_files]
     if task.output_files:
@@ -111,17 +168,39 @@ def task_body(task: TaskSpec) -> dict[str, Any]:
         body["constraints"] = constraints
     if task.required_slots != 1:
         body["requiredSlots"] = task.required_slots
-    if task.container is not None:
-        body["containerSettings"] = container_settings_body(task.container)
-    if task.exit_conditions is not None:
-        body["exitConditions"] = exit_conditions_body(task.exit_conditions)
     return body
 
 
-def collection_body(tasks: Sequence[TaskSpec]) -> bytes:
-    """The add-task-collection request body, compact JSON."""
-    return json.dumps({"value": [task_body(t) for t in tasks]},
-                      separators=(",", ":")).encode("utf-8")
+def _shared_json(value: Any, to_body: Any, shared: dict[int, str]) -> str:
+    """``value``'s JSON, encoded once per body: ``shared`` lives only while the tasks
+    holding ``value`` do, so its ``id()`` keys cannot be reused by another object."""
+    hit = shared.get(id(value))
+    if hit is None:
+        hit = shared[id(value)] = _compact(to_body(value))
+    return hit
+
+
+def _env_name(name: str) -> str:
+    """``{"name":"<name>","value":`` for an environment variable, kept per name."""
+    hit = _ENV_NAMES.get(name)
+    if hit is None:
+        hit = '{"name":' + _enc(name) + ',"value":'
+        if len(_ENV_NAMES) >= _ENV_NAMES_MAX:
+            _ENV_NAMES.clear()
+        _ENV_NAMES[name] = hit
+    return hit
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+#: json.dumps's own string escaper (ensure_ascii, as json.dumps by default): the C one
+#: when the interpreter has it. It raises TypeError for anything but a str.
+_enc: Callable[[str], str] = json.encoder.encode_basestring_ascii
+#: Environment variable names seen, with their encoded ``{"name":..,"value":`` prefix.
+_ENV_NAMES: dict[str, str] = {}
+_ENV_NAMES_MAX = 10_000
 
 
 def parse_add_results(payload: Any, tasks: Sequence[TaskSpec]) -> AddResult:
@@ -136,10 +215,11 @@ def parse_add_results(payload: Any, tasks: Sequence[TaskSpec]) -> AddResult:
     for item in (payload or {}).get("value") or []:
         task_id = str(item.get("taskId", ""))
         pending.pop(task_id.lower(), None)
-        status = str(item.get("status", "")).lower()
-        if status == "success":
+        status = item.get("status")
+        if status == "success" or str(status).lower() == "success":  # the common case first
             result.added += 1
             continue
+        status = str(status or "").lower()
         code, message = error_parts(item.get("error"))
         if code == "TaskExists":
             result.existed += 1
