@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -318,13 +318,18 @@ class JobOutput:
 
 @dataclass(slots=True)
 class TaskSpec:
-    """One Azure Batch task. ``command_line`` runs without a shell, as on Batch."""
+    """One Azure Batch task. ``command_line`` runs without a shell, as on Batch.
+
+    ``resource_files`` and ``output_files`` default to one shared empty tuple, not a
+    new list per task (a million-task sweep builds a million of these): to add files,
+    assign a new sequence (``task.output_files = [*task.output_files, more]``), as the
+    worker does; never change one in place."""
 
     id: str
     command_line: str
     environment: dict[str, str] = field(default_factory=dict)
-    resource_files: list[ResourceFile] = field(default_factory=list)
-    output_files: list[OutputFile] = field(default_factory=list)
+    resource_files: Sequence[ResourceFile] = ()
+    output_files: Sequence[OutputFile] = ()
     depends_on: tuple[str, ...] = ()
     depends_on_ranges: tuple[tuple[int, int], ...] = ()
     max_task_retries: int | None = None
