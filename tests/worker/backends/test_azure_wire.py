@@ -304,3 +304,44 @@ def test_job_record_is_sealed_only_once_set_to_terminate() -> None:
     assert wire.job_record({"id": "j", "onAllTasksComplete": "terminateJob"}).sealed
     assert not wire.job_record({"id": "j", "onAllTasksComplete": "noaction"}).sealed
     assert not wire.job_record({"id": "j"}).sealed
+
+
+def _reference_body(tasks: list[TaskSpec]) -> bytes:
+    return json.dumps({"value": [wire.task_body(t) for t in tasks]},
+                      separators=(",", ":")).encode("utf-8")
+
+
+def test_collection_body_is_byte_for_byte_the_json_dumps_of_task_bodies() -> None:
+    """The fragment-joined body is exactly ``json.dumps`` of ``task_body``'s dicts, for
+    every field, shared settings objects, and strings needing escapes (quotes,
+    backslashes, control characters, non-ASCII)."""
+    shared = ContainerSettings("ghcr.io/x/ffmpeg:7", run_options="--rm")
+    other = ContainerSettings("ghcr.io/x/other:1")
+    odd = 'é "quoted" \\ back\tslash\n\u2603 \x01'
+    tasks = [
+        TaskSpec(id="plain", command_line="true"),
+        TaskSpec(id="env", command_line=odd, environment={"A": "1", odd: odd, "EMPTY": ""}),
+        TaskSpec(id="named", command_line="x", display_name=odd, container=shared),
+        TaskSpec(id="same-container", command_line="y", container=shared,
+                 exit_conditions=_CONDITIONS),
+        TaskSpec(id="other-container", command_line="z", container=other,
+                 exit_conditions=_CONDITIONS),
+        TaskSpec(id="all", command_line="ffmpeg", environment={"B": "2"},
+                 resource_files=[ResourceFile(http_url="https://h/x?sig=s", file_path="x",
+                                              file_mode="0644")],
+                 output_files=[OutputFile(file_pattern="*.out", container_url="https://h/c",
+                                          path="p", upload_condition="failure")],
+                 depends_on=("plain",), depends_on_ranges=((1, 4),), max_task_retries=-1,
+                 max_wall_clock=timedelta(hours=1), retention=timedelta(seconds=1.5),
+                 required_slots=3, container=shared, display_name="d"),
+    ]
+    assert wire.collection_body(tasks) == _reference_body(tasks)
+    assert wire.collection_body(tasks[:1]) == b'{"value":[{"id":"plain","commandLine":"true"}]}'
+
+
+def test_collection_body_encodes_a_value_that_is_not_a_string_as_json_dumps_does() -> None:
+    """A handler that puts a number in the environment gets what ``json.dumps`` made of
+    it before (the general encoder), not an error."""
+    task = TaskSpec(id="n", command_line="x", environment={"N": 5})  # type: ignore[dict-item]
+    assert wire.collection_body([task]) == _reference_body([task])
+    assert b'"value":5' in wire.collection_body([task])
