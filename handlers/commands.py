@@ -97,7 +97,8 @@ _QUOTED_QUOTE = "'\"'\"'"
 
 
 def sh_escape(quoted: str) -> str:
-    """A value already through :func:`quote`, escaped for :func:`sh_format`'s template."""
+    """A value already through :func:`quote`, escaped for the inside of :func:`sh_parts`'s
+    ``/bin/sh -c '...'``."""
     return quoted.replace("'", _QUOTED_QUOTE)
 
 
@@ -145,14 +146,3 @@ def parts_format(parts: Sequence[str | int]) -> str:
     """The ``str.format`` string that joins ``parts``: ``{i}`` for position ``i``."""
     return "".join(f"{{{p}}}" if isinstance(p, int) else p.replace("{", "{{").replace("}", "}}")
                    for p in parts)
-
-
-def sh_format(template: CommandTemplate, order: Sequence[str]) -> str | None:
-    """``sh(template.render_quoted(values))`` as one positional format string, or None
-    (when :func:`sh_parts` is None).
-
-    ``result.format(*args)`` takes the values in ``order``, each through :func:`quote`
-    then :func:`sh_escape`, and equals ``sh(template.render_quoted(...))``.
-    """
-    parts = sh_parts(template, order)
-    return None if parts is None else parts_format(parts)
