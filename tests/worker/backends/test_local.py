@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shlex
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -21,7 +23,7 @@ import pytest
 from handlers.base import JobSpec, OutputFile, ResourceFile, TaskSpec, UploadCondition
 from worker.backends.base import META_WINDOW, AddResult, JobStatus
 from worker.backends.local import LocalBackend, TaskInfo
-from worker.backends.local.runner import ProcessTable
+from worker.backends.local.runner import ProcessTable, make_task_dirs, spread_subdirectories
 from worker.backends.local.store import Store
 from worker.errors import BatchRejected, ConfigFault, SystemFault
 
@@ -206,6 +208,49 @@ def test_runs_in_working_dir(make_backend: MakeBackend) -> None:
     wait_for(settled(backend, "j", 1), "the task")
     out = (backend.task_dir("j", "t") / "stdout.txt").read_text().strip()
     assert Path(out).resolve() == (backend.task_dir("j", "t") / "wd").resolve()
+
+
+def top_dir_flag(directory: Path) -> bool:
+    """Whether ``directory`` has ext4's top-directory flag (``lsattr`` shows ``T``)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        flags = struct.unpack("i", fcntl.ioctl(fd, 0x80086601, bytes(4)))[0]
+    finally:
+        os.close(fd)
+    return bool(flags & 0x00020000)
+
+
+def test_task_directories_are_spread_where_the_file_system_can(
+        make_backend: MakeBackend, tmp_path: Path) -> None:
+    """``tasks/`` and each job's directory get ext4's top-directory flag, so new task
+    directories (and their files) go to block groups the allocator picks rather than
+    all into the home's; on other file systems the tasks run all the same."""
+    backend = make_backend()
+    backend.create_job(job("j"))
+    backend.add_tasks("j", [TaskSpec(id="t", command_line="true")])
+    wait_for(settled(backend, "j", 1), "the task")
+    assert status_of(backend, "j").succeeded == 1
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    if not spread_subdirectories(probe):
+        pytest.skip("this file system has no top-directory flag")
+    assert top_dir_flag(probe)
+    assert top_dir_flag(backend.home / "tasks")
+    assert top_dir_flag(backend.home / "tasks" / "j")
+    assert not top_dir_flag(backend.task_dir("j", "t"))
+
+
+def test_make_task_dirs_creates_what_is_missing_and_keeps_what_exists(tmp_path: Path) -> None:
+    """A task's first attempt creates ``tasks/<job>/<task>/wd`` (and the job's and
+    ``tasks/`` directories when missing); a later attempt keeps what is there."""
+    task_dir = tmp_path / "tasks" / "j" / "t"
+    make_task_dirs(str(task_dir), str(task_dir / "wd"))
+    assert (task_dir / "wd").is_dir()
+    (task_dir / "wd" / "left").write_text("by the first attempt")
+    make_task_dirs(str(task_dir), str(task_dir / "wd"))
+    assert (task_dir / "wd" / "left").read_text() == "by the first attempt"
+    make_task_dirs(str(tmp_path / "tasks" / "j" / "u"), str(tmp_path / "tasks" / "j" / "u" / "wd"))
+    assert sorted(p.name for p in (tmp_path / "tasks" / "j").iterdir()) == ["t", "u"]
 
 
 def test_command_line_runs_without_a_shell(make_backend: MakeBackend) -> None:

@@ -336,7 +336,7 @@ class LocalBackend:
         if self._thread is not None:
             return
         self._lockfile = _exclusive_lock(self.home / "executor.lock")
-        self._node.shared_dir.mkdir(parents=True, exist_ok=True)
+        self._node.prepare()
         self._recover()
         self._stop.clear()
         self._table = ProcessTable()

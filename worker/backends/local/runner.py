@@ -22,10 +22,13 @@ A container task never runs on the host.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import getpass
 import os
 import shlex
 import signal
+import struct
 import subprocess
 import threading
 import time
@@ -51,6 +54,15 @@ INHERITED_ENV = ("PATH", "HOME", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_M
 #: Exit codes a shell would report for a program it cannot find or cannot run.
 _NOT_FOUND, _NOT_RUNNABLE = 127, 126
 
+#: How ``stdout.txt`` and ``stderr.txt`` are opened: one ``open`` system call each
+#: (a retry's attempt empties them, as ``"wb"`` did), and no Python file object, whose
+#: ``fstat``, ``ioctl`` and ``lseek`` cost as much again.
+_LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+
+#: ext2/3/4's per-directory "top of a hierarchy" flag (``chattr +T``), set through
+#: the ``FS_IOC_GETFLAGS``/``FS_IOC_SETFLAGS`` ioctls.
+_FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS, _FS_TOPDIR_FL = 0x80086601, 0x40086602, 0x00020000
+
 
 @dataclass(frozen=True, slots=True)
 class Node:
@@ -68,8 +80,19 @@ class Node:
     def shared_dir(self) -> Path:
         return self.home / "shared"
 
+    @property
+    def tasks_dir(self) -> Path:
+        return self.home / "tasks"
+
     def task_dir(self, job_id: str, task_id: str) -> Path:
         return self.home / "tasks" / job_id / task_id
+
+    def prepare(self) -> None:
+        """Create ``shared/`` and ``tasks/``, the latter spreading its job directories
+        (see :func:`spread_subdirectories`)."""
+        self.shared_dir.mkdir(parents=True, exist_ok=True)
+        self.tasks_dir.mkdir(parents=True, exist_ok=True)
+        spread_subdirectories(self.tasks_dir)
 
     @classmethod
     def create(cls, *, home: Path, kill_grace: float, storage: Storage | None,
@@ -222,6 +245,54 @@ def environment(run: TaskRun, node: Node, task_dir: Path, wd: Path) -> dict[str,
     return env
 
 
+def spread_subdirectories(directory: Path | str) -> bool:
+    """Have ext4 place each new subdirectory of ``directory`` in a block group of its
+    own choosing rather than the directory's (the Orlov allocator's treatment of
+    top-level directories); False where the file system has no such flag.
+
+    Set on ``tasks/`` and on every job's directory, so each task's four new inodes
+    (its directory, ``wd/``, ``stdout.txt``, ``stderr.txt``) land in a block group
+    with few directories and many free inodes. Without it they all land in the
+    home's group, and on a journal-less ext4 every inode allocated there scans past
+    each inode deleted there in the last minutes (the previous job's purged
+    directories, other programs' deleted files): up to 0.3 ms of system CPU per inode
+    on a busy machine, against 0.02 ms spread.
+    """
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        flags = struct.unpack("i", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(4)))[0]
+        if not flags & _FS_TOPDIR_FL:
+            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, struct.pack("i", flags | _FS_TOPDIR_FL))
+    except OSError:  # not ext2/3/4 (tmpfs, xfs, btrfs...), or not the owner
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def make_task_dirs(task_dir: str, wd: str) -> None:
+    """Create the task's directory and its ``wd/`` with one ``mkdir`` each (an earlier
+    attempt's stay as they are); the job's directory, spread, for its first task."""
+    try:
+        os.mkdir(task_dir)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        job_dir = os.path.dirname(task_dir)
+        for directory in (os.path.dirname(job_dir), job_dir):
+            try:
+                os.makedirs(directory)
+            except FileExistsError:
+                continue
+            spread_subdirectories(directory)
+        os.makedirs(task_dir, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(wd)
+
+
 def run_attempt(run: TaskRun, node: Node, table: ProcessTable,
                 on_running: Callable[[int, int | None], None]) -> Outcome:
     """Run one attempt of ``run`` to its end; never raises for the task's own faults.
@@ -230,7 +301,7 @@ def run_attempt(run: TaskRun, node: Node, table: ProcessTable,
     """
     task_dir = node.task_dir(run.job_id, run.task_id).absolute()
     wd = task_dir / "wd"
-    wd.mkdir(parents=True, exist_ok=True)
+    make_task_dirs(str(task_dir), str(wd))
     env = environment(run, node, task_dir, wd)
     try:
         transfer.stage(run.resource_files, wd, node.storage)
@@ -310,19 +381,27 @@ def _in_container(run: TaskRun, node: Node, argv: list[str], env: dict[str, str]
 
 def _start(run: TaskRun, argv: list[str], env: dict[str, str], task_dir: Path, wd: Path,
            table: ProcessTable) -> subprocess.Popen[bytes] | Outcome:
-    with open(task_dir / "stdout.txt", "wb") as out, open(task_dir / "stderr.txt", "wb") as err:
-        try:
-            proc = table.spawn(run.seq, lambda: subprocess.Popen(
-                argv, cwd=wd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                start_new_session=True))
-        except (OSError, ValueError) as exc:  # ValueError: a NUL in argv or env
-            missing = isinstance(exc, FileNotFoundError)
-            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
-            message = f"cannot start {argv[0]!r}: {reason or type(exc).__name__}"
-            err.write(message.encode() + b"\n")
-            return Outcome(_NOT_FOUND if missing else _NOT_RUNNABLE,
-                           "CommandProgramNotFound" if missing else "CommandProgramNotStarted",
-                           message, end="pre_processing_error")
+    out = os.open(f"{task_dir}/stdout.txt", _LOG_FLAGS, 0o666)
+    try:
+        err = os.open(f"{task_dir}/stderr.txt", _LOG_FLAGS, 0o666)
+    except BaseException:
+        os.close(out)
+        raise
+    try:
+        proc = table.spawn(run.seq, lambda: subprocess.Popen(
+            argv, cwd=wd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+            start_new_session=True))
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in argv or env
+        missing = isinstance(exc, FileNotFoundError)
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        message = f"cannot start {argv[0]!r}: {reason or type(exc).__name__}"
+        os.write(err, message.encode() + b"\n")
+        return Outcome(_NOT_FOUND if missing else _NOT_RUNNABLE,
+                       "CommandProgramNotFound" if missing else "CommandProgramNotStarted",
+                       message, end="pre_processing_error")
+    finally:
+        os.close(out)
+        os.close(err)
     if proc is None:
         return _ENDED if table.ended(run.seq) else Outcome(None, interrupted=True)
     return proc
