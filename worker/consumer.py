@@ -115,6 +115,8 @@ class Consumer:
         self.health = health
         self._clock = clock
         self._stopping = asyncio.Event()
+        #: Done once stopping: one future every receive races (not a task per receive).
+        self._stopped: asyncio.Future[None] | None = None
         self._ready = asyncio.Event()
         self._unready = asyncio.Event()  # wakes the probe task
         self._probe_delay = 0.0  # the first probe runs at once
@@ -137,6 +139,17 @@ class Consumer:
         if not self._stopping.is_set():
             log.info("consumer.stopping", grace=self.config.drain_grace)
         self._stopping.set()
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+
+    def _stop_signal(self) -> asyncio.Future[None]:
+        """A future of the running loop that is done once ``stop()`` has been called."""
+        loop = asyncio.get_running_loop()
+        if self._stopped is None or self._stopped.get_loop() is not loop:
+            self._stopped = loop.create_future()
+            if self.stopping:
+                self._stopped.set_result(None)
+        return self._stopped
 
     async def run(self) -> None:
         """Check the source's settings, run the receive loops (unready until the first
@@ -191,21 +204,27 @@ class Consumer:
         half-open connection) is cancelled, and the loop goes on; the source drops
         the receiver of a call that timed out and reconnects."""
         wait = self.config.receive_wait
-        receiving = asyncio.ensure_future(asyncio.wait_for(
-            self.source.receive(1, wait), wait + SETTLE_TIMEOUT))
-        stopping = asyncio.ensure_future(self._stopping.wait())
+        receiving = asyncio.ensure_future(self.source.receive(1, wait))
+        racing: set[asyncio.Future[Any]] = {receiving, self._stop_signal()}
+        timed_out = False
         try:
-            await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(racing,
+                                         timeout=wait + SETTLE_TIMEOUT,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            timed_out = not done
         finally:
-            stopping.cancel()
-        if not receiving.done():
-            receiving.cancel()
+            if not receiving.done():  # stopping, timed out, or this loop was cancelled
+                receiving.cancel()
         try:
-            return await receiving
-        except asyncio.CancelledError:
-            if self.stopping:
-                return []
-            raise
+            try:
+                return await receiving
+            except asyncio.CancelledError:
+                if self.stopping:
+                    return []
+                if not timed_out or _cancelling():
+                    raise
+                raise TimeoutError(f"no answer to a receive in {wait + SETTLE_TIMEOUT:g} s") \
+                    from None
         except ConfigFault as fault:
             self._set_ready(False, f"{fault.code}: {fault.description}")
         except (SystemFault, OSError) as exc:
@@ -339,7 +358,8 @@ class Consumer:
         detached link, a call that failed or hung) is logged and counted in
         ``fanout_settle_failures_total``, not raised: the message comes back."""
         try:
-            await asyncio.wait_for(self._apply(msg, outcome), SETTLE_TIMEOUT)
+            async with asyncio.timeout(SETTLE_TIMEOUT):  # no task per settlement
+                await self._apply(msg, outcome)
         except LockLost as exc:
             self.metrics.lock_lost.inc()
             self.metrics.settle_failures.labels(outcome.action, "lock_lost").inc()
@@ -486,6 +506,12 @@ class Consumer:
         except TimeoutError:
             return False
         return True
+
+
+def _cancelling() -> bool:
+    """Whether the current task has been asked to cancel (so must not go on)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 async def cancel_and_wait(tasks: list[asyncio.Task[Any]], timeout: float) -> None:

@@ -340,3 +340,35 @@ def test_the_idempotency_key_property_wins_over_the_message_id(
     backend = w.app.backend
     assert isinstance(backend, MemoryBackend)
     assert list(backend.jobs) == [job_id_for("sweep", "orig-1")]
+
+
+class _HangsOnce(LocalQueue):
+    """A queue whose first receive never answers (a half-open connection)."""
+
+    hung = 0
+
+    async def receive(self, max_messages: int, max_wait: float) -> list[Any]:
+        if self.hung == 0:
+            self.hung += 1
+            await asyncio.Event().wait()
+        return await super().receive(max_messages, max_wait)
+
+
+def test_a_receive_that_never_answers_is_given_up_and_the_loop_goes_on(
+        worker: Callable[..., RunningWorker], make_settings: Callable[..., Settings],
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """A receive past its bound is cancelled and counts as a failed receive; the loop
+    receives again and handles the message."""
+    monkeypatch.setattr("worker.consumer.SETTLE_TIMEOUT", 0.2)
+    monkeypatch.setattr("worker.consumer.RECEIVE_ERROR_BACKOFF", 0.05)
+    queue = _HangsOnce(path=tmp_path / "hangs.db")
+    running = RunningWorker(make_settings(consumer={"receive_wait": 0.1, "concurrency": 1}),
+                            backend=MemoryBackend(), source=queue).start()
+    try:
+        running.send(SWEEP)
+        running.wait_idle(1)
+        assert queue.hung == 1
+        assert running.sample("fanout_messages_total",
+                              {"handler": "sweep", "outcome": "completed"}) == 1
+    finally:
+        running.stop()

@@ -437,10 +437,14 @@ class LocalQueue:
         return True
 
     async def _lock_batch(self, n: int) -> list[Received]:
-        """One locking attempt; if cancelled mid-flight, give back what it locked."""
+        """One locking attempt; if cancelled mid-flight, give back what it locked.
+
+        No ``shield``: cancelling the wrapper cancels the job only if it has not started
+        (then it locks nothing); a job already running finishes, and the callback
+        unlocks what it took."""
         job = self._submit(self._lock_sync, n)
         try:
-            return await asyncio.shield(asyncio.wrap_future(job))
+            return await asyncio.wrap_future(job)
         except asyncio.CancelledError:
             job.add_done_callback(self._unlock_unclaimed)
             raise

@@ -299,6 +299,35 @@ def test_cancelled_receive_gives_back_its_locks(make_queue: MakeQueue) -> None:
     assert receive_one(queue).delivery_count == 0
 
 
+def test_receive_cancelled_while_locking_gives_back_its_locks(make_queue: MakeQueue) -> None:
+    """A receive cancelled while its lock statement runs: the statement finishes, and
+    what it locked is unlocked again without counting a delivery."""
+    queue = make_queue()
+    run(queue.send(b"x"))
+    locked, gate = threading.Event(), threading.Event()
+    real = queue._lock_sync
+
+    def lock_then_wait(db: sqlite3.Connection, n: int) -> list[Received]:
+        got = real(db, n)
+        locked.set()
+        gate.wait(10)
+        return got
+
+    async def scenario() -> None:
+        task = asyncio.create_task(queue.receive(1, 0))
+        assert await asyncio.to_thread(locked.wait, 10)
+        task.cancel()
+        await asyncio.sleep(0)
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    queue._lock_sync = lock_then_wait  # type: ignore[method-assign]
+    run(scenario())
+    queue._lock_sync = real  # type: ignore[method-assign]
+    assert receive_one(queue).delivery_count == 0
+
+
 def drain(queue: LocalQueue, seen: collections.Counter[str], guard: threading.Lock,
           done: Callable[[], bool]) -> None:
     """Receive and complete messages, counting them in ``seen``, until ``done()``."""
