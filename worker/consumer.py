@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, assert_never
@@ -239,12 +239,12 @@ class Consumer:
                                                delivery_count=msg.delivery_count)
         span, token = self._start_receive_span(msg)
         self.metrics.inflight.inc()
-        renewer = asyncio.create_task(self._keep_locked(msg, loop))
+        renewal = _Renewal(lambda waited: self._keep_locked(msg, loop, waited),
+                           self._renew_pause(msg.locked_until))
         try:
             outcome = await self._process_until_settled(msg, loop)
             _trace_outcome(span, outcome)
-            renewer.cancel()
-            await asyncio.gather(renewer, return_exceptions=True)
+            await renewal.stop()
             if await self._settle(msg, outcome):
                 self.metrics.messages.labels(outcome.handler,
                                              _OUTCOME_LABEL[outcome.action]).inc()
@@ -253,8 +253,7 @@ class Consumer:
         except Exception:
             log.exception("message.unexpected_error")  # a bug: keep serving
         finally:
-            renewer.cancel()
-            await asyncio.gather(renewer, return_exceptions=True)
+            await renewal.stop()
             self.metrics.inflight.dec()
             self._handled += 1
             self.tracing.end(span, token)
@@ -391,18 +390,18 @@ class Consumer:
         else:
             assert_never(outcome.action)
 
-    async def _keep_locked(self, msg: Received, loop: str = "receive") -> None:
-        """Renew the message's lock until cancelled; beat the loop's heartbeat meanwhile."""
-        lock = self.queue.lock_duration
+    async def _keep_locked(self, msg: Received, loop: str = "receive",
+                           waited: float | None = None) -> None:
+        """Renew the message's lock until cancelled; beat the loop's heartbeat meanwhile.
+
+        ``waited``: the first pause is already over (a timer started this task)."""
         locked_until = msg.locked_until
         while True:
-            if locked_until is not None:
-                left = (locked_until - datetime.now(UTC)).total_seconds()
-                pause = max(MIN_RENEW_INTERVAL, left / 2)
+            if waited is None:
+                pause = self._renew_pause(locked_until)
+                await asyncio.sleep(pause)
             else:
-                pause = lock / 3
-            pause = min(pause, self.health.heartbeat_timeout / 3)
-            await asyncio.sleep(pause)
+                pause, waited = waited, None
             self.health.beat(loop)
             if locked_until is not None and \
                     (locked_until - datetime.now(UTC)).total_seconds() > 2 * pause + 1:
@@ -418,6 +417,16 @@ class Consumer:
             except (SystemFault, OSError) as exc:
                 log.warning("message.renew_failed", error=str(exc))
                 locked_until = None
+
+    def _renew_pause(self, locked_until: datetime | None) -> float:
+        """How long to wait before the next look at a lock: half of what is left of it
+        (at least ``MIN_RENEW_INTERVAL``), and often enough for the heartbeat."""
+        if locked_until is not None:
+            left = (locked_until - datetime.now(UTC)).total_seconds()
+            pause = max(MIN_RENEW_INTERVAL, left / 2)
+        else:
+            pause = self.queue.lock_duration / 3
+        return min(pause, self.health.heartbeat_timeout / 3)
 
     async def _wait_ready(self, loop: str = "receive") -> bool:
         """Wait (beating the loop's heartbeat) until the probe task finds the worker
@@ -506,6 +515,27 @@ class Consumer:
         except TimeoutError:
             return False
         return True
+
+
+class _Renewal:
+    """One message's lock renewal: a timer until its first pause is over, and only then
+    a task running ``keep(pause)``. Most messages settle well before that, and a timer
+    costs a fraction of creating, cancelling and gathering a task per message."""
+
+    def __init__(self, keep: Callable[[float], Coroutine[Any, Any, None]],
+                 pause: float) -> None:
+        self._task: asyncio.Task[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(pause, self._begin, keep, pause)
+
+    def _begin(self, keep: Callable[[float], Coroutine[Any, Any, None]], pause: float) -> None:
+        self._task = asyncio.get_running_loop().create_task(keep(pause))
+
+    async def stop(self) -> None:
+        """Stop renewing; returns once a renewal under way has ended."""
+        self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
 
 
 def _cancelling() -> bool:
