@@ -426,15 +426,22 @@ class LocalBackend:
     # -- the runners ------------------------------------------------------------------
 
     def _serve(self) -> None:
-        """A runner thread: claim a task that fits, run it, record it; until stopped."""
+        """A runner thread: claim a task that fits, run it, record it; until stopped.
+
+        A task that completes is recorded in the transaction that claims the runner's
+        next task (its slots pass from the one to the other under the slot lock)."""
         try:
-            while (claimed := self._next()) is not None:
+            claimed = self._next()
+            while claimed is not None:
                 run, need = claimed
+                following: tuple[TaskRun, int] | None = None
                 try:
-                    self._attempt(run)
+                    following = self._attempt(run, need)
                 finally:
-                    with self._lock:
-                        self._busy -= need
+                    if following is None:
+                        with self._lock:
+                            self._busy -= need
+                claimed = following if following is not None else self._next()
         finally:
             self.store.release()  # this thread ends: its connection goes with it
 
@@ -469,13 +476,16 @@ class LocalBackend:
             return None
         return runs[0] if runs else None
 
-    def _attempt(self, run: TaskRun) -> None:
-        """One attempt, then its outcome recorded; a fault puts the task back to active."""
+    def _attempt(self, run: TaskRun, need: int) -> tuple[TaskRun, int] | None:
+        """One attempt, then its outcome recorded; a fault puts the task back to active.
+        Returns the runner's next task and its slots when the recording claimed it
+        (``need`` slots, this task's, went to it)."""
         started = time.monotonic()
+        following: list[tuple[TaskRun, int]] = []
         try:
             outcome = run_attempt(run, self._node, self._table,
                                   lambda pid, start: self._running(run, pid, start))
-            self._record(run, outcome, time.monotonic() - started)
+            self._record(run, outcome, time.monotonic() - started, need, following)
         except Exception:
             log.exception("task.attempt_failed", job_id=run.job_id, task_id=run.task_id,
                           detail="the task goes back to active")
@@ -486,6 +496,7 @@ class LocalBackend:
                 self._table.forget(run.seq)
                 self._inflight.discard(run.seq)
                 self._settled.notify_all()
+        return following[0] if following else None
 
     def _running(self, run: TaskRun, pid: int, start: int | None) -> None:
         self.store.mark_running(run.seq, pid, start)
@@ -505,7 +516,10 @@ class LocalBackend:
         timer.daemon = True
         timer.start()
 
-    def _record(self, run: TaskRun, outcome: Outcome, duration: float) -> None:
+    def _record(self, run: TaskRun, outcome: Outcome, duration: float, need: int,
+                following: list[tuple[TaskRun, int]]) -> None:
+        """Record the attempt's outcome; a completed task's record claims the next task
+        into ``following`` (see :meth:`_finish_and_claim`)."""
         if outcome.ended:
             log.info("task.ended", job_id=run.job_id, task_id=run.task_id,
                      detail="its job was terminated or deleted")
@@ -522,11 +536,7 @@ class LocalBackend:
             log.info("task.retrying", job_id=run.job_id, task_id=run.task_id,
                      exit_code=outcome.exit_code, retry_count=run.retry_count + 1)
             return
-        ended = self.store.finish(run.seq, success=outcome.success,
-                                  exit_code=outcome.exit_code,
-                                  failure_code=outcome.failure_code,
-                                  failure_message=outcome.failure_message, end=outcome.end,
-                                  category=outcome.category)
+        ended = self._finish_and_claim(run, outcome, need, following)
         if ended is not None:
             self._end(ended)
             log.info("job.terminated", job_id=run.job_id, reason=REASON_TASK_FAILED,
@@ -538,6 +548,29 @@ class LocalBackend:
              exit_code=outcome.exit_code, duration=round(duration, 3),
              result="success" if outcome.success else "failure",
              failure_code=outcome.failure_code)
+
+    def _finish_and_claim(self, run: TaskRun, outcome: Outcome, need: int,
+                          following: list[tuple[TaskRun, int]]) -> list[int] | None:
+        """Complete the task and, unless stopping, claim the next one that fits the
+        slots it frees and those free, in one store transaction under the slot lock
+        (as :meth:`_next` claims); the claim lands in ``following`` at once, so no
+        later fault can lose it. Returns what ``Store.finish`` does."""
+        with self._work:
+            claim = None if self._stop.is_set() else (self.slots - self._busy + need,
+                                                      self.slots)
+            ended, runs = self.store.finish_and_claim(
+                run.seq, success=outcome.success, exit_code=outcome.exit_code,
+                failure_code=outcome.failure_code, failure_message=outcome.failure_message,
+                end=outcome.end, category=outcome.category, claim=claim)
+            if runs:
+                new = runs[0]
+                new_need = min(max(new.required_slots, 1), self.slots)
+                self._busy += new_need - need
+                self._inflight.add(new.seq)
+                following.append((new, new_need))
+                if self._busy < self.slots:
+                    self._work.notify()
+        return ended
 
     def _purge(self, now: float) -> None:
         """Delete the directories of tasks whose retention time has passed, as Batch does."""

@@ -710,14 +710,7 @@ class Store:
             return 0
         # One write transaction, so a concurrent seal_job's reset is never overwritten.
         with self._write() as conn:
-            verdicts = [(seq, satisfied, _missing(conn, job_seq, ids, ranges, bool(sealed)))
-                        for seq, job_seq, ids, ranges, satisfied, sealed
-                        in conn.execute(_DUE_WAITING).fetchall()]
-            ready = [(seq,) for seq, _, missing in verdicts if missing == 0]
-            later = [(satisfied + missing, seq) for seq, satisfied, missing in verdicts if missing]
-            conn.executemany("UPDATE tasks SET waiting = 0 WHERE seq = ?", ready)
-            conn.executemany("UPDATE tasks SET recheck_at = ? WHERE seq = ?", later)
-        return len(ready)
+            return _evaluate(conn)
 
     def has_ready(self) -> bool:
         """Whether any task of an active job is ready to run (a read, no lock taken)."""
@@ -733,16 +726,18 @@ class Store:
         """
         if not self.has_ready():
             return []  # nothing to do: no write lock taken on an idle tick
-        now = time.time()
         with self._write() as conn:
-            chosen = _pick(conn, free_slots, total_slots,
-                           free_slots if limit is None else limit)
-            conn.executemany("UPDATE tasks SET state = 'preparing', start_time = ? WHERE seq = ?",
-                             [(now, seq) for seq in chosen])
-            conn.executemany("INSERT INTO transitions VALUES (?, ?, 'preparing', NULL)",
-                             [(seq, now) for seq in chosen])
-            runs = [self._run_row(conn, seq) for seq in chosen]
-        return runs
+            return self._claim(conn, free_slots, total_slots,
+                               free_slots if limit is None else limit, time.time())
+
+    def _claim(self, conn: sqlite3.Connection, free_slots: int, total_slots: int, limit: int,
+               now: float) -> list[TaskRun]:
+        chosen = _pick(conn, free_slots, total_slots, limit)
+        conn.executemany("UPDATE tasks SET state = 'preparing', start_time = ? WHERE seq = ?",
+                         [(now, seq) for seq in chosen])
+        conn.executemany("INSERT INTO transitions VALUES (?, ?, 'preparing', NULL)",
+                         [(seq, now) for seq in chosen])
+        return [self._run_row(conn, seq) for seq in chosen]
 
     @staticmethod
     def _run_row(conn: sqlite3.Connection, seq: int) -> TaskRun:
@@ -784,35 +779,61 @@ class Store:
         preparing or running (its job was terminated or deleted meanwhile) is left as
         it is.
         """
+        return self.finish_and_claim(
+            seq, success=success, exit_code=exit_code, failure_code=failure_code,
+            failure_message=failure_message, end=end, category=category)[0]
+
+    def finish_and_claim(self, seq: int, *, success: bool, exit_code: int | None,
+                         failure_code: str | None, failure_message: str | None,
+                         end: TaskEnd = "exit", category: FailureCategory | None = None,
+                         claim: tuple[int, int] | None = None
+                         ) -> tuple[list[int] | None, list[TaskRun]]:
+        """:meth:`finish`, then, with ``claim = (free_slots, total_slots)``, check the
+        waiting tasks and :meth:`claim` the next task in the same transaction: a runner
+        that just finished one task needs the next, and one commit instead of two
+        halves the store's cost of a trivial task's end. Returns what ``finish`` does
+        and the claimed tasks (at most one)."""
         now = time.time()
-        result = "success" if success else "failure"
         with self._write() as conn:
-            row = conn.execute(
-                "SELECT t.job_seq, t.retention, t.exit_conditions, j.on_task_failure, t.state"
-                " FROM tasks t JOIN jobs j ON j.seq = t.job_seq WHERE t.seq = ?",
-                (seq,)).fetchone()
-            if row is None or row[4] not in ("preparing", "running"):
-                return None
-            job_seq, keep, conditions, acts, _ = row
-            job_action, dependency_action = _options(conditions, end, exit_code, success,
-                                                     bool(acts))
-            satisfies = dependency_action == "satisfy"
-            keep = keep if keep is not None else self._retention
-            conn.execute(
-                "UPDATE tasks SET state = 'completed', result = ?, exit_code = ?, failure_code = ?,"
-                " failure_message = ?, end_time = ?, pid = NULL, proc_start = NULL,"
-                " purge_at = ?, satisfies = ?, category = ? WHERE seq = ?",
-                (result, exit_code, failure_code, failure_message, now, now + keep,
-                 int(satisfies), None if success else (category or category_for(failure_code)),
-                 seq))
-            conn.execute("INSERT INTO transitions VALUES (?, ?, 'completed', ?)",
-                         (seq, now, failure_code or result))
-            if satisfies:
-                conn.execute("UPDATE jobs SET satisfied = satisfied + 1 WHERE seq = ?",
-                             (job_seq,))
-            if job_action == "terminate":
-                return _terminate(conn, job_seq, REASON_TASK_FAILED, now, self._retention)
-            _complete_if_done(conn, job_seq, now)
+            ended = self._finish(conn, seq, success=success, exit_code=exit_code,
+                                 failure_code=failure_code, failure_message=failure_message,
+                                 end=end, category=category, now=now)
+            if claim is None or ended is not None:  # not after the job's termination
+                return ended, []
+            _evaluate(conn)
+            return None, self._claim(conn, claim[0], claim[1], 1, now)
+
+    def _finish(self, conn: sqlite3.Connection, seq: int, *, success: bool,
+                exit_code: int | None, failure_code: str | None, failure_message: str | None,
+                end: TaskEnd, category: FailureCategory | None, now: float
+                ) -> list[int] | None:
+        result = "success" if success else "failure"
+        row = conn.execute(
+            "SELECT t.job_seq, t.retention, t.exit_conditions, j.on_task_failure, t.state"
+            " FROM tasks t JOIN jobs j ON j.seq = t.job_seq WHERE t.seq = ?",
+            (seq,)).fetchone()
+        if row is None or row[4] not in ("preparing", "running"):
+            return None
+        job_seq, keep, conditions, acts, _ = row
+        job_action, dependency_action = _options(conditions, end, exit_code, success,
+                                                 bool(acts))
+        satisfies = dependency_action == "satisfy"
+        keep = keep if keep is not None else self._retention
+        conn.execute(
+            "UPDATE tasks SET state = 'completed', result = ?, exit_code = ?, failure_code = ?,"
+            " failure_message = ?, end_time = ?, pid = NULL, proc_start = NULL,"
+            " purge_at = ?, satisfies = ?, category = ? WHERE seq = ?",
+            (result, exit_code, failure_code, failure_message, now, now + keep,
+             int(satisfies), None if success else (category or category_for(failure_code)),
+             seq))
+        conn.execute("INSERT INTO transitions VALUES (?, ?, 'completed', ?)",
+                     (seq, now, failure_code or result))
+        if satisfies:
+            conn.execute("UPDATE jobs SET satisfied = satisfied + 1 WHERE seq = ?",
+                         (job_seq,))
+        if job_action == "terminate":
+            return _terminate(conn, job_seq, REASON_TASK_FAILED, now, self._retention)
+        _complete_if_done(conn, job_seq, now)
         return None
 
     def retry(self, seq: int, *, exit_code: int | None, failure_code: str | None,
@@ -1049,10 +1070,12 @@ def _pick(conn: sqlite3.Connection, free_slots: int, total_slots: int, limit: in
     jobs = conn.execute("SELECT seq FROM jobs WHERE state = 'active'"
                         " ORDER BY priority DESC, seq").fetchall()
     for (job_seq,) in jobs:
+        # Stepped, not fetched whole: the first row usually fits, and the look-ahead
+        # for backfill (a task that does not fit is skipped) costs only when it is used.
         for seq, slots in conn.execute(
             "SELECT seq, required_slots FROM tasks WHERE job_seq = ? AND state = 'active'"
             " AND waiting = 0 ORDER BY seq LIMIT ?", (job_seq, free_slots + 64)
-        ).fetchall():
+        ):
             need = min(max(slots, 1), total_slots)
             if need <= free_slots:
                 chosen.append(seq)
@@ -1177,6 +1200,20 @@ def _job_not_found(what: str, job_id: str) -> SystemFault:
 def _is_window(metadata: str | None) -> bool:
     """Whether the job's metadata (as stored) marks a window job."""
     return bool(metadata) and META_WINDOW in json.loads(metadata or "{}")
+
+
+def _evaluate(conn: sqlite3.Connection) -> int:
+    """Within a write transaction: mark ready the waiting tasks whose dependencies are
+    met, record for the others how many satisfying ends they still need at least;
+    return how many became ready."""
+    verdicts = [(seq, satisfied, _missing(conn, job_seq, ids, ranges, bool(sealed)))
+                for seq, job_seq, ids, ranges, satisfied, sealed
+                in conn.execute(_DUE_WAITING).fetchall()]
+    ready = [(seq,) for seq, _, missing in verdicts if missing == 0]
+    later = [(satisfied + missing, seq) for seq, satisfied, missing in verdicts if missing]
+    conn.executemany("UPDATE tasks SET waiting = 0 WHERE seq = ?", ready)
+    conn.executemany("UPDATE tasks SET recheck_at = ? WHERE seq = ?", later)
+    return len(ready)
 
 
 def _missing(conn: sqlite3.Connection, job_seq: int, ids_json: str | None,
