@@ -99,6 +99,32 @@ class _RedactingRenderer:
         return redact(str(self._inner(logger, name, event)))
 
 
+class _LineWriter:
+    """structlog's logger: writes each of fanout's rendered, redacted lines straight to
+    the stream of the root logger's handler, under that handler's lock (so they never
+    interleave with the stdlib records it writes). Going through stdlib logging cost
+    more than the rest of a line: two ``LogRecord``s, a caller lookup that walks the
+    stack, and a formatter pass. A failing write is reported as the handler reports
+    one (``handleError``), never raised into the code that logged."""
+
+    def __init__(self, handler: logging.StreamHandler[TextIO]) -> None:
+        self._handler = handler
+
+    def msg(self, line: str) -> None:
+        """Write one line and flush."""
+        handler = self._handler
+        handler.acquire()
+        try:
+            handler.stream.write(line + "\n")
+            handler.stream.flush()
+        except Exception:
+            handler.handleError(logging.makeLogRecord({"msg": line}))
+        finally:
+            handler.release()
+
+    debug = info = warning = warn = error = critical = fatal = exception = log = msg
+
+
 def configure(*, fmt: str = "auto", level: str = "info",
               stream: TextIO | None = None) -> None:
     """Configure structlog and the stdlib root logger (the Azure SDKs log there)."""
@@ -112,15 +138,6 @@ def configure(*, fmt: str = "auto", level: str = "info",
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         add_trace_ids,  # trace_id and span_id while a span is current (tracing on)
     ]
-    structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info if use_json
-                    else structlog.dev.set_exc_info,
-                    redact_event, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelName(level.upper())),
-        cache_logger_on_first_use=False,
-    )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
         processors=[_redact_foreign, structlog.stdlib.ProcessorFormatter.remove_processors_meta,
@@ -128,6 +145,16 @@ def configure(*, fmt: str = "auto", level: str = "info",
     )
     handler = logging.StreamHandler(out)
     handler.setFormatter(formatter)
+    writer = _LineWriter(handler)
+    structlog.configure(
+        processors=[*shared, structlog.processors.format_exc_info if use_json
+                    else structlog.dev.set_exc_info,
+                    redact_event, _RedactingRenderer(renderer)],
+        logger_factory=lambda *_args: writer,
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelName(level.upper())),
+        cache_logger_on_first_use=False,
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -100,3 +101,38 @@ def test_structlog_events_are_scrubbed_once_and_stdlib_records_still() -> None:
     assert first["note"] == "password=REDACTED" and first["count"] == 3
     assert second["event"] == "password=REDACTED in a request"
     assert "hunter" not in stream.getvalue()
+
+
+def test_lines_from_structlog_and_stdlib_threads_never_interleave() -> None:
+    """fanout's own lines (written by structlog) and the SDKs' stdlib records (by the
+    handler) go to one stream: written from many threads at once, every line is one
+    whole JSON object and none is lost."""
+    stream = io.StringIO()
+    configure(fmt="json", level="info", stream=stream)
+
+    def write(i: int) -> None:
+        for n in range(200):
+            structlog.get_logger("t").info("ours", thread=i, n=n, pad="x" * 300)
+            logging.getLogger("azure.test").warning("theirs %d %d %s", i, n, "y" * 300)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert len(events) == 4 * 200 * 2
+    assert sum(e["event"] == "ours" for e in events) == 800
+
+
+class _Broken(io.StringIO):
+    def write(self, text: str) -> int:
+        raise OSError("the stream is gone")
+
+
+def test_a_failing_stream_is_reported_not_raised(capsys: pytest.CaptureFixture[str]) -> None:
+    """A line that cannot be written does not fail the code that logged it; the handler
+    reports it on stderr, as stdlib logging does."""
+    configure(fmt="json", level="info", stream=_Broken())
+    structlog.get_logger("t").info("lost")
+    assert "Logging error" in capsys.readouterr().err
