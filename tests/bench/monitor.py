@@ -215,6 +215,8 @@ def figures(results: list[dict[str, Any]], jobs: int, latency: float) -> list[Fi
     extra = {"jobs": jobs, "tasks_per_job": TASKS, "latency_s": latency,
              "monitor_cpu_s": median([r["cpu"] for r in results]),
              "peer_cpu_s": median([r["peer_cpu"] for r in results]),
+             "monitor_cpu_runs": [round(r["cpu"], 2) for r in results],
+             "peer_cpu_runs": [round(r["peer_cpu"], 2) for r in results],
              "first_event_s": median([r["first_event_s"] for r in results]),
              "active_poll_s": median([r["active_poll_s"] for r in results]),
              "active_poll_requests": median([r["active_poll_requests"] for r in results]),
