@@ -23,7 +23,12 @@ import pytest
 from handlers.base import JobSpec, OutputFile, ResourceFile, TaskSpec, UploadCondition
 from worker.backends.base import META_WINDOW, AddResult, JobStatus
 from worker.backends.local import LocalBackend, TaskInfo
-from worker.backends.local.runner import ProcessTable, make_task_dirs, spread_subdirectories
+from worker.backends.local.runner import (
+    ProcessTable,
+    make_task_dirs,
+    split_command,
+    spread_subdirectories,
+)
 from worker.backends.local.store import Store
 from worker.errors import BatchRejected, ConfigFault, SystemFault
 
@@ -251,6 +256,30 @@ def test_make_task_dirs_creates_what_is_missing_and_keeps_what_exists(tmp_path: 
     assert (task_dir / "wd" / "left").read_text() == "by the first attempt"
     make_task_dirs(str(tmp_path / "tasks" / "j" / "u"), str(tmp_path / "tasks" / "j" / "u" / "wd"))
     assert sorted(p.name for p in (tmp_path / "tasks" / "j").iterdir()) == ["t", "u"]
+
+
+def test_split_command_splits_as_shlex_does() -> None:
+    """The plain-line fast path gives exactly shlex's words, for lines that take it and
+    lines that must not (quotes, escapes, whitespace only str.split knows)."""
+    import random
+    import shlex
+
+    rng = random.Random(4)
+    alphabet = "ab1 \t\n\r\x0b\x0c\x1c\x1f'\"\\$;*#=\xa0\u2003é-"
+    lines = ["", " ", "true 1", "  python3 sim.py --alpha 0  ", "a\x0bb", "a\x1fb", "a\xa0b",
+             "it's", 'say "hi there"', "back\\ slash", "# not a comment", "x#y"]
+    lines += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+              for _ in range(3000)]
+    for line in lines:
+        try:
+            expected: list[str] | str = shlex.split(line)
+        except ValueError as exc:
+            expected = f"ValueError: {exc}"
+        try:
+            got: list[str] | str = split_command(line)
+        except ValueError as exc:
+            got = f"ValueError: {exc}"
+        assert got == expected, repr(line)
 
 
 def test_command_line_runs_without_a_shell(make_backend: MakeBackend) -> None:
