@@ -31,7 +31,6 @@ import signal
 import struct
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,7 +346,8 @@ def run_attempt(run: TaskRun, node: Node, table: ProcessTable,
     make_task_dirs(task_dir, wd)
     env = environment(run, node, task_dir, wd)
     try:
-        transfer.stage(run.resource_files, Path(wd), node.storage)
+        if run.resource_files:
+            transfer.stage(run.resource_files, Path(wd), node.storage)
     except transfer.TransferError as exc:
         _note(task_dir, f"resource files: {exc.message}")
         return Outcome(None, exc.code, exc.message, end="pre_processing_error")
@@ -453,7 +453,6 @@ def _start(run: TaskRun, argv: list[str], env: dict[str, str], task_dir: str, wd
 def _finish(run: TaskRun, proc: subprocess.Popen[bytes], node: Node, table: ProcessTable,
             on_running: Callable[[int, int | None], None], task_dir: str, wd: str,
             env: dict[str, str]) -> Outcome:
-    started = time.monotonic()
     timed_out = False
     try:
         on_running(proc.pid, process.start_time(proc.pid))
@@ -468,8 +467,6 @@ def _finish(run: TaskRun, proc: subprocess.Popen[bytes], node: Node, table: Proc
     finally:
         table.remove(run.seq)
         code = proc.wait()
-    log.debug("task.exited", job_id=run.job_id, task_id=run.task_id, exit_code=code,
-              duration=round(time.monotonic() - started, 3))
     if table.ended(run.seq):
         return _ENDED
     if table.stopping and not timed_out:
