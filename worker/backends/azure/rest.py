@@ -1,7 +1,9 @@
 """One ``BatchClient`` and one way to call it: ``send_request`` with prepared JSON.
 
 The SDK's pipeline is kept (shared-key or Entra ID auth, user agent, request ids,
-logging with the Authorization header redacted) but its own retries are turned off:
+logging with the Authorization header redacted), on a urllib3 transport of fanout's
+(``transport.py``: the environment settled once, not per request), but its own retries
+are turned off:
 the submitter retries with bounded exponential backoff and jitter, and two retry
 loops would multiply (azure-core's default is 10 retries per call, times the
 submitter's 8). The probe and the metrics poller retry on their next interval.
@@ -104,9 +106,10 @@ class Rest:
         query: dict[str, Any] = {"api-version": API_VERSION, **(params or {})}
         request = HttpRequest(method, path, params=query, headers=headers, content=body)
         try:
-            # stream=True: azure-core's ContentDecodePolicy would parse the JSON answer
-            # into the pipeline's context, where nothing reads it; it is parsed once,
-            # here (the transport has read the body whole either way)
+            # stream=True: azure-core's ContentDecodePolicy.on_response returns at once
+            # for a streamed answer instead of parsing the JSON into the pipeline's
+            # context, where nothing reads it; it is parsed once, here (the transport
+            # has read the body whole either way)
             response = self.client.send_request(request, stream=True, **self._options)
             content = response.read()
         except HttpResponseError as exc:

@@ -110,8 +110,8 @@ def collection_body(tasks: Sequence[TaskSpec]) -> bytes:
     Written out directly rather than through dicts and ``json.dumps``: the fields
     every task has (id, command line, environment) are joined from pre-encoded
     fragments, with strings escaped by ``json``'s own C escaper; the settings a job's
-    tasks share (container, exit conditions) are encoded once per body. About 1 µs
-    a task instead of 4-5 (docs/performance.md)."""
+    tasks share (container, exit conditions) are encoded once per body. About half
+    the CPU of the dicts and ``json.dumps`` (docs/performance.md)."""
     shared: dict[int, str] = {}
     parts = [_task_json(t, shared) for t in tasks]
     return ('{"value":[' + ",".join(parts) + "]}").encode("utf-8")
