@@ -394,39 +394,44 @@ class Store:
         wall = job.max_wall_clock.total_seconds() if job.max_wall_clock else None
         now = time.time()
         with self._write() as conn:
-            row = conn.execute("SELECT sealed FROM jobs WHERE id = ?", (job.id,)).fetchone()
-            if row is not None:
-                return "sealed" if row[0] else "exists"
-            conn.execute(
+            # Insert first (the usual case: one statement), look only when the id exists.
+            if conn.execute(
                 "INSERT INTO jobs (id, pool, priority, display_name, metadata, max_task_retries,"
                 " max_wall_clock, uses_dependencies, created, on_task_failure, deadline,"
-                " state_changed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " state_changed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (id) DO NOTHING",
                 (job.id, job.pool or self._pool, job.priority, job.display_name,
                  json.dumps(job.metadata) if job.metadata else None, job.max_task_retries,
                  wall, int(job.uses_task_dependencies), now, int(job.on_task_failure == _ACTS),
                  None if wall is None else now + wall, now),
-            )
-        return "created"
+            ).rowcount:
+                return "created"
+            row = conn.execute("SELECT sealed FROM jobs WHERE id = ?", (job.id,)).fetchone()
+        return "sealed" if row is not None and row[0] else "exists"
 
     def seal_job(self, job_id: str) -> None:
         """Mark the job sealed; complete it now if every task already completed."""
         now = time.time()
         with self._write() as conn:
-            row = conn.execute("SELECT seq FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = conn.execute("SELECT seq, uses_dependencies FROM jobs WHERE id = ?",
+                               (job_id,)).fetchone()
             if row is None:
                 raise _job_not_found("seal", job_id)
             conn.execute("UPDATE jobs SET sealed = 1 WHERE seq = ?", (row[0],))
-            # Range dependencies on ids that were never added are now moot: recheck.
-            conn.execute("UPDATE tasks SET recheck_at = 0 WHERE job_seq = ? AND state = 'active'"
-                         " AND waiting = 1", (row[0],))
+            if row[1]:  # only such a job has waiting tasks
+                # Range dependencies on ids that were never added are now moot: recheck.
+                conn.execute("UPDATE tasks SET recheck_at = 0 WHERE job_seq = ?"
+                             " AND state = 'active' AND waiting = 1", (row[0],))
             _complete_if_done(conn, row[0], now)
 
     def job_status(self, job_id: str) -> JobStatus | None:
-        """One job with its task counts, or None."""
-        with self._read() as conn:
-            row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?",
-                               (job_id,)).fetchone()
-            return None if row is None else _job_status(conn, row)
+        """One job with its task counts, or None: one statement (a consistent snapshot
+        of its own), as the submitter and monitor ask this for every message."""
+        rows = self._conn().execute(_JOB_STATUS, (job_id,)).fetchall()
+        if not rows:
+            return None
+        return _status_of(rows[0][:8], [(state, result, n) for *_, state, result, n in rows
+                                        if state is not None])
 
     def list_jobs(self, limit: int) -> list[JobStatus]:
         """The ``limit`` newest jobs with their task counts."""
@@ -901,6 +906,13 @@ _DUE_WAITING = (
 )
 
 _JOB_COLUMNS = "seq, id, state, pool, display_name, created, metadata, completed"
+#: A job's columns and its tasks' counts by state and result in one statement (one row
+#: with a NULL state for a job without tasks).
+_JOB_STATUS = (
+    "SELECT j.seq, j.id, j.state, j.pool, j.display_name, j.created, j.metadata, j.completed,"
+    " t.state, t.result, count(t.seq) FROM jobs j LEFT JOIN tasks t ON t.job_seq = j.seq"
+    " WHERE j.id = ? GROUP BY t.state, t.result"
+)
 _RECORD_COLUMNS = ("id, state, metadata, pool, created, completed, terminate_reason,"
                    " state_changed, sealed")
 
@@ -1044,13 +1056,18 @@ def container_of(stored: str | None) -> ContainerSettings | None:
 
 
 def _job_status(conn: sqlite3.Connection, row: tuple[Any, ...]) -> JobStatus:
-    seq, job_id, state, pool, display_name, created, metadata, _completed = row
+    return _status_of(row, conn.execute(
+        "SELECT state, result, count(*) FROM tasks WHERE job_seq = ? GROUP BY state, result",
+        (row[0],)).fetchall())
+
+
+def _status_of(row: Sequence[Any], groups: Sequence[tuple[str, str | None, int]]
+               ) -> JobStatus:
+    """A job's status from its ``_JOB_COLUMNS`` and its tasks' (state, result, count)."""
+    _seq, job_id, state, pool, display_name, created, metadata, _completed = row
     counts = dict.fromkeys(TASK_STATES, 0)
     succeeded = failed = 0
-    for task_state, result, n in conn.execute(
-        "SELECT state, result, count(*) FROM tasks WHERE job_seq = ? GROUP BY state, result",
-        (seq,)
-    ):
+    for task_state, result, n in groups:
         counts[task_state] = counts.get(task_state, 0) + n
         if result == "success":
             succeeded += n
