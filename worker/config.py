@@ -626,11 +626,22 @@ class JobsConfig(_Section):
     #: Jobs the monitor follows at once in a poll (each its requests in order): a
     #: burst of completed jobs costs a few round trips each, so one at a time a
     #: thousand take minutes; this many backend requests are in flight at most.
+    #: Unset on the local executor: 1 (see :meth:`for_backend`).
     monitor_concurrency: PositiveInt = 16
     #: Azure: where tasks upload stdout.txt and stderr.txt (``<job>/<task>/``).
     logs_container: str = "fanout-logs"
     #: Azure: upload logs of failed tasks only (``failure``) or of every task.
     log_upload: Literal["failure", "completion", "never"] = "failure"
+
+
+    def for_backend(self, kind: str) -> JobsConfig:
+        """This section with ``monitor_concurrency``, when unset, for the backend: 1 on
+        the local executor, whose store answers from SQLite in this process, so
+        requests in flight gain nothing there while each of the monitor's threads
+        keeps a connection and its page cache of its own."""
+        if kind == "azure" or "monitor_concurrency" in self.model_fields_set:
+            return self
+        return self.model_copy(update={"monitor_concurrency": 1})
 
 
 class Settings(BaseSettings):
@@ -681,6 +692,7 @@ class Settings(BaseSettings):
             raise ValueError("limits.min_priority is above limits.max_priority")
         if not self.programs:
             self.programs = demo_programs(self.backend_kind)
+        self.jobs = self.jobs.for_backend(self.backend_kind)
         self.local = self.local.with_intervals(self.jobs)
         self.batch = self.batch.with_intervals(self.jobs)
         self._check_registries()

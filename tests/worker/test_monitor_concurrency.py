@@ -200,3 +200,23 @@ def test_the_test_administration_is_outside_the_batch_api(peer: BatchPeer) -> No
         _admin(peer, "finish", {"jobs": ["no-such-job"]})
     assert unseeded.value.code == 400
     assert peer.requests == Counter() and peer.jobs() == []
+
+
+def test_the_default_concurrency_follows_the_backend(tmp_path: Any) -> None:
+    """16 on Azure Batch (round trips), 1 on the local executor (SQLite in-process);
+    a value given is kept on either."""
+    from worker.config import load_settings
+
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    azure = {"backend": {"kind": "azure"},
+             "batch": {"account_url": "https://a.batch.example", "pool": "p"}}
+
+    def concurrency(**overrides: Any) -> int:
+        settings = load_settings(empty, overrides={"home": str(tmp_path), **overrides})
+        return settings.jobs.monitor_concurrency
+
+    assert concurrency() == 1
+    assert concurrency(**azure) == 16
+    assert concurrency(jobs={"monitor_concurrency": 4}) == 4
+    assert concurrency(**azure, jobs={"monitor_concurrency": 4}) == 4
