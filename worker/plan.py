@@ -155,7 +155,7 @@ class Planner:
             job = window.gather(job, work.window, handler=work.handler_name,
                                 fallback=lambda: self.build(own, properties, origin))
             self._upload_logs(job)
-            log.info("job.built", tasks=job.task_count, pool=job.pool, window=job.id)
+            log.debug("job.built", tasks=job.task_count, pool=job.pool, window=job.id)
             return job
         job.metadata.update(origin or {})
         job.metadata[META_REQUEST] = request_hash(work.handler_name, work.params, work.job)
@@ -165,7 +165,7 @@ class Planner:
                                  separators=(",", ":"))
             job.metadata[META_OUTPUTS] = _fit_outputs(outputs, job)
         self._upload_logs(job)
-        log.info("job.built", tasks=job.task_count, pool=job.pool)
+        log.debug("job.built", tasks=job.task_count, pool=job.pool)
         return job
 
     def spec(self, work: Work, properties: Mapping[str, str],

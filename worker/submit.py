@@ -137,9 +137,9 @@ class Submitter:
             raise
         result.seconds = time.monotonic() - started
         self.metrics.submit_seconds.labels(handler).observe(result.seconds)
-        log.info("job.submitted", job_id=job.id, added=result.added, existed=result.existed,
-                 requests=result.requests, retries=result.retries,
-                 seconds=round(result.seconds, 3))
+        log.info("job.submitted", job_id=job.id, tasks=job.task_count, pool=job.pool,
+                 added=result.added, existed=result.existed, requests=result.requests,
+                 retries=result.retries, seconds=round(result.seconds, 3))
         return result
 
     def _submit_window(self, job: WindowJob, handler: str,
@@ -159,9 +159,10 @@ class Submitter:
             return self._late(job, handler, stop, result)
         result.seconds = time.monotonic() - started
         self.metrics.submit_seconds.labels(handler).observe(result.seconds)
-        log.info("job.submitted", job_id=job.id, window=True, state=state,
-                 added=result.added, existed=result.existed, requests=result.requests,
-                 retries=result.retries, seconds=round(result.seconds, 3))
+        log.info("job.submitted", job_id=job.id, tasks=job.task_count, pool=job.pool,
+                 window=True, state=state, added=result.added, existed=result.existed,
+                 requests=result.requests, retries=result.retries,
+                 seconds=round(result.seconds, 3))
         return result
 
     def _late(self, job: WindowJob, handler: str, stop: threading.Event,
@@ -228,6 +229,12 @@ class Submitter:
                 if count > job.task_count:
                     raise RuntimeError(f"the handler yielded more than the {job.task_count} "
                                        "tasks it declared")
+                if job.task_count <= size:
+                    # the whole job is one request: added here, not handed to the pool
+                    # and waited for (a hop and a wait cost more than a small add)
+                    self._tally(self._add_chunk(job.id, chunk, stop, result), handler,
+                                result)
+                    continue
                 if len(in_flight) >= limit:
                     in_flight = self._collect(in_flight, handler, result, FIRST_COMPLETED)
                 ctx = contextvars.copy_context()
@@ -248,12 +255,15 @@ class Submitter:
                  result: SubmitResult, until: str | None) -> set[Future[AddResult]]:
         done, pending = wait(futures, return_when=until or "ALL_COMPLETED")
         for fut in done:
-            added = fut.result()  # re-raises the chunk's fault
-            result.added += added.added
-            result.existed += added.existed
-            self.metrics.tasks_submitted.labels(handler).inc(added.added)
-            self.metrics.tasks_existing.labels(handler).inc(added.existed)
+            self._tally(fut.result(), handler, result)  # re-raises the chunk's fault
         return set(pending)
+
+    def _tally(self, added: AddResult, handler: str, result: SubmitResult) -> None:
+        """Count one chunk's added and existing tasks in the result and the metrics."""
+        result.added += added.added
+        result.existed += added.existed
+        self.metrics.tasks_submitted.labels(handler).inc(added.added)
+        self.metrics.tasks_existing.labels(handler).inc(added.existed)
 
     def _add_chunk(self, job_id: str, chunk: Sequence[TaskSpec], stop: threading.Event,
                    result: SubmitResult) -> AddResult:

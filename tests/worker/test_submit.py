@@ -70,6 +70,52 @@ def test_requests_run_concurrently_within_the_bound(metrics: Metrics) -> None:
     assert peak[0] == 3
 
 
+def record_threads(backend: MemoryBackend) -> list[int]:
+    """The ident of the thread each of ``backend``'s add requests ran on."""
+    inner = backend.add_tasks
+    threads: list[int] = []
+
+    def add(job_id: str, tasks: Sequence[TaskSpec]) -> AddResult:
+        threads.append(threading.get_ident())
+        return inner(job_id, tasks)
+
+    backend.add_tasks = add  # type: ignore[method-assign]
+    return threads
+
+
+def test_a_job_of_one_request_is_added_in_the_calling_thread(metrics: Metrics) -> None:
+    """A job whose tasks fit in one request skips the pool; its retries, counts and
+    metrics are as a pooled chunk's."""
+    backend = MemoryBackend(fail_rate=0.3, task_error_rate=0.1, seed=3)
+    threads = record_threads(backend)
+    result = submitter(backend, metrics, max_retries=30).submit(make_job(100),
+                                                                handler="sweep")
+    assert set(threads) == {threading.get_ident()}
+    assert result.added == 100 and len(backend.tasks["job-1"]) == 100
+    assert result.requests == len(threads) > 1  # it was retried
+    assert metrics.registry.get_sample_value(
+        "fanout_tasks_submitted_total", {"handler": "sweep"}) == 100
+    assert "job-1" in backend.sealed
+
+
+def test_a_job_of_several_requests_is_added_on_the_pool(metrics: Metrics) -> None:
+    """A job of more than one request keeps its requests on the pool's threads."""
+    backend = MemoryBackend()
+    threads = record_threads(backend)
+    submitter(backend, metrics).submit(make_job(101), handler="sweep")
+    assert len(threads) == 2 and threading.get_ident() not in threads
+
+
+def test_a_one_request_job_yielding_more_than_declared_fails(metrics: Metrics) -> None:
+    """A job declared to fit in one request whose handler yields more is not sealed."""
+    job = make_job(150)
+    job.task_count = 100
+    backend = MemoryBackend()
+    with pytest.raises(RuntimeError, match="more than the 100"):
+        submitter(backend, metrics).submit(job, handler="sweep")
+    assert "job-1" not in backend.sealed
+
+
 def test_transient_faults_are_retried_to_exactly_once(metrics: Metrics) -> None:
     """With 30% of calls failing and 10% of tasks busy, every task lands once."""
     backend = MemoryBackend(fail_rate=0.3, task_error_rate=0.1, seed=3)
