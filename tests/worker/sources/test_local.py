@@ -259,6 +259,57 @@ def test_closed_queue_refuses_work(make_queue: MakeQueue) -> None:
         run(queue.send(b"x"))
 
 
+def test_close_runs_the_work_queued_before_it_then_ends_the_thread(
+        make_queue: MakeQueue) -> None:
+    """Sends already queued when close is called are stored; the queue's thread ends,
+    and a receive after close raises."""
+    queue = make_queue()
+
+    async def scenario() -> None:
+        sends = [asyncio.ensure_future(queue.send(b"x", message_id=f"m{i}"))
+                 for i in range(20)]
+        await asyncio.sleep(0)  # every send handed to the queue's thread
+        await queue.close()
+        assert [s.result() for s in sends] == [f"m{i}" for i in range(20)]
+        with pytest.raises(RuntimeError, match="closed"):
+            await queue.receive(1, 0)
+
+    run(scenario())
+    thread = queue._thread._thread
+    assert thread is not None
+    thread.join(10)
+    assert not thread.is_alive()
+    assert run(make_queue().depth())["active"] == 20
+
+
+def test_a_failing_call_raises_in_its_caller_and_the_queue_goes_on(
+        make_queue: MakeQueue) -> None:
+    """An error on the queue's thread reaches the awaiting coroutine; later calls work."""
+    queue = make_queue()
+    run(queue.send(b"x"))
+    msg = receive_one(queue)
+    run(queue.complete(msg))
+    with pytest.raises(LockLost):
+        run(queue.complete(msg))
+    run(queue.send(b"y"))
+    assert receive_one(queue).body == b"y"
+
+
+def test_a_receive_whose_loop_closed_gives_back_its_locks(make_queue: MakeQueue) -> None:
+    """A lock job that ends after its event loop has closed unlocks what it locked."""
+    queue = make_queue()
+    run(queue.send(b"x"))
+    gate = threading.Event()
+    queue._thread.put(lambda: None if gate.wait(10) else None)
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(queue.receive(1, 0))
+    loop.run_until_complete(asyncio.sleep(0.05))  # the lock job waits behind the gate
+    loop.close()  # (the task is dropped unfinished: nobody will take its messages)
+    gate.set()
+    assert receive_one(queue).delivery_count == 0
+    del task
+
+
 def test_unopenable_file_is_a_system_fault(tmp_path: Path, make_queue: MakeQueue) -> None:
     """SQLite's operational errors surface as SystemFault."""
     queue = make_queue(path=tmp_path)  # a directory, not a database file
@@ -287,7 +338,7 @@ def test_cancelled_receive_gives_back_its_locks(make_queue: MakeQueue) -> None:
     gate = threading.Event()
 
     async def scenario() -> None:
-        queue._executor.submit(gate.wait)  # hold the queue's thread so the lock job queues
+        queue._thread.put(lambda: None if gate.wait(10) else None)  # the lock job queues
         task = asyncio.create_task(queue.receive(1, 0))
         await asyncio.sleep(0.05)
         task.cancel()
