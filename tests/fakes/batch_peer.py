@@ -684,13 +684,15 @@ class BatchPeer:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._connections: set[socket.socket] = set()
+        #: Connections accepted since start: tests hold clients to keep-alive reuse.
+        self.connections_opened = 0
 
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> BatchPeer:
         """Listen on the host and port given (0: a free port) in a background thread."""
         handler = type("Handler", (_Handler,), {"peer": self})
-        self._server = ThreadingHTTPServer((self._host, self._port), handler)
+        self._server = _Server((self._host, self._port), handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
                                         name="batch-peer", daemon=True)
@@ -1976,6 +1978,15 @@ class BatchPeer:
     def _base(self) -> str:
         return self.url
 
+class _Server(ThreadingHTTPServer):
+    """The peer's HTTP server: a listen backlog for the many clients that connect at
+    once (socketserver's default is 5: a 6th connection made together with the others
+    waits on SYN retries or is reset, which the service never does to a client
+    opening 32 connections)."""
+
+    request_queue_size = 128
+
+
 class _Handler(BaseHTTPRequestHandler):
     peer: BatchPeer
     protocol_version = "HTTP/1.1"
@@ -1989,6 +2000,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.peer._lock:
             self.peer._connections.add(self.connection)
+            self.peer.connections_opened += 1
 
     def finish(self) -> None:
         with self.peer._lock:

@@ -25,7 +25,7 @@ from handlers.base import (
 )
 from tests.fakes.batch_peer import BatchPeer, FaultPlan
 from worker.backends.azure import AzureBatchBackend
-from worker.config import BatchConfig, SubmitConfig
+from worker.config import BatchConfig, JobsConfig, SubmitConfig
 from worker.errors import BatchRejected, ConfigFault, SettingsError, SystemFault
 from worker.metrics import Metrics
 from worker.submit import Submitter
@@ -200,6 +200,46 @@ def test_add_tasks_from_many_threads_keeps_connections_pooled(
     assert sum(r.added for r in results) == 3200
     assert len(peer.tasks("job-1")) == 3200
     assert not [r for r in caplog.records if "pool is full" in r.getMessage()]
+
+
+def test_pool_from_config_holds_the_submitter_and_the_monitor_in_flight(
+        make_peer: MakePeer, caplog: pytest.LogCaptureFixture) -> None:
+    """``from_config`` sizes the connection pool for the submit concurrency and the
+    monitor's (the same client serves both): 16 adds and 16 status reads in flight at
+    once (50 ms each on the peer), twice, and urllib3 discards no connection, and the
+    second round opens none (each request reuses a kept connection)."""
+    peer = make_peer(faults=FaultPlan(latency=0.05))
+    config = BatchConfig(account_url=peer.url, account_name=peer.account,
+                         account_key=SecretStr(peer.key), pool="fanout")
+    backend = AzureBatchBackend.from_config(config, SubmitConfig(concurrency=16),
+                                            jobs=JobsConfig())
+    start = threading.Barrier(32)
+
+    def add(first: int) -> int:
+        start.wait()
+        return backend.add_tasks("job-1", tasks(10, start=first)).added
+
+    def status(_: int) -> int:
+        start.wait()
+        found = backend.job_status("job-1")
+        return 0 if found is None else 1
+
+    try:
+        backend.create_job(job_spec())
+        caplog.set_level(logging.WARNING, logger="urllib3")
+        opened: list[int] = []
+        with ThreadPoolExecutor(32) as pool:
+            for round_ in range(2):
+                adds = [pool.submit(add, round_ * 1000 + i * 10) for i in range(16)]
+                reads = [pool.submit(status, i) for i in range(16)]
+                assert sum(f.result() for f in adds) == 160
+                assert sum(f.result() for f in reads) == 16
+                opened.append(peer.connections_opened)
+    finally:
+        backend.close()
+    assert len(peer.tasks("job-1")) == 320
+    assert not [r for r in caplog.records if "pool is full" in r.getMessage()]
+    assert opened[1] == opened[0] <= 34
 
 
 def test_request_too_large_for_the_service_is_split(make_peer: MakePeer,

@@ -74,6 +74,18 @@ POOL_SHAPE_TTL = 3600.0
 USAGE_SELECT = "id,requiredSlots,executionInfo"
 
 
+def pool_connections(submit: SubmitConfig | None, jobs: JobsConfig | None) -> int:
+    """Keep-alive connections for one backend: the submitter's requests in flight
+    (``submit.concurrency``), the monitor's (``jobs.monitor_concurrency``: both go
+    through the same client) and two for the stats poll and the odd probe. With fewer,
+    urllib3 opens a connection for each request past the pool and drops it after
+    ("Connection pool is full, discarding connection"), a TCP (and TLS) handshake a
+    request."""
+    concurrency = submit.concurrency if submit is not None else SubmitConfig().concurrency
+    monitor = (jobs if jobs is not None else JobsConfig()).for_backend("azure")
+    return concurrency + monitor.monitor_concurrency + 2
+
+
 class AzureBatchBackend:
     """Submits jobs and tasks to one Azure Batch account; safe across threads."""
 
@@ -132,16 +144,15 @@ class AzureBatchBackend:
                     jobs: JobsConfig | None = None) -> AzureBatchBackend:
         """Build from ``[batch]``: shared key when ``account_key`` is set, else Entra ID
         through azure-identity's DefaultAzureCredential (see :func:`make_credential`);
-        the connection pool holds the submit concurrency plus two. With ``storage`` and
+        the connection pool holds :func:`pool_connections`. With ``storage`` and
         ``[jobs]`` (``logs_container``; ``log_upload`` other than ``never``), failed
         tasks name their logs and ``task_log_tail`` reads them."""
         if not batch.account_url:
             raise SettingsError("batch.account_url is not set")
-        concurrency = submit.concurrency if submit is not None else 8
         logs = (jobs.logs_container if jobs is not None and jobs.log_upload != "never"
                 else None)
         return cls(endpoint=batch.account_url, credential=make_credential(batch),
-                   default_pool=batch.pool, connections=concurrency + 2,
+                   default_pool=batch.pool, connections=pool_connections(submit, jobs),
                    storage=storage, logs_container=logs)
 
     # -- Backend protocol ---------------------------------------------------------------
