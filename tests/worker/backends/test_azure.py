@@ -242,6 +242,37 @@ def test_pool_from_config_holds_the_submitter_and_the_monitor_in_flight(
     assert opened[1] == opened[0] <= 34
 
 
+def test_pool_shape_is_read_once_for_many_callers_at_once(
+        make_peer: MakePeer, make_backend: MakeBackend) -> None:
+    """16 usage reads of jobs on one pool at once (50 ms a request on the peer) send
+    one ``GET /pools/fanout`` between them, and all get its VM size and slots; later
+    reads use the kept shape. For a pool that is gone, callers at once share one 404."""
+    peer = make_peer(faults=FaultPlan(latency=0.05))
+    backend = make_backend(peer, connections=20)
+    backend.create_job(job_spec())
+    start = threading.Barrier(16)
+
+    def usage(pool_id: str) -> tuple[str | None, int | None]:
+        start.wait()
+        found = backend.job_usage("job-1", pool_id)
+        assert found is not None
+        return found.vm_size, found.slots_per_node
+
+    def pool_reads() -> int:
+        return sum(n for (op, _), n in peer.requests.items() if op == "get_pool")
+
+    before = pool_reads()
+    with ThreadPoolExecutor(16) as pool:
+        shapes = set(pool.map(usage, ["fanout"] * 16))
+        assert pool_reads() - before == 1
+        assert len(shapes) == 1 and next(iter(shapes))[1] == 1
+        assert backend.job_usage("job-1", "fanout") is not None
+        assert pool_reads() - before == 1
+        shapes = set(pool.map(usage, ["gone"] * 16))
+    assert shapes == {(None, None)}
+    assert pool_reads() - before == 2
+
+
 def test_request_too_large_for_the_service_is_split(make_peer: MakePeer,
                                                     make_backend: MakeBackend) -> None:
     """A chunk the service answers ``RequestBodyTooLarge`` is split in halves until

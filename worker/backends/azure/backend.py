@@ -15,6 +15,7 @@ import re
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -137,6 +138,9 @@ class AzureBatchBackend:
         self._job_prefixes = tuple(job_prefixes)
         #: Per pool (lower-case id): (when read, vmSize, taskSlotsPerNode), for costs.
         self._pool_shapes: dict[str, tuple[float, str | None, int | None]] = {}
+        #: Per pool (lower-case id): the ``GET`` of its shape in flight, which other
+        #: callers wait for (:meth:`_pool_shape`).
+        self._shape_reads: dict[str, Future[tuple[str | None, int | None]]] = {}
 
     @classmethod
     def from_config(cls, batch: BatchConfig, submit: SubmitConfig | None = None, *,
@@ -370,12 +374,41 @@ class AzureBatchBackend:
 
     def _pool_shape(self, pool: str) -> tuple[str | None, int | None]:
         """The pool's ``vmSize`` (lower case) and ``taskSlotsPerNode`` (default 1),
-        cached for ``POOL_SHAPE_TTL``; (None, None) when the pool is gone."""
+        cached for ``POOL_SHAPE_TTL``; (None, None) when the pool is gone.
+
+        Single-flight: while one caller reads a pool, others asking for the same pool
+        wait for its answer (or its error) instead of each sending a ``GET`` of their
+        own; the monitor prices up to ``jobs.monitor_concurrency`` reports at once."""
+        key = pool.lower()
         now = time.monotonic()
         with self._lock:
-            known = self._pool_shapes.get(pool.lower())
-        if known is not None and now - known[0] < POOL_SHAPE_TTL:
-            return known[1], known[2]
+            known = self._pool_shapes.get(key)
+            if known is not None and now - known[0] < POOL_SHAPE_TTL:
+                return known[1], known[2]
+            flight = self._shape_reads.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._shape_reads[key] = Future()
+        if not leader:
+            return flight.result()
+        try:
+            shape = self._read_pool_shape(pool)
+        except BaseException as err:
+            flight.set_exception(err)
+            raise
+        else:
+            flight.set_result(shape)
+        finally:
+            with self._lock:
+                del self._shape_reads[key]
+        if shape != (None, None):
+            with self._lock:
+                self._pool_shapes[key] = (now, *shape)
+        return shape
+
+    def _read_pool_shape(self, pool: str) -> tuple[str | None, int | None]:
+        """``GET /pools/{id}`` with ``$select``: (vmSize, taskSlotsPerNode), or (None,
+        None) for a pool that is gone (404)."""
         try:
             reply = self._rest.call("GET", path("pools", pool),
                                     params={"$select": "id,vmSize,taskSlotsPerNode"})
@@ -389,8 +422,6 @@ class AzureBatchBackend:
         vm_size = str(size).lower() if isinstance(size, str) and size else None
         raw = body.get("taskSlotsPerNode")
         slots = raw if isinstance(raw, int) and not isinstance(raw, bool) and raw > 0 else 1
-        with self._lock:
-            self._pool_shapes[pool.lower()] = (now, vm_size, slots)
         return vm_size, slots
 
     def existing_tasks(self, job_id: str, task_ids: Sequence[str]) -> set[str]:
