@@ -35,12 +35,16 @@ within ``drain_grace``; what is unfinished by then is interrupted and abandoned.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import functools
+import queue
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, assert_never
+from typing import Any, TypeVar, assert_never
 
 import structlog
 from opentelemetry.trace import Span, SpanKind
@@ -65,6 +69,7 @@ from worker.submit import Cancelled, SubmitResult, Submitter
 from worker.tracing import Tracing, extract, mark_failed
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 #: Pause after a receive fails, so a broken connection is not hammered.
 RECEIVE_ERROR_BACKOFF = 2.0
@@ -121,6 +126,8 @@ class Consumer:
         self._unready = asyncio.Event()  # wakes the probe task
         self._probe_delay = 0.0  # the first probe runs at once
         self._cancel = threading.Event()  # tells submitter threads to give up
+        #: The threads messages are processed in, one per receive loop.
+        self._workers = _Workers(config.concurrency, "fanout-process")
         self._handled = 0
         #: Receive calls in flight (admission: a pause stops the next ones).
         self.receiving = 0
@@ -167,6 +174,7 @@ class Consumer:
             self._cancel.set()
             _, pending = await asyncio.wait(pending, timeout=ABANDON_GRACE)
             await cancel_and_wait(list(pending), ABANDON_GRACE)
+        self._workers.stop()
         self._set_ready(False, "stopped")
         log.info("consumer.stopped", handled=self._handled)
 
@@ -279,7 +287,7 @@ class Consumer:
         """Process; on a configuration fault, hold the message until the worker heals."""
         while True:
             try:
-                return await asyncio.to_thread(self.process, msg)
+                return await self._workers.run(self.process, msg)
             except ConfigFault as fault:
                 if fault.code == JOB_QUOTA_CODE and self.admission is not None:
                     # the account's active-job quota: waiting for capacity, not a fault
@@ -536,6 +544,78 @@ class _Renewal:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+
+class _Workers:
+    """Threads that run blocking calls for the event loop (as ``asyncio.to_thread``
+    does, in a copy of the caller's context), fed from a plain queue and answering
+    through ``call_soon_threadsafe``: a message's hand-off costs about half of a thread
+    pool's future chained to an asyncio future.
+
+    Up to ``size`` threads, started as calls come. Daemon threads: a call stuck past
+    the drain (its message abandoned) does not hold the process's exit up."""
+
+    def __init__(self, size: int, name: str) -> None:
+        self._size = max(1, size)
+        self._name = name
+        self._calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    async def run(self, fn: Callable[[Any], T], arg: Any) -> T:
+        """``fn(arg)`` on one of the threads; a call cancelled before it starts is
+        skipped, one already running finishes and its result is dropped."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[T] = loop.create_future()
+        context = contextvars.copy_context()
+
+        def call() -> None:
+            if waiter.cancelled():  # a read of the future's state, safe from here
+                return
+            try:
+                value = context.run(fn, arg)
+            except BaseException as exc:  # handed to the awaiting coroutine
+                answer = functools.partial(_fail, waiter, exc)
+            else:
+                answer = functools.partial(_answer, waiter, value)
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody awaits
+                loop.call_soon_threadsafe(answer)
+
+        if len(self._threads) < self._size:
+            self._grow()
+        self._calls.put(call)
+        return await waiter
+
+    def _grow(self) -> None:
+        with self._lock:
+            if len(self._threads) < self._size:
+                thread = threading.Thread(target=self._serve, daemon=True,
+                                          name=f"{self._name}-{len(self._threads)}")
+                thread.start()
+                self._threads.append(thread)
+
+    def stop(self) -> None:
+        """End every thread once the calls queued so far have run (without waiting)."""
+        with self._lock:
+            for _ in self._threads:
+                self._calls.put(None)
+            self._threads = []
+
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            call()
+
+
+def _answer(waiter: asyncio.Future[T], value: T) -> None:
+    """On the event loop: a result to its awaiting coroutine, unless it was cancelled."""
+    if not waiter.done():
+        waiter.set_result(value)
+
+
+def _fail(waiter: asyncio.Future[Any], exc: BaseException) -> None:
+    """On the event loop: an exception to its awaiting coroutine, unless cancelled."""
+    if not waiter.done():
+        waiter.set_exception(exc)
 
 
 def _cancelling() -> bool:

@@ -240,7 +240,8 @@ class Submitter:
                 ctx = contextvars.copy_context()
                 in_flight.add(self._pool.submit(ctx.run, self._add_chunk, job.id, chunk,
                                                 stop, result))
-            self._collect(in_flight, handler, result, None)
+            if in_flight:
+                self._collect(in_flight, handler, result, None)
         except BaseException:
             stop_others = [f for f in in_flight if not f.done()]
             for fut in stop_others:
