@@ -58,9 +58,16 @@ def _substitute(text: str) -> str:
     return text
 
 
+#: Values that cannot hold a secret, passed as they are: checked before ``Mapping``,
+#: whose ABC instance check costs more than the rest of a number's trip through here.
+_PLAIN = frozenset({int, float, bool, type(None)})
+
+
 def _redact_value(value: Any) -> Any:
     if isinstance(value, str):
         return redact(value)
+    if type(value) in _PLAIN:
+        return value
     if isinstance(value, Mapping):
         return {k: _redact_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

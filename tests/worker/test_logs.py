@@ -136,3 +136,15 @@ def test_a_failing_stream_is_reported_not_raised(capsys: pytest.CaptureFixture[s
     configure(fmt="json", level="info", stream=_Broken())
     structlog.get_logger("t").info("lost")
     assert "Logging error" in capsys.readouterr().err
+
+
+def test_redaction_passes_numbers_and_none_and_scrubs_what_is_nested() -> None:
+    """Plain values come back as they are; strings in mappings and lists are scrubbed."""
+    from worker.logs import redact_event
+
+    secret = "AccountKey=" + "A" * 40
+    event = redact_event(None, "info", {"n": 3, "x": 0.5, "ok": True, "none": None,
+                                        "nested": {"k": [secret, 7]}, "s": secret})
+    assert (event["n"], event["x"], event["ok"], event["none"]) == (3, 0.5, True, None)
+    assert secret not in str(event["nested"]) and secret not in event["s"]
+    assert event["nested"]["k"][1] == 7
