@@ -324,6 +324,11 @@ class Health:
         return self._clock() - self._oldest()[1]
 
 
+#: Seconds between the metrics server's looks for a stop request (a wake-up costs
+#: a few microseconds; a stop waits at most this long).
+SHUTDOWN_POLL = 0.05
+
+
 class MetricsServer:
     """Serves /metrics, /healthz and /readyz on one port, in a daemon thread."""
 
@@ -332,7 +337,10 @@ class MetricsServer:
         handler = _make_handler(registry, health)
         self._server = ThreadingHTTPServer((bind, port), handler)
         self._server.daemon_threads = True
+        # serve_forever looks for shutdown() once per poll interval: the stdlib's 0.5 s
+        # made every stop (SIGTERM, the end of a run) wait up to half a second for it
         self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": SHUTDOWN_POLL},
                                         name="fanout-metrics", daemon=True)
 
     @property
