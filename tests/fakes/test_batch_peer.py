@@ -506,6 +506,40 @@ def test_unknown_or_miscased_task_properties_are_400(peer: BatchPeer,
     assert peer.tasks("j") == [] and peer.add_requests == []
 
 
+def test_unknown_property_in_the_hundredth_task_is_named(peer: BatchPeer) -> None:
+    """A misspelt environment setting in the last of 100 tasks refuses the request,
+    and the reason names its path; none of the 100 is added."""
+    make_job(client(peer), "j")
+    settings: list[dict[str, str]] = [{"name": "A", "value": "1"}, {"name": "B", "Value": "2"}]
+    tasks = [{"id": f"t{i}", "commandLine": "true",
+              "environmentSettings": settings if i == 99 else settings[:1]}
+             for i in range(100)]
+    status, answer = raw(peer, "POST", "/jobs/j/addtaskcollection", {"value": tasks})
+    assert (status, answer["code"]) == (400, "InvalidRequestBody")
+    assert "'value[99].environmentSettings[1].Value'" in reason(answer)
+    assert peer.tasks("j") == []
+
+
+def test_tasks_of_one_request_share_its_time_and_not_their_etags(
+        peer: BatchPeer, clock: ManualClock) -> None:
+    """Tasks added in one request have its creation and lastModified time, each its own
+    ETag (and none the job's); the task counts' history gains one entry a request."""
+    sdk = client(peer)
+    make_job(sdk, "j")
+    first = add(sdk, "j", *({"id": f"a{i}"} for i in range(5)))
+    clock.advance(1)
+    second = add(sdk, "j", {"id": "b"})
+    assert len({r.last_modified for r in first}) == 1
+    stamp = first[0].last_modified
+    assert stamp is not None and second[0].last_modified == stamp + timedelta(seconds=1)
+    etags = {r.etag for r in first + second}
+    job = peer.job("j")
+    assert job is not None and len(etags) == 6 and job.etag not in etags
+    created = {t["id"]: t["creationTime"] for t in raw_tasks(sdk, "j").values()}
+    assert len({created[f"a{i}"] for i in range(5)}) == 1 and created["b"] != created["a0"]
+    assert [counts["active"] for _, counts, _ in job.history[-2:]] == [5, 6]
+
+
 def test_unknown_job_properties_are_400(peer: BatchPeer) -> None:
     """Job create, update and terminate bodies are held to their models as well."""
     status, answer = raw(peer, "POST", "/jobs", {"id": "j", "poolInfo": {"poolID": "fanout"}})
