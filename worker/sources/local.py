@@ -45,6 +45,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -227,6 +228,9 @@ class LocalQueue:
         self._conn: sqlite3.Connection | None = None  # used only on the queue's thread
         self._owner: int | None = None  # that thread's ident
         self._closed = False
+        #: Transactions that committed sends (one per group): fewer than the sends
+        #: when senders wait together.
+        self.send_commits = 0
 
     @property
     def name(self) -> str:
@@ -271,9 +275,21 @@ class LocalQueue:
 
     async def _send(self, body: bytes, message_id: str, properties: Mapping[str, str] | None,
                     scheduled_at: datetime | None, reply_to: str | None) -> bool:
+        """Queue the send for the thread's next group commit and await that commit.
+
+        Sends waiting together are committed in one fsynced transaction (see
+        :meth:`_send_group`): each caller is answered only after the commit that made
+        its message durable, so concurrent senders share an fsync instead of queueing
+        for one each."""
+        if self._closed:
+            raise RuntimeError(f"queue {self._name!r} is closed")
         props = json.dumps(dict(properties or {}), separators=(",", ":"))
         due = scheduled_at.timestamp() if scheduled_at is not None else None
-        return await self._call(self._send_sync, message_id, bytes(body), props, due, reply_to)
+        loop = asyncio.get_running_loop()
+        send = _Send(self._send_group, loop, loop.create_future(), message_id, bytes(body),
+                     props, due, reply_to)
+        self._thread.put(send)
+        return await send.waiter
 
     async def receive(self, max_messages: int, max_wait: float) -> list[Received]:
         """Lock and return up to ``max_messages``, polling for at most ``max_wait`` s."""
@@ -444,22 +460,62 @@ class LocalQueue:
 
     # -- the SQLite work itself (runs on the queue's thread) -------------------
 
-    def _send_sync(self, db: sqlite3.Connection, message_id: str, body: bytes, props: str,
-                   due: float | None, reply_to: str | None) -> bool:
+    def _send_group(self, sends: list[_Send]) -> None:
+        """Commit the sends waiting together in one fsynced transaction, then answer
+        each caller (on the queue's thread).
+
+        A send cancelled before the group starts is skipped. Each send runs under a
+        savepoint: one that fails (its error goes to its caller) is rolled back alone,
+        and the others still commit. A failure of the transaction itself (the write
+        lock, the commit, the fsync) fails every send of the group, none of which was
+        answered yet, so no caller is told a message is queued that is not."""
+        live = [send for send in sends if not send.waiter.cancelled()]
+        if not live:
+            return
+        outcomes: list[bool | BaseException] = []
+        try:
+            db = self._db()
+            with _durable(db), _immediate(db):
+                if self._duplicate_window is not None:
+                    db.execute(_FORGET, (self._clock() - self._duplicate_window,))
+                outcomes = [self._send_one(db, send) for send in live]
+            self.send_commits += 1
+        except sqlite3.OperationalError as exc:  # locked past the timeout, disk full, I/O
+            fault = SystemFault(f"SQLite queue {self._name!r}: {exc}")
+            fault.__cause__ = exc
+            outcomes = [fault] * len(live)
+        except BaseException as exc:  # handed to every caller of the group
+            outcomes = [exc] * len(live)
+        for send, outcome in zip(live, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                _post(send.loop, functools.partial(_fail, send.waiter, outcome))
+            else:
+                _post(send.loop, functools.partial(_answer, send.waiter, outcome, None))
+
+    def _send_one(self, db: sqlite3.Connection, send: _Send) -> bool | BaseException:
+        """One send of a group under its own savepoint: True if enqueued, False if
+        dropped as a duplicate, or the error that rolled it back alone."""
         now = self._clock()
-        state = "scheduled" if due is not None and due > now else "active"
-        row = (message_id, body, props, state, now, due, reply_to)
-        if self._duplicate_window is None:
-            with _durable(db):
-                db.execute(_INSERT, row)
-            return True
-        with _durable(db), _immediate(db):
-            db.execute(_FORGET, (now - self._duplicate_window,))
-            if db.execute(_REMEMBER, (message_id, now)).rowcount == 0:
-                log.debug("queue.duplicate_dropped", queue=self._name, message_id=message_id)
+        state = "scheduled" if send.due is not None and send.due > now else "active"
+        row = (send.message_id, send.body, send.props, state, now, send.due, send.reply_to)
+        db.execute("SAVEPOINT fanout_send")
+        try:
+            if self._duplicate_window is not None and \
+                    db.execute(_REMEMBER, (send.message_id, now)).rowcount == 0:
+                log.debug("queue.duplicate_dropped", queue=self._name,
+                          message_id=send.message_id)
                 return False
             db.execute(_INSERT, row)
-        return True
+            return True
+        except sqlite3.Error as exc:
+            db.execute("ROLLBACK TO fanout_send")
+            if isinstance(exc, sqlite3.OperationalError):
+                fault = SystemFault(f"SQLite queue {self._name!r}: {exc}")
+                fault.__cause__ = exc
+                return fault
+            return exc
+        finally:
+            db.execute("RELEASE fanout_send")
 
     async def _lock_batch(self, n: int) -> list[Received]:
         """One locking attempt; if cancelled mid-flight, give back what it locked.
@@ -592,6 +648,25 @@ def _fail(waiter: asyncio.Future[Any], exc: BaseException) -> None:
         waiter.set_exception(exc)
 
 
+#: Most sends one transaction commits.
+MAX_GROUP = 256
+
+
+@dataclass(slots=True, eq=False)
+class _Send:
+    """A send waiting on the queue's thread; ``group`` commits it with the sends queued
+    right behind it."""
+
+    group: Callable[[list[_Send]], None]
+    loop: asyncio.AbstractEventLoop
+    waiter: asyncio.Future[bool]
+    message_id: str
+    body: bytes
+    props: str
+    due: float | None
+    reply_to: str | None
+
+
 class _Thread:
     """The queue's own thread, fed from a plain queue: started by the first job, ended
     by ``stop`` once the jobs queued before it have run.
@@ -602,12 +677,13 @@ class _Thread:
 
     def __init__(self, name: str) -> None:
         self._name = name
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Callable[[], None] | _Send | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start = threading.Lock()
 
-    def put(self, job: Callable[[], None]) -> None:
-        """Run ``job()`` on the thread after the jobs already queued."""
+    def put(self, job: Callable[[], None] | _Send) -> None:
+        """Run ``job()`` on the thread after the jobs already queued (a send: in one
+        group with the sends queued right behind it)."""
         if self._thread is None:
             with self._start:
                 if self._thread is None:
@@ -623,8 +699,30 @@ class _Thread:
                 self._jobs.put(None)
 
     def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        job = self._jobs.get()
+        while job is not None:
+            taken: list[Callable[[], None] | _Send | None] = []
             try:
-                job()
+                if isinstance(job, _Send):
+                    group, taken = self._group(job)
+                    job.group(group)
+                else:
+                    job()
             except BaseException:  # a job's own errors reach its caller; this is a bug
                 log.exception("queue.job_failed", thread=self._name)
+            job = taken[0] if taken else self._jobs.get()
+
+    def _group(self, first: _Send) -> tuple[list[_Send], list[Callable[[], None] | _Send | None]]:
+        """``first`` and the sends queued right behind it (up to :data:`MAX_GROUP`),
+        and the job taken after them if any (run next, so the queue's order holds; a
+        stop taken there still ends the thread after the group)."""
+        group = [first]
+        while len(group) < MAX_GROUP:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if not isinstance(job, _Send):
+                return group, [job]
+            group.append(job)
+        return group, []

@@ -633,3 +633,77 @@ def test_resubmit_survives_duplicate_detection(make_queue: MakeQueue) -> None:
     run(queue.resubmit(dead.sequence_number))
     [again] = run(queue.peek())
     assert again.properties == {"fanout-idempotency-key": "orig"}
+
+
+async def _grouped_sends(queue: LocalQueue, ids: list[str]) -> list[Any]:
+    """Send ``ids`` while the queue's thread is held, so they all wait together, then
+    let it go: they are one group."""
+    gate = threading.Event()
+    queue._thread.put(lambda: None if gate.wait(10) else None)
+    sends = [asyncio.ensure_future(queue.sent(i.encode(), message_id=i)) for i in ids]
+    while queue._thread._jobs.qsize() < len(ids):  # every send is queued behind the gate
+        await asyncio.sleep(0.01)
+    gate.set()
+    return await asyncio.gather(*sends, return_exceptions=True)
+
+
+def test_sends_waiting_together_commit_in_one_transaction(make_queue: MakeQueue,
+                                                          tmp_path: Path) -> None:
+    """Group commit: 40 sends waiting together cost one commit, and every one is in the
+    file (read by another connection) once its caller is answered."""
+    queue = make_queue()
+    run(queue.send(b"first"))
+    assert queue.send_commits == 1
+    ids = [f"m{i}" for i in range(40)]
+    assert run(_grouped_sends(queue, ids)) == [True] * 40
+    assert queue.send_commits == 2
+    with contextlib.closing(sqlite3.connect(tmp_path / "queue.db")) as db:
+        stored = [row[0] for row in db.execute("SELECT message_id FROM messages ORDER BY seq")]
+    assert stored == [stored[0], *ids]
+
+
+def test_a_failing_send_of_a_group_fails_alone(make_queue: MakeQueue, tmp_path: Path) -> None:
+    """One send of a group refused by the database gets its error; the others of the
+    same transaction are committed and answered."""
+    queue = make_queue()
+    run(queue.send(b"first"))
+    with contextlib.closing(sqlite3.connect(tmp_path / "queue.db")) as db:
+        db.execute("""CREATE TRIGGER refuse BEFORE INSERT ON messages
+                      WHEN NEW.message_id = 'bad' BEGIN SELECT RAISE(ABORT, 'refused'); END""")
+        db.commit()
+    outcomes = run(_grouped_sends(queue, ["a", "bad", "b"]))
+    assert outcomes[0] is True and outcomes[2] is True
+    assert isinstance(outcomes[1], sqlite3.IntegrityError)
+    assert queue.send_commits == 2
+    bodies = sorted(m.body for m in run(queue.peek(10)))
+    assert bodies == [b"a", b"b", b"first"]
+
+
+def test_a_group_that_cannot_commit_fails_every_send(make_queue: MakeQueue,
+                                                     tmp_path: Path) -> None:
+    """When the transaction itself fails (here the write lock held elsewhere past the
+    busy timeout), no send of the group is acknowledged and none is stored."""
+    queue = make_queue()
+    run(queue.send(b"first"))
+
+    def short_timeout() -> None:
+        assert queue._conn is not None
+        queue._conn.execute("PRAGMA busy_timeout = 50")
+
+    queue._thread.put(short_timeout)
+    with contextlib.closing(sqlite3.connect(tmp_path / "queue.db",
+                                            isolation_level=None)) as holder:
+        holder.execute("BEGIN IMMEDIATE")
+        outcomes = run(_grouped_sends(queue, ["a", "b", "c"]))
+        holder.execute("ROLLBACK")
+    assert all(isinstance(o, SystemFault) for o in outcomes)
+    assert queue.send_commits == 1
+    assert [m.body for m in run(queue.peek(10))] == [b"first"]
+
+
+def test_a_repeat_within_one_group_is_dropped(make_queue: MakeQueue) -> None:
+    """Duplicate detection holds inside a group: the second send of an id is dropped."""
+    queue = make_queue(duplicate_window=60.0)
+    run(queue.send(b"first"))
+    assert run(_grouped_sends(queue, ["x", "y", "x"])) == [True, True, False]
+    assert [m.message_id for m in run(queue.peek(10))][1:] == ["x", "y"]
