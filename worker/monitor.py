@@ -5,7 +5,9 @@ never touches messages. Each poll (the backend section's ``monitor_interval``: o
 Azure by default ``jobs.poll_interval``):
 
 1. one listing of fanout's jobs (a ``$filter``ed, ``$select``ed page per 1,000 jobs on
-   Azure): every job not yet completed, and the completed ones whose state changed
+   Azure; on the local executor pages of 1,000 too, each followed through steps 2 to 4
+   before the next is read, so a backlog of queued jobs does not raise the poll's peak
+   memory): every job not yet completed, and the completed ones whose state changed
    within ``jobs.lookback`` (every ``jobs.full_sweep_interval``: every completed one);
    a window job (a route's job per window, worker/window.py) whose time to be sealed
    has come is sealed: one task-counts request, its count kept in ``fanout-tasks``,
@@ -87,6 +89,10 @@ log = structlog.get_logger(__name__)
 #: are eventually consistent); a job ended by "all tasks complete" whose counts still
 #: show unfinished tasks is re-read on the next poll until this has passed.
 COUNTS_SETTLE = timedelta(minutes=2)
+
+#: Jobs per page on a backend that lists in pages (``list_fanout_jobs_page``: the
+#: local executor), as Azure's listing returns 1,000-job pages.
+PAGE = 1000
 
 _T = TypeVar("_T")
 
@@ -175,11 +181,32 @@ class JobMonitor:
         full = self._last_full is None or (
             time.monotonic() - self._last_full >= self.jobs.full_sweep_interval.total_seconds())
         since = None if full else now - self.jobs.lookback
-        records = await self._call(result, "list_jobs", self.backend.list_fanout_jobs,
-                                   completed_since=since)
+        paged = getattr(self.backend, "list_fanout_jobs_page", None)
+        if paged is None:
+            records = await self._call(result, "list_jobs", self.backend.list_fanout_jobs,
+                                       completed_since=since)
+            after: int | None = None
+        else:
+            records, after = await self._call(result, "list_jobs", paged,
+                                              completed_since=since, after=0, limit=PAGE)
         if full:
             self._last_full = time.monotonic()
-        result.listed = len(records)
+        unreported = await self._follow_page(records, now, full, result)
+        while paged is not None and after is not None:
+            del records  # the followed page goes before the next is read
+            records, after = await self._call(result, "list_jobs", paged,
+                                              completed_since=since, after=after, limit=PAGE)
+            unreported += await self._follow_page(records, now, full, result)
+        if len(result.deleted) >= self.jobs.delete_batch:
+            self._last_full = None  # more may be due: the next poll sweeps again
+        self.metrics.jobs_monitored.set(unreported)
+        return result
+
+    async def _follow_page(self, records: list[JobRecord], now: datetime, full: bool,
+                           result: PollResult) -> int:
+        """Preemptions, then every job's step, for one listing (or page of it);
+        returns how many of its jobs are still unreported."""
+        result.listed += len(records)
         if self.preemption is not None:
             try:
                 await self.preemption.poll(records, result)
@@ -187,11 +214,7 @@ class JobMonitor:
                 result.errors += 1
                 self.metrics.monitor_errors.inc()
                 log.warning("monitor.preemption_failed", error=_describe(exc))
-        unreported = await self._follow_all(records, now, full, result)
-        if len(result.deleted) >= self.jobs.delete_batch:
-            self._last_full = None  # more may be due: the next poll sweeps again
-        self.metrics.jobs_monitored.set(unreported)
-        return result
+        return await self._follow_all(records, now, full, result)
 
     async def _follow_all(self, records: list[JobRecord], now: datetime, full: bool,
                           result: PollResult) -> int:

@@ -490,15 +490,24 @@ class Store:
                                    (job_id,)).fetchone()
         return None if row is None else _job_record(row)
 
-    def fanout_jobs(self, completed_since: float | None) -> list[JobRecord]:
+    def fanout_jobs(self, completed_since: float | None, *, after: int = 0,
+                    limit: int = -1) -> tuple[list[JobRecord], int | None]:
         """Jobs whose metadata names a fanout handler: every active one, and the
-        completed ones whose state changed at or after ``completed_since`` (all if None)."""
+        completed ones whose state changed at or after ``completed_since`` (all if None),
+        in creation order from after the job numbered ``after``, at most ``limit``
+        (-1: no limit); with the number to continue after, None once none are left."""
+        # Records are built as rows are stepped, not from a fetchall: a page never
+        # holds every row and every record at once.
         rows = self._conn().execute(
-            f"SELECT {_RECORD_COLUMNS} FROM jobs WHERE metadata IS NOT NULL"
+            f"SELECT seq, {_RECORD_COLUMNS} FROM jobs WHERE seq > ? AND metadata IS NOT NULL"
             " AND json_extract(metadata, '$.\"fanout-handler\"') IS NOT NULL"
-            " AND (state != 'completed' OR ? IS NULL OR state_changed >= ?) ORDER BY seq",
-            (completed_since, completed_since)).fetchall()
-        return [_job_record(row) for row in rows]
+            " AND (state != 'completed' OR ? IS NULL OR state_changed >= ?)"
+            " ORDER BY seq LIMIT ?", (after, completed_since, completed_since, limit))
+        records, last = [], after
+        for row in rows:
+            last = row[0]
+            records.append(_job_record(row[1:]))
+        return records, (last if 0 <= limit <= len(records) else None)
 
     def task_counts(self, job_id: str) -> TaskCounts | None:
         """The job's task counts (``running`` includes ``preparing``), or None."""
