@@ -278,3 +278,36 @@ def test_requests_per_poll_grow_with_active_jobs_not_tasks() -> None:
         backend.add(f"a{i}", state="active", counts=TaskCounts(active=5000, running=5000))
     result = poll(monitor(backend, sink))
     assert result.requests == {"list_jobs": 1, "task_counts": 200}
+
+
+class PagedBackend(ScriptedBackend):
+    """Lists in pages (``list_fanout_jobs_page``), as the local executor does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pages: list[int] = []
+
+    def list_fanout_jobs_page(self, *, completed_since: datetime | None = None,
+                              after: int = 0, limit: int = 1000
+                              ) -> tuple[list[JobRecord], int | None]:
+        listed = self.list_fanout_jobs(completed_since=completed_since)[after:after + limit]
+        self.pages.append(len(listed))
+        return listed, (after + limit if len(listed) == limit else None)
+
+
+def test_a_paged_listing_is_followed_a_page_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With pages of 3, 10 completed jobs are listed in 4 pages and each page's jobs are
+    reported (event, then marker) before the next page is read."""
+    monkeypatch.setattr("worker.monitor.PAGE", 3)
+    backend = PagedBackend()
+    for i in range(10):
+        backend.add(f"j{i}", counts=TaskCounts(completed=1, succeeded=1))
+    sink = RecordingSink()
+    result = asyncio.run(monitor(backend, sink).poll())
+    assert backend.pages == [3, 3, 3, 1] and result.listed == 10
+    assert sorted(result.reported) == sorted(backend.jobs) and len(sink.sent) == 10
+    lists = [n for n, (call, _) in enumerate(backend.calls) if call == "list"]
+    markers = [n for n, (call, _) in enumerate(backend.calls) if call == "metadata"]
+    for page, at in enumerate(lists[1:]):  # page k's three markers come before listing k+1
+        assert sum(m < at for m in markers) == 3 * (page + 1)
+    assert result.requests["list_jobs"] == 4

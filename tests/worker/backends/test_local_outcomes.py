@@ -532,3 +532,23 @@ def test_satisfying_failures_keep_readiness_counted(tmp_path: Path,
     assert task_of(store, "j", "agg").result == "success"
     assert 1 <= len(checks) <= 3
     store.close()
+
+
+def test_fanout_jobs_come_in_pages_that_continue_where_the_last_ended(
+        make_backend: MakeBackend) -> None:
+    """Pages of the monitor's listing: each at most ``limit`` jobs in creation order,
+    each job once, a job without fanout metadata left out, None after the last."""
+    backend = make_backend()
+    for i in range(7):
+        backend.create_job(job(f"j{i}", metadata=FANOUT))
+    backend.create_job(job("other"))
+    seen: list[str] = []
+    after: int | None = 0
+    pages = 0
+    while after is not None:
+        records, after = backend.list_fanout_jobs_page(after=after, limit=3)
+        assert len(records) <= 3
+        seen += [r.id for r in records]
+        pages += 1
+    assert seen == [f"j{i}" for i in range(7)] and pages == 3
+    assert [r.id for r in backend.list_fanout_jobs()] == seen

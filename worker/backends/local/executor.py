@@ -195,7 +195,7 @@ class LocalBackend:
         """fanout's jobs: every one not completed, and the completed ones whose state
         changed at or after ``completed_since`` (all of them when it is None)."""
         return self.store.fanout_jobs(
-            None if completed_since is None else completed_since.timestamp())[0]
+            None if completed_since is None else completed_since.timestamp())
 
     def list_fanout_jobs_page(self, *, completed_since: datetime | None = None,
                               after: int = 0, limit: int = 1000
@@ -205,7 +205,7 @@ class LocalBackend:
         after (None: this was the last). The monitor follows a page before reading the
         next, so a backlog of thousands of queued jobs costs it a page of records at a
         time, as Azure's listing of 1,000-job pages does, not all of them at once."""
-        return self.store.fanout_jobs(
+        return self.store.fanout_jobs_page(
             None if completed_since is None else completed_since.timestamp(),
             after=after, limit=limit)
 

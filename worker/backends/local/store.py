@@ -490,12 +490,16 @@ class Store:
                                    (job_id,)).fetchone()
         return None if row is None else _job_record(row)
 
-    def fanout_jobs(self, completed_since: float | None, *, after: int = 0,
-                    limit: int = -1) -> tuple[list[JobRecord], int | None]:
+    def fanout_jobs(self, completed_since: float | None) -> list[JobRecord]:
         """Jobs whose metadata names a fanout handler: every active one, and the
-        completed ones whose state changed at or after ``completed_since`` (all if None),
-        in creation order from after the job numbered ``after``, at most ``limit``
-        (-1: no limit); with the number to continue after, None once none are left."""
+        completed ones whose state changed at or after ``completed_since`` (all if None)."""
+        return self.fanout_jobs_page(completed_since)[0]
+
+    def fanout_jobs_page(self, completed_since: float | None, *, after: int = 0,
+                         limit: int = -1) -> tuple[list[JobRecord], int | None]:
+        """:meth:`fanout_jobs` in creation order from after the job numbered ``after``,
+        at most ``limit`` (-1: no limit); with the number to continue after, None once
+        none are left."""
         # Records are built as rows are stepped, not from a fetchall: a page never
         # holds every row and every record at once.
         rows = self._conn().execute(
