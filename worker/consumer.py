@@ -35,7 +35,6 @@ within ``drain_grace``; what is unfinished by then is interrupted and abandoned.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import functools
 import queue
@@ -60,6 +59,7 @@ from worker.errors import (
     SystemFault,
     UnknownJob,
 )
+from worker.handoff import answer, fail, post
 from worker.logs import redact
 from worker.metrics import Health, Metrics
 from worker.plan import Planner
@@ -575,11 +575,10 @@ class _Workers:
             try:
                 value = context.run(fn, arg)
             except BaseException as exc:  # handed to the awaiting coroutine
-                answer = functools.partial(_fail, waiter, exc)
+                reply = functools.partial(fail, waiter, exc)
             else:
-                answer = functools.partial(_answer, waiter, value)
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody awaits
-                loop.call_soon_threadsafe(answer)
+                reply = functools.partial(answer, waiter, value)
+            post(loop, reply)  # False once the loop has closed: nobody awaits it then
 
         if len(self._threads) < self._size:
             self._grow()
@@ -604,18 +603,6 @@ class _Workers:
     def _serve(self) -> None:
         while (call := self._calls.get()) is not None:
             call()
-
-
-def _answer(waiter: asyncio.Future[T], value: T) -> None:
-    """On the event loop: a result to its awaiting coroutine, unless it was cancelled."""
-    if not waiter.done():
-        waiter.set_result(value)
-
-
-def _fail(waiter: asyncio.Future[Any], exc: BaseException) -> None:
-    """On the event loop: an exception to its awaiting coroutine, unless cancelled."""
-    if not waiter.done():
-        waiter.set_exception(exc)
 
 
 def _cancelling() -> bool:

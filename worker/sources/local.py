@@ -53,6 +53,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import structlog
 
 from worker.errors import LockLost, SystemFault
+from worker.handoff import answer, fail, post
 from worker.routing import IDEMPOTENCY_KEY_PROPERTY
 from worker.sources.base import DeadLettered, Received
 
@@ -399,9 +400,9 @@ class LocalQueue:
             try:
                 value = work()
             except BaseException as exc:  # handed to the awaiting coroutine
-                _post(loop, functools.partial(_fail, waiter, exc))
+                post(loop, functools.partial(fail, waiter, exc))
                 return
-            if not _post(loop, functools.partial(_answer, waiter, value, unclaimed)) \
+            if not post(loop, functools.partial(answer, waiter, value, unclaimed)) \
                     and unclaimed is not None:
                 unclaimed(value)  # the loop has closed: nobody awaits it
 
@@ -488,9 +489,9 @@ class LocalQueue:
             outcomes = [exc] * len(live)
         for send, outcome in zip(live, outcomes, strict=True):
             if isinstance(outcome, BaseException):
-                _post(send.loop, functools.partial(_fail, send.waiter, outcome))
+                post(send.loop, functools.partial(fail, send.waiter, outcome))
             else:
-                _post(send.loop, functools.partial(_answer, send.waiter, outcome, None))
+                post(send.loop, functools.partial(answer, send.waiter, outcome, None))
 
     def _send_one(self, db: sqlite3.Connection, send: _Send) -> bool | BaseException:
         """One send of a group under its own savepoint: True if enqueued, False if
@@ -620,32 +621,6 @@ class LocalQueue:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-
-
-def _post(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> bool:
-    """Have ``loop`` call ``callback`` soon (from another thread); False if it has
-    closed."""
-    try:
-        loop.call_soon_threadsafe(callback)
-    except RuntimeError:  # the event loop is closed
-        return False
-    return True
-
-
-def _answer(waiter: asyncio.Future[T], value: T,
-            unclaimed: Callable[[T], None] | None) -> None:
-    """On the event loop: the result to its awaiting coroutine, or, if that was
-    cancelled meanwhile, to ``unclaimed``."""
-    if not waiter.done():
-        waiter.set_result(value)
-    elif unclaimed is not None:
-        unclaimed(value)
-
-
-def _fail(waiter: asyncio.Future[Any], exc: BaseException) -> None:
-    """On the event loop: the work's exception to its awaiting coroutine, if any."""
-    if not waiter.done():
-        waiter.set_exception(exc)
 
 
 #: Most sends one transaction commits.
