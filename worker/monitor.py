@@ -69,7 +69,6 @@ from worker.backends.base import (
     Backend,
     FailedTask,
     JobRecord,
-    JobUsage,
     TaskCounts,
 )
 from worker.config import CostConfig, EventsConfig, JobsConfig, PreemptionConfig
@@ -109,8 +108,6 @@ class PollResult:
     sealed: list[str] = field(default_factory=list)
     requests: Counter[str] = field(default_factory=Counter)
     errors: int = 0
-    #: Per pool (lower case), set once this poll's first usage read of it has ended.
-    priced: dict[str, asyncio.Event] = field(default_factory=dict, repr=False)
 
 
 class JobMonitor:
@@ -394,26 +391,9 @@ class JobMonitor:
             return None
         for _ in range(max(1, -(-counts.completed // 1000))):
             self._count_request(result, "usage_tasks")
-        usage = await self._read_usage(read, job, result)
+        # the backend reads a pool's shape once for callers in flight together
+        usage = await self._in_thread(read, job.id, job.pool)
         return price(usage, self.cost) if usage is not None else None
-
-    async def _read_usage(self, read: Callable[[str, str | None], JobUsage | None],
-                          job: JobRecord, result: PollResult) -> JobUsage | None:
-        """``read`` in a thread; the first read of each pool in a poll goes alone.
-
-        With it the backend reads the pool's shape (VM size, slots) and keeps it for an
-        hour: one get pool per pool an hour (docs/azure-batch.md). Reports in flight
-        together before it is kept would each read it."""
-        pool = (job.pool or "").lower()
-        gate = result.priced.get(pool)
-        if gate is not None:
-            await gate.wait()
-            return await self._in_thread(read, job.id, job.pool)
-        gate = result.priced[pool] = asyncio.Event()
-        try:
-            return await self._in_thread(read, job.id, job.pool)
-        finally:
-            gate.set()
 
     def _count_cost(self, job: JobRecord, usage: JobCost | None) -> None:
         """Node-seconds and cost, labelled by handler and the allowed cost tags."""
