@@ -219,6 +219,10 @@ def test_a_complete_on_a_swallowed_connection_is_a_settle_failure_then_redeliver
     wait_until(lambda: worker.app.health.ready, 15, "the worker ready")
     peer.put(QUEUE, json.dumps(SWEEP).encode(), message_id="job-1")
     wait_until(lambda: peer.counts(QUEUE)["locked"] == 1, 10, "the message locked")
+    # locked on the peer is not yet received: the transfer may still be on its way
+    # through the proxy, and swallowed with it; wait until the worker processes it
+    wait_until(lambda: worker.sample("fanout_inflight_messages") == 1, 10,
+               "the message in processing")
     accepted = hole.accepted
     hole.swallow()  # every connection open now; new ones get through
     swallowed_at = time.monotonic()
