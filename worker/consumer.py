@@ -35,9 +35,6 @@ within ``drain_grace``; what is unfinished by then is interrupted and abandoned.
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import functools
-import queue
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -59,7 +56,7 @@ from worker.errors import (
     SystemFault,
     UnknownJob,
 )
-from worker.handoff import answer, fail, post
+from worker.handoff import LoopThreads
 from worker.logs import redact
 from worker.metrics import Health, Metrics
 from worker.plan import Planner
@@ -127,7 +124,7 @@ class Consumer:
         self._probe_delay = 0.0  # the first probe runs at once
         self._cancel = threading.Event()  # tells submitter threads to give up
         #: The threads messages are processed in, one per receive loop.
-        self._workers = _Workers(config.concurrency, "fanout-process")
+        self._workers = LoopThreads(config.concurrency, "fanout-process")
         self._handled = 0
         #: Receive calls in flight (admission: a pause stops the next ones).
         self.receiving = 0
@@ -544,65 +541,6 @@ class _Renewal:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-
-
-class _Workers:
-    """Threads that run blocking calls for the event loop (as ``asyncio.to_thread``
-    does, in a copy of the caller's context), fed from a plain queue and answering
-    through ``call_soon_threadsafe``: a message's hand-off costs about half of a thread
-    pool's future chained to an asyncio future.
-
-    Up to ``size`` threads, started as calls come. Daemon threads: a call stuck past
-    the drain (its message abandoned) does not hold the process's exit up."""
-
-    def __init__(self, size: int, name: str) -> None:
-        self._size = max(1, size)
-        self._name = name
-        self._calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-
-    async def run(self, fn: Callable[[Any], T], arg: Any) -> T:
-        """``fn(arg)`` on one of the threads; a call cancelled before it starts is
-        skipped, one already running finishes and its result is dropped."""
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[T] = loop.create_future()
-        context = contextvars.copy_context()
-
-        def call() -> None:
-            if waiter.cancelled():  # a read of the future's state, safe from here
-                return
-            try:
-                value = context.run(fn, arg)
-            except BaseException as exc:  # handed to the awaiting coroutine
-                reply = functools.partial(fail, waiter, exc)
-            else:
-                reply = functools.partial(answer, waiter, value)
-            post(loop, reply)  # False once the loop has closed: nobody awaits it then
-
-        if len(self._threads) < self._size:
-            self._grow()
-        self._calls.put(call)
-        return await waiter
-
-    def _grow(self) -> None:
-        with self._lock:
-            if len(self._threads) < self._size:
-                thread = threading.Thread(target=self._serve, daemon=True,
-                                          name=f"{self._name}-{len(self._threads)}")
-                thread.start()
-                self._threads.append(thread)
-
-    def stop(self) -> None:
-        """End every thread once the calls queued so far have run (without waiting)."""
-        with self._lock:
-            for _ in self._threads:
-                self._calls.put(None)
-            self._threads = []
-
-    def _serve(self) -> None:
-        while (call := self._calls.get()) is not None:
-            call()
 
 
 def _cancelling() -> bool:

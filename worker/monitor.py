@@ -41,14 +41,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import functools
 import random
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -75,6 +72,7 @@ from worker.config import CostConfig, EventsConfig, JobsConfig, PreemptionConfig
 from worker.cost import JobCost, price, tags_of
 from worker.errors import ConfigFault, SystemFault
 from worker.events import JobReport, build_event, encode, event_id, outcome_of
+from worker.handoff import LoopThreads
 from worker.logs import redact
 from worker.metrics import Metrics
 from worker.preemption import Preemptions
@@ -131,9 +129,9 @@ class JobMonitor:
         self._clock = clock
         self._last_full: float | None = None
         self._stopping = asyncio.Event()
-        #: The threads backend calls run in (``jobs.monitor_concurrency``), made on
-        #: first use: apart from the event loop's default pool, which the consumer uses.
-        self._executor: ThreadPoolExecutor | None = None
+        #: The threads backend calls run in (``jobs.monitor_concurrency``), started on
+        #: first use; the monitor's own, not the consumer's.
+        self._threads = LoopThreads(jobs.monitor_concurrency, "fanout-monitor")
         #: Request counts are kept from worker threads too (:func:`collect_failed`).
         self._counting = threading.Lock()
         #: ``[preemption]``: counting preempted tasks and moving them (None: neither).
@@ -149,7 +147,7 @@ class JobMonitor:
         try:
             await self._run()
         finally:
-            self._close_threads()
+            self._threads.stop()
 
     async def _run(self) -> None:
         # Replicas start together on a rollout: a random first delay spreads their polls.
@@ -449,16 +447,7 @@ class JobMonitor:
     async def _in_thread(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         """``fn`` in one of the monitor's threads, with this task's context (log
         bindings, the current span), as ``asyncio.to_thread`` would run it."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=self.jobs.monitor_concurrency,
-                                                thread_name_prefix="fanout-monitor")
-        call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
-
-    def _close_threads(self) -> None:
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+        return await self._threads.run(fn, *args, **kwargs)
 
     def _count_request(self, result: PollResult, operation: str) -> None:
         with self._counting:
